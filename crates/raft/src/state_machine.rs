@@ -1,0 +1,377 @@
+//! The region's state machine over redb: the objects, the applied log position, the region's
+//! write sequence and HLC high-water mark, and snapshots.
+//!
+//! Durability: the state machine commits without fsync, because the Raft log is the
+//! write-ahead log and openraft re-applies committed entries after a restart. Two rules keep
+//! that safe, both asserted in code paths below:
+//! - a snapshot is built only after an fsync'd commit, so the state it describes is on disk
+//!   before openraft may purge the log entries it covers;
+//! - every [`SYNC_EVERY_ENTRIES`] applied entries we fsync anyway, bounding re-apply work.
+//!
+//! It deliberately does not check names, sizes or policy: the node validates a command
+//! before proposing it, and applying must stay a pure function of the log.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use meridian_core::{HlcTimestamp, RegionId, Version};
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, StorageIOError};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{object_key, split_object_key, Command, CommandResult, CommandV1, Condition, StoredObject};
+use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_APPLIED: &str = "applied";
+
+/// Applied entries between two fsyncs of the state machine.
+pub const SYNC_EVERY_ENTRIES: u64 = 4096;
+
+/// The state machine's own bookkeeping, kept beside the objects in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// Sequence of the last write this region originated.
+    pub region_seq: u64,
+    /// Highest HLC stamped on a write so far; the next is strictly greater.
+    pub last_hlc: HlcTimestamp,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    applied: AppliedState,
+    objects: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+struct Shared {
+    db: Database,
+    region: RegionId,
+    snapshot_path: PathBuf,
+    /// Serialises snapshot building and installing against each other.
+    snapshot_lock: Mutex<u64>,
+}
+
+/// The state machine handed to openraft.
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+    applied: AppliedState,
+    unsynced_entries: u64,
+}
+
+/// A read-only handle for the request path: point reads and listings, never writes.
+#[derive(Clone)]
+pub struct StateMachineReader {
+    shared: Arc<Shared>,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> redb::Error {
+    redb::Error::Corrupted(e.to_string())
+}
+
+impl StateMachineStore {
+    /// Open (or create) the state machine in `dir` (`state.redb` and `snapshot.bin`).
+    pub fn open(dir: &Path, region: RegionId) -> Result<Self, StorageError> {
+        let db = Database::create(dir.join("state.redb")).map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
+        Self::with_database(db, dir.join("snapshot.bin"), region)
+    }
+
+    pub fn with_database(db: Database, snapshot_path: PathBuf, region: RegionId) -> Result<Self, StorageError> {
+        let load = || -> Result<AppliedState, redb::Error> {
+            let txn = db.begin_write()?;
+            {
+                txn.open_table(OBJECTS)?;
+                txn.open_table(META)?;
+            }
+            txn.commit()?;
+            let r = db.begin_read()?;
+            let meta = r.open_table(META)?;
+            match meta.get(META_APPLIED)? {
+                Some(v) => decode(v.value()).map_err(corrupt),
+                None => Ok(AppliedState::default()),
+            }
+        };
+        let applied = load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
+        let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0) });
+        Ok(StateMachineStore { shared, applied, unsynced_entries: 0 })
+    }
+
+    pub fn reader(&self) -> StateMachineReader {
+        StateMachineReader { shared: self.shared.clone() }
+    }
+
+    fn apply_batch(&mut self, entries: Vec<Entry>) -> Result<Vec<CommandResult>, redb::Error> {
+        let mut results = Vec::with_capacity(entries.len());
+        let mut txn = self.shared.db.begin_write()?;
+        self.unsynced_entries += entries.len() as u64;
+        let sync = self.unsynced_entries >= SYNC_EVERY_ENTRIES;
+        if !sync {
+            txn.set_durability(Durability::None).map_err(redb::Error::from)?;
+        }
+        let mut applied = self.applied.clone();
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            for entry in entries {
+                assert!(
+                    applied.last_applied.map_or(true, |l| l.index < entry.log_id.index),
+                    "entries must be applied in order"
+                );
+                applied.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::Nothing,
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                        CommandResult::Nothing
+                    }
+                    EntryPayload::Normal(Command::V1(cmd)) => {
+                        apply_command(&mut objects, &mut applied, &self.shared.region, cmd)?
+                    }
+                };
+                results.push(result);
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_APPLIED, encode(&applied).as_slice())?;
+        }
+        txn.commit()?;
+        if sync {
+            self.unsynced_entries = 0;
+        }
+        self.applied = applied;
+        Ok(results)
+    }
+}
+
+fn apply_command(
+    objects: &mut redb::Table<&[u8], &[u8]>,
+    applied: &mut AppliedState,
+    region: &RegionId,
+    cmd: CommandV1,
+) -> Result<CommandResult, redb::Error> {
+    let (dataset, key, hlc, condition, value) = match cmd {
+        CommandV1::Put { dataset, key, value, hlc, condition } => (dataset, key, hlc, condition, Some(value)),
+        CommandV1::Delete { dataset, key, hlc, condition } => (dataset, key, hlc, condition, None),
+    };
+    let k = object_key(&dataset, &key);
+    let current: Option<StoredObject> = match objects.get(k.as_slice())? {
+        Some(v) => Some(decode(v.value()).map_err(corrupt)?),
+        None => None,
+    };
+    let live = current.filter(StoredObject::is_live).map(|o| o.version);
+    let holds = match &condition {
+        Condition::Always => true,
+        Condition::IfMatch(v) => live.as_ref() == Some(v),
+        Condition::IfAbsent => live.is_none(),
+    };
+    if !holds {
+        return Ok(CommandResult::PreconditionFailed { current: live });
+    }
+    if value.is_none() && live.is_none() {
+        return Ok(CommandResult::NotFound);
+    }
+    // Pure function of the log: the stamp is the leader's reading, pushed past every stamp
+    // applied before it, so versions in a region strictly increase even across leaders
+    // whose clocks disagree.
+    let hlc = hlc.max(applied.last_hlc.successor());
+    applied.last_hlc = hlc;
+    applied.region_seq += 1;
+    let version = Version { hlc, region: region.clone(), seq: applied.region_seq };
+    let deleted = value.is_none();
+    let obj = StoredObject { version: version.clone(), value };
+    objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+    Ok(if deleted { CommandResult::Deleted { version } } else { CommandResult::Written { version, created: live.is_none() } })
+}
+
+impl StateMachineReader {
+    /// The stored object (live or tombstone) under (dataset, key).
+    pub fn get(&self, dataset: &str, key: &str) -> Result<Option<StoredObject>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let objects = txn.open_table(OBJECTS)?;
+        match objects.get(object_key(dataset, key).as_slice())? {
+            Some(v) => Ok(Some(decode(v.value()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` live objects of `dataset` whose keys start with `prefix` and sort after
+    /// `after`, in key order.
+    pub fn list(
+        &self,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredObject)>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let objects = txn.open_table(OBJECTS)?;
+        let start = match after {
+            Some(a) if a >= prefix => {
+                let mut s = object_key(dataset, a);
+                s.push(0); // the smallest key strictly after `a`
+                s
+            }
+            _ => object_key(dataset, prefix),
+        };
+        let mut out = Vec::new();
+        for item in objects.range(start.as_slice()..)? {
+            let (k, v) = item?;
+            let Some((ds, key)) = split_object_key(k.value()) else { return Err(corrupt("object key without dataset")) };
+            if ds != dataset || !key.starts_with(prefix) {
+                break;
+            }
+            let obj: StoredObject = decode(v.value()).map_err(corrupt)?;
+            if obj.is_live() {
+                out.push((key.to_owned(), obj));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The applied state as last committed (visible to readers).
+    pub fn applied(&self) -> Result<AppliedState, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        match meta.get(META_APPLIED)? {
+            Some(v) => decode(v.value()).map_err(corrupt),
+            None => Ok(AppliedState::default()),
+        }
+    }
+}
+
+/// Builds snapshots from a consistent read of the state machine.
+pub struct SnapshotBuilder {
+    shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let build = || -> Result<(SnapshotMeta, Vec<u8>), redb::Error> {
+            let mut counter = self.shared.snapshot_lock.lock().expect("snapshot lock");
+            // Make everything applied so far durable before describing it: openraft purges
+            // the log up to this snapshot once it completes.
+            let txn = self.shared.db.begin_write()?;
+            txn.commit()?;
+            let r = self.shared.db.begin_read()?;
+            let meta_t = r.open_table(META)?;
+            let applied: AppliedState = match meta_t.get(META_APPLIED)? {
+                Some(v) => decode(v.value()).map_err(corrupt)?,
+                None => AppliedState::default(),
+            };
+            let objects_t = r.open_table(OBJECTS)?;
+            let mut objects = Vec::new();
+            for item in objects_t.iter()? {
+                let (k, v) = item?;
+                objects.push((k.value().to_vec(), v.value().to_vec()));
+            }
+            *counter += 1;
+            let last = applied.last_applied;
+            let snapshot_id = match last {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, *counter),
+                None => format!("none-{}", *counter),
+            };
+            let meta = SnapshotMeta { last_log_id: last, last_membership: applied.membership.clone(), snapshot_id };
+            let data = encode(&SnapshotData { applied, objects });
+            write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(|e| redb::Error::Io(e))?;
+            Ok((meta, data))
+        };
+        let (meta, data) = build().map_err(|e| StorageIOError::write_snapshot(None, &sm_err(e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+/// Write the current snapshot atomically: a temporary file, fsync, rename, fsync the folder.
+fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode(&SnapshotFile { meta: meta.clone(), data: data.to_vec() }))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let last = entries.last().map(|e| e.log_id);
+        self.apply_batch(entries).map_err(|e| match last {
+            Some(l) => StorageIOError::apply(l, &sm_err(e)).into(),
+            None => StorageIOError::write_state_machine(&sm_err(e)).into(),
+        })
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { shared: self.shared.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let install = || -> Result<AppliedState, redb::Error> {
+            let _guard = self.shared.snapshot_lock.lock().expect("snapshot lock");
+            let snap: SnapshotData = decode(&data).map_err(corrupt)?;
+            assert_eq!(snap.applied.last_applied, meta.last_log_id, "snapshot data disagrees with its meta");
+            let txn = self.shared.db.begin_write()?;
+            {
+                let mut objects = txn.open_table(OBJECTS)?;
+                objects.retain(|_, _| false)?;
+                for (k, v) in &snap.objects {
+                    objects.insert(k.as_slice(), v.as_slice())?;
+                }
+                let mut meta_t = txn.open_table(META)?;
+                meta_t.insert(META_APPLIED, encode(&snap.applied).as_slice())?;
+            }
+            txn.commit()?;
+            write_snapshot_file(&self.shared.snapshot_path, meta, &data).map_err(redb::Error::Io)?;
+            Ok(snap.applied)
+        };
+        let applied = install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &sm_err(e)))?;
+        self.applied = applied;
+        self.unsynced_entries = 0;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let bytes = match std::fs::read(&self.shared.snapshot_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
+        };
+        let file: SnapshotFile = decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &sm_err(e)))?;
+        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) }))
+    }
+}
