@@ -1,0 +1,100 @@
+//! Stable error codes. A code, once published, keeps its meaning; docs/errors.md lists them
+//! all, and a test keeps that page and this enum in step.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+macro_rules! codes {
+    ($($variant:ident => $code:literal : $doc:literal,)*) => {
+        /// Every error the API can answer with.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $(#[doc = $doc] $variant,)*
+        }
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code,)* }
+            }
+            pub fn describe(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $doc,)* }
+            }
+            pub fn parse(s: &str) -> Option<ErrorCode> {
+                match s { $($code => Some(ErrorCode::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+codes! {
+    InvalidDatasetName => "invalid_dataset_name": "The dataset name is empty, too long, or has characters outside a-z, 0-9, '-' and '_'.",
+    InvalidKey => "invalid_key": "The key is empty or contains control characters.",
+    KeyTooLong => "key_too_long": "The key is longer than 1024 bytes of UTF-8.",
+    ValueTooLarge => "value_too_large": "The request body is larger than the node's value limit.",
+    MalformedJson => "malformed_json": "The request body is not valid JSON.",
+    UnsupportedMediaType => "unsupported_media_type": "The request body must be sent with Content-Type: application/json.",
+    MethodNotAllowed => "method_not_allowed": "The resource exists but does not accept this HTTP method.",
+    RouteNotFound => "route_not_found": "No resource lives at this path.",
+    KeyNotFound => "key_not_found": "The key holds no value (never written, or deleted).",
+    PreconditionFailed => "precondition_failed": "If-Match or If-None-Match did not hold; nothing was written. The body carries the current version.",
+    InvalidVersion => "invalid_version": "An If-Match header is not a version (WALL.LOGICAL@REGION:SEQ).",
+    InvalidPrecondition => "invalid_precondition": "A precondition header is malformed or combined in a way the API does not support.",
+    InvalidConsistency => "invalid_consistency": "The consistency parameter is not one of the supported levels.",
+    InvalidQuery => "invalid_query": "A query parameter is unknown or malformed.",
+    InvalidCursor => "invalid_cursor": "The listing cursor was not produced by this API.",
+    NoLeader => "no_leader": "The region has no elected leader at the moment (an election is under way or a quorum is lost). Retry after the Retry-After delay.",
+    Unavailable => "unavailable": "The node that must serve this request cannot be reached. Retry after the Retry-After delay.",
+    OutcomeUnknown => "outcome_unknown": "The write was sent to the leader but no answer came back in time; it may or may not have been applied. Read the key before retrying a non-idempotent write.",
+    ClockSkew => "clock_skew": "The node's hybrid clock would run too far ahead of its wall clock; the node's clock needs attention.",
+    Internal => "internal": "An unexpected failure inside the node. It is logged with details; the request may be retried.",
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable snake_case code; branch on this, not on the message.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+    /// What to do about it, when there is something to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// For `precondition_failed`: the key's current version, if it has a live value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody { code, message: message.into(), hint: None, current_version: None }
+    }
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_json_and_text() {
+        for &c in ErrorCode::ALL {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{}\"", c.as_str()));
+            assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The public API's vocabulary: request and response bodies, header names, and the stable
+//! error codes, shared by the server and every client.
+//!
+//! It deliberately holds no HTTP machinery and no status mapping: the server owns the one
+//! error-to-status table, and clients read the `code` field, never the message text.
+
+pub mod error;
+pub mod types;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use types::*;
+
+/// Header naming the node that served a request: `region/zone/node-ID`.
+pub const HEADER_SERVED_BY: &str = "meridian-served-by";
+/// Header saying why that node served it (`leader`, `local`, `forwarded-to-leader`).
+pub const HEADER_ROUTE_REASON: &str = "meridian-route-reason";

@@ -1,0 +1,155 @@
+//! Request and response bodies of the public API.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// The version of one write. `etag` is its text form, usable in `If-Match`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    /// `WALL.LOGICAL@REGION:SEQ`, also sent as the `ETag` header.
+    pub etag: String,
+    /// HLC wall-clock part, milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+    /// HLC logical counter.
+    pub logical: u16,
+    /// Region where the write originated.
+    pub region: String,
+    /// The origin region's write sequence.
+    pub seq: u64,
+}
+
+impl From<&meridian_core::Version> for VersionInfo {
+    fn from(v: &meridian_core::Version) -> Self {
+        VersionInfo {
+            etag: v.to_string(),
+            wall_ms: v.hlc.wall_ms(),
+            logical: v.hlc.logical(),
+            region: v.region.to_string(),
+            seq: v.seq,
+        }
+    }
+}
+
+/// Who served a request and why; also sent as the `Meridian-Served-By` and
+/// `Meridian-Route-Reason` headers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServedBy {
+    pub region: String,
+    pub zone: String,
+    pub node: u64,
+    /// `leader`, `local` or `forwarded-to-leader`.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PutResponse {
+    pub dataset: String,
+    pub key: String,
+    pub version: VersionInfo,
+    /// True when the key held no live value before this write.
+    pub created: bool,
+    pub served_by: ServedBy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GetResponse {
+    pub dataset: String,
+    pub key: String,
+    /// The stored JSON value.
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    pub version: VersionInfo,
+    pub served_by: ServedBy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeleteResponse {
+    pub dataset: String,
+    pub key: String,
+    /// The version of the tombstone.
+    pub version: VersionInfo,
+    pub served_by: ServedBy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ListItem {
+    pub key: String,
+    pub version: VersionInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ListResponse {
+    pub dataset: String,
+    pub items: Vec<ListItem>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    pub served_by: ServedBy,
+}
+
+/// Query parameters of a key read.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// `strong` (default: linearizable, served by the region's leader) or `local` (served
+    /// by the node asked, from what it has applied).
+    pub consistency: Option<String>,
+}
+
+/// Query parameters of a key listing.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only keys starting with this prefix.
+    pub prefix: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// `strong` (default) or `local`.
+    pub consistency: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub region: String,
+    pub zone: String,
+    pub api_addr: String,
+    pub peer_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegionStatus {
+    pub name: String,
+    /// False when no node of the region answered.
+    pub reachable: bool,
+    /// The node that answered for this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<u64>,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub nodes: Vec<NodeInfo>,
+    /// Why the region could not be reached, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterResponse {
+    /// The node that answered.
+    pub node: NodeInfo,
+    pub regions: Vec<RegionStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok` when the node's region has a leader, `no_leader` otherwise.
+    pub status: String,
+    pub node: NodeInfo,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub applied_index: Option<u64>,
+}

@@ -1,0 +1,281 @@
+//! Launching a three-member etcd 3.4 cluster on loopback, waiting for it to be
+//! healthy, and finding its leader's client URL.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use reqwest::Client;
+use serde_json::Value;
+
+use crate::ports::PortPlan;
+use crate::procs::ProcessGuard;
+
+/// What to tell the user when the etcd binary is missing.
+pub const INSTALL_HINT: &str = "install Debian's etcd-server (`apt-get install etcd-server`)";
+
+/// A running etcd cluster; dropping it kills the members.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    guard: ProcessGuard,
+    client_urls: Vec<String>,
+}
+
+/// `http://127.0.0.1:port`.
+fn url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// The `--initial-cluster` value: `e1=http://127.0.0.1:P1,e2=...,e3=...`.
+pub fn initial_cluster(plan: &PortPlan) -> String {
+    (0..3)
+        .map(|i| format!("e{}={}", i + 1, url(plan.etcd_peer[i])))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Command-line arguments for member `i` (0-based) with data under `dir`.
+/// Election timing is left at etcd's defaults (heartbeat 100 ms, election 1000 ms).
+pub fn member_args(dir: &Path, plan: &PortPlan, i: usize) -> Vec<String> {
+    let name = format!("e{}", i + 1);
+    let client = url(plan.etcd_client[i]);
+    let peer = url(plan.etcd_peer[i]);
+    vec![
+        "--name".into(),
+        name.clone(),
+        "--data-dir".into(),
+        dir.join(&name).display().to_string(),
+        "--listen-client-urls".into(),
+        client.clone(),
+        "--advertise-client-urls".into(),
+        client,
+        "--listen-peer-urls".into(),
+        peer.clone(),
+        "--initial-advertise-peer-urls".into(),
+        peer,
+        "--initial-cluster".into(),
+        initial_cluster(plan),
+        "--initial-cluster-state".into(),
+        "new".into(),
+        "--initial-cluster-token".into(),
+        "bench".into(),
+    ]
+}
+
+/// Fails with an installation hint if `etcd_bin` does not exist.
+pub fn check_binary(etcd_bin: &Path) -> anyhow::Result<()> {
+    if !etcd_bin.is_file() {
+        bail!(
+            "etcd binary not found at {}: {INSTALL_HINT}, or point --etcd-bin at an etcd 3.4 binary",
+            etcd_bin.display()
+        );
+    }
+    Ok(())
+}
+
+/// The first line of `etcd --version`, if it can be run.
+pub fn version(etcd_bin: &Path) -> Option<String> {
+    let out = Command::new(etcd_bin).arg("--version").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+}
+
+impl EtcdCluster {
+    /// Starts members e1..e3 with data and logs (`DIR/eN.log`) under `dir`,
+    /// then waits until every member reports healthy or `timeout` passes.
+    pub async fn start(
+        etcd_bin: &Path,
+        dir: &Path,
+        plan: &PortPlan,
+        http: &Client,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        check_binary(etcd_bin)?;
+        let mut guard = ProcessGuard::new();
+        for i in 0..3 {
+            let mut cmd = Command::new(etcd_bin);
+            cmd.args(member_args(dir, plan, i));
+            let log: PathBuf = dir.join(format!("e{}.log", i + 1));
+            guard.spawn(&format!("etcd member e{}", i + 1), cmd, &log)?;
+        }
+        let mut cluster = Self {
+            guard,
+            client_urls: plan.etcd_client.iter().map(|p| url(*p)).collect(),
+        };
+        cluster.wait_healthy(http, timeout).await?;
+        Ok(cluster)
+    }
+
+    /// Client URLs of e1..e3.
+    pub fn client_urls(&self) -> &[String] {
+        &self.client_urls
+    }
+
+    async fn wait_healthy(&mut self, http: &Client, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = vec![String::from("not polled yet"); 3];
+        loop {
+            self.guard.ensure_running()?;
+            let mut healthy = 0;
+            for (i, base) in self.client_urls.iter().enumerate() {
+                match health(http, base).await {
+                    Ok(()) => healthy += 1,
+                    Err(e) => last[i] = format!("{e:#}"),
+                }
+            }
+            if healthy == 3 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let detail = self
+                    .guard
+                    .members()
+                    .iter()
+                    .zip(&last)
+                    .map(|(m, err)| format!("{} (log {}): {err}", m.name, m.log.display()))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                bail!("etcd cluster not healthy within {timeout:?}: {detail}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The client URL of the current leader, from `POST /v3/maintenance/status`
+    /// on each member (the member whose `header.member_id` equals `leader`).
+    pub async fn leader_url(&self, http: &Client, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for base in &self.client_urls {
+                if let Ok(v) = status(http, base).await {
+                    if is_leader_status(&v) {
+                        return Ok(base.clone());
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("no etcd member reported itself leader within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills the members now (also done on drop).
+    pub fn stop(mut self) {
+        self.guard.kill_all();
+    }
+}
+
+async fn health(http: &Client, base: &str) -> anyhow::Result<()> {
+    let resp = http
+        .get(format!("{base}/health"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await?;
+    let status = resp.status();
+    let v: Value = resp.json().await.context("parsing /health")?;
+    if status.is_success() && is_healthy(&v) {
+        Ok(())
+    } else {
+        bail!("/health returned {status}: {v}")
+    }
+}
+
+async fn status(http: &Client, base: &str) -> anyhow::Result<Value> {
+    let resp = http
+        .post(format!("{base}/v3/maintenance/status"))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body("{}")
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(resp.json().await?)
+}
+
+/// `{"health":"true"}` (etcd 3.4 reports a string; accept a bool too).
+pub fn is_healthy(v: &Value) -> bool {
+    matches!(v.get("health"), Some(Value::String(s)) if s == "true")
+        || v.get("health") == Some(&Value::Bool(true))
+}
+
+/// Whether a maintenance status response comes from the leader. The gateway
+/// encodes uint64 ids as strings; numbers are accepted too.
+pub fn is_leader_status(v: &Value) -> bool {
+    let id = |x: Option<&Value>| match x {
+        Some(Value::String(s)) => s.parse::<u64>().ok(),
+        Some(Value::Number(n)) => n.as_u64(),
+        _ => None,
+    };
+    match (id(v.pointer("/header/member_id")), id(v.get("leader"))) {
+        (Some(me), Some(leader)) => me != 0 && me == leader,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn args_for_member_two() {
+        let plan = PortPlan::new(30000).unwrap();
+        let args = member_args(Path::new("/d"), &plan, 1);
+        let get = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(get("--name"), "e2");
+        assert_eq!(get("--data-dir"), "/d/e2");
+        assert_eq!(get("--listen-client-urls"), "http://127.0.0.1:30001");
+        assert_eq!(get("--advertise-client-urls"), "http://127.0.0.1:30001");
+        assert_eq!(get("--listen-peer-urls"), "http://127.0.0.1:30011");
+        assert_eq!(
+            get("--initial-advertise-peer-urls"),
+            "http://127.0.0.1:30011"
+        );
+        assert_eq!(
+            get("--initial-cluster"),
+            "e1=http://127.0.0.1:30010,e2=http://127.0.0.1:30011,e3=http://127.0.0.1:30012"
+        );
+        assert_eq!(get("--initial-cluster-state"), "new");
+        assert_eq!(get("--initial-cluster-token"), "bench");
+        assert!(!args
+            .iter()
+            .any(|a| a.contains("election") || a.contains("heartbeat")));
+    }
+
+    #[test]
+    fn health_parsing() {
+        assert!(is_healthy(&json!({"health": "true"})));
+        assert!(is_healthy(&json!({"health": "true", "reason": ""})));
+        assert!(!is_healthy(&json!({"health": "false"})));
+        assert!(!is_healthy(&json!({})));
+    }
+
+    #[test]
+    fn leader_status_parsing() {
+        let leader = json!({"header": {"member_id": "123"}, "leader": "123"});
+        let follower = json!({"header": {"member_id": "124"}, "leader": "123"});
+        let none = json!({"header": {"member_id": "124"}, "leader": "0"});
+        assert!(is_leader_status(&leader));
+        assert!(!is_leader_status(&follower));
+        assert!(!is_leader_status(&none));
+        assert!(!is_leader_status(&json!({})));
+        assert!(is_leader_status(
+            &json!({"header": {"member_id": 9}, "leader": 9})
+        ));
+    }
+
+    #[test]
+    fn missing_binary_mentions_package() {
+        let err = check_binary(Path::new("/nonexistent/etcd")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("apt-get install etcd-server"), "{msg}");
+        assert!(msg.contains("/nonexistent/etcd"), "{msg}");
+    }
+}

@@ -1,0 +1,148 @@
+//! Client commands: they mirror the API, print a short human form by default and the API's
+//! JSON with `--json`, and fail with the error's stable code in the message.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use meridian_client::{Client, ClientError, Precondition};
+use serde::Serialize;
+
+use crate::ClientOpts;
+
+fn client(opts: &ClientOpts) -> Client {
+    Client::new(&opts.endpoint, Duration::from_secs(opts.timeout_secs))
+}
+
+/// Turn a client error into the CLI's message: code first, so scripts can grep it.
+fn fail(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Api { status, body } => {
+            let mut msg = format!("{} (HTTP {status}): {}", body.code.as_str(), body.message);
+            if let Some(v) = body.current_version {
+                msg.push_str(&format!("\ncurrent version: {v}"));
+            }
+            if let Some(h) = body.hint {
+                msg.push_str(&format!("\nhint: {h}"));
+            }
+            anyhow!(msg)
+        }
+        other => anyhow!("{other}"),
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
+}
+
+pub async fn put(opts: &ClientOpts, dataset: &str, key: &str, value: String, if_match: Option<String>, create_only: bool) -> anyhow::Result<()> {
+    let pre = match (if_match, create_only) {
+        (Some(v), _) => Precondition::IfMatch(v),
+        (None, true) => Precondition::IfAbsent,
+        (None, false) => Precondition::None,
+    };
+    let r = client(opts).put_raw(dataset, key, value, &pre).await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+    } else {
+        println!(
+            "{} {dataset}/{key} version {} (served by {}/{}/node-{}, {})",
+            if r.created { "created" } else { "updated" },
+            r.version.etag,
+            r.served_by.region,
+            r.served_by.zone,
+            r.served_by.node,
+            r.served_by.reason
+        );
+    }
+    Ok(())
+}
+
+pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: &str) -> anyhow::Result<()> {
+    let r = client(opts).get(dataset, key, Some(consistency)).await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+    } else {
+        println!("{}", r.value);
+        eprintln!(
+            "version {} (served by {}/{}/node-{}, {})",
+            r.version.etag, r.served_by.region, r.served_by.zone, r.served_by.node, r.served_by.reason
+        );
+    }
+    Ok(())
+}
+
+pub async fn delete(opts: &ClientOpts, dataset: &str, key: &str, if_match: Option<String>) -> anyhow::Result<()> {
+    let r = client(opts).delete(dataset, key, if_match.as_deref()).await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+    } else {
+        println!("deleted {dataset}/{key} (tombstone version {})", r.version.etag);
+    }
+    Ok(())
+}
+
+pub async fn list(
+    opts: &ClientOpts,
+    dataset: &str,
+    prefix: Option<String>,
+    limit: usize,
+    cursor: Option<String>,
+    consistency: &str,
+) -> anyhow::Result<()> {
+    let r = client(opts)
+        .list(dataset, prefix.as_deref(), Some(limit), cursor.as_deref(), Some(consistency))
+        .await
+        .map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["key", "version"]);
+    for item in &r.items {
+        t.add_row(vec![item.key.clone(), item.version.etag.clone()]);
+    }
+    println!("{t}");
+    match &r.next_cursor {
+        Some(c) => println!("{} keys; more with --cursor {c}", r.items.len()),
+        None => println!("{} keys", r.items.len()),
+    }
+    Ok(())
+}
+
+pub async fn cluster_status(opts: &ClientOpts) -> anyhow::Result<()> {
+    let r = client(opts).cluster().await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED)
+        .set_header(vec!["region", "zone", "node", "api", "role", "term", "applied"]);
+    for region in &r.regions {
+        for n in &region.nodes {
+            let role = match (region.reachable, region.leader) {
+                (false, _) => "unreachable".to_owned(),
+                (true, Some(l)) if l == n.id => "leader".to_owned(),
+                (true, Some(_)) => "voter".to_owned(),
+                (true, None) => "no leader".to_owned(),
+            };
+            t.add_row(vec![
+                region.name.clone(),
+                n.zone.clone(),
+                n.id.to_string(),
+                n.api_addr.clone(),
+                role,
+                region.term.to_string(),
+                region.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+    }
+    println!("{t}");
+    println!("answered by node {} ({}/{}); term and applied index are as reported by one node of each region", r.node.id, r.node.region, r.node.zone);
+    for region in r.regions.iter().filter(|r| !r.reachable) {
+        println!("region {} unreachable: {}", region.name, region.error.as_deref().unwrap_or("?"));
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The `meridian` binary: a node (`server`), the whole planet in one process (`demo`), the
+//! benchmark (`bench`), and the command-line client for the public API.
+
+mod commands;
+mod demo;
+mod run;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: a geo-distributed data store with differential replication",
+    long_about = "Meridian: a geo-distributed data store with differential replication.\n\n\
+        Start here:\n  meridian demo                      # nine nodes, three regions, one process\n  \
+        meridian put users u1 '{\"name\":\"Ada\"}'\n  meridian get users u1\n  meridian cluster status\n\n\
+        Client commands talk to --endpoint (or $MERIDIAN_ENDPOINT), default http://127.0.0.1:7000.\n\
+        They print tables or plain values, JSON with --json, and exit non-zero with the error's code on failure."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientOpts {
+    /// Base URL of any node's API.
+    #[arg(long, global = true, env = "MERIDIAN_ENDPOINT", default_value = "http://127.0.0.1:7000")]
+    pub endpoint: String,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Give up on a request after this many seconds.
+    #[arg(long, global = true, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one node of a cluster described by a configuration file.
+    Server {
+        /// The cluster configuration (TOML): regions, nodes, WAN delays, limits.
+        #[arg(long)]
+        config: PathBuf,
+        /// Which node of the configuration this process is.
+        #[arg(long)]
+        node: u64,
+        /// Where this node keeps its Raft log and state (default ./data/node-ID).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run a whole demo cluster in one process: three regions of three zones, nine nodes.
+    Demo {
+        /// The first node's API port; the others follow in order, peers at +100.
+        #[arg(long, default_value_t = 7000, value_parser = clap::value_parser!(u16).range(1024..=65000))]
+        base_port: u16,
+        /// Keep data here instead of a temporary directory (reused on the next start).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Store a JSON value under a key.
+    Put {
+        dataset: String,
+        key: String,
+        /// The value, as JSON text (a string needs its quotes: '"text"').
+        value: String,
+        /// Write only if the key's current version (ETag) is this one.
+        #[arg(long, conflicts_with = "create_only")]
+        if_match: Option<String>,
+        /// Write only if the key holds no value.
+        #[arg(long)]
+        create_only: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Read a key's value.
+    Get {
+        dataset: String,
+        key: String,
+        /// strong (linearizable, via the region's leader) or local (the node asked).
+        #[arg(long, default_value = "strong")]
+        consistency: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Delete a key.
+    Delete {
+        dataset: String,
+        key: String,
+        /// Delete only if the key's current version (ETag) is this one.
+        #[arg(long)]
+        if_match: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List a dataset's keys in order.
+    List {
+        dataset: String,
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Keys per page (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue from a previous page's cursor.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[arg(long, default_value = "strong")]
+        consistency: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cluster-wide information.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Benchmark in-region writes against a three-member etcd cluster (needs Debian's etcd-server).
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Regions, their nodes, leaders, terms and applied indexes.
+    Status {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Concurrent clients per run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Warm-up seconds per run (not measured).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Rounds per concurrency level; each round runs etcd, then Meridian.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// The etcd binary.
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd_bin: PathBuf,
+    /// First port of the range the benchmark's clusters use.
+    #[arg(long, default_value_t = 24000)]
+    base_port: u16,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error,meridian=info,meridian_node=info,meridian_server=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("start the async runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server { config, node, data_dir } => run::server(config, node, data_dir).await,
+            Command::Demo { base_port, data_dir } => demo::run(base_port, data_dir).await,
+            Command::Put { dataset, key, value, if_match, create_only, client } => {
+                commands::put(&client, &dataset, &key, value, if_match, create_only).await
+            }
+            Command::Get { dataset, key, consistency, client } => commands::get(&client, &dataset, &key, &consistency).await,
+            Command::Delete { dataset, key, if_match, client } => commands::delete(&client, &dataset, &key, if_match).await,
+            Command::List { dataset, prefix, limit, cursor, consistency, client } => {
+                commands::list(&client, &dataset, prefix, limit, cursor, &consistency).await
+            }
+            Command::Cluster { command: ClusterCommand::Status { client } } => commands::cluster_status(&client).await,
+            Command::Bench(b) => bench(b).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(b: BenchArgs) -> anyhow::Result<()> {
+    let opts = meridian_bench::BenchOptions {
+        concurrency: b.concurrency,
+        duration: Duration::from_secs(b.duration_secs),
+        warmup: Duration::from_secs(b.warmup_secs),
+        rounds: b.rounds,
+        value_bytes: b.value_bytes,
+        etcd_bin: b.etcd_bin,
+        base_port: b.base_port,
+        json: b.json,
+        ..meridian_bench::BenchOptions::default()
+    };
+    opts.validate()?;
+    let json = opts.json;
+    let report = tokio::select! {
+        r = meridian_bench::run(opts) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
+    meridian_bench::print_report(&report, json);
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The cluster configuration file: topology plus the settings every node of the cluster
+//! shares. One file describes the whole cluster; `--node ID` picks which node to run.
+
+use std::path::Path;
+
+use meridian_core::limits::{CONFIG_BYTES_MAX, HLC_MAX_OFFSET_MS_DEFAULT, VALUE_BYTES_HARD_MAX, VALUE_BYTES_MAX_DEFAULT};
+use meridian_core::topology::{RegionSpec, WanSpec};
+use meridian_core::{NodeSpec, Topology};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    regions: Vec<RegionSpec>,
+    nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    wan: Vec<WanSpec>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    clock: ClockSettings,
+    #[serde(default)]
+    raft: RaftSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest value accepted, in bytes of JSON text.
+    pub value_bytes_max: usize,
+}
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { value_bytes_max: VALUE_BYTES_MAX_DEFAULT }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockSettings {
+    /// How far the HLC may run ahead of this node's wall clock before writes are refused.
+    pub max_offset_ms: u64,
+}
+impl Default for ClockSettings {
+    fn default() -> Self {
+        ClockSettings { max_offset_ms: HLC_MAX_OFFSET_MS_DEFAULT }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSettings {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and allow the log before it to be purged) after this many entries.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly absent voter catches up from
+    /// the log rather than from a snapshot.
+    pub log_entries_kept_after_snapshot: u64,
+}
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_every_entries: 10_000,
+            log_entries_kept_after_snapshot: 1_000,
+        }
+    }
+}
+
+/// A parsed and validated cluster configuration.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub topology: Topology,
+    pub limits: Limits,
+    pub clock: ClockSettings,
+    pub raft: RaftSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is {len} bytes; configuration files are limited to {max}")]
+    TooLarge { path: String, len: u64, max: usize },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+impl ClusterConfig {
+    pub fn demo(base_port: u16) -> Self {
+        ClusterConfig {
+            topology: Topology::demo(base_port),
+            limits: Limits::default(),
+            clock: ClockSettings::default(),
+            raft: RaftSettings::default(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        if meta.len() > CONFIG_BYTES_MAX as u64 {
+            return Err(ConfigError::TooLarge { path: p, len: meta.len(), max: CONFIG_BYTES_MAX });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Self::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let mut problems: Vec<String> = Vec::new();
+        let topology = match Topology::new(file.regions, file.nodes, file.wan) {
+            Ok(t) => Some(t),
+            Err(errs) => {
+                problems.extend(errs.iter().map(|e| e.to_string()));
+                None
+            }
+        };
+        if file.limits.value_bytes_max == 0 || file.limits.value_bytes_max > VALUE_BYTES_HARD_MAX {
+            problems.push(format!("limits.value_bytes_max must be between 1 and {VALUE_BYTES_HARD_MAX}"));
+        }
+        let r = &file.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            problems.push("raft.election_timeout_min_ms must be more than twice raft.heartbeat_ms (and heartbeat_ms > 0)".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            problems.push("raft.election_timeout_max_ms must be greater than raft.election_timeout_min_ms".into());
+        }
+        if r.snapshot_every_entries == 0 {
+            problems.push("raft.snapshot_every_entries must be at least 1".into());
+        }
+        match (topology, problems.is_empty()) {
+            (Some(topology), true) => Ok(ClusterConfig { topology, limits: file.limits, clock: file.clock, raft: file.raft }),
+            _ => Err(ConfigError::Invalid { path: origin.to_owned(), problems }),
+        }
+    }
+
+    /// The configuration as TOML, as `load` reads it.
+    pub fn to_toml(&self) -> String {
+        let file = ConfigFile {
+            regions: self.topology.regions().to_vec(),
+            nodes: self.topology.nodes().to_vec(),
+            wan: self
+                .topology
+                .wan()
+                .map(|(a, b, ms)| WanSpec { regions: [a.clone(), b.clone()], one_way_ms: ms })
+                .collect(),
+            limits: self.limits.clone(),
+            clock: self.clock.clone(),
+            raft: self.raft.clone(),
+        };
+        toml::to_string(&file).expect("configuration serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_round_trips_through_toml() {
+        let c = ClusterConfig::demo(7000);
+        let again = ClusterConfig::parse(&c.to_toml(), "demo").unwrap();
+        assert_eq!(again.topology, c.topology);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_settings() {
+        let err = ClusterConfig::parse("regions = []\nnodes = []\nbogus = 1\n", "x.toml").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let text = "regions = []\nnodes = []\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 150\n";
+        let err = ClusterConfig::parse(text, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("no regions") && err.contains("election_timeout_min_ms"), "{err}");
+    }
+}

@@ -1,0 +1,510 @@
+//! The composition root of one Meridian node: it opens storage, starts the region's Raft
+//! group, owns the HLC, the peer transport and the metrics registry, and routes every client
+//! request to the node that must serve it.
+//!
+//! Any node takes any request (every node is a gateway). Writes and strong reads are served
+//! by the region's leader: a follower forwards them over the peer transport and retries
+//! only when the answer proves nothing was applied. Local reads are served from the node's
+//! own state machine.
+//!
+//! It knows nothing of HTTP routes or JSON: the server crate maps requests onto [`Node`]'s
+//! methods and [`NodeError`] onto status codes.
+
+pub mod clock;
+pub mod config;
+pub mod metrics;
+pub mod peer;
+pub mod transport;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meridian_core::{Hlc, NodeId, NodeSpec, RegionId, Topology};
+use meridian_raft::command::CommandV1;
+use meridian_raft::network::{serve_raft_rpc, NetworkFactory, RpcFailure};
+use meridian_raft::{Command, CommandResult, LogStore, Raft, StateMachineReader, StateMachineStore, StoredObject};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ServerState};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::ClusterConfig;
+use crate::metrics::{KindLabels, Metrics};
+use crate::peer::{PeerError, PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteRequest};
+use crate::transport::HttpTransport;
+
+/// How long a write or strong read may take end to end, forwarding included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most attempts to reach a leader for one request (each after proof nothing was applied).
+pub const LEADER_ATTEMPTS_MAX: u32 = 20;
+/// Deadline of a status call to another node.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Per-request failures, shaped by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("the region has no leader right now")]
+    NoLeader,
+    #[error("node {node} could not be reached: {reason}")]
+    Unavailable { node: NodeId, reason: String },
+    #[error("the write reached the leader but its outcome is unknown: {0}")]
+    OutcomeUnknown(String),
+    #[error("{0}")]
+    ClockSkew(String),
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("internal failure: {0}")]
+    Internal(String),
+}
+
+/// Why a node served a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteReason {
+    Leader,
+    Local,
+    ForwardedToLeader,
+}
+
+impl RouteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Leader => "leader",
+            RouteReason::Local => "local",
+            RouteReason::ForwardedToLeader => "forwarded-to-leader",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub node: NodeId,
+    pub reason: RouteReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// Linearizable: the leader confirms its leadership with a quorum (read index), waits
+    /// until it has applied that far, then reads.
+    Strong,
+    /// Whatever this node has applied.
+    Local,
+}
+
+/// One region's status as seen from some node.
+#[derive(Debug, Clone)]
+pub struct RegionView {
+    pub region: RegionId,
+    pub report: Result<RegionReport, String>,
+}
+
+/// Where a node keeps its files and which node of the topology it is.
+pub struct NodeOptions {
+    pub config: ClusterConfig,
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+}
+
+pub struct Node {
+    spec: NodeSpec,
+    config: ClusterConfig,
+    topology: Arc<Topology>,
+    raft: Raft,
+    reader: StateMachineReader,
+    hlc: Mutex<Hlc>,
+    clock: Arc<dyn Clock>,
+    transport: HttpTransport,
+    metrics: Arc<Metrics>,
+    log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
+    log_stats_seen: Mutex<(u64, u64)>,
+}
+
+enum LocalError {
+    NotLeader(Option<NodeId>),
+    Other(NodeError),
+}
+
+impl Node {
+    /// Open storage and start the Raft group. The caller serves the peer endpoint (so other
+    /// voters can reach this one) and then calls [`Node::bootstrap`].
+    pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
+        let NodeOptions { config, node_id, data_dir } = opts;
+        let topology = Arc::new(config.topology.clone());
+        let spec = topology
+            .node(node_id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
+        let log = LogStore::open(&data_dir.join("log.redb"))
+            .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
+        let log_stats = log.stats();
+        let sm = StateMachineStore::open(&data_dir, spec.region.clone())
+            .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
+        let reader = sm.reader();
+        let metrics = Arc::new(Metrics::new());
+        let transport = HttpTransport::new(topology.clone(), spec.region.clone(), metrics.clone());
+        let r = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: format!("meridian-{}", spec.region),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            max_payload_entries: 256,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: r.log_entries_kept_after_snapshot,
+            ..Default::default()
+        }
+        .validate()?;
+        let network = NetworkFactory::new(node_id, transport.clone());
+        let raft = Raft::new(node_id, Arc::new(raft_config), network, log, sm).await?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        Ok(Arc::new(Node {
+            hlc: Mutex::new(Hlc::new(config.clock.max_offset_ms)),
+            spec,
+            config,
+            topology,
+            raft,
+            reader,
+            clock,
+            transport,
+            metrics,
+            log_stats,
+            log_stats_seen: Mutex::new((0, 0)),
+        }))
+    }
+
+    /// Form the region's group on first start. Every voter calls this with the same
+    /// membership (the region's zone nodes), which openraft documents as safe; a node that
+    /// already holds a log skips it.
+    pub async fn bootstrap(&self) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let members: BTreeMap<u64, BasicNode> = self
+            .topology
+            .region_nodes(&self.spec.region)
+            .into_iter()
+            .map(|n| (n.id, BasicNode::new(n.peer_addr.to_string())))
+            .collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("initialize region {}: {e}", self.spec.region)),
+        }
+    }
+
+    pub fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    pub fn id(&self) -> NodeId {
+        self.spec.id
+    }
+
+    /// This node's view of its own region's group.
+    pub fn region_report(&self) -> RegionReport {
+        let m = self.raft.metrics().borrow().clone();
+        RegionReport {
+            node: self.spec.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+        }
+    }
+
+    /// Bring the Raft gauges and log counters up to date (called before each scrape).
+    pub fn refresh_metrics(&self) {
+        let m = self.raft.metrics().borrow().clone();
+        self.metrics.raft_term.set(m.current_term as i64);
+        self.metrics.raft_is_leader.set(i64::from(m.state == ServerState::Leader));
+        self.metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+        self.metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
+        use std::sync::atomic::Ordering::Relaxed;
+        let (fsyncs, entries) = (self.log_stats.fsyncs_total.load(Relaxed), self.log_stats.entries_written_total.load(Relaxed));
+        let mut seen = self.log_stats_seen.lock().expect("log stats lock");
+        self.metrics.raft_log_fsyncs.inc_by(fsyncs - seen.0);
+        self.metrics.raft_log_entries_written.inc_by(entries - seen.1);
+        *seen = (fsyncs, entries);
+    }
+
+    fn leader_hint(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    // ---- writes -------------------------------------------------------------------------
+
+    /// Apply a write in the region, forwarding it to the leader if this node is not it.
+    pub async fn write(&self, req: WriteRequest) -> Result<(CommandResult, Served), NodeError> {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let leader = match self.write_here(&req).await {
+                Ok(result) => return Ok((result, Served { node: self.spec.id, reason: RouteReason::Leader })),
+                Err(LocalError::Other(e)) => return Err(e),
+                Err(LocalError::NotLeader(leader)) => leader,
+            };
+            if let Some(leader) = leader.filter(|&l| l != self.spec.id) {
+                self.metrics.forwarded.get_or_create(&KindLabels { kind: "write".into() }).inc();
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match self.transport.call(leader, PeerRequestV1::Write(req.clone()), remaining).await {
+                    Ok(PeerResponseV1::Write(Ok(result))) => {
+                        return Ok((result, Served { node: leader, reason: RouteReason::ForwardedToLeader }))
+                    }
+                    // Not applied: leadership moved. Retry below.
+                    Ok(PeerResponseV1::Write(Err(PeerError::NotLeader { .. }))) => {}
+                    Ok(PeerResponseV1::Write(Err(e))) => return Err(peer_error(leader, e)),
+                    Ok(other) => return Err(NodeError::Internal(format!("unexpected reply to a write: {other:?}"))),
+                    // Never delivered: safe to retry.
+                    Err(RpcFailure::Unreachable(_)) => {}
+                    Err(e @ (RpcFailure::Timeout(_) | RpcFailure::Interrupted(_) | RpcFailure::Protocol(_))) => {
+                        return Err(NodeError::OutcomeUnknown(e.to_string()))
+                    }
+                }
+            }
+            if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Propose a write to the local Raft group if this node leads it.
+    async fn write_here(&self, req: &WriteRequest) -> Result<CommandResult, LocalError> {
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(LocalError::NotLeader(self.leader_hint()));
+        }
+        let hlc = {
+            let mut hlc = self.hlc.lock().expect("hlc lock");
+            match hlc.now(self.clock.now_ms()) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.metrics.hlc_refusals.inc();
+                    return Err(LocalError::Other(NodeError::ClockSkew(e.to_string())));
+                }
+            }
+        };
+        let cmd = match &req.value {
+            Some(value) => CommandV1::Put {
+                dataset: req.dataset.clone(),
+                key: req.key.clone(),
+                value: value.clone(),
+                hlc,
+                condition: req.condition.clone(),
+            },
+            None => CommandV1::Delete {
+                dataset: req.dataset.clone(),
+                key: req.key.clone(),
+                hlc,
+                condition: req.condition.clone(),
+            },
+        };
+        match self.raft.client_write(Command::V1(cmd)).await {
+            Ok(resp) => Ok(resp.data),
+            // Openraft answers ForwardToLeader only when the entry was refused or truncated
+            // from the log: it was not applied, so a retry is safe.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(LocalError::NotLeader(f.leader_id)),
+            Err(RaftError::APIError(e)) => Err(LocalError::Other(NodeError::Internal(e.to_string()))),
+            Err(RaftError::Fatal(e)) => Err(LocalError::Other(NodeError::OutcomeUnknown(e.to_string()))),
+        }
+    }
+
+    // ---- reads --------------------------------------------------------------------------
+
+    pub async fn read(&self, dataset: &str, key: &str, consistency: ReadConsistency) -> Result<(Option<StoredObject>, Served), NodeError> {
+        let local = || self.reader.get(dataset, key).map_err(|e| NodeError::Storage(e.to_string()));
+        self.route_read(consistency, local, || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() }, |r| match r {
+            PeerResponseV1::Read(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn list(
+        &self,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        consistency: ReadConsistency,
+    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
+        let local = || self.reader.list(dataset, prefix, after, limit).map_err(|e| NodeError::Storage(e.to_string()));
+        let req = || PeerRequestV1::List {
+            dataset: dataset.into(),
+            prefix: prefix.into(),
+            after: after.map(str::to_owned),
+            limit: limit as u32,
+        };
+        self.route_read(consistency, local, req, |r| match r {
+            PeerResponseV1::List(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Serve a read here (local, or strong when this node leads), or forward it to the leader.
+    async fn route_read<T>(
+        &self,
+        consistency: ReadConsistency,
+        local: impl Fn() -> Result<T, NodeError>,
+        request: impl Fn() -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+    ) -> Result<(T, Served), NodeError> {
+        if consistency == ReadConsistency::Local {
+            return Ok((local()?, Served { node: self.spec.id, reason: RouteReason::Local }));
+        }
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let leader = match self.linearizable_barrier().await {
+                Ok(()) => return Ok((local()?, Served { node: self.spec.id, reason: RouteReason::Leader })),
+                Err(LocalError::Other(e)) => return Err(e),
+                Err(LocalError::NotLeader(l)) => l,
+            };
+            if let Some(leader) = leader.filter(|&l| l != self.spec.id) {
+                self.metrics.forwarded.get_or_create(&KindLabels { kind: "read".into() }).inc();
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match self.transport.call(leader, request(), remaining).await {
+                    Ok(reply) => match unpack(reply) {
+                        Some(Ok(v)) => return Ok((v, Served { node: leader, reason: RouteReason::ForwardedToLeader })),
+                        Some(Err(PeerError::NotLeader { .. })) => {}
+                        Some(Err(e)) => return Err(peer_error(leader, e)),
+                        None => return Err(NodeError::Internal("unexpected reply to a read".into())),
+                    },
+                    // Reads change nothing: any failure may be retried.
+                    Err(_) => {}
+                }
+            }
+            if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Raft read index (Raft thesis §6.4): confirm leadership with a quorum, then wait until
+    /// the state machine has applied up to the commit index seen at that moment.
+    async fn linearizable_barrier(&self) -> Result<(), LocalError> {
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(LocalError::NotLeader(self.leader_hint()));
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(LocalError::NotLeader(f.leader_id))
+            }
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(LocalError::Other(NodeError::NoLeader))
+            }
+            Err(RaftError::Fatal(e)) => Err(LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: e.to_string() })),
+        }
+    }
+
+    // ---- peer endpoint ------------------------------------------------------------------
+
+    /// Answer a request from another node.
+    pub async fn handle_peer(&self, req: PeerRequest) -> PeerResponse {
+        let PeerRequest::V1(req) = req;
+        let reply = match req {
+            PeerRequestV1::Raft(r) => PeerResponseV1::Raft(serve_raft_rpc(&self.raft, r).await),
+            PeerRequestV1::Write(w) => PeerResponseV1::Write(match self.write_here(&w).await {
+                Ok(r) => Ok(r),
+                Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
+                Err(LocalError::Other(e)) => Err(to_peer_error(e)),
+            }),
+            PeerRequestV1::Read { dataset, key } => PeerResponseV1::Read(
+                self.serve_strong(|| self.reader.get(&dataset, &key).map_err(|e| NodeError::Storage(e.to_string()))).await,
+            ),
+            PeerRequestV1::List { dataset, prefix, after, limit } => {
+                let limit = (limit as usize).min(meridian_core::limits::LIST_LIMIT_MAX);
+                PeerResponseV1::List(
+                    self.serve_strong(|| {
+                        self.reader.list(&dataset, &prefix, after.as_deref(), limit).map_err(|e| NodeError::Storage(e.to_string()))
+                    })
+                    .await,
+                )
+            }
+            PeerRequestV1::Status => PeerResponseV1::Status(self.region_report()),
+        };
+        PeerResponse::V1(reply)
+    }
+
+    async fn serve_strong<T>(&self, read: impl Fn() -> Result<T, NodeError>) -> Result<T, PeerError> {
+        match self.linearizable_barrier().await {
+            Ok(()) => read().map_err(to_peer_error),
+            Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
+            Err(LocalError::Other(e)) => Err(to_peer_error(e)),
+        }
+    }
+
+    // ---- cluster status -----------------------------------------------------------------
+
+    /// Every region's status: this node's own view for its region, and for each other region
+    /// the answer of the first of its nodes that replies.
+    pub async fn cluster_view(&self) -> Vec<RegionView> {
+        let mut views = Vec::new();
+        let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
+        let futures = regions.into_iter().map(|region| async move {
+            if region == self.spec.region {
+                return RegionView { region, report: Ok(self.region_report()) };
+            }
+            let mut last_err = String::from("no nodes");
+            for n in self.topology.region_nodes(&region) {
+                match self.transport.call(n.id, PeerRequestV1::Status, STATUS_TIMEOUT).await {
+                    Ok(PeerResponseV1::Status(r)) => return RegionView { region, report: Ok(r) },
+                    Ok(_) => last_err = format!("node {} sent an unexpected reply", n.id),
+                    Err(e) => last_err = format!("node {}: {e}", n.id),
+                }
+            }
+            RegionView { region, report: Err(last_err) }
+        });
+        views.extend(futures::future::join_all(futures).await);
+        views
+    }
+
+    /// Stop the Raft group (flushes nothing extra: the log is already durable).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// The voters of this node's region.
+    pub fn region_voters(&self) -> BTreeSet<NodeId> {
+        self.topology.region_nodes(&self.spec.region).into_iter().map(|n| n.id).collect()
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((25u64 << attempt.min(4)).min(400))
+}
+
+fn to_peer_error(e: NodeError) -> PeerError {
+    match e {
+        NodeError::NoLeader => PeerError::NotLeader { leader: None },
+        NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
+        NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
+        NodeError::OutcomeUnknown(m) => PeerError::Unavailable(m),
+        NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
+    }
+}
+
+fn peer_error(node: NodeId, e: PeerError) -> NodeError {
+    match e {
+        PeerError::NotLeader { .. } => NodeError::NoLeader,
+        PeerError::ClockSkew(m) => NodeError::ClockSkew(m),
+        PeerError::Unavailable(reason) => NodeError::Unavailable { node, reason },
+        PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
+    }
+}

@@ -1,0 +1,111 @@
+//! The node's metrics registry. One registry per node, never a global one, so that several
+//! nodes in one process (the demo, the simulator) keep their figures apart.
+//!
+//! Names follow `meridian_<component>_<noun>_<unit>`; counters end in `_total`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<RouteLabels, Histogram>,
+    pub forwarded: Family<KindLabels, Counter>,
+    pub peer_errors: Family<KindLabels, Counter>,
+    pub hlc_refusals: Counter,
+    pub raft_term: Gauge,
+    pub raft_is_leader: Gauge,
+    pub raft_last_log_index: Gauge,
+    pub raft_applied_index: Gauge,
+    pub raft_log_fsyncs: Counter,
+    pub raft_log_entries_written: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meridian");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register("http_requests", "HTTP API requests by route, method and status", http_requests.clone());
+        let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+        });
+        registry.register("http_request_duration_seconds", "HTTP API request latency", http_duration.clone());
+        let forwarded = Family::<KindLabels, Counter>::default();
+        registry.register("gateway_forwarded_requests", "Requests forwarded to the region's leader", forwarded.clone());
+        let peer_errors = Family::<KindLabels, Counter>::default();
+        registry.register("peer_rpc_errors", "Failed node-to-node calls by kind", peer_errors.clone());
+        let hlc_refusals = Counter::default();
+        registry.register(
+            "hlc_refusals",
+            "Timestamps refused because the HLC would run ahead of the wall clock by more than the maximum offset",
+            hlc_refusals.clone(),
+        );
+        let raft_term = Gauge::default();
+        registry.register("raft_term", "Current Raft term of this node's region group", raft_term.clone());
+        let raft_is_leader = Gauge::default();
+        registry.register("raft_is_leader", "1 when this node leads its region's Raft group", raft_is_leader.clone());
+        let raft_last_log_index = Gauge::default();
+        registry.register("raft_last_log_index", "Index of the last entry in this node's Raft log", raft_last_log_index.clone());
+        let raft_applied_index = Gauge::default();
+        registry.register("raft_applied_index", "Index of the last entry applied to the state machine", raft_applied_index.clone());
+        let raft_log_fsyncs = Counter::default();
+        registry.register("raft_log_fsyncs", "Group commits of the Raft log (one fsync each)", raft_log_fsyncs.clone());
+        let raft_log_entries_written = Counter::default();
+        registry.register("raft_log_entries_written", "Raft log entries made durable", raft_log_entries_written.clone());
+        Metrics {
+            registry: Mutex::new(registry),
+            http_requests,
+            http_duration,
+            forwarded,
+            peer_errors,
+            hlc_refusals,
+            raft_term,
+            raft_is_leader,
+            raft_last_log_index,
+            raft_applied_index,
+            raft_log_fsyncs,
+            raft_log_entries_written,
+        }
+    }
+
+    pub fn peer_rpc_errors(&self, kind: &str) {
+        self.peer_errors.get_or_create(&KindLabels { kind: kind.to_owned() }).inc();
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics registry lock");
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,84 @@
+//! The node-to-node protocol: what one node asks another, and the answers.
+//!
+//! Bodies are postcard. The outer enums are the protocol version: a node that receives a
+//! version it does not know answers with an error rather than guessing. Errors cross the
+//! wire as typed variants, never as Rust `Display` strings to be parsed.
+
+use meridian_raft::network::{RaftReply, RaftRequest};
+use meridian_raft::{CommandResult, Condition, StoredObject};
+use serde::{Deserialize, Serialize};
+
+/// Path of the peer endpoint on every node's peer listener.
+pub const PEER_PATH: &str = "/peer/v1";
+/// Largest peer message body accepted, in bytes (Raft batches of large values).
+pub const PEER_BODY_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    V1(PeerRequestV1),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequestV1 {
+    Raft(RaftRequest),
+    /// A client write forwarded to the region's leader.
+    Write(WriteRequest),
+    /// A strong read forwarded to the region's leader.
+    Read { dataset: String, key: String },
+    /// A strong listing forwarded to the region's leader.
+    List { dataset: String, prefix: String, after: Option<String>, limit: u32 },
+    /// This node's view of its region's Raft group.
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    V1(PeerResponseV1),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponseV1 {
+    Raft(RaftReply),
+    Write(Result<CommandResult, PeerError>),
+    Read(Result<Option<StoredObject>, PeerError>),
+    List(Result<Vec<(String, StoredObject)>, PeerError>),
+    Status(RegionReport),
+    /// The request itself could not be handled (e.g. an unknown protocol version).
+    Refused(PeerError),
+}
+
+/// A client write, already validated by the gateway that took it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteRequest {
+    pub dataset: String,
+    pub key: String,
+    /// The JSON text, or `None` to delete.
+    pub value: Option<Vec<u8>>,
+    pub condition: Condition,
+}
+
+/// Errors a peer answers with; each tells the caller what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PeerError {
+    /// Not the leader (the request was not applied): retry at `leader`, or wait for one.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("clock refused: {0}")]
+    ClockSkew(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// One node's view of its region's Raft group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionReport {
+    pub node: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+}

@@ -1,0 +1,86 @@
+//! The one place where errors become HTTP answers. Every error body is
+//! `{"code", "message", "hint"?}` with a stable code from `meridian_api::ErrorCode`.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use meridian_api::{ErrorBody, ErrorCode};
+use meridian_core::NameError;
+use meridian_node::NodeError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { body: ErrorBody::new(code, message) }
+    }
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.body.hint = Some(hint.into());
+        self
+    }
+}
+
+/// The status of each code; the only such table in the product.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    use ErrorCode::*;
+    match code {
+        InvalidDatasetName | InvalidKey | KeyTooLong | MalformedJson | InvalidVersion | InvalidPrecondition
+        | InvalidConsistency | InvalidQuery | InvalidCursor => StatusCode::BAD_REQUEST,
+        ValueTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        RouteNotFound | KeyNotFound => StatusCode::NOT_FOUND,
+        PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+        NoLeader | Unavailable | ClockSkew => StatusCode::SERVICE_UNAVAILABLE,
+        OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+        Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(self.body.code);
+        let retry = status == StatusCode::SERVICE_UNAVAILABLE;
+        let mut resp = (status, Json(self.body)).into_response();
+        if retry {
+            resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match &e {
+            NodeError::NoLeader => ApiError::new(ErrorCode::NoLeader, e.to_string())
+                .hint("an election is under way or a majority of the region's zones is down; retry shortly"),
+            NodeError::Unavailable { .. } => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+            NodeError::OutcomeUnknown(_) => ApiError::new(ErrorCode::OutcomeUnknown, e.to_string())
+                .hint("read the key to learn whether the write took effect before retrying it"),
+            NodeError::ClockSkew(_) => ApiError::new(ErrorCode::ClockSkew, e.to_string())
+                .hint("check NTP on this node; meridian_hlc_refusals_total counts these refusals"),
+            NodeError::Storage(_) | NodeError::Internal(_) => {
+                tracing::error!(error = %e, "request failed inside the node");
+                ApiError::new(ErrorCode::Internal, e.to_string())
+            }
+        }
+    }
+}
+
+/// A refused dataset name.
+pub fn dataset_error(e: NameError) -> ApiError {
+    ApiError::new(ErrorCode::InvalidDatasetName, e.to_string())
+        .hint("dataset names are 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter")
+}
+
+/// A refused key.
+pub fn key_error(e: NameError) -> ApiError {
+    match e {
+        NameError::TooLong { .. } => ApiError::new(ErrorCode::KeyTooLong, e.to_string()),
+        _ => ApiError::new(ErrorCode::InvalidKey, e.to_string())
+            .hint("keys are 1-1024 bytes of UTF-8 without control characters; percent-encode '/' as %2F in paths"),
+    }
+}

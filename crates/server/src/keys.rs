@@ -1,0 +1,312 @@
+//! `/v1/datasets/{dataset}/keys...`: put, get, delete and list.
+
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use meridian_api::{
+    DeleteResponse, ErrorCode, GetResponse, ListItem, ListQuery, ListResponse, PutResponse, ReadQuery, ServedBy,
+    VersionInfo, HEADER_ROUTE_REASON, HEADER_SERVED_BY,
+};
+use meridian_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
+use meridian_core::{DatasetName, Key, Version};
+use meridian_node::peer::WriteRequest;
+use meridian_node::{ReadConsistency, Served};
+use meridian_raft::{CommandResult, Condition};
+
+use crate::error::{dataset_error, key_error, ApiError};
+use crate::AppState;
+
+fn served_by(state: &AppState, served: Served) -> ServedBy {
+    let (region, zone) = match state.node.topology().node(served.node) {
+        Some(n) => (n.region.to_string(), n.zone.to_string()),
+        None => (String::from("?"), String::from("?")),
+    };
+    ServedBy { region, zone, node: served.node, reason: served.reason.as_str().to_owned() }
+}
+
+fn with_headers(mut resp: Response, served: &ServedBy, etag: Option<&str>) -> Response {
+    let h = resp.headers_mut();
+    let by = format!("{}/{}/node-{}", served.region, served.zone, served.node);
+    if let Ok(v) = HeaderValue::from_str(&by) {
+        h.insert(HEADER_SERVED_BY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&served.reason) {
+        h.insert(HEADER_ROUTE_REASON, v);
+    }
+    if let Some(etag) = etag {
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{etag}\"")) {
+            h.insert("etag", v);
+        }
+    }
+    resp
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError::new(ErrorCode::InvalidKey, format!("the path could not be decoded: {e}"))
+        .hint("percent-encode the dataset and key as UTF-8")
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::new(ErrorCode::InvalidQuery, e.body_text())
+}
+
+fn parse_names(dataset: String, key: String) -> Result<(DatasetName, Key), ApiError> {
+    let dataset = DatasetName::new(dataset).map_err(dataset_error)?;
+    let key = Key::new(key).map_err(key_error)?;
+    Ok((dataset, key))
+}
+
+fn parse_consistency(c: Option<&str>) -> Result<ReadConsistency, ApiError> {
+    match c {
+        None | Some("strong") => Ok(ReadConsistency::Strong),
+        Some("local") => Ok(ReadConsistency::Local),
+        Some(other @ ("bounded" | "session" | "eventual")) => Err(ApiError::new(
+            ErrorCode::InvalidConsistency,
+            format!("consistency={other} needs cross-region mirrors, which this cluster does not run yet"),
+        )
+        .hint("use consistency=strong or consistency=local")),
+        Some(other) => Err(ApiError::new(ErrorCode::InvalidConsistency, format!("unknown consistency {other:?}"))
+            .hint("use consistency=strong or consistency=local")),
+    }
+}
+
+/// Read an `If-Match` / `If-None-Match` pair into a write condition.
+fn parse_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let text = |name: &str| -> Result<Option<String>, ApiError> {
+        match headers.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(|s| Some(s.trim().trim_matches('"').to_owned()))
+                .map_err(|_| ApiError::new(ErrorCode::InvalidPrecondition, format!("{name} is not ASCII text"))),
+        }
+    };
+    match (text("if-match")?, text("if-none-match")?) {
+        (Some(_), Some(_)) => Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-Match and If-None-Match cannot be combined")),
+        (Some(v), None) => {
+            let version: Version = v.parse().map_err(|e: meridian_core::VersionParseError| {
+                ApiError::new(ErrorCode::InvalidVersion, e.to_string()).hint("send the ETag of a previous answer")
+            })?;
+            Ok(Condition::IfMatch(version))
+        }
+        (None, Some(v)) if v == "*" => Ok(Condition::IfAbsent),
+        (None, Some(_)) => Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-None-Match supports only \"*\" (create-only)")),
+        (None, None) => Ok(Condition::Always),
+    }
+}
+
+/// Read a JSON body: the content type must be JSON, the size within the node's limit, and
+/// the text valid JSON. Returns the text exactly as sent (it is stored verbatim).
+async fn read_json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "application/json" {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            if ct.is_empty() { "the request has no Content-Type".to_owned() } else { format!("Content-Type {ct:?} is not JSON") },
+        )
+        .hint("send the value as JSON with Content-Type: application/json"));
+    }
+    let max = state.node.config().limits.value_bytes_max;
+    let too_large = |len: Option<u64>| {
+        let size = len.map(|l| format!("{l} bytes")).unwrap_or_else(|| "more bytes".into());
+        ApiError::new(ErrorCode::ValueTooLarge, format!("the value is {size}; the limit is {max} bytes"))
+            .hint("store large objects elsewhere and keep a reference here, or raise limits.value_bytes_max")
+    };
+    if let Some(len) = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > max as u64 {
+            return Err(too_large(Some(len)));
+        }
+    }
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| too_large(None))?;
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+        return Err(ApiError::new(ErrorCode::MalformedJson, format!("the body is not valid JSON: {e}"))
+            .hint("a string value must be quoted: '\"text\"'"));
+    }
+    Ok(bytes.to_vec())
+}
+
+#[utoipa::path(
+    put, path = "/v1/datasets/{dataset}/keys/{key}",
+    params(("dataset" = String, Path), ("key" = String, Path, description = "percent-encoded UTF-8"),
+           ("If-Match" = Option<String>, Header, description = "write only if the current version is this ETag"),
+           ("If-None-Match" = Option<String>, Header, description = "\"*\": write only if the key holds no value")),
+    request_body(content = Object, content_type = "application/json", description = "any JSON value"),
+    responses((status = 200, body = PutResponse, description = "replaced an existing value"),
+              (status = 201, body = PutResponse, description = "created"),
+              (status = 400, body = meridian_api::ErrorBody), (status = 412, body = meridian_api::ErrorBody),
+              (status = 413, body = meridian_api::ErrorBody), (status = 415, body = meridian_api::ErrorBody),
+              (status = 503, body = meridian_api::ErrorBody))
+)]
+pub async fn put_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path((dataset, key)) = path.map_err(path_error)?;
+    let (dataset, key) = parse_names(dataset, key)?;
+    let condition = parse_condition(&headers)?;
+    let value = read_json_body(&state, &headers, body).await?;
+    let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: Some(value), condition };
+    let (result, served) = state.node.write(req).await?;
+    let served = served_by(&state, served);
+    match result {
+        CommandResult::Written { version, created } => {
+            let info = VersionInfo::from(&version);
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let body = PutResponse { dataset: dataset.to_string(), key: key.to_string(), version: info.clone(), created, served_by: served.clone() };
+            Ok(with_headers((status, Json(body)).into_response(), &served, Some(&info.etag)))
+        }
+        other => Err(write_refusal(other)),
+    }
+}
+
+fn write_refusal(result: CommandResult) -> ApiError {
+    match result {
+        CommandResult::PreconditionFailed { current } => {
+            let mut e = ApiError::new(
+                ErrorCode::PreconditionFailed,
+                match &current {
+                    Some(v) => format!("the precondition did not hold; the current version is {v}"),
+                    None => "the precondition did not hold; the key holds no value".to_owned(),
+                },
+            );
+            e.body.current_version = current.map(|v| v.to_string());
+            e
+        }
+        CommandResult::NotFound => ApiError::new(ErrorCode::KeyNotFound, "the key holds no value"),
+        other => ApiError::new(ErrorCode::Internal, format!("unexpected write result {other:?}")),
+    }
+}
+
+#[utoipa::path(
+    get, path = "/v1/datasets/{dataset}/keys/{key}",
+    params(("dataset" = String, Path), ("key" = String, Path), ReadQuery),
+    responses((status = 200, body = GetResponse), (status = 404, body = meridian_api::ErrorBody),
+              (status = 400, body = meridian_api::ErrorBody), (status = 503, body = meridian_api::ErrorBody))
+)]
+pub async fn get_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path((dataset, key)) = path.map_err(path_error)?;
+    let (dataset, key) = parse_names(dataset, key)?;
+    let Query(q) = query.map_err(query_error)?;
+    let consistency = parse_consistency(q.consistency.as_deref())?;
+    let (obj, served) = state.node.read(dataset.as_str(), key.as_str(), consistency).await?;
+    let served = served_by(&state, served);
+    let (obj, value) = match obj {
+        Some(o) => match o.value.clone() {
+            Some(v) => (o, v),
+            None => return Err(ApiError::new(ErrorCode::KeyNotFound, format!("{dataset}/{key} was deleted"))),
+        },
+        None => return Err(ApiError::new(ErrorCode::KeyNotFound, format!("{dataset}/{key} holds no value"))),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&value)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored value is not JSON: {e}")))?;
+    let info = VersionInfo::from(&obj.version);
+    let body = GetResponse { dataset: dataset.to_string(), key: key.to_string(), value, version: info.clone(), served_by: served.clone() };
+    Ok(with_headers(Json(body).into_response(), &served, Some(&info.etag)))
+}
+
+#[utoipa::path(
+    delete, path = "/v1/datasets/{dataset}/keys/{key}",
+    params(("dataset" = String, Path), ("key" = String, Path),
+           ("If-Match" = Option<String>, Header, description = "delete only if the current version is this ETag")),
+    responses((status = 200, body = DeleteResponse), (status = 404, body = meridian_api::ErrorBody),
+              (status = 412, body = meridian_api::ErrorBody), (status = 503, body = meridian_api::ErrorBody))
+)]
+pub async fn delete_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path((dataset, key)) = path.map_err(path_error)?;
+    let (dataset, key) = parse_names(dataset, key)?;
+    let condition = parse_condition(&headers)?;
+    let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: None, condition };
+    let (result, served) = state.node.write(req).await?;
+    let served = served_by(&state, served);
+    match result {
+        CommandResult::Deleted { version } => {
+            let info = VersionInfo::from(&version);
+            let body = DeleteResponse { dataset: dataset.to_string(), key: key.to_string(), version: info.clone(), served_by: served.clone() };
+            Ok(with_headers(Json(body).into_response(), &served, Some(&info.etag)))
+        }
+        other => Err(write_refusal(other)),
+    }
+}
+
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 || s.len() > 2 * meridian_core::limits::KEY_BYTES_MAX {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[utoipa::path(
+    get, path = "/v1/datasets/{dataset}/keys",
+    params(("dataset" = String, Path), ListQuery),
+    responses((status = 200, body = ListResponse), (status = 400, body = meridian_api::ErrorBody),
+              (status = 503, body = meridian_api::ErrorBody))
+)]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(dataset) = path.map_err(path_error)?;
+    let dataset = DatasetName::new(dataset).map_err(dataset_error)?;
+    let Query(q) = query.map_err(query_error)?;
+    let consistency = parse_consistency(q.consistency.as_deref())?;
+    let limit = match q.limit.as_deref() {
+        None => LIST_LIMIT_DEFAULT,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(ErrorCode::InvalidQuery, format!("limit={l:?} is not a number from 1 to {LIST_LIMIT_MAX}")))
+            }
+        },
+    };
+    let prefix = q.prefix.unwrap_or_default();
+    if prefix.len() > meridian_core::limits::KEY_BYTES_MAX {
+        return Err(ApiError::new(ErrorCode::KeyTooLong, "the prefix is longer than the longest key"));
+    }
+    let after = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(hex_decode(c).ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidCursor, "the cursor was not produced by this API").hint("pass next_cursor back unchanged")
+        })?),
+    };
+    let (items, served) = state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?;
+    let served = served_by(&state, served);
+    let next_cursor = if items.len() == limit { items.last().map(|(k, _)| hex_encode(k)) } else { None };
+    let items = items.into_iter().map(|(key, o)| ListItem { key, version: VersionInfo::from(&o.version) }).collect();
+    let body = ListResponse { dataset: dataset.to_string(), items, next_cursor, served_by: served.clone() };
+    Ok(with_headers(Json(body).into_response(), &served, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip() {
+        for k in ["", "a", "eu-west/ü", "x y"] {
+            assert_eq!(hex_decode(&hex_encode(k)).as_deref(), Some(k));
+        }
+        assert_eq!(hex_decode("zz"), None);
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("ff"), None); // not UTF-8
+    }
+}

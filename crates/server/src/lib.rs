@@ -1,0 +1,215 @@
+//! Meridian's HTTP surface. Two listeners per node:
+//! - the public API under `/v1` (JSON), plus `/metrics`;
+//! - the peer endpoint (`POST /peer/v1`, postcard) that the other nodes call.
+//!
+//! This is the only crate that knows HTTP status codes; `error.rs` holds the one mapping.
+//! Handlers validate input, call [`meridian_node::Node`], and shape answers; they hold no
+//! state of their own.
+
+pub mod error;
+pub mod keys;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use meridian_api::{ClusterResponse, ErrorCode, HealthResponse, NodeInfo, RegionStatus};
+use meridian_node::metrics::{HttpLabels, RouteLabels};
+use meridian_node::peer::{PeerRequest, PEER_BODY_BYTES_MAX};
+use meridian_node::Node;
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+
+use crate::error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Meridian", description = "Geo-distributed data store with differential replication."),
+    paths(keys::put_key, keys::get_key, keys::delete_key, keys::list_keys, cluster, health),
+    components(schemas(meridian_api::ErrorBody, meridian_api::ErrorCode))
+)]
+pub struct ApiDoc;
+
+/// The public API router.
+pub fn api_router(node: Arc<Node>) -> Router {
+    let state = AppState { node };
+    Router::new()
+        .route(
+            "/v1/datasets/{dataset}/keys/{key}",
+            get(keys::get_key).put(keys::put_key).delete(keys::delete_key),
+        )
+        .route("/v1/datasets/{dataset}/keys", get(keys::list_keys))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .with_state(state)
+}
+
+/// The peer router: one endpoint carrying every node-to-node message.
+pub fn peer_router(node: Arc<Node>) -> Router {
+    Router::new().route(meridian_node::peer::PEER_PATH, post(peer)).with_state(AppState { node })
+}
+
+/// Serve both listeners until `shutdown` resolves.
+pub async fn serve(
+    node: Arc<Node>,
+    api: TcpListener,
+    peer_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut peer_stop = stop_rx.clone();
+    let mut api_stop = stop_rx;
+    let peer_srv = axum::serve(peer_listener, peer_router(node.clone()))
+        .with_graceful_shutdown(async move {
+            let _ = peer_stop.wait_for(|s| *s).await;
+        });
+    let api_srv = axum::serve(api, api_router(node)).with_graceful_shutdown(async move {
+        let _ = api_stop.wait_for(|s| *s).await;
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let (a, b) = tokio::join!(std::future::IntoFuture::into_future(api_srv), std::future::IntoFuture::into_future(peer_srv));
+    a?;
+    b?;
+    Ok(())
+}
+
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let m = state.node.metrics();
+    m.http_requests.get_or_create(&HttpLabels { route: route.clone(), method, status: resp.status().as_u16() }).inc();
+    m.http_duration.get_or_create(&RouteLabels { route }).observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, "no resource lives at this path").hint("see /v1/openapi.json for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "this resource does not accept that method")
+        .hint("see /v1/openapi.json for the methods each resource takes")
+}
+
+fn node_info(spec: &meridian_core::NodeSpec) -> NodeInfo {
+    NodeInfo {
+        id: spec.id,
+        region: spec.region.to_string(),
+        zone: spec.zone.to_string(),
+        api_addr: spec.api_addr.to_string(),
+        peer_addr: spec.peer_addr.to_string(),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterResponse)))]
+pub async fn cluster(State(state): State<AppState>) -> Json<ClusterResponse> {
+    let node = &state.node;
+    let views = node.cluster_view().await;
+    let regions = views
+        .into_iter()
+        .map(|v| {
+            let nodes = node.topology().region_nodes(&v.region).into_iter().map(node_info).collect();
+            match v.report {
+                Ok(r) => RegionStatus {
+                    name: v.region.to_string(),
+                    reachable: true,
+                    reported_by: Some(r.node),
+                    leader: r.leader,
+                    term: r.term,
+                    last_log_index: r.last_log_index,
+                    applied_index: r.applied_index,
+                    nodes,
+                    error: None,
+                },
+                Err(e) => RegionStatus {
+                    name: v.region.to_string(),
+                    reachable: false,
+                    reported_by: None,
+                    leader: None,
+                    term: 0,
+                    last_log_index: None,
+                    applied_index: None,
+                    nodes,
+                    error: Some(e),
+                },
+            }
+        })
+        .collect();
+    Json(ClusterResponse { node: node_info(node.spec()), regions })
+}
+
+#[utoipa::path(get, path = "/v1/health", responses(
+    (status = 200, body = HealthResponse, description = "the node's region has a leader"),
+    (status = 503, body = HealthResponse, description = "no leader is known")))]
+pub async fn health(State(state): State<AppState>) -> Response {
+    let r = state.node.region_report();
+    let ok = r.leader.is_some();
+    let body = HealthResponse {
+        status: if ok { "ok" } else { "no_leader" }.to_owned(),
+        node: node_info(state.node.spec()),
+        leader: r.leader,
+        term: r.term,
+        applied_index: r.applied_index,
+    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.node.refresh_metrics();
+    let mut resp = state.node.metrics().encode().into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+async fn peer(State(state): State<AppState>, body: Body) -> Response {
+    let bytes = match axum::body::to_bytes(body, PEER_BODY_BYTES_MAX).await {
+        Ok(b) => b,
+        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("peer message too large or broken: {e}")).into_response(),
+    };
+    let req: PeerRequest = match postcard::from_bytes(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("undecodable peer message (protocol version skew?): {e}"))
+                .into_response()
+        }
+    };
+    let reply = state.node.handle_peer(req).await;
+    match postcard::to_stdvec(&reply) {
+        Ok(b) => b.into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode peer reply: {e}")).into_response(),
+    }
+}
