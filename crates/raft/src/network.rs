@@ -41,6 +41,9 @@ pub enum RpcFailure {
     /// No answer within the deadline.
     #[error("peer did not answer within {0:?}")]
     Timeout(Duration),
+    /// The call failed after it may have been delivered: the peer may have acted on it.
+    #[error("peer call interrupted: {0}")]
+    Interrupted(String),
     /// The peer answered with something we could not understand (version skew, corruption).
     #[error("peer protocol error: {0}")]
     Protocol(String),
@@ -99,7 +102,7 @@ impl<P: PeerRpc> Network<P> {
                 RPCError::Timeout(Timeout { action, id: self.self_id, target: self.target, timeout })
             }
             RpcFailure::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&f)),
-            RpcFailure::Protocol(_) => RPCError::Network(NetworkError::new(&f)),
+            RpcFailure::Protocol(_) | RpcFailure::Interrupted(_) => RPCError::Network(NetworkError::new(&f)),
         }
     }
 

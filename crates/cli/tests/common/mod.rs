@@ -1,0 +1,196 @@
+//! A multi-process harness: real `meridian server` processes on loopback, with kill -9 and
+//! restart, for one region of three zones.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meridian_client::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
+
+/// A free loopback port (bound and released; the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Region {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub api: Vec<String>,
+    children: Vec<Option<Child>>,
+}
+
+impl Region {
+    /// Start a region of three nodes; `extra` is appended to the configuration file.
+    pub fn start(extra: &str) -> Region {
+        let dir = tempfile::Builder::new().prefix("meridian-it-").tempdir().unwrap();
+        let mut text = String::from("[[regions]]\nname = \"r1\"\n\n");
+        let mut api = Vec::new();
+        for (i, zone) in ["a", "b", "c"].iter().enumerate() {
+            let (a, p) = (free_port(), free_port());
+            text.push_str(&format!(
+                "[[nodes]]\nid = {}\nregion = \"r1\"\nzone = \"{zone}\"\napi_addr = \"127.0.0.1:{a}\"\npeer_addr = \"127.0.0.1:{p}\"\n\n",
+                i + 1
+            ));
+            api.push(format!("http://127.0.0.1:{a}"));
+        }
+        text.push_str(extra);
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut region = Region { dir, config, api, children: vec![None, None, None] };
+        for id in 1..=3 {
+            region.spawn(id);
+        }
+        region.wait_leader(Duration::from_secs(30));
+        region
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("n{id}"))
+    }
+
+    fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("n{id}.log"))
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(id)).unwrap();
+        let child = Command::new(BIN)
+            .arg("server")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--node")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn meridian server");
+        self.children[(id - 1) as usize] = Some(child);
+    }
+
+    /// kill -9: no shutdown path runs, unsynced state is lost as on a power cut of the process.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.children[(id - 1) as usize].take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn client(&self, id: u64) -> Client {
+        Client::new(&self.api[(id - 1) as usize], Duration::from_secs(15))
+    }
+
+    /// Run a future to completion from synchronous code, even inside a test's runtime.
+    fn blocking<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f))
+                .join()
+                .unwrap()
+        })
+    }
+
+    /// The leader as reported by a live node, waiting up to `deadline`.
+    pub fn wait_leader(&self, deadline: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            for id in 1..=3u64 {
+                if self.children[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if let Ok(h) = Self::blocking(self.client(id).health()) {
+                    if let Some(l) = h.leader {
+                        if self.children[(l - 1) as usize].is_some() {
+                            return l;
+                        }
+                    }
+                }
+            }
+            if start.elapsed() > deadline {
+                self.dump_logs();
+                panic!("no leader within {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn leader(&self, deadline: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            for id in 1..=3u64 {
+                if self.children[(id - 1) as usize].is_none() {
+                    continue;
+                }
+                if let Ok(h) = self.client(id).health().await {
+                    if let Some(l) = h.leader.filter(|l| self.children[(*l - 1) as usize].is_some()) {
+                        return l;
+                    }
+                }
+            }
+            assert!(start.elapsed() < deadline, "no leader within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64, deadline: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(h) = self.client(id).health().await {
+                if h.applied_index.unwrap_or(0) >= index {
+                    return;
+                }
+            }
+            if start.elapsed() > deadline {
+                self.dump_logs();
+                panic!("node {id} did not apply index {index} within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn dump_logs(&self) {
+        for id in 1..=3 {
+            let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("---- node {id} log (last lines) ----");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+
+    pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    out.extend(Self::files_under(&p));
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Nanoseconds since `start`, the shared clock of a recorded history.
+pub fn nanos(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
