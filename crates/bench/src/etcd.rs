@@ -29,10 +29,7 @@ fn url(port: u16) -> String {
 
 /// The `--initial-cluster` value: `e1=http://127.0.0.1:P1,e2=...,e3=...`.
 pub fn initial_cluster(plan: &PortPlan) -> String {
-    (0..3)
-        .map(|i| format!("e{}={}", i + 1, url(plan.etcd_peer[i])))
-        .collect::<Vec<_>>()
-        .join(",")
+    (0..3).map(|i| format!("e{}={}", i + 1, url(plan.etcd_peer[i]))).collect::<Vec<_>>().join(",")
 }
 
 /// Command-line arguments for member `i` (0-based) with data under `dir`.
@@ -77,10 +74,7 @@ pub fn check_binary(etcd_bin: &Path) -> anyhow::Result<()> {
 /// The first line of `etcd --version`, if it can be run.
 pub fn version(etcd_bin: &Path) -> Option<String> {
     let out = Command::new(etcd_bin).arg("--version").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(|l| l.trim().to_string())
+    String::from_utf8_lossy(&out.stdout).lines().next().map(|l| l.trim().to_string())
 }
 
 impl EtcdCluster {
@@ -101,10 +95,7 @@ impl EtcdCluster {
             let log: PathBuf = dir.join(format!("e{}.log", i + 1));
             guard.spawn(&format!("etcd member e{}", i + 1), cmd, &log)?;
         }
-        let mut cluster = Self {
-            guard,
-            client_urls: plan.etcd_client.iter().map(|p| url(*p)).collect(),
-        };
+        let mut cluster = Self { guard, client_urls: plan.etcd_client.iter().map(|p| url(*p)).collect() };
         cluster.wait_healthy(http, timeout).await?;
         Ok(cluster)
     }
@@ -170,11 +161,7 @@ impl EtcdCluster {
 }
 
 async fn health(http: &Client, base: &str) -> anyhow::Result<()> {
-    let resp = http
-        .get(format!("{base}/health"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await?;
+    let resp = http.get(format!("{base}/health")).timeout(Duration::from_secs(2)).send().await?;
     let status = resp.status();
     let v: Value = resp.json().await.context("parsing /health")?;
     if status.is_success() && is_healthy(&v) {
@@ -198,8 +185,7 @@ async fn status(http: &Client, base: &str) -> anyhow::Result<Value> {
 
 /// `{"health":"true"}` (etcd 3.4 reports a string; accept a bool too).
 pub fn is_healthy(v: &Value) -> bool {
-    matches!(v.get("health"), Some(Value::String(s)) if s == "true")
-        || v.get("health") == Some(&Value::Bool(true))
+    matches!(v.get("health"), Some(Value::String(s)) if s == "true") || v.get("health") == Some(&Value::Bool(true))
 }
 
 /// Whether a maintenance status response comes from the leader. The gateway
@@ -234,19 +220,14 @@ mod tests {
         assert_eq!(get("--listen-client-urls"), "http://127.0.0.1:30001");
         assert_eq!(get("--advertise-client-urls"), "http://127.0.0.1:30001");
         assert_eq!(get("--listen-peer-urls"), "http://127.0.0.1:30011");
-        assert_eq!(
-            get("--initial-advertise-peer-urls"),
-            "http://127.0.0.1:30011"
-        );
+        assert_eq!(get("--initial-advertise-peer-urls"), "http://127.0.0.1:30011");
         assert_eq!(
             get("--initial-cluster"),
             "e1=http://127.0.0.1:30010,e2=http://127.0.0.1:30011,e3=http://127.0.0.1:30012"
         );
         assert_eq!(get("--initial-cluster-state"), "new");
         assert_eq!(get("--initial-cluster-token"), "bench");
-        assert!(!args
-            .iter()
-            .any(|a| a.contains("election") || a.contains("heartbeat")));
+        assert!(!args.iter().any(|a| a.contains("election") || a.contains("heartbeat")));
     }
 
     #[test]
@@ -266,9 +247,7 @@ mod tests {
         assert!(!is_leader_status(&follower));
         assert!(!is_leader_status(&none));
         assert!(!is_leader_status(&json!({})));
-        assert!(is_leader_status(
-            &json!({"header": {"member_id": 9}, "leader": 9})
-        ));
+        assert!(is_leader_status(&json!({"header": {"member_id": 9}, "leader": 9})));
     }
 
     #[test]

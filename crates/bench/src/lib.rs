@@ -112,10 +112,7 @@ impl Default for BenchOptions {
 impl BenchOptions {
     /// Defaults with the given Meridian executable.
     pub fn new(meridian_exe: impl Into<PathBuf>) -> Self {
-        Self {
-            meridian_exe: meridian_exe.into(),
-            ..Self::default()
-        }
+        Self { meridian_exe: meridian_exe.into(), ..Self::default() }
     }
 
     /// Rejects unusable parameters before anything is started.
@@ -172,15 +169,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<Report> {
             for system in [System::Etcd, System::Meridian] {
                 done += 1;
                 if !opts.quiet {
-                    eprintln!(
-                        "[{done}/{total}] {} clients={c} round {round}/{}: starting",
-                        system.name(),
-                        opts.rounds
-                    );
+                    eprintln!("[{done}/{total}] {} clients={c} round {round}/{}: starting", system.name(), opts.rounds);
                 }
-                let (target, result) = run_one(&opts, system, c).await.with_context(|| {
-                    format!("{} run, clients={c}, round {round}", system.name())
-                })?;
+                let (target, result) = run_one(&opts, system, c)
+                    .await
+                    .with_context(|| format!("{} run, clients={c}, round {round}", system.name()))?;
                 let summary = RunSummary::new(system, c, round, target.base(), &result);
                 if !opts.quiet {
                     eprintln!(
@@ -235,11 +228,7 @@ pub fn print_report(report: &Report, json: bool) {
 /// directory, finds its leader, waits for a first successful write, applies
 /// the load, and tears the cluster down. On failure the directory (with the
 /// members' logs) is kept and named in the error.
-pub async fn run_one(
-    opts: &BenchOptions,
-    system: System,
-    concurrency: usize,
-) -> anyhow::Result<(Target, RunResult)> {
+pub async fn run_one(opts: &BenchOptions, system: System, concurrency: usize) -> anyhow::Result<(Target, RunResult)> {
     let plan = PortPlan::new(opts.base_port)?;
     // Pre-flight checks happen before the directory exists, so a failure
     // here leaves nothing behind.
@@ -282,8 +271,7 @@ async fn measure(
     let params = opts.load_params(concurrency);
     match system {
         System::Etcd => {
-            let cluster =
-                EtcdCluster::start(&opts.etcd_bin, dir, plan, &control, STARTUP_TIMEOUT).await?;
+            let cluster = EtcdCluster::start(&opts.etcd_bin, dir, plan, &control, STARTUP_TIMEOUT).await?;
             let leader = cluster.leader_url(&control, STARTUP_TIMEOUT).await?;
             let target = Target::Etcd { base: leader };
             load::wait_writable(&control, &target, FIRST_WRITE_TIMEOUT).await?;
@@ -292,16 +280,12 @@ async fn measure(
             Ok((target, result))
         }
         System::Meridian => {
-            let cluster =
-                MeridianCluster::start(&opts.meridian_exe, dir, plan, &control, STARTUP_TIMEOUT)
-                    .await?;
+            let cluster = MeridianCluster::start(&opts.meridian_exe, dir, plan, &control, STARTUP_TIMEOUT).await?;
             let base = match cluster.leader_url(&control, LEADER_LOOKUP_TIMEOUT).await {
                 Some(url) => url,
                 None => {
                     if !opts.quiet {
-                        eprintln!(
-                            "no region leader found in GET /v1/cluster; sending writes to node 1"
-                        );
+                        eprintln!("no region leader found in GET /v1/cluster; sending writes to node 1");
                     }
                     cluster.api_urls()[0].clone()
                 }
@@ -335,26 +319,11 @@ mod tests {
     fn validation() {
         let base = BenchOptions::new("m");
         let bad = [
-            BenchOptions {
-                concurrency: vec![],
-                ..base.clone()
-            },
-            BenchOptions {
-                concurrency: vec![1, 0],
-                ..base.clone()
-            },
-            BenchOptions {
-                rounds: 0,
-                ..base.clone()
-            },
-            BenchOptions {
-                duration: Duration::ZERO,
-                ..base.clone()
-            },
-            BenchOptions {
-                base_port: u16::MAX,
-                ..base.clone()
-            },
+            BenchOptions { concurrency: vec![], ..base.clone() },
+            BenchOptions { concurrency: vec![1, 0], ..base.clone() },
+            BenchOptions { rounds: 0, ..base.clone() },
+            BenchOptions { duration: Duration::ZERO, ..base.clone() },
+            BenchOptions { base_port: u16::MAX, ..base.clone() },
         ];
         for o in bad {
             assert!(o.validate().is_err(), "{o:?}");
@@ -363,10 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_etcd_fails_before_starting_anything() {
-        let o = BenchOptions {
-            etcd_bin: PathBuf::from("/nonexistent/etcd"),
-            ..BenchOptions::new("meridian")
-        };
+        let o = BenchOptions { etcd_bin: PathBuf::from("/nonexistent/etcd"), ..BenchOptions::new("meridian") };
         let err = run(o).await.unwrap_err();
         assert!(format!("{err:#}").contains("apt-get install etcd-server"));
     }

@@ -53,10 +53,7 @@ impl Payload {
     /// Builds a payload of `value_bytes` alphanumeric characters derived from `seed`.
     pub fn new(value_bytes: usize, seed: u64) -> Self {
         let value = pseudo_random_alnum(value_bytes, seed);
-        Self {
-            meridian_body: format!("\"{value}\""),
-            etcd_value_b64: base64::encode(value.as_bytes()),
-        }
+        Self { meridian_body: format!("\"{value}\""), etcd_value_b64: base64::encode(value.as_bytes()) }
     }
 }
 
@@ -83,11 +80,7 @@ pub fn key_for(client: usize, seq: u64) -> String {
 
 /// The etcd `/v3/kv/put` JSON body for `key` and a pre-encoded value.
 pub fn etcd_put_body(key: &str, value_b64: &str) -> String {
-    format!(
-        "{{\"key\":\"{}\",\"value\":\"{}\"}}",
-        base64::encode(key.as_bytes()),
-        value_b64
-    )
+    format!("{{\"key\":\"{}\",\"value\":\"{}\"}}", base64::encode(key.as_bytes()), value_b64)
 }
 
 /// Builds the HTTP client shared by all load clients: HTTP/1.1 keep-alive,
@@ -107,12 +100,7 @@ pub fn http_client(pool: usize, timeout: Duration) -> anyhow::Result<Client> {
 
 /// Sends one write and consumes the response so the connection is reused.
 /// `Ok` only for a 2xx status.
-pub async fn write_once(
-    http: &Client,
-    target: &Target,
-    key: &str,
-    payload: &Payload,
-) -> anyhow::Result<()> {
+pub async fn write_once(http: &Client, target: &Target, key: &str, payload: &Payload) -> anyhow::Result<()> {
     let req = match target {
         Target::Meridian { base } => http
             .put(format!("{base}/v1/datasets/bench/keys/{key}"))
@@ -123,15 +111,9 @@ pub async fn write_once(
             .header(CONTENT_TYPE, "application/json")
             .body(etcd_put_body(key, &payload.etcd_value_b64)),
     };
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| anyhow!("request failed: {e}"))?;
+    let resp = req.send().await.map_err(|e| anyhow!("request failed: {e}"))?;
     let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| anyhow!("reading response body failed (status {status}): {e}"))?;
+    let body = resp.bytes().await.map_err(|e| anyhow!("reading response body failed (status {status}): {e}"))?;
     if !status.is_success() {
         let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         bail!("HTTP {status}: {text}");
@@ -141,11 +123,7 @@ pub async fn write_once(
 
 /// Repeats a single write until one succeeds or `timeout` passes, so the
 /// measured load does not start while the cluster is still settling.
-pub async fn wait_writable(
-    http: &Client,
-    target: &Target,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_writable(http: &Client, target: &Target, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let payload = Payload::new(16, 0);
     let mut attempt = 0u64;
@@ -154,10 +132,7 @@ pub async fn wait_writable(
         match write_once(http, target, &key, &payload).await {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(format!(
-                    "{} did not accept a write within {timeout:?}",
-                    target.base()
-                )))
+                return Err(e.context(format!("{} did not accept a write within {timeout:?}", target.base())))
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -199,13 +174,7 @@ pub struct RunResult {
 impl RunResult {
     /// An empty result.
     pub fn empty() -> Self {
-        Self {
-            ops: 0,
-            errors: 0,
-            elapsed: Duration::ZERO,
-            hist: new_histogram(),
-            first_error: None,
-        }
+        Self { ops: 0, errors: 0, elapsed: Duration::ZERO, hist: new_histogram(), first_error: None }
     }
 
     /// Successful writes per second over `elapsed`.
@@ -256,13 +225,8 @@ pub async fn generate(target: &Target, params: &LoadParams) -> anyhow::Result<Ru
         let target = Arc::clone(&target);
         let payload = Payload::new(params.value_bytes, id as u64 + 1);
         tasks.spawn(async move {
-            let mut out = ClientOutcome {
-                ops: 0,
-                errors: 0,
-                last_done: None,
-                hist: new_histogram(),
-                first_error: None,
-            };
+            let mut out =
+                ClientOutcome { ops: 0, errors: 0, last_done: None, hist: new_histogram(), first_error: None };
             let mut seq = 0u64;
             loop {
                 let t0 = Instant::now();
@@ -301,10 +265,7 @@ pub async fn generate(target: &Target, params: &LoadParams) -> anyhow::Result<Ru
         let out = joined.context("load client task panicked")?;
         result.ops += out.ops;
         result.errors += out.errors;
-        result
-            .hist
-            .add(&out.hist)
-            .map_err(|e| anyhow!("merging histograms: {e:?}"))?;
+        result.hist.add(&out.hist).map_err(|e| anyhow!("merging histograms: {e:?}"))?;
         if result.first_error.is_none() {
             result.first_error = out.first_error;
         }
@@ -318,10 +279,7 @@ pub async fn generate(target: &Target, params: &LoadParams) -> anyhow::Result<Ru
             "all {} writes to {} in the measurement window failed; first error: {}",
             result.errors,
             target.base(),
-            result
-                .first_error
-                .as_deref()
-                .unwrap_or("none (no write was issued)")
+            result.first_error.as_deref().unwrap_or("none (no write was issued)")
         );
     }
     Ok(result)

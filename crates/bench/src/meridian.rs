@@ -65,8 +65,7 @@ impl MeridianCluster {
     ) -> anyhow::Result<Self> {
         check_executable(exe)?;
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, render_config(plan))
-            .with_context(|| format!("writing {}", config.display()))?;
+        std::fs::write(&config, render_config(plan)).with_context(|| format!("writing {}", config.display()))?;
         let mut guard = ProcessGuard::new();
         for n in 1..=3 {
             let mut cmd = Command::new(exe);
@@ -77,20 +76,10 @@ impl MeridianCluster {
                 .arg(n.to_string())
                 .arg("--data-dir")
                 .arg(dir.join(format!("n{n}")));
-            guard.spawn(
-                &format!("meridian node {n}"),
-                cmd,
-                &dir.join(format!("n{n}.log")),
-            )?;
+            guard.spawn(&format!("meridian node {n}"), cmd, &dir.join(format!("n{n}.log")))?;
         }
-        let mut cluster = Self {
-            guard,
-            api_urls: plan
-                .meridian_api
-                .iter()
-                .map(|p| format!("http://127.0.0.1:{p}"))
-                .collect(),
-        };
+        let mut cluster =
+            Self { guard, api_urls: plan.meridian_api.iter().map(|p| format!("http://127.0.0.1:{p}")).collect() };
         cluster.wait_healthy(http, timeout).await?;
         Ok(cluster)
     }
@@ -107,12 +96,7 @@ impl MeridianCluster {
             self.guard.ensure_running()?;
             let mut healthy = 0;
             for (i, base) in self.api_urls.iter().enumerate() {
-                match http
-                    .get(format!("{base}/v1/health"))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                {
+                match http.get(format!("{base}/v1/health")).timeout(Duration::from_secs(2)).send().await {
                     Ok(r) if r.status() == reqwest::StatusCode::OK => healthy += 1,
                     Ok(r) => last[i] = format!("/v1/health returned {}", r.status()),
                     Err(e) => last[i] = e.to_string(),
@@ -143,11 +127,7 @@ impl MeridianCluster {
         let deadline = Instant::now() + timeout;
         loop {
             for base in &self.api_urls {
-                let Ok(resp) = http
-                    .get(format!("{base}/v1/cluster"))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
+                let Ok(resp) = http.get(format!("{base}/v1/cluster")).timeout(Duration::from_secs(2)).send().await
                 else {
                     continue;
                 };
@@ -196,10 +176,7 @@ fn as_base_url(addr: &str) -> String {
 /// the region's `nodes[*]` (falling back to the top-level `nodes[*]`).
 pub fn leader_api_addr(doc: &Value, region: &str) -> Option<String> {
     let regions: Vec<(Option<&str>, &Value)> = match doc.get("regions")? {
-        Value::Array(a) => a
-            .iter()
-            .map(|r| (r.get("name").and_then(Value::as_str), r))
-            .collect(),
+        Value::Array(a) => a.iter().map(|r| (r.get("name").and_then(Value::as_str), r)).collect(),
         Value::Object(m) => m.iter().map(|(k, r)| (Some(k.as_str()), r)).collect(),
         _ => return None,
     };
@@ -225,12 +202,7 @@ pub fn leader_api_addr(doc: &Value, region: &str) -> Option<String> {
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .chain(
-            doc.get("nodes")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten(),
-        );
+        .chain(doc.get("nodes").and_then(Value::as_array).into_iter().flatten());
     for node in nodes {
         if node.get("id").and_then(id_key).as_deref() == Some(leader_id.as_str()) {
             if let Some(addr) = node.get("api_addr").and_then(Value::as_str) {
@@ -289,10 +261,7 @@ peer_addr = \"127.0.0.1:24032\"
                 ]}
             ]
         });
-        assert_eq!(
-            leader_api_addr(&doc, "bench").as_deref(),
-            Some("http://127.0.0.1:24021")
-        );
+        assert_eq!(leader_api_addr(&doc, "bench").as_deref(), Some("http://127.0.0.1:24021"));
     }
 
     #[test]
@@ -304,45 +273,29 @@ peer_addr = \"127.0.0.1:24032\"
                 {"id": "3", "api_addr": "http://127.0.0.1:3/"}
             ]
         });
-        assert_eq!(
-            leader_api_addr(&doc, "bench").as_deref(),
-            Some("http://127.0.0.1:3")
-        );
+        assert_eq!(leader_api_addr(&doc, "bench").as_deref(), Some("http://127.0.0.1:3"));
     }
 
     #[test]
     fn leader_mixed_number_and_string() {
         let doc = json!({"regions": [{"name": "bench", "leader": "2",
             "nodes": [{"id": 2, "api_addr": "127.0.0.1:9"}]}]});
-        assert_eq!(
-            leader_api_addr(&doc, "bench").as_deref(),
-            Some("http://127.0.0.1:9")
-        );
+        assert_eq!(leader_api_addr(&doc, "bench").as_deref(), Some("http://127.0.0.1:9"));
     }
 
     #[test]
     fn leader_as_object_and_regions_as_map() {
         let doc = json!({"regions": {"bench": {"leader": {"id": 1, "api_addr": "127.0.0.1:7"}}}});
-        assert_eq!(
-            leader_api_addr(&doc, "bench").as_deref(),
-            Some("http://127.0.0.1:7")
-        );
+        assert_eq!(leader_api_addr(&doc, "bench").as_deref(), Some("http://127.0.0.1:7"));
         let doc = json!({"regions": {"bench": {"leader": {"id": 1},
             "nodes": [{"id": 1, "api_addr": "127.0.0.1:8"}]}}});
-        assert_eq!(
-            leader_api_addr(&doc, "bench").as_deref(),
-            Some("http://127.0.0.1:8")
-        );
+        assert_eq!(leader_api_addr(&doc, "bench").as_deref(), Some("http://127.0.0.1:8"));
     }
 
     #[test]
     fn single_unnamed_region_is_used() {
-        let doc =
-            json!({"regions": [{"leader": 1, "nodes": [{"id": 1, "api_addr": "127.0.0.1:5"}]}]});
-        assert_eq!(
-            leader_api_addr(&doc, "bench").as_deref(),
-            Some("http://127.0.0.1:5")
-        );
+        let doc = json!({"regions": [{"leader": 1, "nodes": [{"id": 1, "api_addr": "127.0.0.1:5"}]}]});
+        assert_eq!(leader_api_addr(&doc, "bench").as_deref(), Some("http://127.0.0.1:5"));
     }
 
     #[test]

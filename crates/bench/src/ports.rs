@@ -62,10 +62,7 @@ impl PortPlan {
         let mut v = Vec::with_capacity(6);
         for i in 0..3 {
             v.push((format!("meridian node {} api", i + 1), self.meridian_api[i]));
-            v.push((
-                format!("meridian node {} peer", i + 1),
-                self.meridian_peer[i],
-            ));
+            v.push((format!("meridian node {} peer", i + 1), self.meridian_peer[i]));
         }
         v
     }
@@ -79,14 +76,12 @@ pub fn loopback(port: u16) -> SocketAddr {
 /// Checks that each port can be bound on 127.0.0.1 right now (bind and drop).
 pub fn ensure_free(ports: &[(String, u16)]) -> anyhow::Result<()> {
     for (label, port) in ports {
-        TcpListener::bind(loopback(*port))
-            .map(drop)
-            .with_context(|| {
-                format!(
-                    "port {port} on 127.0.0.1 (needed for {label}) is not free; \
+        TcpListener::bind(loopback(*port)).map(drop).with_context(|| {
+            format!(
+                "port {port} on 127.0.0.1 (needed for {label}) is not free; \
                      pick another --base-port or stop whatever is using it"
-                )
-            })?;
+            )
+        })?;
     }
     Ok(())
 }
@@ -107,12 +102,7 @@ mod tests {
     #[test]
     fn plan_ports_are_distinct() {
         let p = PortPlan::new(1000).unwrap();
-        let mut all: Vec<u16> = p
-            .etcd_ports()
-            .into_iter()
-            .chain(p.meridian_ports())
-            .map(|(_, port)| port)
-            .collect();
+        let mut all: Vec<u16> = p.etcd_ports().into_iter().chain(p.meridian_ports()).map(|(_, port)| port).collect();
         assert_eq!(all.len(), 12);
         all.sort_unstable();
         all.dedup();
@@ -132,10 +122,7 @@ mod tests {
         let port = held.local_addr().unwrap().port();
         let err = ensure_free(&[("thing".to_string(), port)]).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains(&port.to_string()) && msg.contains("thing"),
-            "{msg}"
-        );
+        assert!(msg.contains(&port.to_string()) && msg.contains("thing"), "{msg}");
         drop(held);
     }
 }

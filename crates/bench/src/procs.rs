@@ -33,21 +33,12 @@ impl ProcessGuard {
     /// Spawns `cmd` with stdin closed and stdout+stderr appended to `log`,
     /// and takes ownership of the child.
     pub fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<()> {
-        let out =
-            File::create(log).with_context(|| format!("creating log file {}", log.display()))?;
-        let err = out
-            .try_clone()
-            .with_context(|| format!("duplicating log file handle {}", log.display()))?;
+        let out = File::create(log).with_context(|| format!("creating log file {}", log.display()))?;
+        let err = out.try_clone().with_context(|| format!("duplicating log file handle {}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name} ({program})"))?;
-        self.members.push(Member {
-            name: name.to_string(),
-            log: log.to_path_buf(),
-            child,
-        });
+        let child = cmd.spawn().with_context(|| format!("starting {name} ({program})"))?;
+        self.members.push(Member { name: name.to_string(), log: log.to_path_buf(), child });
         Ok(())
     }
 
@@ -59,16 +50,8 @@ impl ProcessGuard {
     /// Fails if any member has already exited, naming its log file.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
         for m in &mut self.members {
-            if let Some(status) = m
-                .child
-                .try_wait()
-                .with_context(|| format!("checking on {}", m.name))?
-            {
-                bail!(
-                    "{} exited early ({status}); see its log at {}",
-                    m.name,
-                    m.log.display()
-                );
+            if let Some(status) = m.child.try_wait().with_context(|| format!("checking on {}", m.name))? {
+                bail!("{} exited early ({status}); see its log at {}", m.name, m.log.display());
             }
         }
         Ok(())
@@ -101,9 +84,7 @@ mod tests {
         let mut guard = ProcessGuard::new();
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
-        guard
-            .spawn("sleeper", cmd, &dir.path().join("s.log"))
-            .unwrap();
+        guard.spawn("sleeper", cmd, &dir.path().join("s.log")).unwrap();
         let pid = guard.members()[0].child.id();
         guard.ensure_running().unwrap();
         drop(guard);

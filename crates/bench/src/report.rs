@@ -225,13 +225,7 @@ pub struct RunSummary {
 
 impl RunSummary {
     /// Summarises one run.
-    pub fn new(
-        system: System,
-        concurrency: usize,
-        round: usize,
-        target: &str,
-        r: &RunResult,
-    ) -> Self {
+    pub fn new(system: System, concurrency: usize, round: usize, target: &str, r: &RunResult) -> Self {
         Self {
             system,
             concurrency,
@@ -265,23 +259,10 @@ pub struct Report {
 
 impl Report {
     /// Builds the report, computing `all_targets_met`.
-    pub fn new(
-        machine: Machine,
-        params: Params,
-        levels: Vec<LevelReport>,
-        runs: Vec<RunSummary>,
-    ) -> Self {
+    pub fn new(machine: Machine, params: Params, levels: Vec<LevelReport>, runs: Vec<RunSummary>) -> Self {
         let all_targets_met = !levels.is_empty()
-            && levels.iter().all(|l| {
-                l.throughput_target == TargetStatus::Met && l.p99_target == TargetStatus::Met
-            });
-        Self {
-            machine,
-            params,
-            levels,
-            runs,
-            all_targets_met,
-        }
+            && levels.iter().all(|l| l.throughput_target == TargetStatus::Met && l.p99_target == TargetStatus::Met);
+        Self { machine, params, levels, runs, all_targets_met }
     }
 
     /// Pretty-printed JSON.
@@ -294,10 +275,7 @@ impl Report {
         let p = &self.params;
         let m = &self.machine;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "In-region write benchmark: Meridian vs etcd (3 nodes each, 127.0.0.1)"
-        );
+        let _ = writeln!(out, "In-region write benchmark: Meridian vs etcd (3 nodes each, 127.0.0.1)");
         let _ = writeln!(
             out,
             "machine:    {} cores ({} {}), shared by both clusters and the load generator",
@@ -307,22 +285,13 @@ impl Report {
             out,
             "parameters: concurrency {:?}, duration {}s, warmup {}s, value {} B, rounds {} \
              (etcd, meridian alternating, fresh cluster per run), request timeout {}s, base port {}",
-            p.concurrency,
-            p.duration_secs,
-            p.warmup_secs,
-            p.value_bytes,
-            p.rounds,
-            p.request_timeout_secs,
-            p.base_port
+            p.concurrency, p.duration_secs, p.warmup_secs, p.value_bytes, p.rounds, p.request_timeout_secs, p.base_port
         );
         let _ = writeln!(
             out,
             "etcd:       {}{}",
             p.etcd_bin,
-            p.etcd_version
-                .as_ref()
-                .map(|v| format!(" ({v})"))
-                .unwrap_or_default()
+            p.etcd_version.as_ref().map(|v| format!(" ({v})")).unwrap_or_default()
         );
         let _ = writeln!(out, "meridian:   {}", p.meridian_exe);
         let _ = writeln!(out, "data root:  {}", p.data_root);
@@ -370,32 +339,18 @@ impl Report {
         for l in &self.levels {
             t.add_row(vec![
                 l.concurrency.to_string(),
-                format!(
-                    "{} ({})",
-                    l.throughput_target.label(),
-                    fmt_ratio(l.throughput_ratio)
-                ),
+                format!("{} ({})", l.throughput_target.label(), fmt_ratio(l.throughput_ratio)),
                 format!("{} ({})", l.p99_target.label(), fmt_ratio(l.p99_ratio)),
             ]);
         }
         let _ = writeln!(out, "targets:");
         let _ = writeln!(out, "{t}");
-        let _ = writeln!(
-            out,
-            "all targets {}",
-            if self.all_targets_met {
-                "met"
-            } else {
-                "NOT met"
-            }
-        );
+        let _ = writeln!(out, "all targets {}", if self.all_targets_met { "met" } else { "NOT met" });
         let _ = writeln!(out);
 
         let mut t = Table::new();
         t.load_style(presets::UTF8_FULL_CONDENSED);
-        t.set_header(vec![
-            "clients", "round", "system", "ops/s", "p50 ms", "p99 ms", "errors",
-        ]);
+        t.set_header(vec!["clients", "round", "system", "ops/s", "p50 ms", "p99 ms", "errors"]);
         for r in &self.runs {
             t.add_row(vec![
                 r.concurrency.to_string(),
@@ -489,10 +444,7 @@ mod tests {
     #[test]
     fn empty_aggregate_is_zero() {
         let s = SystemSummary::from_runs(std::iter::empty());
-        assert_eq!(
-            (s.runs, s.ops, s.ops_per_sec, s.p50_ms, s.p99_ms),
-            (0, 0, 0.0, 0.0, 0.0)
-        );
+        assert_eq!((s.runs, s.ops, s.ops_per_sec, s.p50_ms, s.p99_ms), (0, 0, 0.0, 0.0, 0.0));
     }
 
     #[test]
@@ -552,19 +504,9 @@ mod tests {
             data_root: "/tmp".into(),
         };
         let r = run(10, 1, &[1000]);
-        let runs = vec![RunSummary::new(
-            System::Etcd,
-            1,
-            1,
-            "http://127.0.0.1:1",
-            &r,
-        )];
+        let runs = vec![RunSummary::new(System::Etcd, 1, 1, "http://127.0.0.1:1", &r)];
         Report::new(
-            Machine {
-                cores: 2,
-                os: "linux".into(),
-                arch: "x86_64".into(),
-            },
+            Machine { cores: 2, os: "linux".into(), arch: "x86_64".into() },
             params,
             vec![LevelReport::new(1, s(100.0), s(meridian_ops))],
             runs,
@@ -576,14 +518,7 @@ mod tests {
         let rep = sample_report(120.0);
         assert!(rep.all_targets_met);
         let text = rep.to_table();
-        for needle in [
-            "2 cores",
-            "value 256 B",
-            "rounds 2",
-            "1.20",
-            "met",
-            "etcd Version: 3.4.23",
-        ] {
+        for needle in ["2 cores", "value 256 B", "rounds 2", "1.20", "met", "etcd Version: 3.4.23"] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
         let v: serde_json::Value = serde_json::from_str(&rep.to_json()).unwrap();

@@ -35,7 +35,14 @@ fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
 }
 
-pub async fn put(opts: &ClientOpts, dataset: &str, key: &str, value: String, if_match: Option<String>, create_only: bool) -> anyhow::Result<()> {
+pub async fn put(
+    opts: &ClientOpts,
+    dataset: &str,
+    key: &str,
+    value: String,
+    if_match: Option<String>,
+    create_only: bool,
+) -> anyhow::Result<()> {
     let pre = match (if_match, create_only) {
         (Some(v), _) => Precondition::IfMatch(v),
         (None, true) => Precondition::IfAbsent,
@@ -118,8 +125,7 @@ pub async fn cluster_status(opts: &ClientOpts) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut t = Table::new();
-    t.load_style(UTF8_FULL_CONDENSED)
-        .set_header(vec!["region", "zone", "node", "api", "role", "term", "applied"]);
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["region", "zone", "node", "api", "role", "term", "applied"]);
     for region in &r.regions {
         for n in &region.nodes {
             let role = match (region.reachable, region.leader) {
@@ -140,7 +146,10 @@ pub async fn cluster_status(opts: &ClientOpts) -> anyhow::Result<()> {
         }
     }
     println!("{t}");
-    println!("answered by node {} ({}/{}); term and applied index are as reported by one node of each region", r.node.id, r.node.region, r.node.zone);
+    println!(
+        "answered by node {} ({}/{}); term and applied index are as reported by one node of each region",
+        r.node.id, r.node.region, r.node.zone
+    );
     for region in r.regions.iter().filter(|r| !r.reachable) {
         println!("region {} unreachable: {}", region.name, region.error.as_deref().unwrap_or("?"));
     }

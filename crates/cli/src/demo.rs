@@ -21,7 +21,10 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()
     let (_tmp, root) = match data_dir {
         Some(d) => (None, d),
         None => {
-            let t = tempfile::Builder::new().prefix("meridian-demo-").tempdir().context("create a temporary data directory")?;
+            let t = tempfile::Builder::new()
+                .prefix("meridian-demo-")
+                .tempdir()
+                .context("create a temporary data directory")?;
             let p = t.path().to_path_buf();
             (Some(t), p)
         }
@@ -59,11 +62,8 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()
 async fn wait_for_leaders(nodes: &[Arc<Node>]) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let missing: Vec<String> = nodes
-            .iter()
-            .filter(|n| n.region_report().leader.is_none())
-            .map(|n| format!("node {}", n.id()))
-            .collect();
+        let missing: Vec<String> =
+            nodes.iter().filter(|n| n.region_report().leader.is_none()).map(|n| format!("node {}", n.id())).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -94,7 +94,9 @@ fn print_banner(config: &ClusterConfig, root: &std::path::Path, base_port: u16) 
     let eu = format!("http://127.0.0.1:{}", base_port + 3);
     println!();
     println!("Try (any node takes any request; followers forward to their region's leader):");
-    println!("  curl -s -X PUT -H 'content-type: application/json' -d '{{\"name\":\"Ada\"}}' {ep}/v1/datasets/users/keys/u1");
+    println!(
+        "  curl -s -X PUT -H 'content-type: application/json' -d '{{\"name\":\"Ada\"}}' {ep}/v1/datasets/users/keys/u1"
+    );
     println!("  curl -s {ep}/v1/datasets/users/keys/u1");
     println!("  cargo run --release -- get users u1 --endpoint {ep}");
     println!("  cargo run --release -- list users --endpoint {ep}");

@@ -10,6 +10,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the write path allocates per request (HTTP
+/// bodies, log entries, peer messages), and the benchmark measured glibc malloc at ~15% of the
+/// leader's CPU; see ARCHITECTURE.md, "Dependencies".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meridian",
@@ -161,8 +167,9 @@ struct BenchArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error,meridian=info,meridian_node=info,meridian_server=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,openraft=error,meridian=info,meridian_node=info,meridian_server=info")
+    });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("start the async runtime");
     let result = runtime.block_on(async move {
@@ -172,8 +179,12 @@ fn main() -> std::process::ExitCode {
             Command::Put { dataset, key, value, if_match, create_only, client } => {
                 commands::put(&client, &dataset, &key, value, if_match, create_only).await
             }
-            Command::Get { dataset, key, consistency, client } => commands::get(&client, &dataset, &key, &consistency).await,
-            Command::Delete { dataset, key, if_match, client } => commands::delete(&client, &dataset, &key, if_match).await,
+            Command::Get { dataset, key, consistency, client } => {
+                commands::get(&client, &dataset, &key, &consistency).await
+            }
+            Command::Delete { dataset, key, if_match, client } => {
+                commands::delete(&client, &dataset, &key, if_match).await
+            }
             Command::List { dataset, prefix, limit, cursor, consistency, client } => {
                 commands::list(&client, &dataset, prefix, limit, cursor, &consistency).await
             }

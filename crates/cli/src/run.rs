@@ -27,7 +27,9 @@ pub async fn start_node(
     let peer = TcpListener::bind(spec.peer_addr)
         .await
         .with_context(|| format!("bind the peer listener of node {node_id} on {}", spec.peer_addr))?;
-    let node = Node::start(NodeOptions { config, node_id, data_dir }).await.with_context(|| format!("start node {node_id}"))?;
+    let node = Node::start(NodeOptions::new(config, node_id, data_dir))
+        .await
+        .with_context(|| format!("start node {node_id}"))?;
     let serving = tokio::spawn(meridian_server::serve(node.clone(), api, peer, shutdown));
     node.bootstrap().await?;
     Ok((node, serving))

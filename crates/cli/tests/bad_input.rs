@@ -34,7 +34,8 @@ async fn every_endpoint_refuses_bad_input_cleanly() {
     let base = region.api[0].clone();
     let http = reqwest::Client::new();
     let key_url = |ds: &str, key: &str| format!("{base}/v1/datasets/{ds}/keys/{key}");
-    let json_put = |url: String, body: &str| http.put(url).header("content-type", "application/json").body(body.to_owned());
+    let json_put =
+        |url: String, body: &str| http.put(url).header("content-type", "application/json").body(body.to_owned());
 
     // A good write to compare against.
     let good = send(json_put(key_url("d", "good"), "{\"n\":1}")).await;
@@ -55,7 +56,11 @@ async fn every_endpoint_refuses_bad_input_cleanly() {
     expect(&send(json_put(key_url("d", "bad"), "{\"a\":")).await, 400, "malformed_json");
     expect(&send(json_put(key_url("d", "bad"), "")).await, 400, "malformed_json");
     expect(&send(json_put(key_url("d", "bad"), "hello")).await, 400, "malformed_json");
-    expect(&send(http.put(key_url("d", "bad")).header("content-type", "text/plain").body("1")).await, 415, "unsupported_media_type");
+    expect(
+        &send(http.put(key_url("d", "bad")).header("content-type", "text/plain").body("1")).await,
+        415,
+        "unsupported_media_type",
+    );
     expect(&send(http.put(key_url("d", "bad")).body("1")).await, 415, "unsupported_media_type");
 
     // Methods and routes.
@@ -67,7 +72,11 @@ async fn every_endpoint_refuses_bad_input_cleanly() {
 
     // Preconditions.
     expect(&send(json_put(key_url("d", "good"), "2").header("if-match", "garbage")).await, 400, "invalid_version");
-    expect(&send(json_put(key_url("d", "good"), "2").header("if-none-match", "abc")).await, 400, "invalid_precondition");
+    expect(
+        &send(json_put(key_url("d", "good"), "2").header("if-none-match", "abc")).await,
+        400,
+        "invalid_precondition",
+    );
     expect(
         &send(json_put(key_url("d", "good"), "2").header("if-none-match", "*").header("if-match", &etag)).await,
         400,
@@ -96,7 +105,8 @@ async fn every_endpoint_refuses_bad_input_cleanly() {
     // Nothing half-written: the dataset holds exactly the one good key, unchanged.
     let listing = send(http.get(format!("{list}?limit=1000"))).await;
     assert_eq!(listing.status, 200);
-    let keys: Vec<&str> = listing.body["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    let keys: Vec<&str> =
+        listing.body["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
     assert_eq!(keys, vec!["good"]);
     let got = send(http.get(key_url("d", "good"))).await;
     assert_eq!(got.body["value"], serde_json::json!({"n": 1}));

@@ -15,7 +15,8 @@ fn free_base_port() -> u16 {
     for attempt in 0..50u16 {
         let base = 20_000 + (std::process::id() as u16 % 200) * 50 + attempt * 211 % 9000;
         let ok = (0..9).all(|i| {
-            TcpListener::bind(("127.0.0.1", base + i)).is_ok() && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
+            TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
         });
         if ok {
             return base;
@@ -26,7 +27,11 @@ fn free_base_port() -> u16 {
 
 fn cli(endpoint: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().expect("run the CLI");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]

@@ -51,7 +51,9 @@ async fn history_under_leader_kill_is_linearizable() {
                     let done = nanos(start);
                     match r {
                         Ok(g) => Op::read(c, &key, Some(g.value.as_str().unwrap()), invoke, Some(done)),
-                        Err(e) if e.code() == Some(ErrorCode::KeyNotFound) => Op::read(c, &key, None, invoke, Some(done)),
+                        Err(e) if e.code() == Some(ErrorCode::KeyNotFound) => {
+                            Op::read(c, &key, None, invoke, Some(done))
+                        }
                         Err(_) => Op::read(c, &key, None, invoke, None),
                     }
                 };
@@ -69,7 +71,11 @@ async fn history_under_leader_kill_is_linearizable() {
         async move {
             let t = Instant::now();
             while completed.load(Ordering::Relaxed) < target {
-                assert!(t.elapsed() < Duration::from_secs(90), "only {} operations completed", completed.load(Ordering::Relaxed));
+                assert!(
+                    t.elapsed() < Duration::from_secs(90),
+                    "only {} operations completed",
+                    completed.load(Ordering::Relaxed)
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -77,7 +77,10 @@ async fn kill_one_voter_under_load(kill_leader: bool) {
     region.wait_applied(victim, target, Duration::from_secs(60)).await;
     let local = region.client(victim);
     for (key, value) in &acked {
-        let got = local.get("acks", key, Some("local")).await.unwrap_or_else(|e| panic!("local read {key} on node {victim}: {e}"));
+        let got = local
+            .get("acks", key, Some("local"))
+            .await
+            .unwrap_or_else(|e| panic!("local read {key} on node {victim}: {e}"));
         assert_eq!(got.value.to_string(), *value);
         assert_eq!(got.served_by.node, victim);
     }

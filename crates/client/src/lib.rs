@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use meridian_api::{ClusterResponse, DeleteResponse, ErrorBody, ErrorCode, GetResponse, HealthResponse, ListResponse, PutResponse};
+use meridian_api::{
+    ClusterResponse, DeleteResponse, ErrorBody, ErrorCode, GetResponse, HealthResponse, ListResponse, PutResponse,
+};
 use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +86,15 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
-        let resp = req.send().await.map_err(|e| ClientError::Transport { endpoint: self.endpoint.clone(), message: e.to_string() })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport { endpoint: self.endpoint.clone(), message: e.to_string() })?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport { endpoint: self.endpoint.clone(), message: e.to_string() })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport { endpoint: self.endpoint.clone(), message: e.to_string() })?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
                 endpoint: self.endpoint.clone(),
@@ -105,8 +113,15 @@ impl Client {
     }
 
     /// Store `json` (JSON text, sent verbatim) under (dataset, key).
-    pub async fn put_raw(&self, dataset: &str, key: &str, json: impl Into<String>, pre: &Precondition) -> Result<PutResponse, ClientError> {
-        let mut req = self.http.put(self.key_url(dataset, key)).header("content-type", "application/json").body(json.into());
+    pub async fn put_raw(
+        &self,
+        dataset: &str,
+        key: &str,
+        json: impl Into<String>,
+        pre: &Precondition,
+    ) -> Result<PutResponse, ClientError> {
+        let mut req =
+            self.http.put(self.key_url(dataset, key)).header("content-type", "application/json").body(json.into());
         req = match pre {
             Precondition::None => req,
             Precondition::IfMatch(v) => req.header("if-match", format!("\"{v}\"")),
@@ -127,7 +142,12 @@ impl Client {
         self.send(self.http.get(url)).await
     }
 
-    pub async fn delete(&self, dataset: &str, key: &str, if_match: Option<&str>) -> Result<DeleteResponse, ClientError> {
+    pub async fn delete(
+        &self,
+        dataset: &str,
+        key: &str,
+        if_match: Option<&str>,
+    ) -> Result<DeleteResponse, ClientError> {
         let mut req = self.http.delete(self.key_url(dataset, key));
         if let Some(v) = if_match {
             req = req.header("if-match", format!("\"{v}\""));
@@ -177,7 +197,11 @@ impl Client {
             .await
             .map_err(|e| ClientError::Transport { endpoint: self.endpoint.clone(), message: e.to_string() })?;
         let status = resp.status().as_u16();
-        resp.json().await.map_err(|e| ClientError::Decode { endpoint: self.endpoint.clone(), status, message: e.to_string() })
+        resp.json().await.map_err(|e| ClientError::Decode {
+            endpoint: self.endpoint.clone(),
+            status,
+            message: e.to_string(),
+        })
     }
 }
 

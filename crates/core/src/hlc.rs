@@ -83,11 +83,8 @@ impl Hlc {
 
     /// A timestamp for a local event (a write, a send): greater than every earlier one.
     pub fn now(&mut self, wall_ms: u64) -> Result<HlcTimestamp, ClockError> {
-        let candidate = if wall_ms > self.last.wall_ms() {
-            HlcTimestamp::new(wall_ms, 0)
-        } else {
-            self.last.successor()
-        };
+        let candidate =
+            if wall_ms > self.last.wall_ms() { HlcTimestamp::new(wall_ms, 0) } else { self.last.successor() };
         self.accept(candidate, wall_ms)
     }
 
@@ -96,11 +93,7 @@ impl Hlc {
     /// left unchanged: one bad clock elsewhere must not drag this one into the future.
     pub fn observe(&mut self, remote: HlcTimestamp, wall_ms: u64) -> Result<HlcTimestamp, ClockError> {
         let base = self.last.max(remote);
-        let candidate = if wall_ms > base.wall_ms() {
-            HlcTimestamp::new(wall_ms, 0)
-        } else {
-            base.successor()
-        };
+        let candidate = if wall_ms > base.wall_ms() { HlcTimestamp::new(wall_ms, 0) } else { base.successor() };
         self.accept(candidate, wall_ms)
     }
 

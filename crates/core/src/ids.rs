@@ -32,9 +32,7 @@ fn check_simple_name(what: &'static str, s: &str, max: usize) -> Result<(), Name
         return Err(NameError::TooLong { what, len: s.len(), max });
     }
     let first_ok = s.as_bytes()[0].is_ascii_lowercase();
-    let rest_ok = s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    let rest_ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !first_ok || !rest_ok {
         return Err(NameError::BadCharacter { what, name: s.to_owned(), allowed: ALLOWED });
     }
@@ -161,12 +159,8 @@ mod tests {
 
     #[test]
     fn serde_validates() {
-        let r: Result<RegionId, _> = toml::from_str::<toml::Value>("x = 'Bad'")
-            .unwrap()
-            .get("x")
-            .unwrap()
-            .clone()
-            .try_into();
+        let r: Result<RegionId, _> =
+            toml::from_str::<toml::Value>("x = 'Bad'").unwrap().get("x").unwrap().clone().try_into();
         assert!(r.is_err());
     }
 }

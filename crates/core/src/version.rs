@@ -70,7 +70,8 @@ mod tests {
 
     #[test]
     fn text_form() {
-        let v = Version { hlc: HlcTimestamp::new(1732712345678, 3), region: RegionId::new("us-east").unwrap(), seq: 42 };
+        let v =
+            Version { hlc: HlcTimestamp::new(1732712345678, 3), region: RegionId::new("us-east").unwrap(), seq: 42 };
         assert_eq!(v.to_string(), "1732712345678.3@us-east:42");
         assert_eq!("1732712345678.3@us-east:42".parse::<Version>().unwrap(), v);
         for bad in ["", "abc", "1.2@us-east", "1@us-east:4", "1.2@US:4", "1.2@us-east:-1", "1.99999@a:1"] {

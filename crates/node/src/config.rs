@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use meridian_core::limits::{CONFIG_BYTES_MAX, HLC_MAX_OFFSET_MS_DEFAULT, VALUE_BYTES_HARD_MAX, VALUE_BYTES_MAX_DEFAULT};
+use meridian_core::limits::{
+    CONFIG_BYTES_MAX, HLC_MAX_OFFSET_MS_DEFAULT, VALUE_BYTES_HARD_MAX, VALUE_BYTES_MAX_DEFAULT,
+};
 use meridian_core::topology::{RegionSpec, WanSpec};
 use meridian_core::{NodeSpec, Topology};
 use serde::{Deserialize, Serialize};
@@ -128,7 +130,9 @@ impl ClusterConfig {
         }
         let r = &file.raft;
         if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
-            problems.push("raft.election_timeout_min_ms must be more than twice raft.heartbeat_ms (and heartbeat_ms > 0)".into());
+            problems.push(
+                "raft.election_timeout_min_ms must be more than twice raft.heartbeat_ms (and heartbeat_ms > 0)".into(),
+            );
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             problems.push("raft.election_timeout_max_ms must be greater than raft.election_timeout_min_ms".into());
@@ -137,7 +141,9 @@ impl ClusterConfig {
             problems.push("raft.snapshot_every_entries must be at least 1".into());
         }
         match (topology, problems.is_empty()) {
-            (Some(topology), true) => Ok(ClusterConfig { topology, limits: file.limits, clock: file.clock, raft: file.raft }),
+            (Some(topology), true) => {
+                Ok(ClusterConfig { topology, limits: file.limits, clock: file.clock, raft: file.raft })
+            }
             _ => Err(ConfigError::Invalid { path: origin.to_owned(), problems }),
         }
     }

@@ -98,11 +98,20 @@ pub struct RegionView {
     pub report: Result<RegionReport, String>,
 }
 
-/// Where a node keeps its files and which node of the topology it is.
+/// Where a node keeps its files, which node of the topology it is, and its clock.
 pub struct NodeOptions {
     pub config: ClusterConfig,
     pub node_id: NodeId,
     pub data_dir: PathBuf,
+    /// The wall clock the HLC reads (the simulator passes its own).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl NodeOptions {
+    /// Options for a production node: the system clock.
+    pub fn new(config: ClusterConfig, node_id: NodeId, data_dir: PathBuf) -> Self {
+        NodeOptions { config, node_id, data_dir, clock: Arc::new(SystemClock) }
+    }
 }
 
 pub struct Node {
@@ -128,12 +137,10 @@ impl Node {
     /// Open storage and start the Raft group. The caller serves the peer endpoint (so other
     /// voters can reach this one) and then calls [`Node::bootstrap`].
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
-        let NodeOptions { config, node_id, data_dir } = opts;
+        let NodeOptions { config, node_id, data_dir, clock } = opts;
         let topology = Arc::new(config.topology.clone());
-        let spec = topology
-            .node(node_id)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
+        let spec =
+            topology.node(node_id).cloned().ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
         let log = LogStore::open(&data_dir.join("log.redb"))
@@ -158,7 +165,6 @@ impl Node {
         .validate()?;
         let network = NetworkFactory::new(node_id, transport.clone());
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log, sm).await?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Ok(Arc::new(Node {
             hlc: Mutex::new(Hlc::new(config.clock.max_offset_ms)),
             spec,
@@ -230,7 +236,8 @@ impl Node {
         self.metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
         self.metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
         use std::sync::atomic::Ordering::Relaxed;
-        let (fsyncs, entries) = (self.log_stats.fsyncs_total.load(Relaxed), self.log_stats.entries_written_total.load(Relaxed));
+        let (fsyncs, entries) =
+            (self.log_stats.fsyncs_total.load(Relaxed), self.log_stats.entries_written_total.load(Relaxed));
         let mut seen = self.log_stats_seen.lock().expect("log stats lock");
         self.metrics.raft_log_fsyncs.inc_by(fsyncs - seen.0);
         self.metrics.raft_log_entries_written.inc_by(entries - seen.1);
@@ -321,12 +328,22 @@ impl Node {
 
     // ---- reads --------------------------------------------------------------------------
 
-    pub async fn read(&self, dataset: &str, key: &str, consistency: ReadConsistency) -> Result<(Option<StoredObject>, Served), NodeError> {
+    pub async fn read(
+        &self,
+        dataset: &str,
+        key: &str,
+        consistency: ReadConsistency,
+    ) -> Result<(Option<StoredObject>, Served), NodeError> {
         let local = || self.reader.get(dataset, key).map_err(|e| NodeError::Storage(e.to_string()));
-        self.route_read(consistency, local, || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() }, |r| match r {
-            PeerResponseV1::Read(r) => Some(r),
-            _ => None,
-        })
+        self.route_read(
+            consistency,
+            local,
+            || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() },
+            |r| match r {
+                PeerResponseV1::Read(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -407,7 +424,9 @@ impl Node {
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
                 Err(LocalError::Other(NodeError::NoLeader))
             }
-            Err(RaftError::Fatal(e)) => Err(LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: e.to_string() })),
+            Err(RaftError::Fatal(e)) => {
+                Err(LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: e.to_string() }))
+            }
         }
     }
 
@@ -424,13 +443,16 @@ impl Node {
                 Err(LocalError::Other(e)) => Err(to_peer_error(e)),
             }),
             PeerRequestV1::Read { dataset, key } => PeerResponseV1::Read(
-                self.serve_strong(|| self.reader.get(&dataset, &key).map_err(|e| NodeError::Storage(e.to_string()))).await,
+                self.serve_strong(|| self.reader.get(&dataset, &key).map_err(|e| NodeError::Storage(e.to_string())))
+                    .await,
             ),
             PeerRequestV1::List { dataset, prefix, after, limit } => {
                 let limit = (limit as usize).min(meridian_core::limits::LIST_LIMIT_MAX);
                 PeerResponseV1::List(
                     self.serve_strong(|| {
-                        self.reader.list(&dataset, &prefix, after.as_deref(), limit).map_err(|e| NodeError::Storage(e.to_string()))
+                        self.reader
+                            .list(&dataset, &prefix, after.as_deref(), limit)
+                            .map_err(|e| NodeError::Storage(e.to_string()))
                     })
                     .await,
                 )

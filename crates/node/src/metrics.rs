@@ -74,13 +74,25 @@ impl Metrics {
         let raft_is_leader = Gauge::default();
         registry.register("raft_is_leader", "1 when this node leads its region's Raft group", raft_is_leader.clone());
         let raft_last_log_index = Gauge::default();
-        registry.register("raft_last_log_index", "Index of the last entry in this node's Raft log", raft_last_log_index.clone());
+        registry.register(
+            "raft_last_log_index",
+            "Index of the last entry in this node's Raft log",
+            raft_last_log_index.clone(),
+        );
         let raft_applied_index = Gauge::default();
-        registry.register("raft_applied_index", "Index of the last entry applied to the state machine", raft_applied_index.clone());
+        registry.register(
+            "raft_applied_index",
+            "Index of the last entry applied to the state machine",
+            raft_applied_index.clone(),
+        );
         let raft_log_fsyncs = Counter::default();
         registry.register("raft_log_fsyncs", "Group commits of the Raft log (one fsync each)", raft_log_fsyncs.clone());
         let raft_log_entries_written = Counter::default();
-        registry.register("raft_log_entries_written", "Raft log entries made durable", raft_log_entries_written.clone());
+        registry.register(
+            "raft_log_entries_written",
+            "Raft log entries made durable",
+            raft_log_entries_written.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             http_requests,

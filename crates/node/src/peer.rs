@@ -24,9 +24,17 @@ pub enum PeerRequestV1 {
     /// A client write forwarded to the region's leader.
     Write(WriteRequest),
     /// A strong read forwarded to the region's leader.
-    Read { dataset: String, key: String },
+    Read {
+        dataset: String,
+        key: String,
+    },
     /// A strong listing forwarded to the region's leader.
-    List { dataset: String, prefix: String, after: Option<String>, limit: u32 },
+    List {
+        dataset: String,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    },
     /// This node's view of its region's Raft group.
     Status,
 }

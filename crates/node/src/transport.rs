@@ -41,7 +41,12 @@ impl HttpTransport {
     }
 
     /// Send one request to `target` and wait for its answer, at most `timeout` in all.
-    pub async fn call(&self, target: NodeId, req: PeerRequestV1, timeout: Duration) -> Result<PeerResponseV1, RpcFailure> {
+    pub async fn call(
+        &self,
+        target: NodeId,
+        req: PeerRequestV1,
+        timeout: Duration,
+    ) -> Result<PeerResponseV1, RpcFailure> {
         let result = tokio::time::timeout(timeout, self.call_inner(target, req)).await;
         let result = match result {
             Ok(r) => r,

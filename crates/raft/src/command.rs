@@ -39,11 +39,18 @@ pub enum Condition {
 pub enum CommandResult {
     /// Blank and membership entries.
     Nothing,
-    Written { version: Version, created: bool },
-    Deleted { version: Version },
+    Written {
+        version: Version,
+        created: bool,
+    },
+    Deleted {
+        version: Version,
+    },
     /// A delete of a key that holds no live value: nothing was written.
     NotFound,
-    PreconditionFailed { current: Option<Version> },
+    PreconditionFailed {
+        current: Option<Version>,
+    },
 }
 
 /// One object as stored: its version and its value, or a tombstone.

@@ -7,12 +7,15 @@
 //! nothing waits for a batch to fill.
 //!
 //! Appended entries are readable as soon as `append` returns, before they are durable (as
-//! openraft's `RaftLogStorage::append` requires): until the batch commits they are served
-//! from an in-memory tail. Openraft only counts an entry towards a quorum once its callback
-//! reports it durable, so an acknowledged write is always on disk in a majority of zones.
+//! openraft's `RaftLogStorage::append` requires): they are served from an in-memory tail.
+//! The tail also keeps the most recent durable entries (bounded in count and bytes), so the
+//! leader's replication to followers reads memory rather than decoding from disk. Openraft
+//! only counts an entry towards a quorum once its callback reports it durable, so an
+//! acknowledged write is always on disk in a majority of zones.
 //!
 //! Architecture invariant: the log on disk has no holes, and the in-memory tail is always a
-//! suffix of it.
+//! contiguous suffix of the log (entries past `durable_through` exist only there, and are
+//! never evicted).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -51,14 +54,23 @@ pub struct LogStoreStats {
 enum LogOp {
     Append { entries: Vec<Entry>, callback: LogFlushed<TypeConfig> },
     SaveVote { vote: Vote, done: oneshot::Sender<io::Result<()>> },
-    SaveCommitted { committed: Option<LogId> },
     Truncate { from_index: u64, done: oneshot::Sender<io::Result<()>> },
     Purge { upto: LogId, done: oneshot::Sender<io::Result<()>> },
 }
 
+/// Most entries kept in the in-memory tail once they are durable.
+pub const TAIL_ENTRIES_MAX: usize = 8192;
+/// Most bytes (of values and keys, roughly) kept in the in-memory tail once durable.
+pub const TAIL_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 struct MemState {
-    /// Entries appended but not yet known durable; always a suffix of the log.
+    /// The newest entries of the log, a suffix of it: every entry not yet durable, plus
+    /// recent durable ones (bounded by [`TAIL_ENTRIES_MAX`] and [`TAIL_BYTES_MAX`]) so that
+    /// replication to followers reads memory, not disk.
     tail: BTreeMap<u64, Entry>,
+    tail_bytes: usize,
+    /// Highest index known to be on disk.
+    durable_through: u64,
     last_log_id: Option<LogId>,
     last_purged: Option<LogId>,
     vote: Option<Vote>,
@@ -76,6 +88,51 @@ struct Shared {
 pub struct LogStore {
     shared: Arc<Shared>,
     tx: mpsc::Sender<LogOp>,
+}
+
+/// Rough memory weight of an entry in the tail.
+fn weight(e: &Entry) -> usize {
+    use crate::command::CommandV1;
+    match &e.payload {
+        openraft::EntryPayload::Normal(crate::Command::V1(CommandV1::Put { dataset, key, value, .. })) => {
+            64 + dataset.len() + key.len() + value.len()
+        }
+        _ => 64,
+    }
+}
+
+impl MemState {
+    fn insert_tail(&mut self, e: Entry) {
+        self.tail_bytes += weight(&e);
+        if let Some(old) = self.tail.insert(e.log_id.index, e) {
+            self.tail_bytes -= weight(&old);
+        }
+    }
+
+    /// Drop entries from the tail: those at or after `from` (truncation) or at or before `upto`
+    /// (purge).
+    fn remove_tail_where(&mut self, f: impl Fn(u64) -> bool) {
+        let doomed: Vec<u64> = self.tail.keys().copied().filter(|&i| f(i)).collect();
+        for i in doomed {
+            if let Some(e) = self.tail.remove(&i) {
+                self.tail_bytes -= weight(&e);
+            }
+        }
+    }
+
+    /// Evict the oldest durable entries beyond the tail's bounds. Entries not yet durable are
+    /// never evicted: they exist nowhere else.
+    fn trim_tail(&mut self) {
+        while self.tail.len() > TAIL_ENTRIES_MAX || self.tail_bytes > TAIL_BYTES_MAX {
+            let Some((&first, _)) = self.tail.first_key_value() else { break };
+            if first > self.durable_through {
+                break;
+            }
+            if let Some(e) = self.tail.remove(&first) {
+                self.tail_bytes -= weight(&e);
+            }
+        }
+    }
 }
 
 fn dec<T: serde::de::DeserializeOwned>(b: Option<Vec<u8>>) -> Result<Option<T>, redb::Error> {
@@ -104,7 +161,8 @@ impl LogStore {
             txn.commit()?;
             let r = db.begin_read()?;
             let meta = r.open_table(META)?;
-            let get = |k: &str| -> Result<Option<Vec<u8>>, redb::Error> { Ok(meta.get(k)?.map(|v| v.value().to_vec())) };
+            let get =
+                |k: &str| -> Result<Option<Vec<u8>>, redb::Error> { Ok(meta.get(k)?.map(|v| v.value().to_vec())) };
             let vote: Option<Vote> = dec(get(META_VOTE)?)?;
             let committed: Option<LogId> = dec::<Option<LogId>>(get(META_COMMITTED)?)?.flatten();
             let last_purged: Option<LogId> = dec::<Option<LogId>>(get(META_LAST_PURGED)?)?.flatten();
@@ -114,7 +172,15 @@ impl LogStore {
                 None => None,
             };
             let last_log_id = last_entry.map(|e| e.log_id).or(last_purged);
-            Ok(MemState { tail: BTreeMap::new(), last_log_id, last_purged, vote, committed })
+            Ok(MemState {
+                tail: BTreeMap::new(),
+                tail_bytes: 0,
+                durable_through: last_log_id.map_or(0, |l| l.index),
+                last_log_id,
+                last_purged,
+                vote,
+                committed,
+            })
         };
         let mem = load().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
         let shared = Arc::new(Shared { db, mem: Mutex::new(mem), stats: Arc::new(LogStoreStats::default()) });
@@ -146,24 +212,22 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
                 Err(_) => break,
             }
         }
-        let result = write_batch(&shared.db, &batch);
+        let committed = shared.mem.lock().expect("log mem lock").committed;
+        let result = write_batch(&shared.db, &batch, committed);
         if result.is_ok() {
             let stats = &shared.stats;
             stats.fsyncs_total.fetch_add(1, Ordering::Relaxed);
             stats.ops_written_total.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            // Durable now: drop what we wrote from the in-memory tail, unless a later append
-            // already replaced it with a different entry at the same index.
             let mut mem = shared.mem.lock().expect("log mem lock");
             for op in &batch {
                 if let LogOp::Append { entries, .. } = op {
                     stats.entries_written_total.fetch_add(entries.len() as u64, Ordering::Relaxed);
-                    for e in entries {
-                        if mem.tail.get(&e.log_id.index).is_some_and(|t| t.log_id == e.log_id) {
-                            mem.tail.remove(&e.log_id.index);
-                        }
+                    if let Some(last) = entries.last() {
+                        mem.durable_through = mem.durable_through.max(last.log_id.index);
                     }
                 }
             }
+            mem.trim_tail();
         }
         for op in batch {
             let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
@@ -172,7 +236,6 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
                 LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
                     let _ = done.send(r);
                 }
-                LogOp::SaveCommitted { .. } => {}
             }
         }
         if let Err(e) = result {
@@ -186,7 +249,6 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
                     LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
                         let _ = done.send(Err(io_err("log writer stopped")));
                     }
-                    LogOp::SaveCommitted { .. } => {}
                 }
             }
             return;
@@ -194,7 +256,10 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
     }
 }
 
-fn write_batch(db: &Database, batch: &[LogOp]) -> Result<(), redb::Error> {
+/// Write one batch in one transaction with one fsync. The committed pointer is not worth an
+/// fsync of its own: the latest one rides along with every batch (losing it only means
+/// re-applying from the last applied entry after a crash, as openraft does without one).
+fn write_batch(db: &Database, batch: &[LogOp], committed: Option<LogId>) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
         let mut log = txn.open_table(LOG)?;
@@ -209,9 +274,6 @@ fn write_batch(db: &Database, batch: &[LogOp]) -> Result<(), redb::Error> {
                 LogOp::SaveVote { vote, .. } => {
                     meta.insert(META_VOTE, encode(vote).as_slice())?;
                 }
-                LogOp::SaveCommitted { committed } => {
-                    meta.insert(META_COMMITTED, encode(committed).as_slice())?;
-                }
                 LogOp::Truncate { from_index, .. } => {
                     log.retain_in(*from_index.., |_, _| false)?;
                 }
@@ -221,6 +283,7 @@ fn write_batch(db: &Database, batch: &[LogOp]) -> Result<(), redb::Error> {
                 }
             }
         }
+        meta.insert(META_COMMITTED, encode(&committed).as_slice())?;
     }
     txn.commit()?;
     Ok(())
@@ -240,10 +303,16 @@ fn read_range(shared: &Shared, start: u64, end_inclusive: u64) -> Result<Vec<Ent
     };
     // Take the tail snapshot first: an entry leaves the tail only after it is committed to
     // redb, so an entry missing from this tail copy is found by the read that follows.
-    let tail: Vec<Entry> = {
+    let (tail, tail_first) = {
         let mem = shared.mem.lock().expect("log mem lock");
-        mem.tail.range(start..=end_inclusive).map(|(_, e)| e.clone()).collect()
+        let first = mem.tail.first_key_value().map(|(&i, _)| i);
+        (mem.tail.range(start..=end_inclusive).map(|(_, e)| e.clone()).collect::<Vec<_>>(), first)
     };
+    if tail_first.is_some_and(|f| f <= start) {
+        // The tail is a suffix of the log starting at or before `start`: it holds the whole
+        // range (whatever lies past its end does not exist).
+        return Ok(tail);
+    }
     let mut entries = read().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
     for e in tail {
         entries.insert(e.log_id.index, e);
@@ -303,10 +372,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not waited for: a lost committed pointer only means re-applying from the last
-        // applied entry after a crash, which is what openraft does without one.
+        // Kept in memory and written with the next batch (see `write_batch`).
         self.shared.mem.lock().expect("log mem lock").committed = committed;
-        self.submit(LogOp::SaveCommitted { committed }).await
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -324,7 +392,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             for e in &entries {
                 // Openraft appends consecutively after truncating any conflict; we do not
                 // re-check that here (its storage suite appends arbitrary layouts on purpose).
-                mem.tail.insert(e.log_id.index, e.clone());
+                mem.insert_tail(e.clone());
                 mem.last_log_id = Some(e.log_id);
             }
         }
@@ -335,7 +403,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from_index = log_id.index;
         {
             let mut mem = self.shared.mem.lock().expect("log mem lock");
-            mem.tail.retain(|&i, _| i < from_index);
+            mem.remove_tail_where(|i| i >= from_index);
+            mem.durable_through = mem.durable_through.min(from_index.saturating_sub(1));
         }
         let (done, wait) = oneshot::channel();
         self.submit(LogOp::Truncate { from_index, done }).await?;
@@ -355,7 +424,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.shared.mem.lock().expect("log mem lock");
             assert!(mem.last_purged <= Some(upto), "purge must move forward");
-            mem.tail.retain(|&i, _| i > upto.index);
+            mem.remove_tail_where(|i| i <= upto.index);
         }
         let (done, wait) = oneshot::channel();
         self.submit(LogOp::Purge { upto, done }).await?;

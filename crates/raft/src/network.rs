@@ -96,7 +96,11 @@ pub struct Network<P> {
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>;
 
 impl<P: PeerRpc> Network<P> {
-    fn failure<E: std::error::Error>(&self, action: RPCTypes, f: RpcFailure) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+    fn failure<E: std::error::Error>(
+        &self,
+        action: RPCTypes,
+        f: RpcFailure,
+    ) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
         match f {
             RpcFailure::Timeout(timeout) => {
                 RPCError::Timeout(Timeout { action, id: self.self_id, target: self.target, timeout })

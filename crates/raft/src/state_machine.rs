@@ -86,7 +86,8 @@ fn corrupt(e: impl std::fmt::Display) -> redb::Error {
 impl StateMachineStore {
     /// Open (or create) the state machine in `dir` (`state.redb` and `snapshot.bin`).
     pub fn open(dir: &Path, region: RegionId) -> Result<Self, StorageError> {
-        let db = Database::create(dir.join("state.redb")).map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
+        let db =
+            Database::create(dir.join("state.redb")).map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
         Self::with_database(db, dir.join("snapshot.bin"), region)
     }
 
@@ -192,7 +193,11 @@ fn apply_command(
     let deleted = value.is_none();
     let obj = StoredObject { version: version.clone(), value };
     objects.insert(k.as_slice(), encode(&obj).as_slice())?;
-    Ok(if deleted { CommandResult::Deleted { version } } else { CommandResult::Written { version, created: live.is_none() } })
+    Ok(if deleted {
+        CommandResult::Deleted { version }
+    } else {
+        CommandResult::Written { version, created: live.is_none() }
+    })
 }
 
 impl StateMachineReader {
@@ -228,7 +233,9 @@ impl StateMachineReader {
         let mut out = Vec::new();
         for item in objects.range(start.as_slice()..)? {
             let (k, v) = item?;
-            let Some((ds, key)) = split_object_key(k.value()) else { return Err(corrupt("object key without dataset")) };
+            let Some((ds, key)) = split_object_key(k.value()) else {
+                return Err(corrupt("object key without dataset"));
+            };
             if ds != dataset || !key.starts_with(prefix) {
                 break;
             }
@@ -339,7 +346,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let install = || -> Result<AppliedState, redb::Error> {
             let _guard = self.shared.snapshot_lock.lock().expect("snapshot lock");

@@ -71,9 +71,10 @@ async fn apply_assigns_versions_and_checks_conditions() {
         .await
         .unwrap();
     let (v1, v2) = match (&r[0], &r[1]) {
-        (CommandResult::Written { version: v1, created: true }, CommandResult::Written { version: v2, created: false }) => {
-            (v1.clone(), v2.clone())
-        }
+        (
+            CommandResult::Written { version: v1, created: true },
+            CommandResult::Written { version: v2, created: false },
+        ) => (v1.clone(), v2.clone()),
         other => panic!("unexpected {other:?}"),
     };
     assert!(v2 > v1 && v2.seq == v1.seq + 1 && v2.hlc > v1.hlc);
@@ -149,4 +150,30 @@ async fn snapshot_round_trip_into_a_fresh_state_machine() {
     let mut sm3 = StateMachineStore::open(dir2.path(), region()).unwrap();
     assert!(sm3.get_current_snapshot().await.unwrap().is_some());
     assert_eq!(sm3.applied_state().await.unwrap().0, Some(log_id(1, 50)));
+}
+
+#[tokio::test]
+async fn reads_span_the_memory_tail_and_the_disk_after_eviction() {
+    use meridian_raft::log_store::TAIL_ENTRIES_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log.redb")).unwrap();
+    let total = TAIL_ENTRIES_MAX as u64 + 500;
+    for chunk in (1..=total).collect::<Vec<_>>().chunks(700) {
+        let entries: Vec<Entry> = chunk.iter().map(|&i| put(i, &format!("k{i}"), "v", 1, Condition::Always)).collect();
+        log.blocking_append(entries).await.unwrap();
+    }
+    let got = log.try_get_log_entries(1..=total).await.unwrap();
+    assert_eq!(got.len() as u64, total);
+    assert!(got.iter().enumerate().all(|(i, e)| e.log_id.index == i as u64 + 1), "entries out of order or missing");
+    // A range that starts on disk and ends in memory, and one wholly in memory.
+    assert_eq!(log.try_get_log_entries(10..600).await.unwrap().len(), 590);
+    assert_eq!(log.try_get_log_entries(total - 5..=total + 10).await.unwrap().len(), 6);
+    // Truncating inside the memory tail, then appending a new suffix.
+    log.truncate(log_id(1, total - 9)).await.unwrap();
+    let mut e = put(total - 9, "new", "v", 1, Condition::Always);
+    e.log_id = log_id(2, total - 9);
+    log.blocking_append(vec![e]).await.unwrap();
+    let tail = log.try_get_log_entries(total - 12..).await.unwrap();
+    assert_eq!(tail.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (total - 12..=total - 9).collect::<Vec<_>>());
+    assert_eq!(tail.last().unwrap().log_id, log_id(2, total - 9));
 }

@@ -84,3 +84,20 @@ pub fn key_error(e: NameError) -> ApiError {
             .hint("keys are 1-1024 bytes of UTF-8 without control characters; percent-encode '/' as %2F in paths"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/errors.md lists every code with the status this table gives it.
+    #[test]
+    fn errors_page_matches_the_codes() {
+        let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/errors.md")).unwrap();
+        for &code in ErrorCode::ALL {
+            let row = format!("| `{}` | {} |", code.as_str(), status_of(code).as_u16());
+            assert!(page.contains(&row), "docs/errors.md lacks the row {row}");
+        }
+        let rows = page.lines().filter(|l| l.starts_with("| `")).count();
+        assert_eq!(rows, ErrorCode::ALL.len(), "docs/errors.md lists codes that do not exist");
+    }
+}

@@ -85,7 +85,9 @@ fn parse_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
         }
     };
     match (text("if-match")?, text("if-none-match")?) {
-        (Some(_), Some(_)) => Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-Match and If-None-Match cannot be combined")),
+        (Some(_), Some(_)) => {
+            Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-Match and If-None-Match cannot be combined"))
+        }
         (Some(v), None) => {
             let version: Version = v.parse().map_err(|e: meridian_core::VersionParseError| {
                 ApiError::new(ErrorCode::InvalidVersion, e.to_string()).hint("send the ETag of a previous answer")
@@ -93,7 +95,9 @@ fn parse_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
             Ok(Condition::IfMatch(version))
         }
         (None, Some(v)) if v == "*" => Ok(Condition::IfAbsent),
-        (None, Some(_)) => Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-None-Match supports only \"*\" (create-only)")),
+        (None, Some(_)) => {
+            Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-None-Match supports only \"*\" (create-only)"))
+        }
         (None, None) => Ok(Condition::Always),
     }
 }
@@ -106,7 +110,11 @@ async fn read_json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Re
     if mime != "application/json" {
         return Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
-            if ct.is_empty() { "the request has no Content-Type".to_owned() } else { format!("Content-Type {ct:?} is not JSON") },
+            if ct.is_empty() {
+                "the request has no Content-Type".to_owned()
+            } else {
+                format!("Content-Type {ct:?} is not JSON")
+            },
         )
         .hint("send the value as JSON with Content-Type: application/json"));
     }
@@ -158,7 +166,13 @@ pub async fn put_key(
         CommandResult::Written { version, created } => {
             let info = VersionInfo::from(&version);
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            let body = PutResponse { dataset: dataset.to_string(), key: key.to_string(), version: info.clone(), created, served_by: served.clone() };
+            let body = PutResponse {
+                dataset: dataset.to_string(),
+                key: key.to_string(),
+                version: info.clone(),
+                created,
+                served_by: served.clone(),
+            };
             Ok(with_headers((status, Json(body)).into_response(), &served, Some(&info.etag)))
         }
         other => Err(write_refusal(other)),
@@ -210,7 +224,13 @@ pub async fn get_key(
     let value: serde_json::Value = serde_json::from_slice(&value)
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored value is not JSON: {e}")))?;
     let info = VersionInfo::from(&obj.version);
-    let body = GetResponse { dataset: dataset.to_string(), key: key.to_string(), value, version: info.clone(), served_by: served.clone() };
+    let body = GetResponse {
+        dataset: dataset.to_string(),
+        key: key.to_string(),
+        value,
+        version: info.clone(),
+        served_by: served.clone(),
+    };
     Ok(with_headers(Json(body).into_response(), &served, Some(&info.etag)))
 }
 
@@ -235,7 +255,12 @@ pub async fn delete_key(
     match result {
         CommandResult::Deleted { version } => {
             let info = VersionInfo::from(&version);
-            let body = DeleteResponse { dataset: dataset.to_string(), key: key.to_string(), version: info.clone(), served_by: served.clone() };
+            let body = DeleteResponse {
+                dataset: dataset.to_string(),
+                key: key.to_string(),
+                version: info.clone(),
+                served_by: served.clone(),
+            };
             Ok(with_headers(Json(body).into_response(), &served, Some(&info.etag)))
         }
         other => Err(write_refusal(other)),
@@ -250,7 +275,8 @@ fn hex_decode(s: &str) -> Option<String> {
     if s.len() % 2 != 0 || s.len() > 2 * meridian_core::limits::KEY_BYTES_MAX {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
+    let bytes: Option<Vec<u8>> =
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
     String::from_utf8(bytes?).ok()
 }
 
@@ -274,7 +300,10 @@ pub async fn list_keys(
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => n,
             _ => {
-                return Err(ApiError::new(ErrorCode::InvalidQuery, format!("limit={l:?} is not a number from 1 to {LIST_LIMIT_MAX}")))
+                return Err(ApiError::new(
+                    ErrorCode::InvalidQuery,
+                    format!("limit={l:?} is not a number from 1 to {LIST_LIMIT_MAX}"),
+                ))
             }
         },
     };
@@ -285,7 +314,8 @@ pub async fn list_keys(
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(hex_decode(c).ok_or_else(|| {
-            ApiError::new(ErrorCode::InvalidCursor, "the cursor was not produced by this API").hint("pass next_cursor back unchanged")
+            ApiError::new(ErrorCode::InvalidCursor, "the cursor was not produced by this API")
+                .hint("pass next_cursor back unchanged")
         })?),
     };
     let (items, served) = state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?;

@@ -46,10 +46,7 @@ pub struct ApiDoc;
 pub fn api_router(node: Arc<Node>) -> Router {
     let state = AppState { node };
     Router::new()
-        .route(
-            "/v1/datasets/{dataset}/keys/{key}",
-            get(keys::get_key).put(keys::put_key).delete(keys::delete_key),
-        )
+        .route("/v1/datasets/{dataset}/keys/{key}", get(keys::get_key).put(keys::put_key).delete(keys::delete_key))
         .route("/v1/datasets/{dataset}/keys", get(keys::list_keys))
         .route("/v1/cluster", get(cluster))
         .route("/v1/health", get(health))
@@ -76,10 +73,9 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut peer_stop = stop_rx.clone();
     let mut api_stop = stop_rx;
-    let peer_srv = axum::serve(peer_listener, peer_router(node.clone()))
-        .with_graceful_shutdown(async move {
-            let _ = peer_stop.wait_for(|s| *s).await;
-        });
+    let peer_srv = axum::serve(peer_listener, peer_router(node.clone())).with_graceful_shutdown(async move {
+        let _ = peer_stop.wait_for(|s| *s).await;
+    });
     let api_srv = axum::serve(api, api_router(node)).with_graceful_shutdown(async move {
         let _ = api_stop.wait_for(|s| *s).await;
     });
@@ -87,18 +83,16 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let (a, b) = tokio::join!(std::future::IntoFuture::into_future(api_srv), std::future::IntoFuture::into_future(peer_srv));
+    let (a, b) =
+        tokio::join!(std::future::IntoFuture::into_future(api_srv), std::future::IntoFuture::into_future(peer_srv));
     a?;
     b?;
     Ok(())
 }
 
 async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().as_str().to_owned();
     let start = Instant::now();
     let resp = next.run(req).await;
@@ -188,17 +182,17 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 async fn metrics(State(state): State<AppState>) -> Response {
     state.node.refresh_metrics();
     let mut resp = state.node.metrics().encode().into_response();
-    resp.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     resp
 }
 
 async fn peer(State(state): State<AppState>, body: Body) -> Response {
     let bytes = match axum::body::to_bytes(body, PEER_BODY_BYTES_MAX).await {
         Ok(b) => b,
-        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("peer message too large or broken: {e}")).into_response(),
+        Err(e) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, format!("peer message too large or broken: {e}")).into_response()
+        }
     };
     let req: PeerRequest = match postcard::from_bytes(&bytes) {
         Ok(r) => r,

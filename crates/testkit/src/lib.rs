@@ -10,6 +10,4 @@
 
 pub mod linearizability;
 
-pub use linearizability::{
-    check, CheckError, CheckStats, Checker, History, IndexedOp, Op, OpKind, Outcome, Violation,
-};
+pub use linearizability::{check, CheckError, CheckStats, Checker, History, IndexedOp, Op, OpKind, Outcome, Violation};
