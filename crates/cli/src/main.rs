@@ -10,12 +10,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc instead of the system allocator: the write path allocates per request (HTTP
-/// bodies, log entries, peer messages), and the benchmark measured glibc malloc at ~15% of the
-/// leader's CPU; see ARCHITECTURE.md, "Dependencies".
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "meridian",

@@ -34,7 +34,7 @@ async fn history_under_leader_kill_is_linearizable() {
                 let node = &clients[((c * 7 + n) % 3) as usize];
                 let key = format!("k{}", (c + n) % KEYS);
                 let invoke = nanos(start);
-                let op = if (c + n) % 2 == 0 {
+                let op = if (c + n).is_multiple_of(2) {
                     let value = format!("c{c}-{n}");
                     let r = node.put_raw("lin", &key, format!("\"{value}\""), &Default::default()).await;
                     let done = nanos(start);
@@ -91,5 +91,6 @@ async fn history_under_leader_kill_is_linearizable() {
     let history = history.lock().unwrap().clone();
     let unknown = history.ops().iter().filter(|o| o.outcome == Outcome::Unknown).count();
     let stats = check(&history).unwrap_or_else(|e| panic!("not linearizable: {e}"));
+    assert!(stats.ops_checked >= 600, "too little was checked: {stats:?}");
     eprintln!("{} operations ({unknown} with unknown outcome) linearizable: {stats:?}", history.len());
 }

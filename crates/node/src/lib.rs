@@ -126,11 +126,88 @@ pub struct Node {
     metrics: Arc<Metrics>,
     log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
     log_stats_seen: Mutex<(u64, u64)>,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
 
+#[derive(Debug, Clone)]
 enum LocalError {
     NotLeader(Option<NodeId>),
     Other(NodeError),
+}
+
+/// Most proposals in flight at once (submitted to Raft, not yet applied). While they are,
+/// new writes wait in the queue and leave together as the next batch.
+pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
+/// Most writes in one proposed batch.
+pub const BATCH_WRITES_MAX: usize = 256;
+/// A batch stops growing once it holds this many bytes of values (one large value may exceed it).
+pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Most writes waiting to be proposed; writers wait when it is full.
+pub const PROPOSAL_QUEUE_MAX: usize = 4096;
+
+struct Proposal {
+    cmd: CommandV1,
+    bytes: usize,
+    reply: tokio::sync::oneshot::Sender<Result<CommandResult, LocalError>>,
+}
+
+/// The leader's proposer: it turns the writes that queue up while earlier proposals are in
+/// flight into one Raft entry, so that one log append (one fsync) and one replication round
+/// serve them all. Openraft 0.9's core waits for each append to be durable before taking the
+/// next message, so without this every client write would cost one fsync in sequence.
+async fn run_proposer(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < BATCH_WRITES_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (mut cmds, replies): (Vec<CommandV1>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let single = cmds.len() == 1;
+            let cmd = if single { cmds.pop().expect("one command") } else { CommandV1::Batch(cmds) };
+            let outcome = raft.client_write(Command::V1(cmd)).await;
+            drop(permit);
+            let results: Vec<Result<CommandResult, LocalError>> = match outcome {
+                Ok(resp) => match resp.data {
+                    CommandResult::Batch(results) if !single => {
+                        assert_eq!(results.len(), replies.len(), "a batch answers once per write");
+                        results.into_iter().map(Ok).collect()
+                    }
+                    result if single => vec![Ok(result)],
+                    other => {
+                        let e = LocalError::Other(NodeError::Internal(format!("unexpected result {other:?}")));
+                        vec![Err(e); replies.len()]
+                    }
+                },
+                Err(e) => vec![Err(write_error(e)); replies.len()],
+            };
+            for (reply, result) in replies.into_iter().zip(results) {
+                // The writer may have given up (its request was cancelled); nothing to do.
+                let _ = reply.send(result);
+            }
+        });
+    }
+}
+
+fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> LocalError {
+    match e {
+        // Openraft answers ForwardToLeader only when the entry was refused or truncated from
+        // the log: it was not applied, so a retry is safe.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => LocalError::NotLeader(f.leader_id),
+        RaftError::APIError(e) => LocalError::Other(NodeError::Internal(e.to_string())),
+        RaftError::Fatal(e) => LocalError::Other(NodeError::OutcomeUnknown(e.to_string())),
+    }
 }
 
 impl Node {
@@ -165,6 +242,8 @@ impl Node {
         .validate()?;
         let network = NetworkFactory::new(node_id, transport.clone());
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log, sm).await?;
+        let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
+        tokio::spawn(run_proposer(raft.clone(), proposal_rx));
         Ok(Arc::new(Node {
             hlc: Mutex::new(Hlc::new(config.clock.max_offset_ms)),
             spec,
@@ -177,6 +256,7 @@ impl Node {
             metrics,
             log_stats,
             log_stats_seen: Mutex::new((0, 0)),
+            proposals,
         }))
     }
 
@@ -316,13 +396,14 @@ impl Node {
                 condition: req.condition.clone(),
             },
         };
-        match self.raft.client_write(Command::V1(cmd)).await {
-            Ok(resp) => Ok(resp.data),
-            // Openraft answers ForwardToLeader only when the entry was refused or truncated
-            // from the log: it was not applied, so a retry is safe.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(LocalError::NotLeader(f.leader_id)),
-            Err(RaftError::APIError(e)) => Err(LocalError::Other(NodeError::Internal(e.to_string()))),
-            Err(RaftError::Fatal(e)) => Err(LocalError::Other(NodeError::OutcomeUnknown(e.to_string()))),
+        let bytes = req.value.as_ref().map_or(0, Vec::len) + req.key.len();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
+            LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
+        })?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),
         }
     }
 
@@ -392,15 +473,14 @@ impl Node {
             if let Some(leader) = leader.filter(|&l| l != self.spec.id) {
                 self.metrics.forwarded.get_or_create(&KindLabels { kind: "read".into() }).inc();
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.transport.call(leader, request(), remaining).await {
-                    Ok(reply) => match unpack(reply) {
+                // Reads change nothing: any transport failure may be retried.
+                if let Ok(reply) = self.transport.call(leader, request(), remaining).await {
+                    match unpack(reply) {
                         Some(Ok(v)) => return Ok((v, Served { node: leader, reason: RouteReason::ForwardedToLeader })),
                         Some(Err(PeerError::NotLeader { .. })) => {}
                         Some(Err(e)) => return Err(peer_error(leader, e)),
                         None => return Err(NodeError::Internal("unexpected reply to a read".into())),
-                    },
-                    // Reads change nothing: any failure may be retried.
-                    Err(_) => {}
+                    }
                 }
             }
             if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {

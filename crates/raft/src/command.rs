@@ -21,6 +21,10 @@ pub enum CommandV1 {
     Put { dataset: String, key: String, value: Vec<u8>, hlc: HlcTimestamp, condition: Condition },
     /// Replace the value with a tombstone.
     Delete { dataset: String, key: String, hlc: HlcTimestamp, condition: Condition },
+    /// Several writes from different clients proposed as one log entry, applied in order, each
+    /// with its own result. The gateway batches writes that arrive while earlier proposals are
+    /// in flight, so the leader makes one log append (one fsync) for all of them.
+    Batch(Vec<CommandV1>),
 }
 
 /// A precondition checked at apply time, inside the log's total order, which is what makes
@@ -51,6 +55,8 @@ pub enum CommandResult {
     PreconditionFailed {
         current: Option<Version>,
     },
+    /// The results of a [`CommandV1::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// One object as stored: its version and its value, or a tombstone.

@@ -128,7 +128,7 @@ impl StateMachineStore {
             let mut objects = txn.open_table(OBJECTS)?;
             for entry in entries {
                 assert!(
-                    applied.last_applied.map_or(true, |l| l.index < entry.log_id.index),
+                    applied.last_applied.is_none_or(|l| l.index < entry.log_id.index),
                     "entries must be applied in order"
                 );
                 applied.last_applied = Some(entry.log_id);
@@ -165,6 +165,11 @@ fn apply_command(
     let (dataset, key, hlc, condition, value) = match cmd {
         CommandV1::Put { dataset, key, value, hlc, condition } => (dataset, key, hlc, condition, Some(value)),
         CommandV1::Delete { dataset, key, hlc, condition } => (dataset, key, hlc, condition, None),
+        CommandV1::Batch(cmds) => {
+            let results =
+                cmds.into_iter().map(|c| apply_command(objects, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
+            return Ok(CommandResult::Batch(results));
+        }
     };
     let k = object_key(&dataset, &key);
     let current: Option<StoredObject> = match objects.get(k.as_slice())? {
@@ -294,7 +299,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             };
             let meta = SnapshotMeta { last_log_id: last, last_membership: applied.membership.clone(), snapshot_id };
             let data = encode(&SnapshotData { applied, objects });
-            write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(|e| redb::Error::Io(e))?;
+            write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(redb::Error::Io)?;
             Ok((meta, data))
         };
         let (meta, data) = build().map_err(|e| StorageIOError::write_snapshot(None, &sm_err(e)))?;

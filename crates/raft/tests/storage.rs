@@ -177,3 +177,33 @@ async fn reads_span_the_memory_tail_and_the_disk_after_eviction() {
     assert_eq!(tail.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (total - 12..=total - 9).collect::<Vec<_>>());
     assert_eq!(tail.last().unwrap().log_id, log_id(2, total - 9));
 }
+
+#[tokio::test]
+async fn a_batch_applies_in_order_with_one_result_per_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let cmd = |key: &str, value: &str, condition| CommandV1::Put {
+        dataset: "d".into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        hlc: HlcTimestamp::new(7, 0),
+        condition,
+    };
+    let batch = Entry {
+        log_id: log_id(1, 1),
+        payload: EntryPayload::Normal(Command::V1(CommandV1::Batch(vec![
+            cmd("a", "1", Condition::IfAbsent),
+            // Same key, same batch: the condition sees the write just before it.
+            cmd("a", "2", Condition::IfAbsent),
+            cmd("b", "3", Condition::Always),
+        ]))),
+    };
+    let r = sm.apply(vec![batch]).await.unwrap();
+    let CommandResult::Batch(results) = &r[0] else { panic!("{r:?}") };
+    assert_eq!(results.len(), 3);
+    let CommandResult::Written { version: va, created: true } = &results[0] else { panic!("{results:?}") };
+    assert_eq!(results[1], CommandResult::PreconditionFailed { current: Some(va.clone()) });
+    let CommandResult::Written { version: vb, .. } = &results[2] else { panic!("{results:?}") };
+    assert!(vb.seq == va.seq + 1 && vb.hlc > va.hlc, "versions in a batch still strictly increase");
+    assert_eq!(sm.reader().get("d", "a").unwrap().unwrap().value.as_deref(), Some(&b"1"[..]));
+}

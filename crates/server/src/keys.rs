@@ -272,7 +272,7 @@ fn hex_encode(s: &str) -> String {
 }
 
 fn hex_decode(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 || s.len() > 2 * meridian_core::limits::KEY_BYTES_MAX {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * meridian_core::limits::KEY_BYTES_MAX {
         return None;
     }
     let bytes: Option<Vec<u8>> =

@@ -19,6 +19,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use meridian_api::{ClusterResponse, ErrorCode, HealthResponse, NodeInfo, RegionStatus};
 use meridian_node::metrics::{HttpLabels, RouteLabels};
@@ -73,6 +74,14 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut peer_stop = stop_rx.clone();
     let mut api_stop = stop_rx;
+    // Small request/response messages: never let Nagle's algorithm hold one back.
+    let nodelay = |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "set TCP_NODELAY");
+        }
+    };
+    let peer_listener = peer_listener.tap_io(nodelay);
+    let api = api.tap_io(nodelay);
     let peer_srv = axum::serve(peer_listener, peer_router(node.clone())).with_graceful_shutdown(async move {
         let _ = peer_stop.wait_for(|s| *s).await;
     });
