@@ -152,4 +152,8 @@ pub struct HealthResponse {
     pub leader: Option<u64>,
     pub term: u64,
     pub applied_index: Option<u64>,
+    /// Last log index covered by this node's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// This node's log was compacted up to here.
+    pub purged_index: Option<u64>,
 }

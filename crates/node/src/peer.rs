@@ -89,4 +89,8 @@ pub struct RegionReport {
     pub term: u64,
     pub last_log_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// Last entry covered by this node's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Entries up to here were compacted away from this node's log.
+    pub purged_index: Option<u64>,
 }

@@ -179,6 +179,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
         leader: r.leader,
         term: r.term,
         applied_index: r.applied_index,
+        snapshot_index: r.snapshot_index,
+        purged_index: r.purged_index,
     };
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
