@@ -43,6 +43,11 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()
         nodes.push(node);
         servers.push(serving);
     }
+    // Every voter is listening now: form the groups, so no first election knocks on a door
+    // that is not open yet.
+    for n in &nodes {
+        n.bootstrap().await?;
+    }
     wait_for_leaders(&nodes).await?;
     print_banner(&config, &root, base_port);
 

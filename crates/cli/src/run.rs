@@ -8,8 +8,9 @@ use meridian_node::config::ClusterConfig;
 use meridian_node::{Node, NodeOptions};
 use tokio::net::TcpListener;
 
-/// Start a node: open storage, bind both listeners, serve, and form the region's group.
-/// Returns the node and a handle that finishes when serving stops.
+/// Start a node: open storage, bind both listeners and serve. The caller then forms the
+/// region's group with [`Node::bootstrap`], once the region's other voters are reachable if it
+/// can arrange that. Returns the node and a handle that finishes when serving stops.
 pub async fn start_node(
     config: ClusterConfig,
     node_id: u64,
@@ -31,7 +32,6 @@ pub async fn start_node(
         .await
         .with_context(|| format!("start node {node_id}"))?;
     let serving = tokio::spawn(meridian_server::serve(node.clone(), api, peer, shutdown));
-    node.bootstrap().await?;
     Ok((node, serving))
 }
 
@@ -42,6 +42,7 @@ pub async fn server(config: PathBuf, node_id: u64, data_dir: Option<PathBuf>) ->
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    node.bootstrap().await?;
     let spec = node.spec();
     tracing::info!(node = spec.id, region = %spec.region, zone = %spec.zone, api = %spec.api_addr, peer = %spec.peer_addr,
         data_dir = %data_dir.display(), "node serving");
