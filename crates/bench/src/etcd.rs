@@ -106,33 +106,8 @@ impl EtcdCluster {
     }
 
     async fn wait_healthy(&mut self, http: &Client, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last = vec![String::from("not polled yet"); 3];
-        loop {
-            self.guard.ensure_running()?;
-            let mut healthy = 0;
-            for (i, base) in self.client_urls.iter().enumerate() {
-                match health(http, base).await {
-                    Ok(()) => healthy += 1,
-                    Err(e) => last[i] = format!("{e:#}"),
-                }
-            }
-            if healthy == 3 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let detail = self
-                    .guard
-                    .members()
-                    .iter()
-                    .zip(&last)
-                    .map(|(m, err)| format!("{} (log {}): {err}", m.name, m.log.display()))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                bail!("etcd cluster not healthy within {timeout:?}: {detail}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let urls = self.client_urls.clone();
+        self.guard.wait_healthy("etcd cluster", &urls, timeout, |base| async move { health(http, &base).await }).await
     }
 
     /// The client URL of the current leader, from `POST /v3/maintenance/status`

@@ -90,34 +90,15 @@ impl MeridianCluster {
     }
 
     async fn wait_healthy(&mut self, http: &Client, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut last = vec![String::from("not polled yet"); 3];
-        loop {
-            self.guard.ensure_running()?;
-            let mut healthy = 0;
-            for (i, base) in self.api_urls.iter().enumerate() {
-                match http.get(format!("{base}/v1/health")).timeout(Duration::from_secs(2)).send().await {
-                    Ok(r) if r.status() == reqwest::StatusCode::OK => healthy += 1,
-                    Ok(r) => last[i] = format!("/v1/health returned {}", r.status()),
-                    Err(e) => last[i] = e.to_string(),
-                }
+        let urls = self.api_urls.clone();
+        let probe = |base: String| async move {
+            let r = http.get(format!("{base}/v1/health")).timeout(Duration::from_secs(2)).send().await?;
+            if r.status() != reqwest::StatusCode::OK {
+                bail!("/v1/health returned {}", r.status());
             }
-            if healthy == 3 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let detail = self
-                    .guard
-                    .members()
-                    .iter()
-                    .zip(&last)
-                    .map(|(m, err)| format!("{} (log {}): {err}", m.name, m.log.display()))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                bail!("meridian region not healthy within {timeout:?}: {detail}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Ok(())
+        };
+        self.guard.wait_healthy("meridian region", &urls, timeout, probe).await
     }
 
     /// The region leader's API base URL, polling `GET /v1/cluster` on each node

@@ -68,6 +68,49 @@ impl ProcessGuard {
     }
 }
 
+impl ProcessGuard {
+    /// Poll `probe` on every URL until all answer healthy, or fail after `timeout` naming each
+    /// member's log and last problem. Also fails at once if a member process exits.
+    pub async fn wait_healthy<F, Fut>(
+        &mut self,
+        what: &str,
+        urls: &[String],
+        timeout: std::time::Duration,
+        probe: F,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut last = vec![String::from("not polled yet"); urls.len()];
+        loop {
+            self.ensure_running()?;
+            let mut healthy = 0;
+            for (i, base) in urls.iter().enumerate() {
+                match probe(base.clone()).await {
+                    Ok(()) => healthy += 1,
+                    Err(e) => last[i] = format!("{e:#}"),
+                }
+            }
+            if healthy == urls.len() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                let detail = self
+                    .members()
+                    .iter()
+                    .zip(&last)
+                    .map(|(m, err)| format!("{} (log {}): {err}", m.name, m.log.display()))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                bail!("{what} not healthy within {timeout:?}: {detail}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
 impl Drop for ProcessGuard {
     fn drop(&mut self) {
         self.kill_all();
