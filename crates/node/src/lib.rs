@@ -202,9 +202,14 @@ async fn run_proposer(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>)
 
 fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> LocalError {
     match e {
-        // Openraft answers ForwardToLeader only when the entry was refused or truncated from
-        // the log: it was not applied, so a retry is safe.
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => LocalError::NotLeader(f.leader_id),
+        // Openraft answers ForwardToLeader when it refused the entry (not leader) but also when
+        // a new leader truncated it from this node's log; in a group of more than three voters
+        // a truncated entry can survive on another voter and commit later (Raft paper, figure
+        // 8). The two cannot be told apart here, so the outcome is unknown: never retried
+        // blindly. The gateway checks leadership before proposing, so this stays rare.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => LocalError::Other(NodeError::OutcomeUnknown(
+            format!("leadership moved while the write was in flight (new leader: {:?})", f.leader_id),
+        )),
         RaftError::APIError(e) => LocalError::Other(NodeError::Internal(e.to_string())),
         RaftError::Fatal(e) => LocalError::Other(NodeError::OutcomeUnknown(e.to_string())),
     }
@@ -220,11 +225,11 @@ impl Node {
             topology.node(node_id).cloned().ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
-        let log = LogStore::open(&data_dir.join("log.redb"))
-            .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
-        let log_stats = log.stats();
         let sm = StateMachineStore::open(&data_dir, spec.region.clone())
             .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
+        let log = LogStore::open_with_purge_limit(&data_dir.join("log.redb"), sm.durable_point())
+            .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
+        let log_stats = log.stats();
         let reader = sm.reader();
         let metrics = Arc::new(Metrics::new());
         let transport = HttpTransport::new(topology.clone(), spec.region.clone(), metrics.clone());
@@ -599,7 +604,7 @@ fn to_peer_error(e: NodeError) -> PeerError {
         NodeError::NoLeader => PeerError::NotLeader { leader: None },
         NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
         NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
-        NodeError::OutcomeUnknown(m) => PeerError::Unavailable(m),
+        NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
         NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
     }
 }
@@ -608,6 +613,7 @@ fn peer_error(node: NodeId, e: PeerError) -> NodeError {
     match e {
         PeerError::NotLeader { .. } => NodeError::NoLeader,
         PeerError::ClockSkew(m) => NodeError::ClockSkew(m),
+        PeerError::OutcomeUnknown(m) => NodeError::OutcomeUnknown(m),
         PeerError::Unavailable(reason) => NodeError::Unavailable { node, reason },
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
     }

@@ -71,6 +71,10 @@ pub enum PeerError {
     /// Not the leader (the request was not applied): retry at `leader`, or wait for one.
     #[error("not the leader (leader: {leader:?})")]
     NotLeader { leader: Option<u64> },
+    /// The write reached the leader but nobody knows whether it was applied: never retry it
+    /// blindly.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("clock refused: {0}")]
     ClockSkew(String),
     #[error("unavailable: {0}")]

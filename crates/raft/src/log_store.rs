@@ -73,6 +73,9 @@ struct MemState {
     durable_through: u64,
     last_log_id: Option<LogId>,
     last_purged: Option<LogId>,
+    /// What the file has really dropped: at most `last_purged`, held back while the state
+    /// machine's durable state is behind it (see [`LogStore::purge`]).
+    purged_on_disk: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
 }
@@ -81,6 +84,9 @@ struct Shared {
     db: Database,
     mem: Mutex<MemState>,
     stats: Arc<LogStoreStats>,
+    /// Highest log index whose effects the state machine holds durably; entries above it are
+    /// never dropped from the file, so a crash can always re-apply them.
+    purge_limit: Arc<AtomicU64>,
 }
 
 /// The log store handed to openraft. Cloning it shares the same log.
@@ -90,13 +96,18 @@ pub struct LogStore {
     tx: mpsc::Sender<LogOp>,
 }
 
-/// Rough memory weight of an entry in the tail.
+/// Rough memory weight of an entry in the tail: its keys and values, batches included.
 fn weight(e: &Entry) -> usize {
-    use crate::command::CommandV1;
-    match &e.payload {
-        openraft::EntryPayload::Normal(crate::Command::V1(CommandV1::Put { dataset, key, value, .. })) => {
-            64 + dataset.len() + key.len() + value.len()
+    fn command(c: &crate::command::CommandV1) -> usize {
+        use crate::command::CommandV1;
+        match c {
+            CommandV1::Put { dataset, key, value, .. } => 64 + dataset.len() + key.len() + value.len(),
+            CommandV1::Delete { dataset, key, .. } => 64 + dataset.len() + key.len(),
+            CommandV1::Batch(cmds) => 64 + cmds.iter().map(command).sum::<usize>(),
         }
+    }
+    match &e.payload {
+        openraft::EntryPayload::Normal(crate::Command::V1(c)) => command(c),
         _ => 64,
     }
 }
@@ -145,13 +156,20 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 
 impl LogStore {
     /// Open (or create) the log at `path` and start its writer thread.
+    /// The log alone, purging whatever openraft asks (for tests of the log by itself).
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        Self::open_with_purge_limit(path, Arc::new(AtomicU64::new(u64::MAX)))
+    }
+
+    /// Open (or create) the log, never dropping entries above `purge_limit` from the file: the
+    /// state machine's durable point ([`crate::StateMachineStore::durable_point`]).
+    pub fn open_with_purge_limit(path: &Path, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
         let db = Database::create(path).map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
-        Self::with_database(db)
+        Self::with_database(db, purge_limit)
     }
 
     /// Open over an already created redb database (for example one on a simulated disk).
-    pub fn with_database(db: Database) -> Result<Self, StorageError> {
+    pub fn with_database(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
         let load = || -> Result<MemState, redb::Error> {
             let txn = db.begin_write()?;
             {
@@ -178,12 +196,14 @@ impl LogStore {
                 durable_through: last_log_id.map_or(0, |l| l.index),
                 last_log_id,
                 last_purged,
+                purged_on_disk: last_purged,
                 vote,
                 committed,
             })
         };
         let mem = load().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
-        let shared = Arc::new(Shared { db, mem: Mutex::new(mem), stats: Arc::new(LogStoreStats::default()) });
+        let shared =
+            Arc::new(Shared { db, mem: Mutex::new(mem), stats: Arc::new(LogStoreStats::default()), purge_limit });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let writer_shared = shared.clone();
         std::thread::Builder::new()
@@ -420,16 +440,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    /// Openraft 0.9 may ask to purge up to a snapshot before the state machine has installed
+    /// that snapshot durably (install runs on its own worker). Dropping those entries from the
+    /// file at once would leave a crash with a state machine behind the log's start, and the
+    /// node could never restart. So the file keeps every entry above the state machine's
+    /// durable point; openraft is told the purge is done (it never reads purged entries), and
+    /// a later purge drops the rest.
     async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
-        {
+        let limit = self.shared.purge_limit.load(Ordering::SeqCst);
+        let (on_disk, last) = {
             let mut mem = self.shared.mem.lock().expect("log mem lock");
             assert!(mem.last_purged <= Some(upto), "purge must move forward");
             mem.remove_tail_where(|i| i <= upto.index);
+            (mem.purged_on_disk, mem.last_log_id)
+        };
+        let target = if upto.index <= limit {
+            Some(upto)
+        } else {
+            let idx = limit.min(last.map_or(0, |l| l.index));
+            match read_range(&self.shared, idx, idx)?.pop() {
+                Some(e) if Some(e.log_id) > on_disk => Some(e.log_id),
+                _ => None,
+            }
+        };
+        if let Some(target) = target.filter(|t| Some(*t) > on_disk) {
+            let (done, wait) = oneshot::channel();
+            self.submit(LogOp::Purge { upto: target, done }).await?;
+            let r = wait.await.unwrap_or_else(|_| Err(io_err("log writer stopped")));
+            r.map_err(|e| StorageIOError::write_logs(&e))?;
+            self.shared.mem.lock().expect("log mem lock").purged_on_disk = Some(target);
         }
-        let (done, wait) = oneshot::channel();
-        self.submit(LogOp::Purge { upto, done }).await?;
-        let r = wait.await.unwrap_or_else(|_| Err(io_err("log writer stopped")));
-        r.map_err(|e| StorageIOError::write_logs(&e))?;
         let mut mem = self.shared.mem.lock().expect("log mem lock");
         mem.last_purged = Some(upto);
         if mem.last_log_id < Some(upto) {

@@ -13,6 +13,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use meridian_core::{HlcTimestamp, RegionId, Version};
@@ -60,6 +61,9 @@ struct Shared {
     snapshot_path: PathBuf,
     /// Serialises snapshot building and installing against each other.
     snapshot_lock: Mutex<u64>,
+    /// Highest log index whose effects are durably on disk here; the log store never drops
+    /// entries above it.
+    durable: Arc<AtomicU64>,
 }
 
 /// The state machine handed to openraft.
@@ -67,6 +71,10 @@ pub struct StateMachineStore {
     shared: Arc<Shared>,
     applied: AppliedState,
     unsynced_entries: u64,
+}
+
+fn index_of(l: Option<LogId>) -> u64 {
+    l.map_or(0, |l| l.index)
 }
 
 /// A read-only handle for the request path: point reads and listings, never writes.
@@ -107,8 +115,15 @@ impl StateMachineStore {
             }
         };
         let applied = load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
-        let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0) });
+        // What was loaded from disk is durable by definition.
+        let durable = Arc::new(AtomicU64::new(index_of(applied.last_applied)));
+        let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0), durable });
         Ok(StateMachineStore { shared, applied, unsynced_entries: 0 })
+    }
+
+    /// The durable point to hand to [`crate::LogStore::open_with_purge_limit`].
+    pub fn durable_point(&self) -> Arc<AtomicU64> {
+        self.shared.durable.clone()
     }
 
     pub fn reader(&self) -> StateMachineReader {
@@ -150,6 +165,7 @@ impl StateMachineStore {
         txn.commit()?;
         if sync {
             self.unsynced_entries = 0;
+            self.shared.durable.fetch_max(index_of(applied.last_applied), Ordering::SeqCst);
         }
         self.applied = applied;
         Ok(results)
@@ -275,11 +291,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let build = || -> Result<(SnapshotMeta, Vec<u8>), redb::Error> {
             let mut counter = self.shared.snapshot_lock.lock().expect("snapshot lock");
-            // Make everything applied so far durable before describing it: openraft purges
-            // the log up to this snapshot once it completes.
+            // Take the read view first, then make everything committed so far durable: the
+            // state the snapshot describes is then on disk before openraft may purge the log
+            // up to it (applies keep running concurrently; anything they commit after the
+            // read is not described).
+            let r = self.shared.db.begin_read()?;
             let txn = self.shared.db.begin_write()?;
             txn.commit()?;
-            let r = self.shared.db.begin_read()?;
             let meta_t = r.open_table(META)?;
             let applied: AppliedState = match meta_t.get(META_APPLIED)? {
                 Some(v) => decode(v.value()).map_err(corrupt)?,
@@ -291,6 +309,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item?;
                 objects.push((k.value().to_vec(), v.value().to_vec()));
             }
+            // The commit above made at least the state read here durable.
+            self.shared.durable.fetch_max(index_of(applied.last_applied), Ordering::SeqCst);
             *counter += 1;
             let last = applied.last_applied;
             let snapshot_id = match last {
@@ -360,7 +380,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let install = || -> Result<AppliedState, redb::Error> {
             let _guard = self.shared.snapshot_lock.lock().expect("snapshot lock");
             let snap: SnapshotData = decode(&data).map_err(corrupt)?;
-            assert_eq!(snap.applied.last_applied, meta.last_log_id, "snapshot data disagrees with its meta");
+            if snap.applied.last_applied != meta.last_log_id {
+                return Err(corrupt(format!(
+                    "snapshot data ends at {:?} but its meta says {:?}",
+                    snap.applied.last_applied, meta.last_log_id
+                )));
+            }
             let txn = self.shared.db.begin_write()?;
             {
                 let mut objects = txn.open_table(OBJECTS)?;
@@ -372,6 +397,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 meta_t.insert(META_APPLIED, encode(&snap.applied).as_slice())?;
             }
             txn.commit()?;
+            self.shared.durable.store(index_of(snap.applied.last_applied), Ordering::SeqCst);
             write_snapshot_file(&self.shared.snapshot_path, meta, &data).map_err(redb::Error::Io)?;
             Ok(snap.applied)
         };

@@ -207,3 +207,46 @@ async fn a_batch_applies_in_order_with_one_result_per_write() {
     assert!(vb.seq == va.seq + 1 && vb.hlc > va.hlc, "versions in a batch still strictly increase");
     assert_eq!(sm.reader().get("d", "a").unwrap().unwrap().value.as_deref(), Some(&b"1"[..]));
 }
+
+async fn reopen(path: &std::path::Path, limit: std::sync::Arc<std::sync::atomic::AtomicU64>) -> LogStore {
+    // The writer thread holds the database until its channel closes; wait for that.
+    loop {
+        match LogStore::open_with_purge_limit(path, limit.clone()) {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn purge_never_drops_what_the_state_machine_may_have_to_reapply() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    // The state machine holds entries up to 4 durably.
+    let limit = Arc::new(AtomicU64::new(4));
+    {
+        let mut log = LogStore::open_with_purge_limit(&path, limit.clone()).unwrap();
+        log.blocking_append((1..=10).map(|i| put(i, "k", "v", 1, Condition::Always)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        log.purge(log_id(1, 8)).await.unwrap();
+        // Openraft sees the purge it asked for...
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(1, 8)));
+    }
+    // ...but after a crash the file still holds everything above the durable point.
+    {
+        let mut log = reopen(&path, limit.clone()).await;
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(1, 4)));
+        let idx: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
+        assert_eq!(idx, (5..=10).collect::<Vec<_>>());
+        // Once the state machine is durable further, the next purge drops the rest.
+        limit.store(10, Ordering::SeqCst);
+        log.purge(log_id(1, 9)).await.unwrap();
+    }
+    let mut log = reopen(&path, limit).await;
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 9)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 10)));
+}
