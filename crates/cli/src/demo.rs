@@ -32,21 +32,25 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut nodes: Vec<Arc<Node>> = Vec::new();
     let mut servers = Vec::new();
-    for spec in config.topology.nodes() {
-        let mut rx = stop_rx.clone();
-        let dir = root.join(format!("node-{}", spec.id));
-        let (node, serving) = start_node(config.clone(), spec.id, dir, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await
-        .with_context(|| format!("start demo node {} (is another demo running? try --base-port)", spec.id))?;
-        nodes.push(node);
-        servers.push(serving);
-    }
-    // Every voter is listening now: form the groups, so no first election knocks on a door
-    // that is not open yet.
-    for n in &nodes {
-        n.bootstrap().await?;
+    // Region by region: start its voters, then form its group as soon as all of them listen,
+    // so that no first election knocks on a door that is not open yet.
+    for region in config.topology.regions() {
+        let first = nodes.len();
+        for spec in config.topology.region_nodes(&region.name) {
+            let mut rx = stop_rx.clone();
+            let dir = root.join(format!("node-{}", spec.id));
+            let (node, serving) = start_node(config.clone(), spec.id, dir, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .with_context(|| format!("start demo node {} (is another demo running? try --base-port)", spec.id))?;
+            nodes.push(node);
+            servers.push(serving);
+        }
+        // One voter forms the group; the others learn the membership from its first
+        // AppendEntries. (Initializing all three also works, but whichever voted before its
+        // own turn makes openraft log a harmless refusal that would alarm a demo user.)
+        nodes[first].bootstrap().await?;
     }
     wait_for_leaders(&nodes).await?;
     print_banner(&config, &root, base_port);
