@@ -618,3 +618,28 @@ fn peer_error(node: NodeId, e: PeerError) -> NodeError {
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unknown outcome must survive the trip between nodes: turning it into anything a
+    /// client may retry blindly could apply a write twice.
+    #[test]
+    fn unknown_outcomes_stay_unknown_across_the_peer_protocol() {
+        let e = to_peer_error(NodeError::OutcomeUnknown("x".into()));
+        assert_eq!(e, PeerError::OutcomeUnknown("x".into()));
+        assert!(matches!(peer_error(3, e), NodeError::OutcomeUnknown(_)));
+        // Only a refusal before proposing is retryable.
+        assert!(matches!(peer_error(3, PeerError::NotLeader { leader: Some(2) }), NodeError::NoLeader));
+    }
+
+    #[test]
+    fn forward_to_leader_after_proposing_is_an_unknown_outcome() {
+        let e = RaftError::APIError(ClientWriteError::ForwardToLeader(openraft::error::ForwardToLeader {
+            leader_id: Some(2),
+            leader_node: None,
+        }));
+        assert!(matches!(write_error(e), LocalError::Other(NodeError::OutcomeUnknown(_))));
+    }
+}

@@ -101,3 +101,20 @@ mod tests {
         assert_eq!(rows, ErrorCode::ALL.len(), "docs/errors.md lists codes that do not exist");
     }
 }
+
+#[cfg(test)]
+mod mapping_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_outcome_is_a_gateway_timeout_not_a_retryable_503() {
+        let e = ApiError::from(NodeError::OutcomeUnknown("lost".into()));
+        assert_eq!(e.body.code, ErrorCode::OutcomeUnknown);
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(resp.headers().get("retry-after").is_none());
+        let resp = ApiError::from(NodeError::NoLeader).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()["retry-after"], "1");
+    }
+}
