@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod peer;
 pub mod transport;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -587,11 +587,6 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-    }
-
-    /// The voters of this node's region.
-    pub fn region_voters(&self) -> BTreeSet<NodeId> {
-        self.topology.region_nodes(&self.spec.region).into_iter().map(|n| n.id).collect()
     }
 }
 

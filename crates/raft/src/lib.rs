@@ -36,14 +36,12 @@ openraft::declare_raft_types!(
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;
-pub type NodeIdOf = u64;
 pub type LogId = openraft::LogId<u64>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type Vote = openraft::Vote<u64>;
 pub type StorageError = openraft::StorageError<u64>;
 pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
-pub type RaftMetrics = openraft::RaftMetrics<u64, openraft::BasicNode>;
 
 /// Leading byte of every record this crate writes to disk; bump it and add a migration step
 /// when a stored format changes.

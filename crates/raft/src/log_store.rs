@@ -48,7 +48,6 @@ pub const WRITE_QUEUE_MAX: usize = 4096;
 pub struct LogStoreStats {
     pub fsyncs_total: AtomicU64,
     pub entries_written_total: AtomicU64,
-    pub ops_written_total: AtomicU64,
 }
 
 enum LogOp {
@@ -237,7 +236,6 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
         if result.is_ok() {
             let stats = &shared.stats;
             stats.fsyncs_total.fetch_add(1, Ordering::Relaxed);
-            stats.ops_written_total.fetch_add(batch.len() as u64, Ordering::Relaxed);
             let mut mem = shared.mem.lock().expect("log mem lock");
             for op in &batch {
                 if let LogOp::Append { entries, .. } = op {

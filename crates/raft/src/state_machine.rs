@@ -270,16 +270,6 @@ impl StateMachineReader {
         }
         Ok(out)
     }
-
-    /// The applied state as last committed (visible to readers).
-    pub fn applied(&self) -> Result<AppliedState, redb::Error> {
-        let txn = self.shared.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        match meta.get(META_APPLIED)? {
-            Some(v) => decode(v.value()).map_err(corrupt),
-            None => Ok(AppliedState::default()),
-        }
-    }
 }
 
 /// Builds snapshots from a consistent read of the state machine.
