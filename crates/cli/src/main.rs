@@ -3,6 +3,7 @@
 
 mod commands;
 mod demo;
+mod policy;
 mod run;
 
 use std::path::PathBuf;
@@ -118,8 +119,32 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Policy documents: check them offline, and (against a cluster) plan, apply and explain.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Benchmark in-region writes against a three-member etcd cluster (needs Debian's etcd-server).
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file offline (TOML, or YAML for .yaml/.yml) and print its version id.
+    ///
+    /// Reports every problem at once as FILE:LINE:COLUMN: error[RULE]: message, each with a
+    /// hint; exits non-zero if there is any. The rules are listed in docs/policy.md.
+    Check {
+        /// The policy document.
+        file: PathBuf,
+        /// Check region names against this cluster configuration's topology (without it, names
+        /// are checked for form only).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the result as JSON (problems with line, column, rule, message and hint).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,6 +208,9 @@ fn main() -> std::process::ExitCode {
                 commands::list(&client, &dataset, prefix, limit, cursor, &consistency).await
             }
             Command::Cluster { command: ClusterCommand::Status { client } } => commands::cluster_status(&client).await,
+            Command::Policy { command: PolicyCommand::Check { file, config, json } } => {
+                policy::check(&file, config.as_deref(), json)
+            }
             Command::Bench(b) => bench(b).await,
         }
     });
