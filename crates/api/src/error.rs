@@ -47,6 +47,13 @@ codes! {
     Unavailable => "unavailable": "The node that must serve this request cannot be reached. Retry after the Retry-After delay.",
     OutcomeUnknown => "outcome_unknown": "The write was sent to the leader but no answer came back in time; it may or may not have been applied. Read the key before retrying a non-idempotent write.",
     ClockSkew => "clock_skew": "The node's hybrid clock would run too far ahead of its wall clock; the node's clock needs attention.",
+    PolicyInvalid => "policy_invalid": "The policy document breaks one or more rules; `problems` lists each with its line, column, rule and hint. Nothing was changed.",
+    PolicyVersionNotFound => "policy_version_not_found": "No stored policy version has this id (or the prefix is shorter than 8 characters or matches several).",
+    PolicyConflict => "policy_conflict": "Another policy change was made at the same time; nothing was changed. Look at the history and retry.",
+    NoPolicy => "no_policy": "The cluster has no active policy yet, so there is nothing to explain or roll back.",
+    DatasetNotInPolicy => "dataset_not_in_policy": "The active policy does not name this dataset and has no [default]; nothing was written.",
+    HomeUnknown => "home_unknown": "The dataset is user-homed and the key has neither a `region/` prefix nor a `home` parameter, or they disagree, or that home is not allowed.",
+    PolicyRefused => "policy_refused": "The region that received the write is not a home for this key under its active policy; nothing was written. Retry: the gateway routes by the newest policy.",
     Internal => "internal": "An unexpected failure inside the node. It is logged with details; the request may be retried.",
 }
 
@@ -63,11 +70,14 @@ pub struct ErrorBody {
     /// For `precondition_failed`: the key's current version, if it has a live value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_version: Option<String>,
+    /// For `policy_invalid`: every problem in the document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<crate::policy::PolicyProblem>>,
 }
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody { code, message: message.into(), hint: None, current_version: None }
+        ErrorBody { code, message: message.into(), hint: None, current_version: None, problems: None }
     }
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());

@@ -5,12 +5,15 @@
 //! error-to-status table, and clients read the `code` field, never the message text.
 
 pub mod error;
+pub mod policy;
 pub mod types;
 
 pub use error::{ErrorBody, ErrorCode};
+pub use policy::*;
 pub use types::*;
 
 /// Header naming the node that served a request: `region/zone/node-ID`.
 pub const HEADER_SERVED_BY: &str = "meridian-served-by";
-/// Header saying why that node served it (`leader`, `local`, `forwarded-to-leader`).
+/// Header saying why that node served it (`leader`, `local`, `forwarded-to-leader`,
+/// `forwarded-to-home`).
 pub const HEADER_ROUTE_REASON: &str = "meridian-route-reason";

@@ -94,6 +94,17 @@ pub struct ReadQuery {
     /// `strong` (default: linearizable, served by the region's leader) or `local` (served
     /// by the node asked, from what it has applied).
     pub consistency: Option<String>,
+    /// For user-homed datasets whose keys carry no `region/` prefix: the key's home region.
+    pub home: Option<String>,
+}
+
+/// Query parameters of a write (PUT or DELETE).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct WriteQuery {
+    /// For user-homed datasets whose keys carry no `region/` prefix: the key's home region.
+    pub home: Option<String>,
 }
 
 /// Query parameters of a key listing.
@@ -108,6 +119,8 @@ pub struct ListQuery {
     pub cursor: Option<String>,
     /// `strong` (default) or `local`.
     pub consistency: Option<String>,
+    /// For user-homed datasets: list the keys homed in this region.
+    pub home: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

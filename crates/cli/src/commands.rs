@@ -10,12 +10,12 @@ use serde::Serialize;
 
 use crate::ClientOpts;
 
-fn client(opts: &ClientOpts) -> Client {
-    Client::new(&opts.endpoint, Duration::from_secs(opts.timeout_secs))
+pub(crate) fn client(opts: &ClientOpts) -> Client {
+    Client::new(&opts.endpoint, Duration::from_secs(opts.timeout_secs)).with_home(opts.home.clone())
 }
 
 /// Turn a client error into the CLI's message: code first, so scripts can grep it.
-fn fail(e: ClientError) -> anyhow::Error {
+pub(crate) fn fail(e: ClientError) -> anyhow::Error {
     match e {
         ClientError::Api { status, body } => {
             let mut msg = format!("{} (HTTP {status}): {}", body.code.as_str(), body.message);
@@ -31,7 +31,7 @@ fn fail(e: ClientError) -> anyhow::Error {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) {
+pub(crate) fn print_json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("API types serialize"));
 }
 

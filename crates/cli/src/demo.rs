@@ -15,6 +15,9 @@ use crate::run::start_node;
 /// How long the demo waits for every region to elect a leader before it gives up.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The sample policy the demo applies on first start (one dataset of each kind of rule).
+pub const DEMO_POLICY: &str = include_str!("demo-policy.toml");
+
 pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let config = ClusterConfig::demo(base_port);
     // A temporary directory unless the user asked to keep the data.
@@ -53,7 +56,8 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()
         nodes[first].bootstrap().await?;
     }
     wait_for_leaders(&nodes).await?;
-    print_banner(&config, &root, base_port);
+    let policy = apply_demo_policy(&nodes[0]).await?;
+    print_banner(&config, &root, base_port, &policy);
 
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
     eprintln!("\nstopping the demo...");
@@ -83,7 +87,28 @@ async fn wait_for_leaders(nodes: &[Arc<Node>]) -> anyhow::Result<()> {
     }
 }
 
-fn print_banner(config: &ClusterConfig, root: &std::path::Path, base_port: u16) {
+/// Apply the sample policy unless the cluster already has one (a reused --data-dir).
+async fn apply_demo_policy(node: &Node) -> anyhow::Result<String> {
+    let (active, _) = node.policy_status().await;
+    if let Some(entry) = active.context("read the active policy")? {
+        return Ok(format!("policy {} (epoch {}, kept from the data directory)", &entry.version[..12], entry.epoch));
+    }
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let full =
+        meridian_policy::Rollout { mode: meridian_policy::Mode::Enforce, percent: meridian_policy::Rollout::FULL };
+    let outcome = node
+        .policy_apply(DEMO_POLICY, meridian_policy::Format::Toml, "demo-policy.toml", full, "apply", now_ms)
+        .await
+        .map_err(|e| anyhow::anyhow!("apply the demo policy: {e}"))?;
+    Ok(format!(
+        "policy {} (epoch {}): {}",
+        &outcome.entry.version[..12],
+        outcome.entry.epoch,
+        outcome.entry.datasets.join(", ")
+    ))
+}
+
+fn print_banner(config: &ClusterConfig, root: &std::path::Path, base_port: u16, policy: &str) {
     let t = &config.topology;
     println!("Meridian demo: {} regions, {} nodes, data in {}", t.regions().len(), t.nodes().len(), root.display());
     println!();
@@ -102,17 +127,21 @@ fn print_banner(config: &ClusterConfig, root: &std::path::Path, base_port: u16) 
     let ep = format!("http://127.0.0.1:{base_port}");
     let eu = format!("http://127.0.0.1:{}", base_port + 3);
     println!();
-    println!("Try (any node takes any request; followers forward to their region's leader):");
+    println!("Active {policy}");
+    println!();
+    println!("Try (any node takes any request and routes it to a home region of the key):");
     println!(
-        "  curl -s -X PUT -H 'content-type: application/json' -d '{{\"name\":\"Ada\"}}' {ep}/v1/datasets/users/keys/u1"
+        "  curl -s -X PUT -H 'content-type: application/json' -d '{{\"name\":\"Lamp\"}}' {eu}/v1/datasets/catalog/keys/sku-1"
     );
-    println!("  curl -s {ep}/v1/datasets/users/keys/u1");
-    println!("  cargo run --release -- get users u1 --endpoint {ep}");
-    println!("  cargo run --release -- list users --endpoint {ep}");
+    println!("  cargo run --release -- get catalog sku-1 --endpoint {ep}");
+    println!("  cargo run --release -- put profiles eu-west/alice '{{\"name\":\"Alice\"}}' --endpoint {ep}");
+    println!("  cargo run --release -- policy explain profiles eu-west/alice --endpoint {ep}");
+    println!("  cargo run --release -- policy history --endpoint {ep}");
+    println!("  cargo run --release -- put users u1 1 --endpoint {ep}    # refused: not in the policy");
     println!("  cargo run --release -- cluster status --endpoint {eu}");
     println!("  curl -s {ep}/metrics | grep meridian_raft");
     println!("  curl -s {ep}/v1/openapi.json");
     println!();
-    println!("Each region is its own Raft group for now: a key written in us-east lives in us-east.");
+    println!("Cross-region mirrors are not running yet: a key lives in its home regions only.");
     println!("Press Ctrl-C to stop.");
 }

@@ -38,6 +38,10 @@ pub struct ClientOpts {
     /// Give up on a request after this many seconds.
     #[arg(long, global = true, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout_secs: u64,
+    /// For user-homed datasets: the key's home region, when the key has no `region/` prefix.
+    /// Give the same one on every request for that key (it is stored only there).
+    #[arg(long, global = true)]
+    pub home: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -119,7 +123,8 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// Policy documents: check them offline, and (against a cluster) plan, apply and explain.
+    /// Policy documents: check them offline; against a cluster, plan, apply, list, show, roll back
+    /// and explain them.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -144,6 +149,81 @@ enum PolicyCommand {
         /// Print the result as JSON (problems with line, column, rule, message and hint).
         #[arg(long)]
         json: bool,
+    },
+    /// Show what applying a policy file would change, without changing anything.
+    ///
+    /// Prints the active and proposed versions, then per dataset the regions that would gain
+    /// copies (with the bytes to copy) and lose them (with the bytes to purge), the replication
+    /// links opened and closed, and the regions whose sizes could not be read. A document that
+    /// breaks rules is reported like `check` does, as FILE:LINE:COLUMN: error[RULE]: message.
+    Plan {
+        /// The policy document (TOML, or YAML for .yaml/.yml).
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Validate a policy file on the cluster and make it the active version.
+    ///
+    /// The new entry is recorded in the history by the authority region and copied to the
+    /// others; regions not reached yet are listed as pending and catch up in the background.
+    /// Run `meridian policy plan FILE` first to see what would move.
+    Apply {
+        /// The policy document (TOML, or YAML for .yaml/.yml).
+        file: PathBuf,
+        /// Apply in shadow mode: keys stay governed by the enforced version, and `explain`
+        /// shows where the new one would place them.
+        #[arg(long, conflicts_with = "enforce")]
+        shadow: bool,
+        /// Enforce the new version (the default).
+        #[arg(long)]
+        enforce: bool,
+        /// Roll out to this share of keys (1-100, by a stable hash of dataset and key); the
+        /// others stay under the enforced version.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+        percent: u8,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List the policy history, newest first: epoch, version, action, mode, share, base, time.
+    History {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show the active policy entry and which epoch each region's copy holds.
+    Status {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Print a stored version's document as it was written (details go to stderr).
+    Show {
+        /// A version id, or a unique prefix of at least 8 hex characters.
+        version: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Activate an earlier version again, recorded as a new history entry.
+    Rollback {
+        /// A version id, or a unique prefix of at least 8 hex characters (see `policy history`).
+        version: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Explain where a key's copies live under the active policy, and why.
+    ///
+    /// Prints the governing version and rules, each region's role (home, mirror or none) with
+    /// the reason, the replication links with their schedules, and the key's consistency,
+    /// conflict, failover, retention, encryption and quarantine settings. Under a shadow
+    /// rollout it also shows where the shadow version would place the key.
+    Explain {
+        /// The dataset.
+        dataset: String,
+        /// The key.
+        key: String,
+        /// For user-homed datasets whose keys carry no `region/` prefix: the key's home region.
+        #[arg(long)]
+        home: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -208,9 +288,20 @@ fn main() -> std::process::ExitCode {
                 commands::list(&client, &dataset, prefix, limit, cursor, &consistency).await
             }
             Command::Cluster { command: ClusterCommand::Status { client } } => commands::cluster_status(&client).await,
-            Command::Policy { command: PolicyCommand::Check { file, config, json } } => {
-                policy::check(&file, config.as_deref(), json)
-            }
+            Command::Policy { command } => match command {
+                PolicyCommand::Check { file, config, json } => policy::check(&file, config.as_deref(), json),
+                PolicyCommand::Plan { file, client } => policy::plan(&client, &file).await,
+                PolicyCommand::Apply { file, shadow, enforce: _, percent, client } => {
+                    policy::apply(&client, &file, shadow, percent).await
+                }
+                PolicyCommand::History { client } => policy::history(&client).await,
+                PolicyCommand::Status { client } => policy::status(&client).await,
+                PolicyCommand::Show { version, client } => policy::show(&client, &version).await,
+                PolicyCommand::Rollback { version, client } => policy::rollback(&client, &version).await,
+                PolicyCommand::Explain { dataset, key, home, client } => {
+                    policy::explain(&client, &dataset, &key, home.as_deref()).await
+                }
+            },
             Command::Bench(b) => bench(b).await,
         }
     });

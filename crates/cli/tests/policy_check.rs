@@ -55,7 +55,8 @@ fn with_a_cluster_configuration_region_names_must_exist() {
     let config = dir.path().join("cluster.toml");
     std::fs::write(&config, meridian_node::config::ClusterConfig::demo(7000).to_toml()).unwrap();
     // The sample names eu-central, which the demo topology does not have.
-    let (code, _, err) = run(&["policy", "check", "--config", config.to_str().unwrap(), &corpus("00-valid-sample.toml")]);
+    let (code, _, err) =
+        run(&["policy", "check", "--config", config.to_str().unwrap(), &corpus("00-valid-sample.toml")]);
     assert_eq!(code, 1);
     assert!(err.contains("error[unknown_region]: allowed names \"eu-central\""), "{err}");
     let policy = dir.path().join("p.toml");

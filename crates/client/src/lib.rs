@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use meridian_api::{
-    ClusterResponse, DeleteResponse, ErrorBody, ErrorCode, GetResponse, HealthResponse, ListResponse, PutResponse,
+    ClusterResponse, DeleteResponse, ErrorBody, ErrorCode, Explanation, GetResponse, HealthResponse, ListResponse,
+    PolicyApplyRequest, PolicyApplyResponse, PolicyDocumentBody, PolicyHistory, PolicyPlan, PolicyRollbackRequest,
+    PolicyStatus, PolicyVersionBody, PutResponse,
 };
 use serde::de::DeserializeOwned;
 
@@ -45,6 +47,8 @@ pub enum Precondition {
 pub struct Client {
     endpoint: String,
     http: reqwest::Client,
+    /// The `home` parameter sent with key requests (user-homed datasets).
+    home: Option<String>,
 }
 
 /// Percent-encode one path segment (everything but unreserved characters).
@@ -64,6 +68,15 @@ fn encode_query(s: &str) -> String {
     encode_segment(s)
 }
 
+/// The path and query of `GET /v1/policy/explain` for one key.
+fn explain_path(dataset: &str, key: &str, home: Option<&str>) -> String {
+    let mut path = format!("/v1/policy/explain?dataset={}&key={}", encode_query(dataset), encode_query(key));
+    if let Some(h) = home {
+        path.push_str(&format!("&home={}", encode_query(h)));
+    }
+    path
+}
+
 impl Client {
     /// A client for the node at `endpoint` (e.g. `http://127.0.0.1:7000`), with a
     /// per-request deadline.
@@ -74,15 +87,30 @@ impl Client {
             .no_proxy()
             .build()
             .expect("build HTTP client");
-        Client { endpoint: endpoint.trim_end_matches('/').to_owned(), http }
+        Client { endpoint: endpoint.trim_end_matches('/').to_owned(), http, home: None }
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint)
+    }
+
+    /// Send `home=REGION` with every key request: the home of keys of user-homed datasets that
+    /// carry no `region/` prefix.
+    pub fn with_home(mut self, home: Option<String>) -> Self {
+        self.home = home;
+        self
+    }
+
     fn key_url(&self, dataset: &str, key: &str) -> String {
-        format!("{}/v1/datasets/{}/keys/{}", self.endpoint, encode_segment(dataset), encode_segment(key))
+        let mut url = format!("{}/v1/datasets/{}/keys/{}", self.endpoint, encode_segment(dataset), encode_segment(key));
+        if let Some(h) = &self.home {
+            url.push_str(&format!("?home={}", encode_query(h)));
+        }
+        url
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
@@ -137,7 +165,8 @@ impl Client {
     pub async fn get(&self, dataset: &str, key: &str, consistency: Option<&str>) -> Result<GetResponse, ClientError> {
         let mut url = self.key_url(dataset, key);
         if let Some(c) = consistency {
-            url.push_str(&format!("?consistency={}", encode_query(c)));
+            let sep = if url.contains('?') { '&' } else { '?' };
+            url.push_str(&format!("{sep}consistency={}", encode_query(c)));
         }
         self.send(self.http.get(url)).await
     }
@@ -176,6 +205,9 @@ impl Client {
         if let Some(c) = consistency {
             params.push(format!("consistency={}", encode_query(c)));
         }
+        if let Some(h) = &self.home {
+            params.push(format!("home={}", encode_query(h)));
+        }
         let mut url = format!("{}/v1/datasets/{}/keys", self.endpoint, encode_segment(dataset));
         if !params.is_empty() {
             url.push('?');
@@ -203,6 +235,56 @@ impl Client {
             message: e.to_string(),
         })
     }
+
+    /// `GET /v1/policy`: the active policy entry and each region's copy of it.
+    pub async fn policy_status(&self) -> Result<PolicyStatus, ClientError> {
+        self.send(self.http.get(self.url("/v1/policy"))).await
+    }
+
+    /// `POST /v1/policy`: validate a policy document and activate it (enforced or shadow, for a
+    /// share of keys). A document that breaks rules fails with `policy_invalid`, its `problems`
+    /// listing each one.
+    pub async fn policy_apply(&self, req: &PolicyApplyRequest) -> Result<PolicyApplyResponse, ClientError> {
+        self.send(self.http.post(self.url("/v1/policy")).json(req)).await
+    }
+
+    /// `POST /v1/policy/plan`: what applying a document would change. Changes nothing.
+    pub async fn policy_plan(&self, doc: &PolicyDocumentBody) -> Result<PolicyPlan, ClientError> {
+        self.send(self.http.post(self.url("/v1/policy/plan")).json(doc)).await
+    }
+
+    /// `GET /v1/policy/versions`: the policy history, newest first.
+    pub async fn policy_history(&self) -> Result<PolicyHistory, ClientError> {
+        self.send(self.http.get(self.url("/v1/policy/versions"))).await
+    }
+
+    /// `GET /v1/policy/versions/{version}`: one stored version as it was written. `version` is a
+    /// full id or a unique prefix of at least 8 hex characters.
+    pub async fn policy_version(&self, version: &str) -> Result<PolicyVersionBody, ClientError> {
+        self.send(self.http.get(self.url(&format!("/v1/policy/versions/{}", encode_segment(version))))).await
+    }
+
+    /// `POST /v1/policy/rollback`: activate an earlier version again, as a new history entry.
+    pub async fn policy_rollback(&self, version: &str) -> Result<PolicyApplyResponse, ClientError> {
+        let req = PolicyRollbackRequest { version: version.to_owned() };
+        self.send(self.http.post(self.url("/v1/policy/rollback")).json(&req)).await
+    }
+
+    /// `GET /v1/policy/explain`: where a key's copies live under the active policy, and why.
+    /// `home` names the key's home for user-homed datasets whose keys carry no `region/` prefix.
+    pub async fn policy_explain(
+        &self,
+        dataset: &str,
+        key: &str,
+        home: Option<&str>,
+    ) -> Result<Explanation, ClientError> {
+        self.send(self.http.get(self.url(&explain_path(dataset, key, home)))).await
+    }
+
+    /// `GET /v1/policy/schema`: the JSON Schema of a policy document.
+    pub async fn policy_schema(&self) -> Result<serde_json::Value, ClientError> {
+        self.send(self.http.get(self.url("/v1/policy/schema"))).await
+    }
 }
 
 #[cfg(test)]
@@ -213,5 +295,14 @@ mod tests {
     fn segments_are_encoded() {
         assert_eq!(encode_segment("eu-west/u:1 ü"), "eu-west%2Fu%3A1%20%C3%BC");
         assert_eq!(encode_segment("plain_key.1~"), "plain_key.1~");
+    }
+
+    #[test]
+    fn explain_queries_are_encoded() {
+        assert_eq!(explain_path("users", "eu-west/u 1", None), "/v1/policy/explain?dataset=users&key=eu-west%2Fu%201");
+        assert_eq!(
+            explain_path("users", "a&b=c", Some("us-east")),
+            "/v1/policy/explain?dataset=users&key=a%26b%3Dc&home=us-east"
+        );
     }
 }

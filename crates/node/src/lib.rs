@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod peer;
+pub mod policy;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -31,7 +32,9 @@ use openraft::{BasicNode, ServerState};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ClusterConfig;
 use crate::metrics::{KindLabels, Metrics};
-use crate::peer::{PeerError, PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteRequest};
+use crate::peer::{
+    PeerError, PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteOp, WriteRequest,
+};
 use crate::transport::HttpTransport;
 
 /// How long a write or strong read may take end to end, forwarding included.
@@ -54,6 +57,15 @@ pub enum NodeError {
     ClockSkew(String),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The active policy neither names the dataset nor has a default.
+    #[error("{0}")]
+    DatasetNotInPolicy(String),
+    /// A user-homed key whose home cannot be found, or is not allowed.
+    #[error("{0}")]
+    HomeUnknown(String),
+    /// The region asked is not a home for the key under its own active policy.
+    #[error("{0}")]
+    PolicyRefused(String),
     #[error("internal failure: {0}")]
     Internal(String),
 }
@@ -64,6 +76,8 @@ pub enum RouteReason {
     Leader,
     Local,
     ForwardedToLeader,
+    /// Sent to a home region of the key (another region's leader).
+    ForwardedToHome,
 }
 
 impl RouteReason {
@@ -72,6 +86,7 @@ impl RouteReason {
             RouteReason::Leader => "leader",
             RouteReason::Local => "local",
             RouteReason::ForwardedToLeader => "forwarded-to-leader",
+            RouteReason::ForwardedToHome => "forwarded-to-home",
         }
     }
 }
@@ -127,6 +142,7 @@ pub struct Node {
     log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
     log_stats_seen: Mutex<(u64, u64)>,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
+    policy: policy::PolicyCache,
 }
 
 #[derive(Debug, Clone)]
@@ -249,7 +265,7 @@ impl Node {
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log, sm).await?;
         let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
         tokio::spawn(run_proposer(raft.clone(), proposal_rx));
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             hlc: Mutex::new(Hlc::new(config.clock.max_offset_ms)),
             spec,
             config,
@@ -262,7 +278,13 @@ impl Node {
             log_stats,
             log_stats_seen: Mutex::new((0, 0)),
             proposals,
-        }))
+            policy: policy::PolicyCache::default(),
+        });
+        if let Err(e) = node.refresh_policy() {
+            tracing::warn!(error = %e, "load the policy copy");
+        }
+        node.spawn_policy_sync();
+        Ok(node)
     }
 
     /// Form the region's group on first start. Every voter calls this with the same
@@ -337,13 +359,35 @@ impl Node {
 
     // ---- writes -------------------------------------------------------------------------
 
-    /// Apply a write in the region, forwarding it to the leader if this node is not it.
+    /// Apply a write in this node's region, forwarding it to the leader if this node is not it.
     pub async fn write(&self, req: WriteRequest) -> Result<(CommandResult, Served), NodeError> {
+        self.write_local(WriteOp::One(req)).await
+    }
+
+    /// Apply a write in `region`: here (through this region's leader), or at another region's
+    /// leader over the peer transport.
+    pub async fn write_in(&self, region: &RegionId, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
+        if *region == self.spec.region {
+            return self.write_local(op).await;
+        }
+        let request = || match &op {
+            WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
+            WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
+        };
+        let unpack = |r| match r {
+            PeerResponseV1::Write(r) => Some(r),
+            _ => None,
+        };
+        let (result, node) = self.call_region(region, request, unpack, false).await?;
+        Ok((result, Served { node, reason: RouteReason::ForwardedToHome }))
+    }
+
+    async fn write_local(&self, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let leader = match self.write_here(&req).await {
+            let leader = match self.write_here(&op).await {
                 Ok(result) => return Ok((result, Served { node: self.spec.id, reason: RouteReason::Leader })),
                 Err(LocalError::Other(e)) => return Err(e),
                 Err(LocalError::NotLeader(leader)) => leader,
@@ -351,7 +395,11 @@ impl Node {
             if let Some(leader) = leader.filter(|&l| l != self.spec.id) {
                 self.metrics.forwarded.get_or_create(&KindLabels { kind: "write".into() }).inc();
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.transport.call(leader, PeerRequestV1::Write(req.clone()), remaining).await {
+                let request = match &op {
+                    WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
+                    WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
+                };
+                match self.transport.call(leader, request, remaining).await {
                     Ok(PeerResponseV1::Write(Ok(result))) => {
                         return Ok((result, Served { node: leader, reason: RouteReason::ForwardedToLeader }))
                     }
@@ -373,10 +421,82 @@ impl Node {
         }
     }
 
+    /// Send a request to the leader of another region: any of its nodes first, then the
+    /// leader it names. A request that may have been applied is retried only if `idempotent`.
+    async fn call_region<T>(
+        &self,
+        region: &RegionId,
+        request: impl Fn() -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+        idempotent: bool,
+    ) -> Result<(T, NodeId), NodeError> {
+        let nodes: Vec<NodeId> = self.topology.region_nodes(region).iter().map(|n| n.id).collect();
+        if nodes.is_empty() {
+            return Err(NodeError::Internal(format!("region {region} has no nodes")));
+        }
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut next = 0usize;
+        let mut hint: Option<NodeId> = None;
+        let mut last_error = String::from("no answer");
+        for attempt in 1..=LEADER_ATTEMPTS_MAX {
+            let target = hint.take().filter(|h| nodes.contains(h)).unwrap_or_else(|| {
+                next += 1;
+                nodes[(next - 1) % nodes.len()]
+            });
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            match self.transport.call(target, request(), remaining).await {
+                Ok(reply) => match unpack(reply) {
+                    Some(Ok(v)) => return Ok((v, target)),
+                    Some(Err(PeerError::NotLeader { leader })) => {
+                        last_error = format!("node {target} is not the leader");
+                        if leader.is_some() && leader != Some(target) {
+                            hint = leader;
+                            continue;
+                        }
+                    }
+                    Some(Err(e)) => return Err(peer_error(target, e)),
+                    None => return Err(NodeError::Internal(format!("node {target} sent an unexpected reply"))),
+                },
+                Err(RpcFailure::Unreachable(e)) => last_error = format!("node {target}: {e}"),
+                Err(e) if idempotent => last_error = format!("node {target}: {e}"),
+                Err(e) => return Err(NodeError::OutcomeUnknown(e.to_string())),
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+        Err(NodeError::Unavailable { node: nodes[0], reason: format!("region {region}: {last_error}") })
+    }
+
     /// Propose a write to the local Raft group if this node leads it.
-    async fn write_here(&self, req: &WriteRequest) -> Result<CommandResult, LocalError> {
+    async fn write_here(&self, op: &WriteOp) -> Result<CommandResult, LocalError> {
         if self.raft.metrics().borrow().state != ServerState::Leader {
             return Err(LocalError::NotLeader(self.leader_hint()));
+        }
+        let reqs = op.requests();
+        if let WriteOp::Atomic(rs) = op {
+            let mut keys = std::collections::BTreeSet::new();
+            if rs.is_empty() || !rs.iter().all(|r| keys.insert((&r.dataset, &r.key))) {
+                return Err(LocalError::Other(NodeError::Internal(
+                    "an atomic group is empty or names a key twice".into(),
+                )));
+            }
+        }
+        // The leader checks placement with its own copy of the policy, so a gateway holding
+        // an older one can never make this region store what its policy forbids here. Once
+        // per term it first catches its state machine up with the commit index: a leader
+        // fresh from a restart must not judge by a copy older than what was committed.
+        if reqs.iter().any(|r| r.dataset != policy::NAMESPACE) {
+            let term = self.raft.metrics().borrow().current_term;
+            if self.policy.barrier_term.load(std::sync::atomic::Ordering::Acquire) != term {
+                self.linearizable_barrier().await?;
+                self.policy.barrier_term.store(term, std::sync::atomic::Ordering::Release);
+            }
+            self.refresh_policy().map_err(LocalError::Other)?;
+            for r in reqs {
+                self.check_home_here(&r.dataset, &r.key).map_err(LocalError::Other)?;
+            }
         }
         let hlc = {
             let mut hlc = self.hlc.lock().expect("hlc lock");
@@ -388,7 +508,7 @@ impl Node {
                 }
             }
         };
-        let cmd = match &req.value {
+        let command = |req: &WriteRequest| match &req.value {
             Some(value) => CommandV1::Put {
                 dataset: req.dataset.clone(),
                 key: req.key.clone(),
@@ -403,7 +523,11 @@ impl Node {
                 condition: req.condition.clone(),
             },
         };
-        let bytes = req.value.as_ref().map_or(0, Vec::len) + req.key.len();
+        let cmd = match op {
+            WriteOp::One(r) => command(r),
+            WriteOp::Atomic(rs) => CommandV1::Atomic(rs.iter().map(command).collect()),
+        };
+        let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
             LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
@@ -455,6 +579,68 @@ impl Node {
             _ => None,
         })
         .await
+    }
+
+    /// A strong read in `region`: this region's leader, or another region's.
+    pub async fn read_in(
+        &self,
+        region: &RegionId,
+        dataset: &str,
+        key: &str,
+    ) -> Result<(Option<StoredObject>, Served), NodeError> {
+        if *region == self.spec.region {
+            return self.read(dataset, key, ReadConsistency::Strong).await;
+        }
+        let request = || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() };
+        let unpack = |r| match r {
+            PeerResponseV1::Read(r) => Some(r),
+            _ => None,
+        };
+        let (v, node) = self.call_region(region, request, unpack, true).await?;
+        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
+    }
+
+    /// A strong listing in `region`.
+    pub async fn list_in(
+        &self,
+        region: &RegionId,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
+        if *region == self.spec.region {
+            return self.list(dataset, prefix, after, limit, ReadConsistency::Strong).await;
+        }
+        let request = || PeerRequestV1::List {
+            dataset: dataset.into(),
+            prefix: prefix.into(),
+            after: after.map(str::to_owned),
+            limit: limit as u32,
+        };
+        let unpack = |r| match r {
+            PeerResponseV1::List(r) => Some(r),
+            _ => None,
+        };
+        let (v, node) = self.call_region(region, request, unpack, true).await?;
+        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
+    }
+
+    /// Live keys and bytes per dataset as one node of `region` holds them.
+    pub async fn dataset_sizes_in(&self, region: &RegionId) -> Result<Vec<(String, u64, u64)>, NodeError> {
+        if *region == self.spec.region {
+            return self.local_dataset_sizes();
+        }
+        let unpack = |r| match r {
+            PeerResponseV1::DatasetSizes(r) => Some(r),
+            _ => None,
+        };
+        Ok(self.call_region(region, || PeerRequestV1::DatasetSizes, unpack, true).await?.0)
+    }
+
+    fn local_dataset_sizes(&self) -> Result<Vec<(String, u64, u64)>, NodeError> {
+        let sizes = self.reader.dataset_sizes().map_err(|e| NodeError::Storage(e.to_string()))?;
+        Ok(sizes.into_iter().map(|(d, (k, b))| (d, k, b)).collect())
     }
 
     /// Serve a read here (local, or strong when this node leads), or forward it to the leader.
@@ -524,7 +710,7 @@ impl Node {
         let PeerRequest::V1(req) = req;
         let reply = match req {
             PeerRequestV1::Raft(r) => PeerResponseV1::Raft(serve_raft_rpc(&self.raft, r).await),
-            PeerRequestV1::Write(w) => PeerResponseV1::Write(match self.write_here(&w).await {
+            PeerRequestV1::Write(w) => PeerResponseV1::Write(match self.write_here(&WriteOp::One(w)).await {
                 Ok(r) => Ok(r),
                 Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
                 Err(LocalError::Other(e)) => Err(to_peer_error(e)),
@@ -545,6 +731,16 @@ impl Node {
                 )
             }
             PeerRequestV1::Status => PeerResponseV1::Status(self.region_report()),
+            PeerRequestV1::WriteAtomic(ws) => {
+                PeerResponseV1::Write(match self.write_here(&WriteOp::Atomic(ws)).await {
+                    Ok(r) => Ok(r),
+                    Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
+                    Err(LocalError::Other(e)) => Err(to_peer_error(e)),
+                })
+            }
+            PeerRequestV1::DatasetSizes => {
+                PeerResponseV1::DatasetSizes(self.local_dataset_sizes().map_err(to_peer_error))
+            }
         };
         PeerResponse::V1(reply)
     }
@@ -584,6 +780,7 @@ impl Node {
 
     /// Stop the Raft group (flushes nothing extra: the log is already durable).
     pub async fn shutdown(&self) {
+        self.stop_policy_sync();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -600,6 +797,9 @@ fn to_peer_error(e: NodeError) -> PeerError {
         NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
         NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
         NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
+        NodeError::PolicyRefused(m) | NodeError::DatasetNotInPolicy(m) | NodeError::HomeUnknown(m) => {
+            PeerError::PolicyRefused(m)
+        }
         NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
     }
 }
@@ -610,6 +810,7 @@ fn peer_error(node: NodeId, e: PeerError) -> NodeError {
         PeerError::ClockSkew(m) => NodeError::ClockSkew(m),
         PeerError::OutcomeUnknown(m) => NodeError::OutcomeUnknown(m),
         PeerError::Unavailable(reason) => NodeError::Unavailable { node, reason },
+        PeerError::PolicyRefused(m) => NodeError::PolicyRefused(m),
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
     }
 }

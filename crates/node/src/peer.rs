@@ -37,6 +37,11 @@ pub enum PeerRequestV1 {
     },
     /// This node's view of its region's Raft group.
     Status,
+    /// Writes that apply together or not at all, forwarded to a region's leader.
+    WriteAtomic(Vec<WriteRequest>),
+    /// Live keys and bytes per dataset in the answering node's state machine (a planning
+    /// estimate; any node of the region may answer).
+    DatasetSizes,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +58,23 @@ pub enum PeerResponseV1 {
     Status(RegionReport),
     /// The request itself could not be handled (e.g. an unknown protocol version).
     Refused(PeerError),
+    DatasetSizes(Result<Vec<(String, u64, u64)>, PeerError>),
+}
+
+/// One write or an all-or-nothing group, as proposed to a region's Raft group.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    One(WriteRequest),
+    Atomic(Vec<WriteRequest>),
+}
+
+impl WriteOp {
+    pub fn requests(&self) -> &[WriteRequest] {
+        match self {
+            WriteOp::One(r) => std::slice::from_ref(r),
+            WriteOp::Atomic(rs) => rs,
+        }
+    }
 }
 
 /// A client write, already validated by the gateway that took it.
@@ -83,6 +105,9 @@ pub enum PeerError {
     Internal(String),
     #[error("protocol: {0}")]
     Protocol(String),
+    /// This region is not a home for the key under its active policy: nothing was written.
+    #[error("refused by policy: {0}")]
+    PolicyRefused(String),
 }
 
 /// One node's view of its region's Raft group.

@@ -38,15 +38,15 @@ pub enum QuarantineTag {
 /// Why no placement can be given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
-    #[error("dataset {dataset:?} is not in policy {policy} and the policy has no default")]
+    #[error("dataset \"{dataset}\" is not in policy {policy} and the policy has no default")]
     DatasetNotInPolicy { dataset: DatasetName, policy: String },
-    #[error("key {key:?} of user-homed dataset {dataset:?} has no home: no region prefix and no `home` attribute")]
+    #[error("key {key:?} of user-homed dataset \"{dataset}\" has no home: no region prefix and no `home` attribute")]
     HomeUnknown { dataset: DatasetName, key: String },
-    #[error("key prefix names {prefix:?} but the `home` attribute says {attribute:?}")]
+    #[error("the key's prefix names region \"{prefix}\" but its `home` attribute says \"{attribute}\"")]
     HomeMismatch { prefix: RegionId, attribute: RegionId },
-    #[error("home {home:?} is not allowed for dataset {dataset:?}")]
+    #[error("home \"{home}\" is not allowed for dataset \"{dataset}\"")]
     HomeNotAllowed { dataset: DatasetName, home: RegionId },
-    #[error("home {home:?} is not a region of the topology")]
+    #[error("home \"{home}\" is not a region of the topology")]
     HomeNotInTopology { home: RegionId },
 }
 

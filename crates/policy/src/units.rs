@@ -128,7 +128,8 @@ impl Rate {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (unit, factor) = RATE_UNITS.iter().find(|(_, factor)| self.0.is_multiple_of(*factor)).copied().unwrap_or(("B", 1));
+        let (unit, factor) =
+            RATE_UNITS.iter().find(|(_, factor)| self.0.is_multiple_of(*factor)).copied().unwrap_or(("B", 1));
         write!(f, "{}{unit}/s", self.0 / factor)
     }
 }

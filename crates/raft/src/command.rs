@@ -25,6 +25,11 @@ pub enum CommandV1 {
     /// with its own result. The gateway batches writes that arrive while earlier proposals are
     /// in flight, so the leader makes one log append (one fsync) for all of them.
     Batch(Vec<CommandV1>),
+    /// Several writes that apply together or not at all: every condition is checked against
+    /// the state before any of them is written. Used for metadata whose records must agree
+    /// (a policy version, its history entry and the active pointer). No two may name the
+    /// same key; the proposer refuses such a command before it reaches the log.
+    Atomic(Vec<CommandV1>),
 }
 
 /// A precondition checked at apply time, inside the log's total order, which is what makes
@@ -55,8 +60,13 @@ pub enum CommandResult {
     PreconditionFailed {
         current: Option<Version>,
     },
-    /// The results of a [`CommandV1::Batch`], in order.
+    /// The results of a [`CommandV1::Batch`] or an applied [`CommandV1::Atomic`], in order.
     Batch(Vec<CommandResult>),
+    /// An [`CommandV1::Atomic`] whose condition at `index` did not hold: nothing was written.
+    AtomicFailed {
+        index: u32,
+        current: Option<Version>,
+    },
 }
 
 /// One object as stored: its version and its value, or a tombstone.

@@ -102,7 +102,7 @@ fn weight(e: &Entry) -> usize {
         match c {
             CommandV1::Put { dataset, key, value, .. } => 64 + dataset.len() + key.len() + value.len(),
             CommandV1::Delete { dataset, key, .. } => 64 + dataset.len() + key.len(),
-            CommandV1::Batch(cmds) => 64 + cmds.iter().map(command).sum::<usize>(),
+            CommandV1::Batch(cmds) | CommandV1::Atomic(cmds) => 64 + cmds.iter().map(command).sum::<usize>(),
         }
     }
     match &e.payload {

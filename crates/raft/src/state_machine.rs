@@ -186,19 +186,31 @@ fn apply_command(
                 cmds.into_iter().map(|c| apply_command(objects, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
             return Ok(CommandResult::Batch(results));
         }
+        CommandV1::Atomic(cmds) => {
+            // All conditions against the state before any write; then every write. The
+            // gateway refuses duplicate keys, so no write can change another's condition.
+            for (index, c) in cmds.iter().enumerate() {
+                let (dataset, key, condition) = match c {
+                    CommandV1::Put { dataset, key, condition, .. }
+                    | CommandV1::Delete { dataset, key, condition, .. } => (dataset, key, condition),
+                    // Nested groups are refused before proposing; applying one would be a bug.
+                    CommandV1::Batch(_) | CommandV1::Atomic(_) => {
+                        return Ok(CommandResult::AtomicFailed { index: index as u32, current: None })
+                    }
+                };
+                let live = live_version(objects, dataset, key)?;
+                if !condition_holds(condition, live.as_ref()) {
+                    return Ok(CommandResult::AtomicFailed { index: index as u32, current: live });
+                }
+            }
+            let results =
+                cmds.into_iter().map(|c| apply_command(objects, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
+            return Ok(CommandResult::Batch(results));
+        }
     };
     let k = object_key(&dataset, &key);
-    let current: Option<StoredObject> = match objects.get(k.as_slice())? {
-        Some(v) => Some(decode(v.value()).map_err(corrupt)?),
-        None => None,
-    };
-    let live = current.filter(StoredObject::is_live).map(|o| o.version);
-    let holds = match &condition {
-        Condition::Always => true,
-        Condition::IfMatch(v) => live.as_ref() == Some(v),
-        Condition::IfAbsent => live.is_none(),
-    };
-    if !holds {
+    let live = live_version(objects, &dataset, &key)?;
+    if !condition_holds(&condition, live.as_ref()) {
         return Ok(CommandResult::PreconditionFailed { current: live });
     }
     if value.is_none() && live.is_none() {
@@ -221,6 +233,23 @@ fn apply_command(
     })
 }
 
+/// The version of the live value under (dataset, key), if there is one.
+fn live_version(objects: &redb::Table<&[u8], &[u8]>, dataset: &str, key: &str) -> Result<Option<Version>, redb::Error> {
+    let current: Option<StoredObject> = match objects.get(object_key(dataset, key).as_slice())? {
+        Some(v) => Some(decode(v.value()).map_err(corrupt)?),
+        None => None,
+    };
+    Ok(current.filter(StoredObject::is_live).map(|o| o.version))
+}
+
+fn condition_holds(condition: &Condition, live: Option<&Version>) -> bool {
+    match condition {
+        Condition::Always => true,
+        Condition::IfMatch(v) => live == Some(v),
+        Condition::IfAbsent => live.is_none(),
+    }
+}
+
 impl StateMachineReader {
     /// The stored object (live or tombstone) under (dataset, key).
     pub fn get(&self, dataset: &str, key: &str) -> Result<Option<StoredObject>, redb::Error> {
@@ -230,6 +259,27 @@ impl StateMachineReader {
             Some(v) => Ok(Some(decode(v.value()).map_err(corrupt)?)),
             None => Ok(None),
         }
+    }
+
+    /// Live keys and their bytes (key plus value) per dataset, by a full scan: a planning
+    /// estimate for policy changes, never on a request path.
+    pub fn dataset_sizes(&self) -> Result<std::collections::BTreeMap<String, (u64, u64)>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let objects = txn.open_table(OBJECTS)?;
+        let mut sizes: std::collections::BTreeMap<String, (u64, u64)> = std::collections::BTreeMap::new();
+        for item in objects.iter()? {
+            let (k, v) = item?;
+            let Some((ds, key)) = split_object_key(k.value()) else {
+                return Err(corrupt("object key without dataset"));
+            };
+            let obj: StoredObject = decode(v.value()).map_err(corrupt)?;
+            if let Some(value) = &obj.value {
+                let entry = sizes.entry(ds.to_owned()).or_default();
+                entry.0 += 1;
+                entry.1 += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(sizes)
     }
 
     /// Up to `limit` live objects of `dataset` whose keys start with `prefix` and sort after

@@ -208,6 +208,46 @@ async fn a_batch_applies_in_order_with_one_result_per_write() {
     assert_eq!(sm.reader().get("d", "a").unwrap().unwrap().value.as_deref(), Some(&b"1"[..]));
 }
 
+#[tokio::test]
+async fn an_atomic_group_applies_entirely_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let cmd = |key: &str, value: &str, condition| CommandV1::Put {
+        dataset: "d".into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+        hlc: HlcTimestamp::new(7, 0),
+        condition,
+    };
+    let entry = |index, cmds| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::V1(CommandV1::Atomic(cmds))),
+    };
+    let r = sm
+        .apply(vec![entry(1, vec![cmd("a", "1", Condition::IfAbsent), cmd("b", "1", Condition::IfAbsent)])])
+        .await
+        .unwrap();
+    let CommandResult::Batch(results) = &r[0] else { panic!("{r:?}") };
+    let CommandResult::Written { version: va, .. } = &results[0] else { panic!("{results:?}") };
+    // The second condition fails, so the first write must not happen either.
+    let r = sm
+        .apply(vec![entry(2, vec![cmd("c", "2", Condition::Always), cmd("a", "2", Condition::IfAbsent)])])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::AtomicFailed { index: 1, current: Some(va.clone()) });
+    assert!(sm.reader().get("d", "c").unwrap().is_none(), "a failed atomic group wrote something");
+    assert_eq!(sm.reader().get("d", "a").unwrap().unwrap().value.as_deref(), Some(&b"1"[..]));
+    // And a matching condition lets the whole group through.
+    let r = sm
+        .apply(vec![entry(3, vec![cmd("c", "3", Condition::Always), cmd("a", "3", Condition::IfMatch(va.clone()))])])
+        .await
+        .unwrap();
+    assert!(matches!(&r[0], CommandResult::Batch(v) if v.len() == 2));
+    assert_eq!(sm.reader().get("d", "c").unwrap().unwrap().value.as_deref(), Some(&b"3"[..]));
+    let sizes = sm.reader().dataset_sizes().unwrap();
+    assert_eq!(sizes.get("d"), Some(&(3, 3 + 3)), "three live keys of one byte plus three one-byte values");
+}
+
 async fn reopen(path: &std::path::Path, limit: std::sync::Arc<std::sync::atomic::AtomicU64>) -> LogStore {
     // The writer thread holds the database until its channel closes; wait for that.
     loop {

@@ -36,6 +36,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         PreconditionFailed => StatusCode::PRECONDITION_FAILED,
         NoLeader | Unavailable | ClockSkew => StatusCode::SERVICE_UNAVAILABLE,
         OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+        PolicyInvalid | HomeUnknown => StatusCode::BAD_REQUEST,
+        PolicyVersionNotFound | NoPolicy => StatusCode::NOT_FOUND,
+        PolicyConflict => StatusCode::CONFLICT,
+        DatasetNotInPolicy => StatusCode::FORBIDDEN,
+        PolicyRefused => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -62,10 +67,53 @@ impl From<NodeError> for ApiError {
                 .hint("read the key to learn whether the write took effect before retrying it"),
             NodeError::ClockSkew(_) => ApiError::new(ErrorCode::ClockSkew, e.to_string())
                 .hint("check NTP on this node; meridian_hlc_refusals_total counts these refusals"),
+            NodeError::DatasetNotInPolicy(_) => ApiError::new(ErrorCode::DatasetNotInPolicy, e.to_string())
+                .hint("add the dataset to the policy (or give the policy a [default]) and apply it"),
+            NodeError::HomeUnknown(_) => ApiError::new(ErrorCode::HomeUnknown, e.to_string())
+                .hint("user-homed keys start with their home region (`eu-west/alice`) or pass ?home=REGION"),
+            NodeError::PolicyRefused(_) => ApiError::new(ErrorCode::PolicyRefused, e.to_string())
+                .hint("the regions' policy copies are converging after a change; retry shortly"),
             NodeError::Storage(_) | NodeError::Internal(_) => {
                 tracing::error!(error = %e, "request failed inside the node");
                 ApiError::new(ErrorCode::Internal, e.to_string())
             }
+        }
+    }
+}
+
+impl From<meridian_node::policy::PolicyOpError> for ApiError {
+    fn from(e: meridian_node::policy::PolicyOpError) -> Self {
+        use meridian_node::policy::PolicyOpError;
+        match e {
+            PolicyOpError::Invalid(report) => {
+                let problems = report
+                    .diagnostics
+                    .iter()
+                    .map(|d| meridian_api::PolicyProblem {
+                        line: d.pos.map(|p| p.line),
+                        column: d.pos.map(|p| p.column),
+                        rule: d.rule.code().to_string(),
+                        message: d.message.clone(),
+                        hint: d.hint.clone(),
+                    })
+                    .collect();
+                let mut err = ApiError::new(
+                    ErrorCode::PolicyInvalid,
+                    format!("{} has {} problem(s); nothing was changed", report.file, report.diagnostics.len()),
+                )
+                .hint("`meridian policy check FILE` shows the same problems offline");
+                err.body.problems = Some(problems);
+                err
+            }
+            PolicyOpError::VersionNotFound(m) => {
+                ApiError::new(ErrorCode::PolicyVersionNotFound, m).hint("`meridian policy history` lists the versions")
+            }
+            PolicyOpError::Conflict(m) => ApiError::new(ErrorCode::PolicyConflict, m),
+            PolicyOpError::NoPolicy => {
+                ApiError::new(ErrorCode::NoPolicy, e.to_string()).hint("apply one with `meridian policy apply FILE`")
+            }
+            PolicyOpError::BadRequest(m) => ApiError::new(ErrorCode::InvalidQuery, m),
+            PolicyOpError::Node(n) => n.into(),
         }
     }
 }

@@ -8,11 +8,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use meridian_api::{
     DeleteResponse, ErrorCode, GetResponse, ListItem, ListQuery, ListResponse, PutResponse, ReadQuery, ServedBy,
-    VersionInfo, HEADER_ROUTE_REASON, HEADER_SERVED_BY,
+    VersionInfo, WriteQuery, HEADER_ROUTE_REASON, HEADER_SERVED_BY,
 };
 use meridian_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
 use meridian_core::{DatasetName, Key, Version};
-use meridian_node::peer::WriteRequest;
+use meridian_node::peer::{WriteOp, WriteRequest};
 use meridian_node::{ReadConsistency, Served};
 use meridian_raft::{CommandResult, Condition};
 
@@ -49,7 +49,7 @@ fn path_error(e: PathRejection) -> ApiError {
         .hint("percent-encode the dataset and key as UTF-8")
 }
 
-fn query_error(e: QueryRejection) -> ApiError {
+pub(crate) fn query_error(e: QueryRejection) -> ApiError {
     ApiError::new(ErrorCode::InvalidQuery, e.body_text())
 }
 
@@ -104,7 +104,7 @@ fn parse_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
 
 /// Read a JSON body: the content type must be JSON, the size within the node's limit, and
 /// the text valid JSON. Returns the text exactly as sent (it is stored verbatim).
-async fn read_json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+pub(crate) async fn read_json_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
     let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if mime != "application/json" {
@@ -118,7 +118,6 @@ async fn read_json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Re
         )
         .hint("send the value as JSON with Content-Type: application/json"));
     }
-    let max = state.node.config().limits.value_bytes_max;
     let too_large = |len: Option<u64>| {
         let size = len.map(|l| format!("{l} bytes")).unwrap_or_else(|| "more bytes".into());
         ApiError::new(ErrorCode::ValueTooLarge, format!("the value is {size}; the limit is {max} bytes"))
@@ -139,7 +138,7 @@ async fn read_json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Re
 
 #[utoipa::path(
     put, path = "/v1/datasets/{dataset}/keys/{key}",
-    params(("dataset" = String, Path), ("key" = String, Path, description = "percent-encoded UTF-8"),
+    params(("dataset" = String, Path), ("key" = String, Path, description = "percent-encoded UTF-8"), WriteQuery,
            ("If-Match" = Option<String>, Header, description = "write only if the current version is this ETag"),
            ("If-None-Match" = Option<String>, Header, description = "\"*\": write only if the key holds no value")),
     request_body(content = Object, content_type = "application/json", description = "any JSON value"),
@@ -152,15 +151,18 @@ async fn read_json_body(state: &AppState, headers: &HeaderMap, body: Body) -> Re
 pub async fn put_key(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path((dataset, key)) = path.map_err(path_error)?;
     let (dataset, key) = parse_names(dataset, key)?;
     let condition = parse_condition(&headers)?;
-    let value = read_json_body(&state, &headers, body).await?;
+    let Query(q) = query.map_err(query_error)?;
+    let value = read_json_body(state.node.config().limits.value_bytes_max, &headers, body).await?;
+    let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
     let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: Some(value), condition };
-    let (result, served) = state.node.write(req).await?;
+    let (result, served) = state.node.write_in(&region, WriteOp::One(req)).await?;
     let served = served_by(&state, served);
     match result {
         CommandResult::Written { version, created } => {
@@ -212,7 +214,13 @@ pub async fn get_key(
     let (dataset, key) = parse_names(dataset, key)?;
     let Query(q) = query.map_err(query_error)?;
     let consistency = parse_consistency(q.consistency.as_deref())?;
-    let (obj, served) = state.node.read(dataset.as_str(), key.as_str(), consistency).await?;
+    let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
+    let (obj, served) = if region == state.node.spec().region {
+        state.node.read(dataset.as_str(), key.as_str(), consistency).await?
+    } else {
+        // The key lives only in its home regions (mirrors arrive with cross-region links).
+        state.node.read_in(&region, dataset.as_str(), key.as_str()).await?
+    };
     let served = served_by(&state, served);
     let (obj, value) = match obj {
         Some(o) => match o.value.clone() {
@@ -236,7 +244,7 @@ pub async fn get_key(
 
 #[utoipa::path(
     delete, path = "/v1/datasets/{dataset}/keys/{key}",
-    params(("dataset" = String, Path), ("key" = String, Path),
+    params(("dataset" = String, Path), ("key" = String, Path), WriteQuery,
            ("If-Match" = Option<String>, Header, description = "delete only if the current version is this ETag")),
     responses((status = 200, body = DeleteResponse), (status = 404, body = meridian_api::ErrorBody),
               (status = 412, body = meridian_api::ErrorBody), (status = 503, body = meridian_api::ErrorBody))
@@ -244,13 +252,16 @@ pub async fn get_key(
 pub async fn delete_key(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path((dataset, key)) = path.map_err(path_error)?;
     let (dataset, key) = parse_names(dataset, key)?;
     let condition = parse_condition(&headers)?;
+    let Query(q) = query.map_err(query_error)?;
+    let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
     let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: None, condition };
-    let (result, served) = state.node.write(req).await?;
+    let (result, served) = state.node.write_in(&region, WriteOp::One(req)).await?;
     let served = served_by(&state, served);
     match result {
         CommandResult::Deleted { version } => {
@@ -318,7 +329,19 @@ pub async fn list_keys(
                 .hint("pass next_cursor back unchanged")
         })?),
     };
-    let (items, served) = state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?;
+    // Fixed-home datasets list at their home; user-homed ones at the home the `home`
+    // parameter or the prefix names, else here (the keys homed in this region).
+    let probe = if prefix.is_empty() { "_" } else { prefix.as_str() };
+    let region = match state.node.home_region_for(dataset.as_str(), probe, q.home.as_deref()) {
+        Ok(r) => r,
+        Err(meridian_node::NodeError::HomeUnknown(_)) if q.home.is_none() => state.node.spec().region.clone(),
+        Err(e) => return Err(e.into()),
+    };
+    let (items, served) = if region == state.node.spec().region {
+        state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?
+    } else {
+        state.node.list_in(&region, dataset.as_str(), &prefix, after.as_deref(), limit).await?
+    };
     let served = served_by(&state, served);
     let next_cursor = if items.len() == limit { items.last().map(|(k, _)| hex_encode(k)) } else { None };
     let items = items.into_iter().map(|(key, o)| ListItem { key, version: VersionInfo::from(&o.version) }).collect();

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod keys;
+pub mod policy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,8 +39,23 @@ pub struct AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Meridian", description = "Geo-distributed data store with differential replication."),
-    paths(keys::put_key, keys::get_key, keys::delete_key, keys::list_keys, cluster, health),
-    components(schemas(meridian_api::ErrorBody, meridian_api::ErrorCode))
+    paths(
+        keys::put_key,
+        keys::get_key,
+        keys::delete_key,
+        keys::list_keys,
+        cluster,
+        health,
+        policy::status,
+        policy::apply,
+        policy::plan,
+        policy::history,
+        policy::version,
+        policy::rollback,
+        policy::explain,
+        policy::schema
+    ),
+    components(schemas(meridian_api::ErrorBody, meridian_api::ErrorCode, meridian_api::PolicyProblem))
 )]
 pub struct ApiDoc;
 
@@ -49,6 +65,13 @@ pub fn api_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/datasets/{dataset}/keys/{key}", get(keys::get_key).put(keys::put_key).delete(keys::delete_key))
         .route("/v1/datasets/{dataset}/keys", get(keys::list_keys))
+        .route("/v1/policy", get(policy::status).post(policy::apply))
+        .route("/v1/policy/plan", post(policy::plan))
+        .route("/v1/policy/versions", get(policy::history))
+        .route("/v1/policy/versions/{version}", get(policy::version))
+        .route("/v1/policy/rollback", post(policy::rollback))
+        .route("/v1/policy/explain", get(policy::explain))
+        .route("/v1/policy/schema", get(policy::schema))
         .route("/v1/cluster", get(cluster))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))

@@ -12,6 +12,59 @@ use meridian_client::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
 
+/// A base port whose 9 API ports and 9 peer ports (+100) are all free.
+pub fn free_base_port() -> u16 {
+    for attempt in 0..50u16 {
+        let base = 20_000 + (std::process::id() as u16 % 200) * 50 + attempt * 211 % 9000;
+        let ok = (0..9).all(|i| {
+            TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
+        });
+        if ok {
+            return base;
+        }
+    }
+    panic!("no free port range for the demo");
+}
+
+/// Start `meridian demo` (keeping its data in `data_dir` if given) and wait for its banner.
+/// Returns the process (the caller stops and reaps it), its base port and the banner lines.
+#[allow(clippy::zombie_processes)]
+pub fn start_demo(data_dir: Option<&Path>) -> (Child, u16, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    let base = free_base_port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["demo", "--base-port", &base.to_string()]);
+    if let Some(d) = data_dir {
+        cmd.arg("--data-dir").arg(d);
+    }
+    let mut demo = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start the demo");
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut banner = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                let done = line.contains("Press Ctrl-C");
+                banner.push(line);
+                if done {
+                    return (demo, base, banner);
+                }
+            }
+            Err(_) => {
+                let _ = demo.kill();
+                let _ = demo.wait();
+                panic!("the demo did not come up; it printed: {banner:?}");
+            }
+        }
+    }
+}
+
 /// A free loopback port (bound and released; the OS does not hand it out again at once).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

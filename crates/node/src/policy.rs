@@ -1,0 +1,758 @@
+//! Policies inside a running cluster: immutable versions, the history, the active pointer, and
+//! the gateway's use of them.
+//!
+//! Storage. Policy metadata lives in every region's Raft group under the reserved namespace
+//! [`NAMESPACE`] (not a valid dataset name, so no client key can collide with it):
+//! `version/<id>` holds a document as written, `history/<epoch>` one history entry, and
+//! `active` the newest entry. The first region of the topology is the *authority*: an apply
+//! or rollback commits there as one atomic Raft command (version, history entry and a
+//! compare-and-set of `active`), so a failed or concurrent apply changes nothing. The other
+//! regions hold copies, written right after the commit and, if a region was unreachable,
+//! pulled from the authority by that region's leader every [`SYNC_INTERVAL`].
+//!
+//! Use. Every node caches the active entry of its own region's copy and parses the versions
+//! it names once. A client write is routed to a home region of its key under the version that
+//! governs the key (see [`ActivePolicy::governing`]); the receiving leader checks its own
+//! copy again before proposing, so a gateway with a stale copy cannot make a region store
+//! what its policy forbids there. Until the first policy is applied, a cluster stores writes
+//! in the region that takes them, as it did before policies existed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use meridian_core::{DatasetName, Key, RegionId, Version};
+use meridian_policy::placement::Link;
+use meridian_policy::{
+    evaluate, Format, Mode, ObjectAttributes, Placement, PlacementError, Policy, PolicyId, Report, Rollout,
+};
+use meridian_raft::{CommandResult, Condition, StoredObject};
+use serde::{Deserialize, Serialize};
+
+use crate::peer::{WriteOp, WriteRequest};
+use crate::{Node, NodeError};
+
+/// The reserved namespace of policy metadata in every region.
+pub const NAMESPACE: &str = "_policy";
+const ACTIVE_KEY: &str = "active";
+const HISTORY_PREFIX: &str = "history/";
+const VERSION_PREFIX: &str = "version/";
+/// How often each region's leader compares its copy with the authority's.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Most history entries read back; older ones stay stored.
+pub const HISTORY_ENTRIES_MAX: usize = 10_000;
+/// Parsed versions kept in memory per node.
+const PARSED_VERSIONS_MAX: usize = 64;
+
+/// A stored policy version: the document exactly as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub version: String,
+    /// `toml` or `yaml`.
+    pub format: String,
+    pub file: String,
+    pub text: String,
+}
+
+/// One history entry; the newest is the active pointer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    pub epoch: u64,
+    pub version: String,
+    /// `apply` or `rollback`.
+    pub action: String,
+    pub mode: Mode,
+    pub percent: u8,
+    /// The fully enforced version governing keys outside this entry's rollout.
+    pub base: Option<String>,
+    pub at_ms: u64,
+    pub datasets: Vec<String>,
+}
+
+impl HistoryRecord {
+    fn rollout(&self) -> Rollout {
+        Rollout { mode: self.mode, percent: self.percent }
+    }
+
+    /// The version fully enforced once this entry is active: itself at 100% enforce, otherwise
+    /// what was fully enforced before it.
+    fn fully_enforced(&self) -> Option<String> {
+        if self.mode == Mode::Enforce && self.percent == Rollout::FULL {
+            Some(self.version.clone())
+        } else {
+            self.base.clone()
+        }
+    }
+}
+
+/// Failures of the policy admin operations, shaped by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PolicyOpError {
+    #[error("{0}")]
+    Invalid(Report),
+    #[error("{0}")]
+    VersionNotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the cluster has no active policy yet")]
+    NoPolicy,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+/// The active entry of this node's region, with its versions parsed.
+pub struct ActivePolicy {
+    pub entry: HistoryRecord,
+    pub current: Arc<Policy>,
+    pub base: Option<Arc<Policy>>,
+    /// The version of the `active` record this was loaded from.
+    stored_as: Version,
+}
+
+impl ActivePolicy {
+    /// The version that governs `key`, and whether it is this entry's new version (rather than
+    /// the fully enforced base). `None`: no version is enforced for this key yet.
+    pub fn governing(&self, dataset: &DatasetName, key: &Key) -> Option<(&Arc<Policy>, bool)> {
+        if self.entry.rollout().enforces(dataset, key) {
+            Some((&self.current, true))
+        } else {
+            self.base.as_ref().map(|b| (b, false))
+        }
+    }
+
+    /// Under a shadow rollout: the version evaluated beside the governing one for `key`.
+    pub fn shadow(&self, dataset: &DatasetName, key: &Key) -> Option<&Arc<Policy>> {
+        let r = self.entry.rollout();
+        (r.mode == Mode::Shadow && r.covers(dataset, key)).then_some(&self.current)
+    }
+}
+
+/// The node's cached view of its region's policy copy.
+#[derive(Default)]
+pub struct PolicyCache {
+    active: RwLock<Option<Arc<ActivePolicy>>>,
+    parsed: Mutex<BTreeMap<String, Arc<Policy>>>,
+    stopping: AtomicBool,
+    /// The Raft term in which this node, as leader, last caught its state machine up with the
+    /// commit index (so its policy copy is at least as new as anything committed before).
+    pub(crate) barrier_term: AtomicU64,
+}
+
+/// What an apply or rollback did.
+#[derive(Debug, Clone)]
+pub struct ApplyOutcome {
+    pub entry: HistoryRecord,
+    pub propagated: Vec<RegionId>,
+    pub pending: Vec<RegionId>,
+}
+
+/// How one region's copy stands.
+pub struct RegionCopy {
+    pub region: RegionId,
+    pub epoch: Result<Option<u64>, String>,
+}
+
+/// What a plan found for one dataset.
+#[derive(Debug, Clone, Default)]
+pub struct DatasetPlan {
+    pub dataset: String,
+    pub change: &'static str,
+    /// (region, keys, bytes) to copy there.
+    pub gaining: Vec<(RegionId, u64, u64)>,
+    /// (region, keys, bytes) to purge there.
+    pub losing: Vec<(RegionId, u64, u64)>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub current: Option<String>,
+    pub proposed: String,
+    pub datasets: Vec<DatasetPlan>,
+    pub links_opened: Vec<(String, RegionId, RegionId)>,
+    pub links_closed: Vec<(String, RegionId, RegionId)>,
+    pub unreachable: Vec<RegionId>,
+}
+
+/// What `explain` found for one key.
+pub struct Explained {
+    pub version: PolicyId,
+    /// `enforced`, `rollout` (a partial rollout's new version covers the key) or
+    /// `nothing_enforced` (only a shadow version exists).
+    pub governed_by: &'static str,
+    pub placement: Placement,
+    pub shadow: Option<Placement>,
+}
+
+fn put(key: String, value: &impl Serialize, condition: Condition) -> WriteRequest {
+    WriteRequest {
+        dataset: NAMESPACE.into(),
+        key,
+        value: Some(serde_json::to_vec(value).expect("policy records serialize")),
+        condition,
+    }
+}
+
+fn decode_record<T: for<'de> Deserialize<'de>>(obj: &StoredObject, what: &str) -> Result<T, NodeError> {
+    let bytes = obj.value.as_deref().ok_or_else(|| NodeError::Storage(format!("{what} is a tombstone")))?;
+    serde_json::from_slice(bytes).map_err(|e| NodeError::Storage(format!("{what} does not decode: {e}")))
+}
+
+fn history_key(epoch: u64) -> String {
+    format!("{HISTORY_PREFIX}{epoch:020}")
+}
+
+fn format_name(format: Format) -> &'static str {
+    match format {
+        Format::Toml => "toml",
+        Format::Yaml => "yaml",
+    }
+}
+
+impl Node {
+    /// The region whose Raft group decides the policy history.
+    pub fn policy_authority(&self) -> RegionId {
+        self.topology.regions()[0].name.clone()
+    }
+
+    /// This node's cached active policy, if its region holds one.
+    pub fn active_policy(&self) -> Option<Arc<ActivePolicy>> {
+        self.policy.active.read().expect("policy cache lock").clone()
+    }
+
+    fn parse_record(&self, rec: &VersionRecord) -> Result<Arc<Policy>, NodeError> {
+        if let Some(p) = self.policy.parsed.lock().expect("parsed lock").get(&rec.version) {
+            return Ok(p.clone());
+        }
+        let format = if rec.format == "yaml" { Format::Yaml } else { Format::Toml };
+        // A stored version was valid against the topology when applied; if the topology has
+        // since lost a region, its rules still hold for the regions that remain.
+        let policy = Policy::parse(&rec.text, format, &rec.file, Some(&self.topology))
+            .or_else(|_| Policy::parse(&rec.text, format, &rec.file, None))
+            .map_err(|r| NodeError::Storage(format!("stored policy version {} no longer parses: {r}", rec.version)))?;
+        if policy.id().to_hex() != rec.version {
+            return Err(NodeError::Storage(format!("stored policy version {} hashes differently", rec.version)));
+        }
+        let policy = Arc::new(policy);
+        let mut parsed = self.policy.parsed.lock().expect("parsed lock");
+        if parsed.len() >= PARSED_VERSIONS_MAX {
+            parsed.clear();
+        }
+        parsed.insert(rec.version.clone(), policy.clone());
+        Ok(policy)
+    }
+
+    fn local_record<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<(T, Version)>, NodeError> {
+        match self.reader.get(NAMESPACE, key).map_err(|e| NodeError::Storage(e.to_string()))? {
+            Some(obj) if obj.is_live() => Ok(Some((decode_record(&obj, key)?, obj.version))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Reload the cache from this node's copy if the active entry changed. Cheap when it did
+    /// not (one local read, no decoding), so the request path calls it every time.
+    pub fn refresh_policy(&self) -> Result<(), NodeError> {
+        let obj = self.reader.get(NAMESPACE, ACTIVE_KEY).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let Some(obj) = obj.filter(StoredObject::is_live) else {
+            *self.policy.active.write().expect("policy cache lock") = None;
+            return Ok(());
+        };
+        if self.active_policy().is_some_and(|a| a.stored_as == obj.version) {
+            return Ok(());
+        }
+        let entry: HistoryRecord = decode_record(&obj, ACTIVE_KEY)?;
+        let load = |id: &str| -> Result<Arc<Policy>, NodeError> {
+            let (rec, _) = self
+                .local_record::<VersionRecord>(&format!("{VERSION_PREFIX}{id}"))?
+                .ok_or_else(|| NodeError::Storage(format!("policy version {id} is missing from this region's copy")))?;
+            self.parse_record(&rec)
+        };
+        let current = load(&entry.version)?;
+        let base = entry.base.as_deref().map(load).transpose()?;
+        let active = ActivePolicy { entry, current, base, stored_as: obj.version };
+        *self.policy.active.write().expect("policy cache lock") = Some(Arc::new(active));
+        Ok(())
+    }
+
+    /// Keep this node's cache fresh, and (on a region leader outside the authority) pull the
+    /// authority's newer entries into this region's copy.
+    pub fn spawn_policy_sync(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+                tokio::time::sleep(SYNC_INTERVAL + jitter).await;
+                let Some(node) = weak.upgrade() else { return };
+                if node.policy.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Err(e) = node.refresh_policy() {
+                    tracing::warn!(error = %e, "refresh the policy cache");
+                }
+                let leads = node.raft.metrics().borrow().state == openraft::ServerState::Leader;
+                if leads && node.spec.region != node.policy_authority() {
+                    if let Err(e) = node.pull_policy_from_authority().await {
+                        tracing::debug!(error = %e, "policy copy not refreshed from the authority this round");
+                    }
+                }
+            }
+        });
+    }
+
+    pub(crate) fn stop_policy_sync(&self) {
+        self.policy.stopping.store(true, Ordering::Relaxed);
+    }
+
+    async fn pull_policy_from_authority(&self) -> Result<(), NodeError> {
+        let authority = self.policy_authority();
+        let Some(obj) = self.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live) else {
+            return Ok(());
+        };
+        let entry: HistoryRecord = decode_record(&obj, ACTIVE_KEY)?;
+        let local = self.local_record::<HistoryRecord>(ACTIVE_KEY)?.map(|(e, _)| e.epoch);
+        if local >= Some(entry.epoch) {
+            return Ok(());
+        }
+        let mut records = Vec::new();
+        for id in std::iter::once(&entry.version).chain(entry.base.iter()) {
+            let key = format!("{VERSION_PREFIX}{id}");
+            let rec = self.read_in(&authority, NAMESPACE, &key).await?.0.filter(StoredObject::is_live);
+            let rec = rec.ok_or_else(|| NodeError::Storage(format!("the authority lacks policy version {id}")))?;
+            records.push(decode_record::<VersionRecord>(&rec, &key)?);
+        }
+        let region = self.spec.region.clone();
+        self.install_copy(&region, &entry, &records).await?;
+        self.refresh_policy()
+    }
+
+    /// Write `entry` (and the versions it names) into `region`'s copy unless it already
+    /// holds that epoch or a later one.
+    async fn install_copy(
+        &self,
+        region: &RegionId,
+        entry: &HistoryRecord,
+        records: &[VersionRecord],
+    ) -> Result<(), NodeError> {
+        for _ in 0..3 {
+            let current = self.read_in(region, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live);
+            let condition = match &current {
+                Some(obj) => {
+                    if decode_record::<HistoryRecord>(obj, ACTIVE_KEY)?.epoch >= entry.epoch {
+                        return Ok(());
+                    }
+                    Condition::IfMatch(obj.version.clone())
+                }
+                None => Condition::IfAbsent,
+            };
+            let mut ops: Vec<WriteRequest> =
+                records.iter().map(|r| put(format!("{VERSION_PREFIX}{}", r.version), r, Condition::Always)).collect();
+            ops.push(put(history_key(entry.epoch), entry, Condition::Always));
+            ops.push(put(ACTIVE_KEY.into(), entry, condition));
+            match self.write_in(region, WriteOp::Atomic(ops)).await?.0 {
+                CommandResult::Batch(_) => return Ok(()),
+                // Someone installed something meanwhile: look again.
+                CommandResult::AtomicFailed { .. } => continue,
+                other => return Err(NodeError::Internal(format!("unexpected answer to a policy install: {other:?}"))),
+            }
+        }
+        Err(NodeError::Internal(format!("region {region}'s policy copy kept changing during the install")))
+    }
+
+    /// The authority's active entry and the version of its record (for compare-and-set).
+    async fn authority_active(&self) -> Result<Option<(HistoryRecord, Version)>, NodeError> {
+        let authority = self.policy_authority();
+        match self.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0 {
+            Some(obj) if obj.is_live() => Ok(Some((decode_record(&obj, ACTIVE_KEY)?, obj.version))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Validate `text` and make it the active version (see the module docs for the commit
+    /// point). Fails with nothing changed on any problem up to and including the commit.
+    pub async fn policy_apply(
+        &self,
+        text: &str,
+        format: Format,
+        file: &str,
+        rollout: Rollout,
+        action: &str,
+        now_ms: u64,
+    ) -> Result<ApplyOutcome, PolicyOpError> {
+        let policy = Policy::parse(text, format, file, Some(&self.topology)).map_err(PolicyOpError::Invalid)?;
+        let record = VersionRecord {
+            version: policy.id().to_hex(),
+            format: format_name(format).into(),
+            file: file.into(),
+            text: text.into(),
+        };
+        let previous = self.authority_active().await?;
+        let (epoch, base, condition) = match &previous {
+            // At 100% enforce no key is outside the rollout, so there is no base to name.
+            Some((prev, v)) if rollout.mode == Mode::Enforce && rollout.percent == Rollout::FULL => {
+                (prev.epoch + 1, None, Condition::IfMatch(v.clone()))
+            }
+            Some((prev, v)) => (prev.epoch + 1, prev.fully_enforced(), Condition::IfMatch(v.clone())),
+            None => (1, None, Condition::IfAbsent),
+        };
+        let entry = HistoryRecord {
+            epoch,
+            version: record.version.clone(),
+            action: action.into(),
+            mode: rollout.mode,
+            percent: rollout.percent,
+            base,
+            at_ms: now_ms,
+            datasets: policy.datasets().map(|(n, _)| n.to_string()).collect(),
+        };
+        let authority = self.policy_authority();
+        let ops = vec![
+            put(format!("{VERSION_PREFIX}{}", record.version), &record, Condition::Always),
+            put(history_key(epoch), &entry, Condition::IfAbsent),
+            put(ACTIVE_KEY.into(), &entry, condition),
+        ];
+        match self.write_in(&authority, WriteOp::Atomic(ops)).await?.0 {
+            CommandResult::Batch(_) => {}
+            CommandResult::AtomicFailed { .. } => {
+                return Err(PolicyOpError::Conflict(
+                    "another policy change was committed at the same time; nothing was changed".into(),
+                ))
+            }
+            other => return Err(NodeError::Internal(format!("unexpected answer to a policy apply: {other:?}")).into()),
+        }
+        // Committed. Copies follow; an unreachable region catches up from the authority.
+        let mut records = vec![record];
+        if let Some(base) = &entry.base {
+            let key = format!("{VERSION_PREFIX}{base}");
+            if let Some(obj) = self.read_in(&authority, NAMESPACE, &key).await?.0.filter(StoredObject::is_live) {
+                records.push(decode_record(&obj, &key)?);
+            }
+        }
+        let others: Vec<RegionId> =
+            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != authority).collect();
+        let installs = others.iter().map(|r| async {
+            let done = tokio::time::timeout(Duration::from_secs(5), self.install_copy(r, &entry, &records)).await;
+            (r.clone(), matches!(done, Ok(Ok(()))))
+        });
+        let mut propagated = vec![authority];
+        let mut pending = Vec::new();
+        for (region, ok) in futures::future::join_all(installs).await {
+            if ok {
+                propagated.push(region);
+            } else {
+                pending.push(region);
+            }
+        }
+        if let Err(e) = self.refresh_policy() {
+            tracing::warn!(error = %e, "refresh the policy cache after an apply");
+        }
+        Ok(ApplyOutcome { entry, propagated, pending })
+    }
+
+    /// Find a stored version by id or unique prefix (at least [`PolicyId::PREFIX_MIN`] hex
+    /// characters), in the authority's copy.
+    pub async fn policy_version(&self, prefix: &str) -> Result<VersionRecord, PolicyOpError> {
+        let ok = (PolicyId::PREFIX_MIN..=64).contains(&prefix.len())
+            && prefix.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !ok {
+            return Err(PolicyOpError::VersionNotFound(format!(
+                "{prefix:?} is not a version id: use at least {} lowercase hex characters",
+                PolicyId::PREFIX_MIN
+            )));
+        }
+        let authority = self.policy_authority();
+        let (found, _) = self.list_in(&authority, NAMESPACE, &format!("{VERSION_PREFIX}{prefix}"), None, 2).await?;
+        match found.as_slice() {
+            [(key, obj)] => Ok(decode_record(obj, key)?),
+            [] => Err(PolicyOpError::VersionNotFound(format!("no stored policy version starts with {prefix}"))),
+            _ => {
+                Err(PolicyOpError::VersionNotFound(format!("{prefix} matches several versions; give more characters")))
+            }
+        }
+    }
+
+    /// Re-activate an earlier version, fully enforced, as a new history entry.
+    pub async fn policy_rollback(&self, prefix: &str, now_ms: u64) -> Result<ApplyOutcome, PolicyOpError> {
+        let rec = self.policy_version(prefix).await?;
+        let format = if rec.format == "yaml" { Format::Yaml } else { Format::Toml };
+        let full = Rollout { mode: Mode::Enforce, percent: Rollout::FULL };
+        self.policy_apply(&rec.text, format, &rec.file, full, "rollback", now_ms).await
+    }
+
+    /// The authority's history, newest first.
+    pub async fn policy_history(&self) -> Result<Vec<HistoryRecord>, NodeError> {
+        let authority = self.policy_authority();
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, _) = self.list_in(&authority, NAMESPACE, HISTORY_PREFIX, after.as_deref(), 1000).await?;
+            let last = page.last().map(|(k, _)| k.clone());
+            for (key, obj) in &page {
+                out.push(decode_record::<HistoryRecord>(obj, key)?);
+            }
+            if page.len() < 1000 || out.len() >= HISTORY_ENTRIES_MAX {
+                break;
+            }
+            after = last;
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The authority's active entry, and where each region's copy stands.
+    pub async fn policy_status(&self) -> (Result<Option<HistoryRecord>, NodeError>, Vec<RegionCopy>) {
+        let active = self.authority_active().await.map(|a| a.map(|(e, _)| e));
+        let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
+        let copies = regions.into_iter().map(|region| async move {
+            let epoch = match self.read_in(&region, NAMESPACE, ACTIVE_KEY).await {
+                Ok((Some(obj), _)) if obj.is_live() => {
+                    decode_record::<HistoryRecord>(&obj, ACTIVE_KEY).map(|e| Some(e.epoch)).map_err(|e| e.to_string())
+                }
+                Ok(_) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            };
+            RegionCopy { region, epoch }
+        });
+        (active, futures::future::join_all(copies).await)
+    }
+
+    // ---- the request path ------------------------------------------------------------------
+
+    /// The placement of (dataset, key) under the version that governs it here, if any.
+    fn governing_placement(
+        &self,
+        dataset: &str,
+        key: &str,
+        home: Option<&RegionId>,
+    ) -> Result<Option<Placement>, NodeError> {
+        let Some(active) = self.active_policy() else { return Ok(None) };
+        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else {
+            return Err(NodeError::Internal(format!("unchecked name {dataset:?}/{key:?} reached the policy")));
+        };
+        let Some((policy, _)) = active.governing(&ds, &k) else { return Ok(None) };
+        let attrs = ObjectAttributes { home: home.cloned(), ..ObjectAttributes::default() };
+        match evaluate(policy, &self.topology, &ds, &k, &attrs) {
+            Ok(p) => Ok(Some(p)),
+            Err(e @ PlacementError::DatasetNotInPolicy { .. }) => Err(NodeError::DatasetNotInPolicy(e.to_string())),
+            Err(e) => Err(NodeError::HomeUnknown(e.to_string())),
+        }
+    }
+
+    /// The region a client write (or strong read) of (dataset, key) must go to: this one if
+    /// it is a home, else the first home. `home` is the user-locality attribute, if given.
+    pub fn home_region_for(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
+        self.refresh_policy()?;
+        let home = match home {
+            None => None,
+            Some(h) => match RegionId::new(h) {
+                Ok(r) if self.topology.regions().iter().any(|s| s.name == r) => Some(r),
+                _ => return Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster"))),
+            },
+        };
+        match self.governing_placement(dataset, key, home.as_ref())? {
+            None => Ok(self.spec.region.clone()),
+            Some(p) if p.homes.contains(&self.spec.region) => Ok(self.spec.region.clone()),
+            Some(p) => Ok(p.homes[0].clone()),
+        }
+    }
+
+    /// The leader's own check before proposing a client write: this region must be a home of
+    /// the key under this region's copy of the policy.
+    pub(crate) fn check_home_here(&self, dataset: &str, key: &str) -> Result<(), NodeError> {
+        if dataset == NAMESPACE {
+            return Ok(());
+        }
+        let here = self.spec.region.clone();
+        match self.governing_placement(dataset, key, Some(&here)) {
+            Ok(None) => Ok(()),
+            Ok(Some(p)) if p.homes.contains(&here) => Ok(()),
+            Ok(Some(p)) => Err(NodeError::PolicyRefused(format!(
+                "region {here} is not a home of {dataset}/{key} under policy {}; its homes are {}",
+                p.policy.short(),
+                join(&p.homes)
+            ))),
+            Err(NodeError::HomeUnknown(m)) => Err(NodeError::PolicyRefused(m)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where (dataset, key) lives under the active policy, and why.
+    pub fn policy_explain(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&str>,
+    ) -> Result<Explained, PolicyOpError> {
+        let active = self.active_policy().ok_or(PolicyOpError::NoPolicy)?;
+        let home =
+            home.map(|h| RegionId::new(h).map_err(|e| PolicyOpError::BadRequest(format!("home: {e}")))).transpose()?;
+        let attrs = ObjectAttributes { home, ..ObjectAttributes::default() };
+        let partial = active.entry.percent < Rollout::FULL;
+        let (policy, governed_by) = match active.governing(dataset, key) {
+            Some((p, true)) if partial => (p.clone(), "rollout"),
+            Some((p, _)) => (p.clone(), "enforced"),
+            // Nothing enforced for this key yet (a first policy in shadow): explain that one.
+            None => (active.current.clone(), "nothing_enforced"),
+        };
+        let eval = |p: &Policy| {
+            evaluate(p, &self.topology, dataset, key, &attrs).map_err(|e| match e {
+                PlacementError::DatasetNotInPolicy { .. } => {
+                    PolicyOpError::Node(NodeError::DatasetNotInPolicy(e.to_string()))
+                }
+                other => PolicyOpError::Node(NodeError::HomeUnknown(other.to_string())),
+            })
+        };
+        let placement = eval(&policy)?;
+        let shadow = active.shadow(dataset, key).map(|p| eval(p)).transpose().ok().flatten();
+        Ok(Explained { version: policy.id(), governed_by, placement, shadow })
+    }
+
+    // ---- plan ----------------------------------------------------------------------------
+
+    /// What applying `text` would change: datasets gaining or losing regions with the bytes to
+    /// copy or purge, and links opened or closed. Changes nothing.
+    pub async fn policy_plan(&self, text: &str, format: Format, file: &str) -> Result<Plan, PolicyOpError> {
+        let proposed = Policy::parse(text, format, file, Some(&self.topology)).map_err(PolicyOpError::Invalid)?;
+        let current = match self.authority_active().await? {
+            None => None,
+            Some((entry, _)) => {
+                let rec = self.policy_version(&entry.version).await?;
+                Some(self.parse_record(&rec)?)
+            }
+        };
+        let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
+        let sizes = futures::future::join_all(regions.iter().map(|r| self.dataset_sizes_in(r))).await;
+        let mut size_of: BTreeMap<(RegionId, String), (u64, u64)> = BTreeMap::new();
+        let mut unreachable = Vec::new();
+        for (region, s) in regions.iter().zip(sizes) {
+            match s {
+                Ok(list) => {
+                    for (ds, keys, bytes) in list {
+                        size_of.insert((region.clone(), ds), (keys, bytes));
+                    }
+                }
+                Err(_) => unreachable.push(region.clone()),
+            }
+        }
+        let mut names: BTreeSet<String> = proposed.datasets().map(|(n, _)| n.to_string()).collect();
+        if let Some(c) = &current {
+            names.extend(c.datasets().map(|(n, _)| n.to_string()));
+        }
+        // Datasets stored but named by neither version fall to the defaults; plan them too.
+        names.extend(size_of.keys().map(|(_, d)| d.clone()).filter(|d| d != NAMESPACE));
+        let mut plan = Plan {
+            current: current.as_ref().map(|c| c.id().to_hex()),
+            proposed: proposed.id().to_hex(),
+            unreachable,
+            ..Plan::default()
+        };
+        for name in names {
+            let Ok(ds) = DatasetName::new(name.clone()) else { continue };
+            let before = current.as_ref().map(|c| Footprint::of(c, &self.topology, &ds));
+            let after = Footprint::of(&proposed, &self.topology, &ds);
+            let before_copies = before.as_ref().map_or_else(BTreeSet::new, |f| f.copies.clone());
+            let stored: BTreeSet<RegionId> =
+                regions.iter().filter(|r| size_of.contains_key(&((*r).clone(), name.clone()))).cloned().collect();
+            // Without a current version, the data is wherever it was written.
+            let holding = if current.is_some() { before_copies.clone() } else { stored.clone() };
+            let full_copy = holding.iter().filter_map(|r| size_of.get(&(r.clone(), name.clone()))).max().copied();
+            let mut dp = DatasetPlan { dataset: name.clone(), ..DatasetPlan::default() };
+            for r in after.copies.difference(&holding) {
+                let (k, b) = full_copy.unwrap_or((0, 0));
+                dp.gaining.push((r.clone(), k, b));
+            }
+            for r in holding.difference(&after.copies) {
+                let (k, b) = size_of.get(&(r.clone(), name.clone())).copied().unwrap_or((0, 0));
+                dp.losing.push((r.clone(), k, b));
+            }
+            if let Some(b) = &before {
+                dp.notes = b.rule_changes(&after);
+            }
+            if after.refused && !before.as_ref().is_some_and(|b| b.refused) {
+                dp.notes.push("writes will be refused: the proposed policy neither names it nor has a default".into());
+            }
+            dp.change = match (before.as_ref().map(|b| b.refused), after.refused) {
+                (None | Some(true), false) => "added",
+                (Some(false), true) => "removed",
+                _ if dp.gaining.is_empty() && dp.losing.is_empty() && dp.notes.is_empty() => "unchanged",
+                _ => "changed",
+            };
+            let before_links = before.as_ref().map_or_else(BTreeSet::new, |f| f.links.clone());
+            for (from, to) in after.links.difference(&before_links) {
+                plan.links_opened.push((name.clone(), from.clone(), to.clone()));
+            }
+            for (from, to) in before_links.difference(&after.links) {
+                plan.links_closed.push((name.clone(), from.clone(), to.clone()));
+            }
+            plan.datasets.push(dp);
+        }
+        Ok(plan)
+    }
+}
+
+/// Where one dataset's copies may be under one version, over every possible key home.
+struct Footprint {
+    refused: bool,
+    copies: BTreeSet<RegionId>,
+    links: BTreeSet<(RegionId, RegionId)>,
+    rules: Vec<(&'static str, String)>,
+}
+
+impl Footprint {
+    fn of(policy: &Policy, topology: &meridian_core::Topology, ds: &DatasetName) -> Footprint {
+        let mut f = Footprint { refused: true, copies: BTreeSet::new(), links: BTreeSet::new(), rules: Vec::new() };
+        let key = Key::new("k").expect("a valid key");
+        // A user-homed key may be homed in any region: take the union over all of them.
+        let homes: Vec<Option<RegionId>> =
+            std::iter::once(None).chain(topology.regions().iter().map(|r| Some(r.name.clone()))).collect();
+        for home in homes {
+            let attrs = ObjectAttributes { home, ..ObjectAttributes::default() };
+            let Ok(p) = evaluate(policy, topology, ds, &key, &attrs) else { continue };
+            if f.refused {
+                f.rules = vec![
+                    ("kind", p.kind.to_string()),
+                    ("conflict", p.conflict.to_string()),
+                    ("consistency", p.consistency.to_string()),
+                    ("classification", p.classification.to_string()),
+                    ("schedule", p.links.first().map_or("-".into(), schedule_text)),
+                    ("retention", format!("{:?}", p.retention)),
+                    ("encryption_at_rest", p.encryption_at_rest.to_string()),
+                ];
+            }
+            f.refused = false;
+            f.copies.extend(p.homes.iter().cloned());
+            f.copies.extend(p.mirrors.iter().cloned());
+            f.links.extend(p.links.iter().map(|l| (l.from.clone(), l.to.clone())));
+        }
+        f
+    }
+
+    fn rule_changes(&self, after: &Footprint) -> Vec<String> {
+        if self.refused || after.refused {
+            return Vec::new();
+        }
+        self.rules
+            .iter()
+            .zip(&after.rules)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| format!("{}: {} -> {}", a.0, a.1, b.1))
+            .collect()
+    }
+}
+
+/// A link's schedule in words, as `explain` and `plan` print it.
+pub fn schedule_text(l: &Link) -> String {
+    use meridian_policy::Schedule;
+    match l.schedule {
+        Schedule::Continuous => "continuous".into(),
+        Schedule::Interval { every, jitter } if jitter.ms() == 0 => format!("every {every}"),
+        Schedule::Interval { every, jitter } => format!("every {every} (+{jitter} jitter, this link at +{})", l.phase),
+        Schedule::Window(w) => format!("daily {w} UTC"),
+    }
+}
+
+fn join(regions: &[RegionId]) -> String {
+    format!("[{}]", regions.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "))
+}
