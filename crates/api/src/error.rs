@@ -53,6 +53,7 @@ codes! {
     NoPolicy => "no_policy": "The cluster has no active policy yet, so there is nothing to explain or roll back.",
     DatasetNotInPolicy => "dataset_not_in_policy": "The active policy does not name this dataset and has no [default]; nothing was written.",
     HomeUnknown => "home_unknown": "The dataset is user-homed and the key has neither a `region/` prefix nor a `home` parameter, or they disagree, or that home is not allowed.",
+    HomeImmutable => "home_immutable": "The user-homed key already lives in another region; its home cannot change. Nothing was written.",
     PolicyRefused => "policy_refused": "The region that received the write is not a home for this key under its active policy; nothing was written. Retry: the gateway routes by the newest policy.",
     Internal => "internal": "An unexpected failure inside the node. It is logged with details; the request may be retried.",
 }

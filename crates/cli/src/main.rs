@@ -217,11 +217,8 @@ enum PolicyCommand {
     Explain {
         /// The dataset.
         dataset: String,
-        /// The key.
+        /// The key (for user-homed keys without a `region/` prefix, add --home REGION).
         key: String,
-        /// For user-homed datasets whose keys carry no `region/` prefix: the key's home region.
-        #[arg(long)]
-        home: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -298,8 +295,8 @@ fn main() -> std::process::ExitCode {
                 PolicyCommand::Status { client } => policy::status(&client).await,
                 PolicyCommand::Show { version, client } => policy::show(&client, &version).await,
                 PolicyCommand::Rollback { version, client } => policy::rollback(&client, &version).await,
-                PolicyCommand::Explain { dataset, key, home, client } => {
-                    policy::explain(&client, &dataset, &key, home.as_deref()).await
+                PolicyCommand::Explain { dataset, key, client } => {
+                    policy::explain(&client, &dataset, &key, client.home.as_deref()).await
                 }
             },
             Command::Bench(b) => bench(b).await,
@@ -334,4 +331,15 @@ async fn bench(b: BenchArgs) -> anyhow::Result<()> {
     };
     meridian_bench::print_report(&report, json);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap checks argument definitions only when a command runs; this checks every one.
+    #[test]
+    fn every_command_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

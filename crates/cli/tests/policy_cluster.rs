@@ -73,6 +73,10 @@ async fn restricted_writes_are_forwarded_home_and_leave_no_bytes_elsewhere() {
     // A key without a prefix takes its home from the `home` parameter; without one it is refused.
     let (status, body) = put(&http, &us, "profiles/keys/bob?home=ap-south", "{\"n\":1}").await;
     assert_eq!((status, body["served_by"]["region"].as_str()), (201, Some("ap-south")), "{body}");
+    let (status, body) = put(&http, &us, "profiles/keys/bob?home=ap-south", "{\"n\":2}").await;
+    assert_eq!(status, 200, "the same home again is an ordinary update: {body}");
+    let (status, body) = put(&http, &us, "profiles/keys/bob?home=us-east", "{\"n\":3}").await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("home_immutable")), "a home never changes: {body}");
     let (status, body) = put(&http, &us, "profiles/keys/carol", "{}").await;
     assert_eq!((status, body["code"].as_str()), (400, Some("home_unknown")), "{body}");
     let (status, body) = put(&http, &us, "profiles/keys/eu-west%2Fdave?home=us-east", "{}").await;
@@ -231,6 +235,15 @@ fn plan_apply_shadow_history_rollback_and_explain() {
     assert_eq!(e["shadow"]["homes"][0], "us-east", "{e}");
     let (ok, out, _) = cli(&us, &["put", "users", "u2", "2", "--json"]);
     assert!(ok && out.contains("ap-south"), "shadow acts on nothing: {out}");
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { reqwest::get(format!("{us}/metrics")).await.unwrap().text().await.unwrap() });
+    assert!(metrics.contains("meridian_policy_epoch 3"), "{metrics}");
+    assert!(
+        metrics.contains("meridian_policy_shadow_reroutes_total 1"),
+        "the shadow's other choice is counted: {metrics}"
+    );
+    assert!(metrics.contains("meridian_policy_refusals_total{kind=\"dataset_not_in_policy\"}"), "{metrics}");
 
     // Rollback to the demo's first version: a new entry pointing at it.
     let short = &first_id[..10];
@@ -249,4 +262,55 @@ fn plan_apply_shadow_history_rollback_and_explain() {
     assert!(!ok && err.contains("policy_version_not_found"), "{err}");
     let (ok, out, _) = cli(&us, &["policy", "history"]);
     assert!(ok && out.contains("rollback") && out.contains("shadow"), "{out}");
+}
+
+#[test]
+fn concurrent_applies_each_commit_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (demo, base, _) = common::start_demo(None);
+    let _stop = Stop(demo);
+    // Six applies at once, through nodes of all three regions, each a distinct version.
+    let handles: Vec<_> = (0..6u16)
+        .map(|i| {
+            let file = dir.path().join(format!("p{i}.toml"));
+            let text = NEW_POLICY.replacen(
+                "name = \"catalog\"",
+                &format!("name = \"catalog\"\ndescription = \"writer {i}\""),
+                1,
+            );
+            std::fs::write(&file, text).unwrap();
+            let endpoint = format!("http://127.0.0.1:{}", base + (i * 4) % 9);
+            std::thread::spawn(move || cli(&endpoint, &["policy", "apply", file.to_str().unwrap(), "--json"]))
+        })
+        .collect();
+    let mut won = Vec::new();
+    for h in handles {
+        let (ok, out, err) = h.join().unwrap();
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            won.push(v["entry"]["epoch"].as_u64().unwrap());
+        } else {
+            assert!(err.contains("policy_conflict"), "a losing apply must say policy_conflict: {err}");
+        }
+    }
+    assert!(!won.is_empty(), "at least one apply commits");
+    won.sort();
+    won.dedup();
+    let us = format!("http://127.0.0.1:{base}");
+    let history = cli_json(&us, &["policy", "history"]);
+    let epochs: Vec<u64> =
+        history["entries"].as_array().unwrap().iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (1..=won.len() as u64 + 1).rev().collect();
+    assert_eq!(epochs, expected, "every committed apply is one entry, no gaps, no duplicates (winners: {won:?})");
+    // Every region converges on the last entry.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = cli_json(&us, &["policy", "status"]);
+        let last = status["active"]["epoch"].as_u64().unwrap();
+        if status["regions"].as_array().unwrap().iter().all(|r| r["epoch"].as_u64() == Some(last)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "regions did not converge: {status}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

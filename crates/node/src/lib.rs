@@ -66,6 +66,9 @@ pub enum NodeError {
     /// The region asked is not a home for the key under its own active policy.
     #[error("{0}")]
     PolicyRefused(String),
+    /// A user-homed key already lives in another region than the home asked for.
+    #[error("{0}")]
+    HomeImmutable(String),
     #[error("internal failure: {0}")]
     Internal(String),
 }
@@ -797,9 +800,10 @@ fn to_peer_error(e: NodeError) -> PeerError {
         NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
         NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
         NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
-        NodeError::PolicyRefused(m) | NodeError::DatasetNotInPolicy(m) | NodeError::HomeUnknown(m) => {
-            PeerError::PolicyRefused(m)
-        }
+        NodeError::PolicyRefused(m)
+        | NodeError::DatasetNotInPolicy(m)
+        | NodeError::HomeUnknown(m)
+        | NodeError::HomeImmutable(m) => PeerError::PolicyRefused(m),
         NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
     }
 }

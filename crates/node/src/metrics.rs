@@ -42,6 +42,9 @@ pub struct Metrics {
     pub raft_applied_index: Gauge,
     pub raft_log_fsyncs: Counter,
     pub raft_log_entries_written: Counter,
+    pub policy_epoch: Gauge,
+    pub policy_refusals: Family<KindLabels, Counter>,
+    pub policy_shadow_reroutes: Counter,
 }
 
 impl Default for Metrics {
@@ -93,8 +96,29 @@ impl Metrics {
             "Raft log entries made durable",
             raft_log_entries_written.clone(),
         );
+        let policy_epoch = Gauge::default();
+        registry.register(
+            "policy_epoch",
+            "Epoch of the policy entry this node's region copy holds as active (0: none)",
+            policy_epoch.clone(),
+        );
+        let policy_refusals = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "policy_refusals",
+            "Client requests refused by the policy, by error code",
+            policy_refusals.clone(),
+        );
+        let policy_shadow_reroutes = Counter::default();
+        registry.register(
+            "policy_shadow_reroutes",
+            "Writes a shadow policy version would have sent to another region than the enforced one did",
+            policy_shadow_reroutes.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            policy_epoch,
+            policy_refusals,
+            policy_shadow_reroutes,
             http_requests,
             http_duration,
             forwarded,

@@ -258,6 +258,7 @@ impl Node {
         let obj = self.reader.get(NAMESPACE, ACTIVE_KEY).map_err(|e| NodeError::Storage(e.to_string()))?;
         let Some(obj) = obj.filter(StoredObject::is_live) else {
             *self.policy.active.write().expect("policy cache lock") = None;
+            self.metrics.policy_epoch.set(0);
             return Ok(());
         };
         if self.active_policy().is_some_and(|a| a.stored_as == obj.version) {
@@ -272,6 +273,7 @@ impl Node {
         };
         let current = load(&entry.version)?;
         let base = entry.base.as_deref().map(load).transpose()?;
+        self.metrics.policy_epoch.set(entry.epoch as i64);
         let active = ActivePolicy { entry, current, base, stored_as: obj.version };
         *self.policy.active.write().expect("policy cache lock") = Some(Arc::new(active));
         Ok(())
@@ -544,6 +546,19 @@ impl Node {
     /// it is a home, else the first home. `home` is the user-locality attribute, if given.
     pub fn home_region_for(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
         self.refresh_policy()?;
+        let routed = self.route_by_policy(dataset, key, home);
+        if let Err(e) = &routed {
+            let code = match e {
+                NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
+                NodeError::HomeUnknown(_) => "home_unknown",
+                _ => "other",
+            };
+            self.metrics.policy_refusals.get_or_create(&crate::metrics::KindLabels { kind: code.into() }).inc();
+        }
+        routed
+    }
+
+    fn route_by_policy(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
         let home = match home {
             None => None,
             Some(h) => match RegionId::new(h) {
@@ -551,11 +566,69 @@ impl Node {
                 _ => return Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster"))),
             },
         };
-        match self.governing_placement(dataset, key, home.as_ref())? {
-            None => Ok(self.spec.region.clone()),
-            Some(p) if p.homes.contains(&self.spec.region) => Ok(self.spec.region.clone()),
-            Some(p) => Ok(p.homes[0].clone()),
+        let choose = |p: &Placement| {
+            if p.homes.contains(&self.spec.region) {
+                self.spec.region.clone()
+            } else {
+                p.homes[0].clone()
+            }
+        };
+        let region = match self.governing_placement(dataset, key, home.as_ref())? {
+            None => self.spec.region.clone(),
+            Some(p) => choose(&p),
+        };
+        // Shadow: where the shadow version would have sent it; counted, never acted on.
+        if let (Some(active), Ok(ds), Ok(k)) = (self.active_policy(), DatasetName::new(dataset), Key::new(key)) {
+            if let Some(shadow) = active.shadow(&ds, &k) {
+                let attrs = ObjectAttributes { home: home.clone(), ..ObjectAttributes::default() };
+                let would = evaluate(shadow, &self.topology, &ds, &k, &attrs).ok().map(|p| choose(&p));
+                if would.as_ref() != Some(&region) {
+                    self.metrics.policy_shadow_reroutes.inc();
+                }
+            }
         }
+        Ok(region)
+    }
+
+    /// Where a client PUT of (dataset, key) goes: [`Node::home_region_for`], plus, for a
+    /// user-homed key whose home comes from the `home` attribute (no region prefix), a check
+    /// that the key does not already live in another region: its home never changes. The
+    /// check reads the home region and, if the key is new there, every other region; two
+    /// first writes racing from different regions with different homes can still both land
+    /// (a home directory is the fix).
+    pub async fn route_put(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
+        let region = self.home_region_for(dataset, key, home)?;
+        let Some(home) = home else { return Ok(region) };
+        let home = RegionId::new(home).map_err(|e| NodeError::HomeUnknown(e.to_string()))?;
+        let Some(p) = self.governing_placement(dataset, key, Some(&home))? else { return Ok(region) };
+        let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
+        if !from_attribute {
+            return Ok(region);
+        }
+        if self.read_in(&region, dataset, key).await?.0.is_some() {
+            return Ok(region);
+        }
+        let others: Vec<RegionId> =
+            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
+        let found = futures::future::join_all(others.iter().map(|r| self.read_in(r, dataset, key))).await;
+        for (r, answer) in others.iter().zip(found) {
+            match answer {
+                Ok((Some(obj), _)) if obj.is_live() => {
+                    return Err(NodeError::HomeImmutable(format!(
+                    "{dataset}/{key} already lives in {r}; a user-homed key's home cannot change (asked for {region})"
+                )))
+                }
+                Ok(_) => {}
+                // Unknown is not absent: refuse rather than risk a second home.
+                Err(e) => {
+                    return Err(NodeError::Unavailable {
+                        node: 0,
+                        reason: format!("cannot check that {dataset}/{key} is not homed in {r}: {e}"),
+                    })
+                }
+            }
+        }
+        Ok(region)
     }
 
     /// The leader's own check before proposing a client write: this region must be a home of
@@ -568,11 +641,17 @@ impl Node {
         match self.governing_placement(dataset, key, Some(&here)) {
             Ok(None) => Ok(()),
             Ok(Some(p)) if p.homes.contains(&here) => Ok(()),
-            Ok(Some(p)) => Err(NodeError::PolicyRefused(format!(
-                "region {here} is not a home of {dataset}/{key} under policy {}; its homes are {}",
-                p.policy.short(),
-                join(&p.homes)
-            ))),
+            Ok(Some(p)) => {
+                self.metrics
+                    .policy_refusals
+                    .get_or_create(&crate::metrics::KindLabels { kind: "policy_refused".into() })
+                    .inc();
+                Err(NodeError::PolicyRefused(format!(
+                    "region {here} is not a home of {dataset}/{key} under policy {}; its homes are {}",
+                    p.policy.short(),
+                    join(&p.homes)
+                )))
+            }
             Err(NodeError::HomeUnknown(m)) => Err(NodeError::PolicyRefused(m)),
             Err(e) => Err(e),
         }

@@ -38,7 +38,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
         PolicyInvalid | HomeUnknown => StatusCode::BAD_REQUEST,
         PolicyVersionNotFound | NoPolicy => StatusCode::NOT_FOUND,
-        PolicyConflict => StatusCode::CONFLICT,
+        PolicyConflict | HomeImmutable => StatusCode::CONFLICT,
         DatasetNotInPolicy => StatusCode::FORBIDDEN,
         PolicyRefused => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,6 +71,8 @@ impl From<NodeError> for ApiError {
                 .hint("add the dataset to the policy (or give the policy a [default]) and apply it"),
             NodeError::HomeUnknown(_) => ApiError::new(ErrorCode::HomeUnknown, e.to_string())
                 .hint("user-homed keys start with their home region (`eu-west/alice`) or pass ?home=REGION"),
+            NodeError::HomeImmutable(_) => ApiError::new(ErrorCode::HomeImmutable, e.to_string())
+                .hint("write the key with the home it already has; moving a user's data is a relocation"),
             NodeError::PolicyRefused(_) => ApiError::new(ErrorCode::PolicyRefused, e.to_string())
                 .hint("the regions' policy copies are converging after a change; retry shortly"),
             NodeError::Storage(_) | NodeError::Internal(_) => {

@@ -160,7 +160,7 @@ pub async fn put_key(
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
     let value = read_json_body(state.node.config().limits.value_bytes_max, &headers, body).await?;
-    let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
+    let region = state.node.route_put(dataset.as_str(), key.as_str(), q.home.as_deref()).await?;
     let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: Some(value), condition };
     let (result, served) = state.node.write_in(&region, WriteOp::One(req)).await?;
     let served = served_by(&state, served);
