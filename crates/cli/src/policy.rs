@@ -271,6 +271,16 @@ fn print_applied(verb: &str, r: &PolicyApplyResponse) {
 }
 
 /// `meridian policy apply FILE [--shadow | --enforce] [--percent N]`.
+/// Deadline of a policy change: it reads the authority, commits there, then installs a copy in
+/// every region; giving up earlier could leave a user unsure whether it committed.
+const CHANGE_TIMEOUT_SECS_MIN: u64 = 60;
+
+fn change_client(opts: &ClientOpts) -> meridian_client::Client {
+    let mut opts = opts.clone();
+    opts.timeout_secs = opts.timeout_secs.max(CHANGE_TIMEOUT_SECS_MIN);
+    client(&opts)
+}
+
 pub async fn apply(opts: &ClientOpts, file: &Path, shadow: bool, percent: u8) -> anyhow::Result<()> {
     let document = document_body(file)?;
     let name = file.display().to_string();
@@ -279,7 +289,7 @@ pub async fn apply(opts: &ClientOpts, file: &Path, shadow: bool, percent: u8) ->
         mode: Some(if shadow { "shadow" } else { "enforce" }.to_owned()),
         percent: Some(percent),
     };
-    let r = client(opts).policy_apply(&req).await.map_err(|e| policy_fail(e, &name, opts.json))?;
+    let r = change_client(opts).policy_apply(&req).await.map_err(|e| policy_fail(e, &name, opts.json))?;
     if opts.json {
         print_json(&r);
     } else {
@@ -290,7 +300,7 @@ pub async fn apply(opts: &ClientOpts, file: &Path, shadow: bool, percent: u8) ->
 
 /// `meridian policy rollback VERSION`.
 pub async fn rollback(opts: &ClientOpts, version: &str) -> anyhow::Result<()> {
-    let r = client(opts).policy_rollback(version).await.map_err(|e| policy_fail(e, version, opts.json))?;
+    let r = change_client(opts).policy_rollback(version).await.map_err(|e| policy_fail(e, version, opts.json))?;
     if opts.json {
         print_json(&r);
     } else {

@@ -77,6 +77,14 @@ async fn restricted_writes_are_forwarded_home_and_leave_no_bytes_elsewhere() {
     assert_eq!(status, 200, "the same home again is an ordinary update: {body}");
     let (status, body) = put(&http, &us, "profiles/keys/bob?home=us-east", "{\"n\":3}").await;
     assert_eq!((status, body["code"].as_str()), (409, Some("home_immutable")), "a home never changes: {body}");
+    // A tombstone is not a home: delete bob, re-create him in eu-west, and ap-south's
+    // tombstone must not let a write make him live in two regions.
+    let resp = http.delete(format!("{us}/v1/datasets/profiles/keys/bob?home=ap-south")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let (status, body) = put(&http, &us, "profiles/keys/bob?home=eu-west", "{\"n\":4}").await;
+    assert_eq!((status, body["served_by"]["region"].as_str()), (201, Some("eu-west")), "{body}");
+    let (status, body) = put(&http, &us, "profiles/keys/bob?home=ap-south", "{\"n\":5}").await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("home_immutable")), "{body}");
     let (status, body) = put(&http, &us, "profiles/keys/carol", "{}").await;
     assert_eq!((status, body["code"].as_str()), (400, Some("home_unknown")), "{body}");
     let (status, body) = put(&http, &us, "profiles/keys/eu-west%2Fdave?home=us-east", "{}").await;
@@ -245,15 +253,35 @@ fn plan_apply_shadow_history_rollback_and_explain() {
     );
     assert!(metrics.contains("meridian_policy_refusals_total{kind=\"dataset_not_in_policy\"}"), "{metrics}");
 
+    // Enforce the third version for half the keys: each key is governed by one version.
+    let partial = cli_json(&us, &["policy", "apply", shadow_file.to_str().unwrap(), "--percent", "50"]);
+    assert_eq!(
+        (partial["entry"]["percent"].as_u64(), partial["entry"]["base"].as_str()),
+        (Some(50), Some(second_id.as_str()))
+    );
+    let (mut moved, mut stayed) = (0, 0);
+    for i in 0..40 {
+        let e = cli_json(&us, &["policy", "explain", "users", &format!("k{i}")]);
+        match (e["governed_by"].as_str(), e["homes"][0].as_str()) {
+            (Some("rollout"), Some("us-east")) => moved += 1,
+            (Some("enforced"), Some("ap-south")) => stayed += 1,
+            other => panic!("a key is governed by exactly one version: {other:?} {e}"),
+        }
+    }
+    assert!(moved > 5 && stayed > 5, "50% splits the keys: {moved} moved, {stayed} stayed");
+    // Starting another rollout on top would hand the covered half back silently: refused.
+    let (ok, _, err) = cli(&us, &["policy", "apply", file.to_str().unwrap(), "--shadow"]);
+    assert!(!ok && err.contains("policy_conflict") && err.contains("50%"), "{err}");
+
     // Rollback to the demo's first version: a new entry pointing at it.
     let short = &first_id[..10];
     let rolled = cli_json(&us, &["policy", "rollback", short]);
-    assert_eq!((rolled["entry"]["epoch"].as_u64(), rolled["entry"]["action"].as_str()), (Some(4), Some("rollback")));
+    assert_eq!((rolled["entry"]["epoch"].as_u64(), rolled["entry"]["action"].as_str()), (Some(5), Some("rollback")));
     assert_eq!(rolled["entry"]["version"], first_id.as_str());
     let history = cli_json(&us, &["policy", "history"]);
     let epochs: Vec<u64> =
         history["entries"].as_array().unwrap().iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
-    assert_eq!(epochs, [4, 3, 2, 1], "newest first, nothing rewritten");
+    assert_eq!(epochs, [5, 4, 3, 2, 1], "newest first, nothing rewritten");
     let (ok, _, err) = cli(&us, &["put", "users", "u3", "1"]);
     assert!(!ok && err.contains("dataset_not_in_policy"), "{err}");
     let (ok, out, _) = cli(&us, &["policy", "show", short]);
@@ -280,34 +308,64 @@ fn concurrent_applies_each_commit_whole_or_not_at_all() {
             );
             std::fs::write(&file, text).unwrap();
             let endpoint = format!("http://127.0.0.1:{}", base + (i * 4) % 9);
-            std::thread::spawn(move || cli(&endpoint, &["policy", "apply", file.to_str().unwrap(), "--json"]))
+            let check = Command::new(BIN).args(["policy", "check", "--json", file.to_str().unwrap()]).output().unwrap();
+            let version = serde_json::from_slice::<serde_json::Value>(&check.stdout).unwrap()["version"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            std::thread::spawn(move || {
+                (version, cli(&endpoint, &["policy", "apply", file.to_str().unwrap(), "--json"]))
+            })
         })
         .collect();
     let mut won = Vec::new();
+    let mut lost = Vec::new();
     for h in handles {
-        let (ok, out, err) = h.join().unwrap();
+        let (version, (ok, out, err)) = h.join().unwrap();
         if ok {
             let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-            won.push(v["entry"]["epoch"].as_u64().unwrap());
+            assert_eq!(v["entry"]["version"], version.as_str());
+            won.push((v["entry"]["epoch"].as_u64().unwrap(), version));
         } else {
             assert!(err.contains("policy_conflict"), "a losing apply must say policy_conflict: {err}");
+            lost.push(version);
         }
     }
     assert!(!won.is_empty(), "at least one apply commits");
     won.sort();
-    won.dedup();
+    let mut epochs_won: Vec<u64> = won.iter().map(|(e, _)| *e).collect();
+    epochs_won.dedup();
+    assert_eq!(epochs_won.len(), won.len(), "two applies reported the same epoch: {won:?}");
     let us = format!("http://127.0.0.1:{base}");
     let history = cli_json(&us, &["policy", "history"]);
     let epochs: Vec<u64> =
         history["entries"].as_array().unwrap().iter().map(|e| e["epoch"].as_u64().unwrap()).collect();
     let expected: Vec<u64> = (1..=won.len() as u64 + 1).rev().collect();
     assert_eq!(epochs, expected, "every committed apply is one entry, no gaps, no duplicates (winners: {won:?})");
+    let versions: Vec<&str> =
+        history["entries"].as_array().unwrap().iter().map(|e| e["version"].as_str().unwrap()).collect();
+    for (epoch, version) in &won {
+        assert_eq!(versions[versions.len() - *epoch as usize], version.as_str(), "epoch {epoch} holds another version");
+    }
+    for version in &lost {
+        assert!(!versions.contains(&version.as_str()), "a failed apply left its version in the history");
+    }
     // Every region converges on the last entry.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let status = cli_json(&us, &["policy", "status"]);
         let last = status["active"]["epoch"].as_u64().unwrap();
-        if status["regions"].as_array().unwrap().iter().all(|r| r["epoch"].as_u64() == Some(last)) {
+        let converged = status["regions"].as_array().unwrap().iter().all(|r| r["epoch"].as_u64() == Some(last));
+        if converged {
+            // Same epoch is the same entry: every region routes a users key the same way.
+            let homes: Vec<serde_json::Value> = (0..3)
+                .map(|r| {
+                    cli_json(&format!("http://127.0.0.1:{}", base + 3 * r), &["policy", "explain", "users", "k"])
+                        ["version"]
+                        .clone()
+                })
+                .collect();
+            assert!(homes.iter().all(|v| *v == homes[0]), "regions at one epoch explain different versions: {homes:?}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "regions did not converge: {status}");

@@ -490,17 +490,17 @@ impl Node {
         // an older one can never make this region store what its policy forbids here. Once
         // per term it first catches its state machine up with the commit index: a leader
         // fresh from a restart must not judge by a copy older than what was committed.
-        if reqs.iter().any(|r| r.dataset != policy::NAMESPACE) {
+        let guard = if reqs.iter().any(|r| r.dataset != policy::NAMESPACE) {
             let term = self.raft.metrics().borrow().current_term;
             if self.policy.barrier_term.load(std::sync::atomic::Ordering::Acquire) != term {
                 self.linearizable_barrier().await?;
                 self.policy.barrier_term.store(term, std::sync::atomic::Ordering::Release);
             }
             self.refresh_policy().map_err(LocalError::Other)?;
-            for r in reqs {
-                self.check_home_here(&r.dataset, &r.key).map_err(LocalError::Other)?;
-            }
-        }
+            Some(self.policy_guard(reqs).await.map_err(LocalError::Other)?)
+        } else {
+            None
+        };
         let hlc = {
             let mut hlc = self.hlc.lock().expect("hlc lock");
             match hlc.now(self.clock.now_ms()) {
@@ -526,18 +526,59 @@ impl Node {
                 condition: req.condition.clone(),
             },
         };
-        let cmd = match op {
-            WriteOp::One(r) => command(r),
-            WriteOp::Atomic(rs) => CommandV1::Atomic(rs.iter().map(command).collect()),
+        let mut cmds: Vec<CommandV1> = Vec::new();
+        if let Some(condition) = &guard {
+            cmds.push(CommandV1::Check {
+                dataset: policy::NAMESPACE.into(),
+                key: policy::ACTIVE_KEY.into(),
+                condition: condition.clone(),
+            });
+        }
+        let cmd = match (op, guard.is_some()) {
+            (WriteOp::One(r), false) => command(r),
+            (WriteOp::One(r), true) => {
+                cmds.push(command(r));
+                CommandV1::Atomic(cmds)
+            }
+            (WriteOp::Atomic(rs), _) => {
+                cmds.extend(rs.iter().map(command));
+                CommandV1::Atomic(cmds)
+            }
         };
         let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
             LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
         })?;
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),
+        let result = match answer.await {
+            Ok(result) => result?,
+            Err(_) => return Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),
+        };
+        if guard.is_none() {
+            return Ok(result);
+        }
+        // Unwrap the guard: its own failure means the policy moved under the write.
+        let policy_moved = || {
+            LocalError::Other(NodeError::PolicyRefused(
+                "the policy changed while the write was in flight; nothing was written, retry".into(),
+            ))
+        };
+        match (op, result) {
+            (_, CommandResult::AtomicFailed { index: 0, .. }) => Err(policy_moved()),
+            (WriteOp::One(_), CommandResult::AtomicFailed { current, .. }) => {
+                Ok(CommandResult::PreconditionFailed { current })
+            }
+            (WriteOp::One(_), CommandResult::Batch(mut results)) if results.len() == 2 => Ok(results.remove(1)),
+            (WriteOp::Atomic(_), CommandResult::AtomicFailed { index, current }) => {
+                Ok(CommandResult::AtomicFailed { index: index - 1, current })
+            }
+            (WriteOp::Atomic(_), CommandResult::Batch(mut results)) if !results.is_empty() => {
+                results.remove(0);
+                Ok(CommandResult::Batch(results))
+            }
+            (_, other) => {
+                Err(LocalError::Other(NodeError::Internal(format!("unexpected guarded write result {other:?}"))))
+            }
         }
     }
 

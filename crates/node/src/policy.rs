@@ -35,13 +35,15 @@ use crate::{Node, NodeError};
 
 /// The reserved namespace of policy metadata in every region.
 pub const NAMESPACE: &str = "_policy";
-const ACTIVE_KEY: &str = "active";
+pub(crate) const ACTIVE_KEY: &str = "active";
 const HISTORY_PREFIX: &str = "history/";
 const VERSION_PREFIX: &str = "version/";
 /// How often each region's leader compares its copy with the authority's.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
-/// Most history entries read back; older ones stay stored.
+/// Most history entries read back (the newest); older ones stay stored.
 pub const HISTORY_ENTRIES_MAX: usize = 10_000;
+/// Pages of 1000 entries read at most to find the newest ones.
+const HISTORY_PAGES_MAX: usize = 1_000;
 /// Parsed versions kept in memory per node.
 const PARSED_VERSIONS_MAX: usize = 64;
 
@@ -139,6 +141,8 @@ pub struct PolicyCache {
     /// The Raft term in which this node, as leader, last caught its state machine up with the
     /// commit index (so its policy copy is at least as new as anything committed before).
     pub(crate) barrier_term: AtomicU64,
+    /// When the authority last answered that it has no policy at all.
+    authority_empty_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// What an apply or rollback did.
@@ -261,7 +265,9 @@ impl Node {
             self.metrics.policy_epoch.set(0);
             return Ok(());
         };
-        if self.active_policy().is_some_and(|a| a.stored_as == obj.version) {
+        // Only forward: a slower refresh that read an older record must not undo a newer one
+        // (records in one region carry strictly increasing sequences).
+        if self.active_policy().is_some_and(|a| a.stored_as.seq >= obj.version.seq) {
             return Ok(());
         }
         let entry: HistoryRecord = decode_record(&obj, ACTIVE_KEY)?;
@@ -391,6 +397,20 @@ impl Node {
             text: text.into(),
         };
         let previous = self.authority_active().await?;
+        // A partial enforce governs some keys by its version and the rest by its base; a new
+        // shadow or partial rollout of another version on top would silently hand the first
+        // group back to the base. Finish (100%) or roll back the running rollout first.
+        if let Some((prev, _)) = &previous {
+            let partial = prev.mode == Mode::Enforce && prev.percent < Rollout::FULL;
+            let full = rollout.mode == Mode::Enforce && rollout.percent == Rollout::FULL;
+            if partial && !full && prev.version != record.version {
+                return Err(PolicyOpError::Conflict(format!(
+                    "version {} is enforced for {}% of keys; enforce it fully, roll it back, or enforce another version fully before starting a new rollout",
+                    &prev.version[..PolicyId::SHORT_LEN],
+                    prev.percent
+                )));
+            }
+        }
         let (epoch, base, condition) = match &previous {
             // At 100% enforce no key is outside the rollout, so there is no base to name.
             Some((prev, v)) if rollout.mode == Mode::Enforce && rollout.percent == Rollout::FULL => {
@@ -410,11 +430,20 @@ impl Node {
             datasets: policy.datasets().map(|(n, _)| n.to_string()).collect(),
         };
         let authority = self.policy_authority();
-        let ops = vec![
-            put(format!("{VERSION_PREFIX}{}", record.version), &record, Condition::Always),
-            put(history_key(epoch), &entry, Condition::IfAbsent),
-            put(ACTIVE_KEY.into(), &entry, condition),
-        ];
+        // A version record is written once: re-applying the same content (in another file
+        // name or format) keeps the text that was first stored under the id.
+        let version_key = format!("{VERSION_PREFIX}{}", record.version);
+        let stored = self.read_in(&authority, NAMESPACE, &version_key).await?.0.filter(StoredObject::is_live);
+        let mut ops = Vec::new();
+        if stored.is_none() {
+            ops.push(put(version_key.clone(), &record, Condition::IfAbsent));
+        }
+        ops.push(put(history_key(epoch), &entry, Condition::IfAbsent));
+        ops.push(put(ACTIVE_KEY.into(), &entry, condition));
+        let record = match &stored {
+            Some(obj) => decode_record(obj, &version_key)?,
+            None => record,
+        };
         match self.write_in(&authority, WriteOp::Atomic(ops)).await?.0 {
             CommandResult::Batch(_) => {}
             CommandResult::AtomicFailed { .. } => {
@@ -424,12 +453,18 @@ impl Node {
             }
             other => return Err(NodeError::Internal(format!("unexpected answer to a policy apply: {other:?}")).into()),
         }
-        // Committed. Copies follow; an unreachable region catches up from the authority.
+        // Committed: from here on nothing may turn the answer into a failure (a client would
+        // retry and make a second entry). Copies follow; a region not reached is `pending`
+        // and catches up from the authority.
         let mut records = vec![record];
         if let Some(base) = &entry.base {
             let key = format!("{VERSION_PREFIX}{base}");
-            if let Some(obj) = self.read_in(&authority, NAMESPACE, &key).await?.0.filter(StoredObject::is_live) {
-                records.push(decode_record(&obj, &key)?);
+            match self.read_in(&authority, NAMESPACE, &key).await {
+                Ok((Some(obj), _)) if obj.is_live() => match decode_record(&obj, &key) {
+                    Ok(rec) => records.push(rec),
+                    Err(e) => tracing::warn!(error = %e, "read the base version for the copies"),
+                },
+                other => tracing::warn!(answer = ?other.map(|_| ()), "read the base version for the copies"),
             }
         }
         let others: Vec<RegionId> =
@@ -486,21 +521,24 @@ impl Node {
     /// The authority's history, newest first.
     pub async fn policy_history(&self) -> Result<Vec<HistoryRecord>, NodeError> {
         let authority = self.policy_authority();
-        let mut out = Vec::new();
+        // Pages come oldest first; keep the newest HISTORY_ENTRIES_MAX.
+        let mut out: std::collections::VecDeque<HistoryRecord> = std::collections::VecDeque::new();
         let mut after: Option<String> = None;
-        loop {
+        for _ in 0..HISTORY_PAGES_MAX {
             let (page, _) = self.list_in(&authority, NAMESPACE, HISTORY_PREFIX, after.as_deref(), 1000).await?;
             let last = page.last().map(|(k, _)| k.clone());
             for (key, obj) in &page {
-                out.push(decode_record::<HistoryRecord>(obj, key)?);
+                out.push_back(decode_record::<HistoryRecord>(obj, key)?);
+                if out.len() > HISTORY_ENTRIES_MAX {
+                    out.pop_front();
+                }
             }
-            if page.len() < 1000 || out.len() >= HISTORY_ENTRIES_MAX {
+            if page.len() < 1000 {
                 break;
             }
             after = last;
         }
-        out.reverse();
-        Ok(out)
+        Ok(out.into_iter().rev().collect())
     }
 
     /// The authority's active entry, and where each region's copy stands.
@@ -529,7 +567,19 @@ impl Node {
         key: &str,
         home: Option<&RegionId>,
     ) -> Result<Option<Placement>, NodeError> {
-        let Some(active) = self.active_policy() else { return Ok(None) };
+        match self.active_policy() {
+            None => Ok(None),
+            Some(active) => self.placement_under(&active, dataset, key, home),
+        }
+    }
+
+    fn placement_under(
+        &self,
+        active: &ActivePolicy,
+        dataset: &str,
+        key: &str,
+        home: Option<&RegionId>,
+    ) -> Result<Option<Placement>, NodeError> {
         let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else {
             return Err(NodeError::Internal(format!("unchecked name {dataset:?}/{key:?} reached the policy")));
         };
@@ -605,7 +655,7 @@ impl Node {
         if !from_attribute {
             return Ok(region);
         }
-        if self.read_in(&region, dataset, key).await?.0.is_some() {
+        if self.read_in(&region, dataset, key).await?.0.is_some_and(|o| o.is_live()) {
             return Ok(region);
         }
         let others: Vec<RegionId> =
@@ -631,30 +681,60 @@ impl Node {
         Ok(region)
     }
 
-    /// The leader's own check before proposing a client write: this region must be a home of
-    /// the key under this region's copy of the policy.
-    pub(crate) fn check_home_here(&self, dataset: &str, key: &str) -> Result<(), NodeError> {
-        if dataset == NAMESPACE {
-            return Ok(());
-        }
+    /// The leader's own check before proposing client writes: this region must be a home of
+    /// each key under this region's copy of the policy. Returns the condition that pins that
+    /// copy: the write is proposed in one atomic group with it, so a policy change committed
+    /// between this check and the write makes the write fail instead of slipping through.
+    pub(crate) async fn policy_guard(&self, reqs: &[WriteRequest]) -> Result<Condition, NodeError> {
         let here = self.spec.region.clone();
-        match self.governing_placement(dataset, key, Some(&here)) {
-            Ok(None) => Ok(()),
-            Ok(Some(p)) if p.homes.contains(&here) => Ok(()),
-            Ok(Some(p)) => {
-                self.metrics
-                    .policy_refusals
-                    .get_or_create(&crate::metrics::KindLabels { kind: "policy_refused".into() })
-                    .inc();
-                Err(NodeError::PolicyRefused(format!(
-                    "region {here} is not a home of {dataset}/{key} under policy {}; its homes are {}",
-                    p.policy.short(),
-                    join(&p.homes)
-                )))
+        let refuse = |message: String| {
+            self.metrics
+                .policy_refusals
+                .get_or_create(&crate::metrics::KindLabels { kind: "policy_refused".into() })
+                .inc();
+            NodeError::PolicyRefused(message)
+        };
+        let Some(active) = self.active_policy() else {
+            // No copy here. That is the truth only in the authority's region, or when the
+            // authority says it has no policy either; a region that missed the first apply
+            // must store nothing until its copy has caught up.
+            if here != self.policy_authority() && !self.authority_has_no_policy().await? {
+                return Err(refuse(format!(
+                    "region {here} holds no copy of the cluster's policy yet; it is catching up from the authority"
+                )));
             }
-            Err(NodeError::HomeUnknown(m)) => Err(NodeError::PolicyRefused(m)),
-            Err(e) => Err(e),
+            return Ok(Condition::IfAbsent);
+        };
+        for r in reqs {
+            match self.placement_under(&active, &r.dataset, &r.key, Some(&here)) {
+                Ok(None) => {}
+                Ok(Some(p)) if p.homes.contains(&here) => {}
+                Ok(Some(p)) => {
+                    return Err(refuse(format!(
+                        "region {here} is not a home of {}/{} under policy {}; its homes are {}",
+                        r.dataset,
+                        r.key,
+                        p.policy.short(),
+                        join(&p.homes)
+                    )))
+                }
+                Err(NodeError::HomeUnknown(m)) => return Err(refuse(m)),
+                Err(e) => return Err(e),
+            }
         }
+        Ok(Condition::IfMatch(active.stored_as.clone()))
+    }
+
+    /// Whether the authority has no policy, asked at most once per [`SYNC_INTERVAL`].
+    async fn authority_has_no_policy(&self) -> Result<bool, NodeError> {
+        if let Some(at) = *self.policy.authority_empty_at.lock().expect("policy lock") {
+            if at.elapsed() < SYNC_INTERVAL {
+                return Ok(true);
+            }
+        }
+        let empty = self.authority_active().await?.is_none();
+        *self.policy.authority_empty_at.lock().expect("policy lock") = empty.then(std::time::Instant::now);
+        Ok(empty)
     }
 
     /// Where (dataset, key) lives under the active policy, and why.

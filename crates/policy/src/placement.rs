@@ -321,6 +321,8 @@ pub fn evaluate(
         .failover
         .iter()
         .filter(|r| allowed.contains(r) && (mirrors.contains(r) || homes.contains(r)))
+        // A region cannot fail over to itself (a held object keeps one home, its origin).
+        .filter(|r| !(homes.len() == 1 && homes.contains(r)))
         .cloned()
         .collect();
 

@@ -112,6 +112,9 @@ impl Rate {
         let whole: u64 = whole.parse().map_err(|_| "number too large".to_string())?;
         let frac_value: u64 = if frac.is_empty() { 0 } else { frac.parse().unwrap_or(0) };
         let frac_scale = 10u64.pow(frac.len() as u32);
+        if !(frac_value * factor).is_multiple_of(frac_scale) {
+            return Err(format!("{number}{unit}/s is not a whole number of bytes per second"));
+        }
         let bytes = whole
             .checked_mul(factor)
             .and_then(|w| w.checked_add(frac_value * factor / frac_scale))
@@ -205,7 +208,7 @@ mod tests {
         assert_eq!(Rate::parse("1.5KiB/s").unwrap(), Rate(1536));
         assert_eq!(Rate::parse("1MiB/s").unwrap().to_string(), "1MiB/s");
         assert_eq!(Rate::parse("2000KB/s").unwrap().to_string(), "2MB/s");
-        for bad in ["5MB", "5mb/s", "MB/s", "0B/s", "1.2345MB/s", "101GB/s", "5 MB/s"] {
+        for bad in ["5MB", "5mb/s", "MB/s", "0B/s", "1.2345MB/s", "101GB/s", "5 MB/s", "1.5B/s", "1.001KiB/s"] {
             assert!(Rate::parse(bad).is_err(), "{bad:?} should not parse");
         }
     }

@@ -170,6 +170,27 @@ fn check_invariants(p: &Placement, topology_regions: &[RegionId]) -> Result<(), 
     Ok(())
 }
 
+/// The placement's `allowed` is no wider than what the document wrote, or than its default.
+fn check_against_written(p: &Placement, spec: &Spec) -> Result<(), TestCaseError> {
+    let names: Vec<&str> = p.allowed.iter().map(|r| r.as_str()).collect();
+    if let Some(list) = &spec.allowed {
+        for r in &names {
+            prop_assert!(list.contains(r), "{r} is allowed but not in the written list {list:?}");
+        }
+    }
+    let confined = spec.classification == "restricted" || (spec.locality == "regional" && spec.allowed.is_none());
+    if confined {
+        for r in &names {
+            if spec.locality == "user" {
+                prop_assert!(p.homes.iter().any(|h| h.as_str() == *r), "{r} is allowed beyond the key's home");
+            } else {
+                prop_assert!(spec.home.contains(r), "{r} is allowed beyond the written homes of confined data");
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -196,7 +217,10 @@ proptest! {
             prop_assert_eq!(&first, &evaluate(&policy, &topology, &ds, &key, attrs), "evaluation is not deterministic");
             prop_assert_eq!(&first, &evaluate(&again, &topology, &ds, &key, attrs), "evaluation depends on the text form");
             match first {
-                Ok(p) => check_invariants(&p, &regions)?,
+                Ok(p) => {
+                    check_invariants(&p, &regions)?;
+                    check_against_written(&p, &spec)?;
+                }
                 Err(PlacementError::HomeUnknown { .. } | PlacementError::HomeMismatch { .. } | PlacementError::HomeNotAllowed { .. }) => {
                     prop_assert_eq!(spec.locality, "user", "only user-homed keys can lack a usable home");
                 }

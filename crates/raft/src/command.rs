@@ -25,6 +25,10 @@ pub enum CommandV1 {
     /// with its own result. The gateway batches writes that arrive while earlier proposals are
     /// in flight, so the leader makes one log append (one fsync) for all of them.
     Batch(Vec<CommandV1>),
+    /// Writes nothing; inside an [`CommandV1::Atomic`] group, its condition guards the others
+    /// (the gateway pins the policy record it routed by this way). Applied alone it answers
+    /// [`CommandResult::Nothing`] or [`CommandResult::PreconditionFailed`].
+    Check { dataset: String, key: String, condition: Condition },
     /// Several writes that apply together or not at all: every condition is checked against
     /// the state before any of them is written. Used for metadata whose records must agree
     /// (a policy version, its history entry and the active pointer). No two may name the

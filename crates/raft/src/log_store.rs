@@ -101,7 +101,9 @@ fn weight(e: &Entry) -> usize {
         use crate::command::CommandV1;
         match c {
             CommandV1::Put { dataset, key, value, .. } => 64 + dataset.len() + key.len() + value.len(),
-            CommandV1::Delete { dataset, key, .. } => 64 + dataset.len() + key.len(),
+            CommandV1::Delete { dataset, key, .. } | CommandV1::Check { dataset, key, .. } => {
+                64 + dataset.len() + key.len()
+            }
             CommandV1::Batch(cmds) | CommandV1::Atomic(cmds) => 64 + cmds.iter().map(command).sum::<usize>(),
         }
     }

@@ -192,7 +192,8 @@ fn apply_command(
             for (index, c) in cmds.iter().enumerate() {
                 let (dataset, key, condition) = match c {
                     CommandV1::Put { dataset, key, condition, .. }
-                    | CommandV1::Delete { dataset, key, condition, .. } => (dataset, key, condition),
+                    | CommandV1::Delete { dataset, key, condition, .. }
+                    | CommandV1::Check { dataset, key, condition } => (dataset, key, condition),
                     // Nested groups are refused before proposing; applying one would be a bug.
                     CommandV1::Batch(_) | CommandV1::Atomic(_) => {
                         return Ok(CommandResult::AtomicFailed { index: index as u32, current: None })
@@ -206,6 +207,14 @@ fn apply_command(
             let results =
                 cmds.into_iter().map(|c| apply_command(objects, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
             return Ok(CommandResult::Batch(results));
+        }
+        CommandV1::Check { dataset, key, condition } => {
+            let live = live_version(objects, &dataset, &key)?;
+            return Ok(if condition_holds(&condition, live.as_ref()) {
+                CommandResult::Nothing
+            } else {
+                CommandResult::PreconditionFailed { current: live }
+            });
         }
     };
     let k = object_key(&dataset, &key);
