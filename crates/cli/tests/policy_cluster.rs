@@ -372,3 +372,36 @@ fn concurrent_applies_each_commit_whole_or_not_at_all() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+#[test]
+fn the_policy_survives_a_restart_of_every_node() {
+    let data = tempfile::tempdir().unwrap();
+    let (demo, base, _) = common::start_demo(Some(data.path()));
+    let mut stop = Stop(demo);
+    let us = format!("http://127.0.0.1:{base}");
+    let file = data.path().join("new.toml");
+    std::fs::write(&file, NEW_POLICY).unwrap();
+    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
+    let version = applied["entry"]["version"].as_str().unwrap().to_string();
+    // Stop the whole demo (all nine nodes) and start it again on the same data.
+    Command::new("kill").args(["-INT", &stop.0.id().to_string()]).status().unwrap();
+    let status = stop.0.wait().unwrap();
+    assert!(status.success(), "the demo exited with {status}");
+    let (demo, base, banner) = common::start_demo(Some(data.path()));
+    let _stop = Stop(demo);
+    let us = format!("http://127.0.0.1:{base}");
+    assert!(
+        banner.iter().any(|l| l.contains("kept from the data directory") && l.contains(&version[..12])),
+        "{banner:?}"
+    );
+    let history = cli_json(&us, &["policy", "history"]);
+    assert_eq!(history["entries"].as_array().unwrap().len(), 2);
+    // Every node routes by the restored copy: users is homed in ap-south, carts is refused.
+    for node in 0..9 {
+        let endpoint = format!("http://127.0.0.1:{}", base + node);
+        let (ok, out, err) = cli(&endpoint, &["put", "users", &format!("u{node}"), "1", "--json"]);
+        assert!(ok && out.contains("ap-south"), "node {node}: {out}{err}");
+        let (ok, _, err) = cli(&endpoint, &["put", "carts", "c1", "[]"]);
+        assert!(!ok && err.contains("dataset_not_in_policy"), "node {node}: {err}");
+    }
+}
