@@ -647,6 +647,17 @@ impl Node {
     /// first writes racing from different regions with different homes can still both land
     /// (a home directory is the fix).
     pub async fn route_put(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
+        // One deadline for the whole check, not one per region asked.
+        match tokio::time::timeout(crate::REQUEST_TIMEOUT, self.route_put_checked(dataset, key, home)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(NodeError::Unavailable {
+                node: self.spec.id,
+                reason: format!("checking where {dataset}/{key} lives took longer than {:?}", crate::REQUEST_TIMEOUT),
+            }),
+        }
+    }
+
+    async fn route_put_checked(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
         let region = self.home_region_for(dataset, key, home)?;
         let Some(home) = home else { return Ok(region) };
         let home = RegionId::new(home).map_err(|e| NodeError::HomeUnknown(e.to_string()))?;
