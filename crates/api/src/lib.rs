@@ -4,10 +4,12 @@
 //! It deliberately holds no HTTP machinery and no status mapping: the server owns the one
 //! error-to-status table, and clients read the `code` field, never the message text.
 
+pub mod chaos;
 pub mod error;
 pub mod policy;
 pub mod types;
 
+pub use chaos::*;
 pub use error::{ErrorBody, ErrorCode};
 pub use policy::*;
 pub use types::*;

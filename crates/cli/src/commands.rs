@@ -155,3 +155,47 @@ pub async fn cluster_status(opts: &ClientOpts) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// One `meridian chaos` operation.
+pub enum ChaosOp {
+    Status,
+    Partition(String, String),
+    Heal(Option<(String, String)>),
+    Delay(meridian_api::LinkFaultBody),
+}
+
+pub async fn chaos(opts: &ClientOpts, op: ChaosOp) -> anyhow::Result<()> {
+    let c = client(opts);
+    let status = match &op {
+        ChaosOp::Status => c.chaos_status().await,
+        ChaosOp::Partition(a, b) => c.chaos_partition(a, b).await,
+        ChaosOp::Heal(pair) => c.chaos_heal(pair.as_ref().map(|(a, b)| (a.as_str(), b.as_str()))).await,
+        ChaosOp::Delay(fault) => c.chaos_delay(fault).await,
+    }
+    .map_err(fail)?;
+    if opts.json {
+        print_json(&status);
+        return Ok(());
+    }
+    if status.links.is_empty() {
+        println!("no faults: every link between regions is as configured");
+    } else {
+        let mut table = Table::new();
+        table.load_style(UTF8_FULL_CONDENSED).set_header(vec!["regions", "cut", "delay ms", "jitter ms", "loss %"]);
+        for l in &status.links {
+            table.add_row(vec![
+                format!("{} <-> {}", l.regions[0], l.regions[1]),
+                if l.cut { "yes".into() } else { "no".into() },
+                l.delay_ms.map_or("as configured".into(), |d| d.to_string()),
+                l.jitter_ms.to_string(),
+                l.loss_percent.to_string(),
+            ]);
+        }
+        println!("{table}");
+    }
+    if !status.unreached_nodes.is_empty() {
+        let nodes: Vec<String> = status.unreached_nodes.iter().map(ToString::to_string).collect();
+        eprintln!("warning: nodes {} were not reached and keep their previous faults", nodes.join(", "));
+    }
+    Ok(())
+}

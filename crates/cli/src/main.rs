@@ -129,8 +129,56 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Inject faults between regions, cluster-wide: cut a pair apart, heal it, or delay it.
+    ///
+    /// Faults live in every node's peer transport (in memory: a restarted node has none) and
+    /// touch only messages between different regions. For drills and tests.
+    Chaos {
+        #[command(subcommand)]
+        command: ChaosCommand,
+    },
     /// Benchmark in-region writes against a three-member etcd cluster (needs Debian's etcd-server).
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ChaosCommand {
+    /// Show the faults the node asked is applying.
+    Status {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cut every message between two regions (calls fail at once as unreachable).
+    Partition {
+        region_a: String,
+        region_b: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Clear the faults between two regions, or every fault when no region is named.
+    Heal {
+        #[arg(requires = "region_b")]
+        region_a: Option<String>,
+        region_b: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Set the delay, jitter and message loss between two regions (replacing their faults).
+    Delay {
+        region_a: String,
+        region_b: String,
+        /// One-way delay in milliseconds, replacing the configured one.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        ms: Option<u64>,
+        /// Up to this much extra one-way delay per message, in milliseconds.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        jitter_ms: u64,
+        /// Share of messages lost, 0 to 100.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        loss_percent: u8,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -297,6 +345,26 @@ fn main() -> std::process::ExitCode {
                 PolicyCommand::Rollback { version, client } => policy::rollback(&client, &version).await,
                 PolicyCommand::Explain { dataset, key, client } => {
                     policy::explain(&client, &dataset, &key, client.home.as_deref()).await
+                }
+            },
+            Command::Chaos { command } => match command {
+                ChaosCommand::Status { client } => commands::chaos(&client, commands::ChaosOp::Status).await,
+                ChaosCommand::Partition { region_a, region_b, client } => {
+                    commands::chaos(&client, commands::ChaosOp::Partition(region_a, region_b)).await
+                }
+                ChaosCommand::Heal { region_a, region_b, client } => {
+                    let pair = region_a.zip(region_b);
+                    commands::chaos(&client, commands::ChaosOp::Heal(pair)).await
+                }
+                ChaosCommand::Delay { region_a, region_b, ms, jitter_ms, loss_percent, client } => {
+                    let fault = meridian_api::LinkFaultBody {
+                        regions: [region_a, region_b],
+                        cut: false,
+                        delay_ms: ms,
+                        jitter_ms,
+                        loss_percent,
+                    };
+                    commands::chaos(&client, commands::ChaosOp::Delay(fault)).await
                 }
             },
             Command::Bench(b) => bench(b).await,

@@ -248,6 +248,31 @@ impl Client {
         self.send(self.http.post(self.url("/v1/policy")).json(req)).await
     }
 
+    /// `GET /v1/admin/chaos`: the fault-injection table of the node asked.
+    pub async fn chaos_status(&self) -> Result<meridian_api::ChaosStatus, ClientError> {
+        self.send(self.http.get(self.url("/v1/admin/chaos"))).await
+    }
+
+    /// `POST /v1/admin/chaos/partition`: cut every message between two regions, cluster-wide.
+    pub async fn chaos_partition(&self, a: &str, b: &str) -> Result<meridian_api::ChaosStatus, ClientError> {
+        let body = meridian_api::RegionPair { regions: Some([a.to_owned(), b.to_owned()]) };
+        self.send(self.http.post(self.url("/v1/admin/chaos/partition")).json(&body)).await
+    }
+
+    /// `POST /v1/admin/chaos/heal`: clear one pair's faults, or every fault with `None`.
+    pub async fn chaos_heal(&self, pair: Option<(&str, &str)>) -> Result<meridian_api::ChaosStatus, ClientError> {
+        let body = meridian_api::RegionPair { regions: pair.map(|(a, b)| [a.to_owned(), b.to_owned()]) };
+        self.send(self.http.post(self.url("/v1/admin/chaos/heal")).json(&body)).await
+    }
+
+    /// `POST /v1/admin/chaos/delay`: set one pair's delay, jitter and loss (replacing its faults).
+    pub async fn chaos_delay(
+        &self,
+        fault: &meridian_api::LinkFaultBody,
+    ) -> Result<meridian_api::ChaosStatus, ClientError> {
+        self.send(self.http.post(self.url("/v1/admin/chaos/delay")).json(fault)).await
+    }
+
     /// `POST /v1/policy/plan`: what applying a document would change. Changes nothing.
     pub async fn policy_plan(&self, doc: &PolicyDocumentBody) -> Result<PolicyPlan, ClientError> {
         self.send(self.http.post(self.url("/v1/policy/plan")).json(doc)).await

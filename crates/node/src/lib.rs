@@ -10,6 +10,7 @@
 //! It knows nothing of HTTP routes or JSON: the server crate maps requests onto [`Node`]'s
 //! methods and [`NodeError`] onto status codes.
 
+pub mod chaos;
 pub mod clock;
 pub mod config;
 pub mod metrics;
@@ -785,6 +786,11 @@ impl Node {
             PeerRequestV1::DatasetSizes => {
                 PeerResponseV1::DatasetSizes(self.local_dataset_sizes().map_err(to_peer_error))
             }
+            PeerRequestV1::SetFaults(entries) => {
+                self.transport.faults().replace(&entries);
+                tracing::warn!(faults = ?entries, "fault injection table replaced");
+                PeerResponseV1::FaultsSet
+            }
         };
         PeerResponse::V1(reply)
     }
@@ -795,6 +801,30 @@ impl Node {
             Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
             Err(LocalError::Other(e)) => Err(to_peer_error(e)),
         }
+    }
+
+    // ---- fault injection ----------------------------------------------------------------
+
+    /// This node's fault-injection table.
+    pub fn faults(&self) -> Vec<chaos::FaultEntry> {
+        self.transport.faults().entries()
+    }
+
+    /// Send `entries` as the fault table to every node of the cluster (this one included).
+    /// Returns the nodes that could not be reached; they keep their previous table.
+    pub async fn set_faults(&self, entries: Vec<chaos::FaultEntry>) -> Vec<NodeId> {
+        self.transport.faults().replace(&entries);
+        let others: Vec<NodeId> = self.topology.nodes().iter().map(|n| n.id).filter(|&id| id != self.spec.id).collect();
+        let calls = others.iter().map(|&id| {
+            let req = PeerRequestV1::SetFaults(entries.clone());
+            async move { (id, self.transport.call(id, req, STATUS_TIMEOUT).await) }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter(|(_, r)| !matches!(r, Ok(PeerResponseV1::FaultsSet)))
+            .map(|(id, _)| id)
+            .collect()
     }
 
     // ---- cluster status -----------------------------------------------------------------

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub policy_epoch: Gauge,
     pub policy_refusals: Family<KindLabels, Counter>,
     pub policy_shadow_reroutes: Counter,
+    pub chaos_dropped: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,8 +115,15 @@ impl Metrics {
             "Writes a shadow policy version would have sent to another region than the enforced one did",
             policy_shadow_reroutes.clone(),
         );
+        let chaos_dropped = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "chaos_dropped_messages",
+            "Peer messages dropped by fault injection, by kind (cut, loss, reply)",
+            chaos_dropped.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            chaos_dropped,
             policy_epoch,
             policy_refusals,
             policy_shadow_reroutes,

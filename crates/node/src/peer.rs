@@ -42,6 +42,8 @@ pub enum PeerRequestV1 {
     /// Live keys and bytes per dataset in the answering node's state machine (a planning
     /// estimate; any node of the region may answer).
     DatasetSizes,
+    /// Replace the node's fault-injection table (exempt from the faults it sets).
+    SetFaults(Vec<crate::chaos::FaultEntry>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +61,7 @@ pub enum PeerResponseV1 {
     /// The request itself could not be handled (e.g. an unknown protocol version).
     Refused(PeerError),
     DatasetSizes(Result<Vec<(String, u64, u64)>, PeerError>),
+    FaultsSet,
 }
 
 /// One write or an all-or-nothing group, as proposed to a region's Raft group.

@@ -3,8 +3,8 @@
 //!
 //! The WAN delay is applied here, in the sender, once on the way out and once on the way
 //! back, so a cross-region call costs one simulated round trip. Calls inside a region are
-//! never delayed. Fault injection (cuts, loss) will live here too, because this is the one
-//! place every byte between nodes passes.
+//! never delayed. Fault injection (`chaos.rs`: cuts, loss, extra delay and jitter per region
+//! pair) is applied here too, because this is the one place every byte between nodes passes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use meridian_core::{NodeId, RegionId, Topology};
 use meridian_raft::network::{PeerRpc, RaftReply, RaftRequest, RpcFailure};
 
+use crate::chaos::{Fate, FaultTable};
 use crate::metrics::Metrics;
 use crate::peer::{PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, PEER_PATH};
 
@@ -25,6 +26,7 @@ struct Inner {
     topology: Arc<Topology>,
     region: RegionId,
     metrics: Arc<Metrics>,
+    faults: Arc<FaultTable>,
 }
 
 impl HttpTransport {
@@ -37,7 +39,22 @@ impl HttpTransport {
             .no_proxy()
             .build()
             .expect("build HTTP client");
-        HttpTransport { inner: Arc::new(Inner { client, topology, region, metrics }) }
+        let faults = Arc::new(FaultTable::default());
+        HttpTransport { inner: Arc::new(Inner { client, topology, region, metrics, faults }) }
+    }
+
+    /// The fault table this transport obeys.
+    pub fn faults(&self) -> &FaultTable {
+        &self.inner.faults
+    }
+
+    /// The fate of one message to `region`; chaos control messages are exempt.
+    fn fate(&self, to: &RegionId, exempt: bool) -> Fate {
+        let configured = self.inner.topology.one_way_ms(&self.inner.region, to);
+        if exempt {
+            return Fate::Deliver { one_way: Duration::from_millis(configured) };
+        }
+        self.inner.faults.fate(&self.inner.region, to, configured, rand::random::<f64>())
     }
 
     /// Send one request to `target` and wait for its answer, at most `timeout` in all.
@@ -70,7 +87,23 @@ impl HttpTransport {
             .topology
             .node(target)
             .ok_or_else(|| RpcFailure::Unreachable(format!("node {target} is not in the topology")))?;
-        let delay = Duration::from_millis(inner.topology.one_way_ms(&inner.region, &spec.region));
+        let exempt = matches!(req, PeerRequestV1::SetFaults(_));
+        let delay = match self.fate(&spec.region, exempt) {
+            Fate::Deliver { one_way } => one_way,
+            Fate::Cut => {
+                inner.metrics.chaos_dropped.get_or_create(&crate::metrics::KindLabels { kind: "cut".into() }).inc();
+                return Err(RpcFailure::Unreachable(format!(
+                    "the link {} <-> {} is cut (fault injection)",
+                    inner.region, spec.region
+                )));
+            }
+            Fate::Lose => {
+                // Lost on the way out: the caller hears nothing until its deadline.
+                inner.metrics.chaos_dropped.get_or_create(&crate::metrics::KindLabels { kind: "loss".into() }).inc();
+                std::future::pending::<()>().await;
+                unreachable!("a pending future never completes");
+            }
+        };
         let body = postcard::to_stdvec(&PeerRequest::V1(req)).map_err(|e| RpcFailure::Protocol(e.to_string()))?;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -99,8 +132,17 @@ impl HttpTransport {
             )));
         }
         let PeerResponse::V1(reply) = postcard::from_bytes(&bytes).map_err(|e| RpcFailure::Protocol(e.to_string()))?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+        // The reply crosses the same link: it may be lost (the request was applied) or delayed.
+        let back = match self.fate(&spec.region, exempt) {
+            Fate::Deliver { one_way } => one_way,
+            Fate::Cut | Fate::Lose => {
+                inner.metrics.chaos_dropped.get_or_create(&crate::metrics::KindLabels { kind: "reply".into() }).inc();
+                std::future::pending::<()>().await;
+                unreachable!("a pending future never completes");
+            }
+        };
+        if !back.is_zero() {
+            tokio::time::sleep(back).await;
         }
         Ok(reply)
     }

@@ -6,6 +6,7 @@
 //! Handlers validate input, call [`meridian_node::Node`], and shape answers; they hold no
 //! state of their own.
 
+pub mod chaos;
 pub mod error;
 pub mod keys;
 pub mod policy;
@@ -72,6 +73,10 @@ pub fn api_router(node: Arc<Node>) -> Router {
         .route("/v1/policy/rollback", post(policy::rollback))
         .route("/v1/policy/explain", get(policy::explain))
         .route("/v1/policy/schema", get(policy::schema))
+        .route("/v1/admin/chaos", get(chaos::status))
+        .route("/v1/admin/chaos/partition", post(chaos::partition))
+        .route("/v1/admin/chaos/heal", post(chaos::heal))
+        .route("/v1/admin/chaos/delay", post(chaos::delay))
         .route("/v1/cluster", get(cluster))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
