@@ -29,6 +29,15 @@ pub enum CommandV1 {
     /// (the gateway pins the policy record it routed by this way). Applied alone it answers
     /// [`CommandResult::Nothing`] or [`CommandResult::PreconditionFailed`].
     Check { dataset: String, key: String, condition: Condition },
+    /// Changes another region originated, shipped by its link: applied exactly once, keyed by
+    /// the source region and its sequence. The batch covers the source's outbox range
+    /// `from_seq..=upto_seq` (changes the link's filter withheld are simply absent); it applies
+    /// only if it starts at or before what this region has merged from the source, so a resend
+    /// is harmless and a gap is refused.
+    ApplyRemote { source: String, from_seq: u64, upto_seq: u64, changes: Vec<RemoteChange> },
+    /// Record how far the link to `destination` has been acknowledged (it may move back, when
+    /// a destination reports it has less than the cursor says).
+    SetCursor { destination: String, upto_seq: u64 },
     /// Several writes that apply together or not at all: every condition is checked against
     /// the state before any of them is written. Used for metadata whose records must agree
     /// (a policy version, its history entry and the active pointer). No two may name the
@@ -71,6 +80,36 @@ pub enum CommandResult {
         index: u32,
         current: Option<Version>,
     },
+    /// An applied (or duplicate) [`CommandV1::ApplyRemote`]: everything from the source up to
+    /// `merged_upto` is merged here; `applied` changes were newer than the local copy.
+    Remote {
+        merged_upto: u64,
+        applied: u32,
+    },
+    /// A [`CommandV1::ApplyRemote`] that starts past what is merged: nothing was applied; the
+    /// source must resend from `merged_upto + 1`.
+    RemoteGap {
+        merged_upto: u64,
+    },
+}
+
+/// One change as it travels between regions. It keeps the version it was given at its origin,
+/// so every copy of a key carries the same version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteChange {
+    pub dataset: String,
+    pub key: String,
+    pub version: Version,
+    /// The JSON text; `None` is a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+/// What a region's outbox records for each write it originates: the key, not the value (the
+/// link reads the object when it ships, so values are not stored twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub dataset: String,
+    pub key: String,
 }
 
 /// One object as stored: its version and its value, or a tombstone.

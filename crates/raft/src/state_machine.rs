@@ -22,12 +22,21 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, Storag
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{object_key, split_object_key, Command, CommandResult, CommandV1, Condition, StoredObject};
+use crate::command::{
+    object_key, split_object_key, Command, CommandResult, CommandV1, Condition, OutboxEntry, RemoteChange, StoredObject,
+};
 use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_APPLIED: &str = "applied";
+const META_REPLICATION: &str = "replication";
+/// Locally originated writes by region sequence: what the links ship.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+
+/// Outbox entries kept at most: older ones are dropped as new ones arrive (a link that falls
+/// further behind needs a catch-up scan). Entries hold a key, not a value.
+pub const OUTBOX_ENTRIES_MAX: u64 = 200_000;
 
 /// Applied entries between two fsyncs of the state machine.
 pub const SYNC_EVERY_ENTRIES: u64 = 4096;
@@ -43,10 +52,46 @@ pub struct AppliedState {
     pub last_hlc: HlcTimestamp,
 }
 
+/// What this region has merged from each other region, and how far each link from it has been
+/// acknowledged: both in outbox sequences of the region that originated the changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationState {
+    /// Source region → every change it originated up to this sequence is merged here.
+    pub merged: std::collections::BTreeMap<String, u64>,
+    /// Destination region → its link has been acknowledged up to this sequence.
+    pub cursors: std::collections::BTreeMap<String, u64>,
+}
+
+/// The first snapshot format (before replication); still read.
+#[derive(Serialize, Deserialize)]
+struct SnapshotDataV1 {
+    applied: AppliedState,
+    objects: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     applied: AppliedState,
     objects: Vec<(Vec<u8>, Vec<u8>)>,
+    replication: ReplicationState,
+    outbox: Vec<(u64, Vec<u8>)>,
+}
+
+impl SnapshotData {
+    fn decode_any(bytes: &[u8]) -> Result<SnapshotData, crate::DecodeError> {
+        match decode::<SnapshotData>(bytes) {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                let v1: SnapshotDataV1 = decode(bytes)?;
+                Ok(SnapshotData {
+                    applied: v1.applied,
+                    objects: v1.objects,
+                    replication: ReplicationState::default(),
+                    outbox: Vec::new(),
+                })
+            }
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -70,6 +115,7 @@ struct Shared {
 pub struct StateMachineStore {
     shared: Arc<Shared>,
     applied: AppliedState,
+    replication: ReplicationState,
     unsynced_entries: u64,
 }
 
@@ -100,25 +146,31 @@ impl StateMachineStore {
     }
 
     pub fn with_database(db: Database, snapshot_path: PathBuf, region: RegionId) -> Result<Self, StorageError> {
-        let load = || -> Result<AppliedState, redb::Error> {
+        let load = || -> Result<(AppliedState, ReplicationState), redb::Error> {
             let txn = db.begin_write()?;
             {
                 txn.open_table(OBJECTS)?;
                 txn.open_table(META)?;
+                txn.open_table(OUTBOX)?;
             }
             txn.commit()?;
             let r = db.begin_read()?;
             let meta = r.open_table(META)?;
-            match meta.get(META_APPLIED)? {
-                Some(v) => decode(v.value()).map_err(corrupt),
-                None => Ok(AppliedState::default()),
-            }
+            let applied = match meta.get(META_APPLIED)? {
+                Some(v) => decode(v.value()).map_err(corrupt)?,
+                None => AppliedState::default(),
+            };
+            let replication = match meta.get(META_REPLICATION)? {
+                Some(v) => decode(v.value()).map_err(corrupt)?,
+                None => ReplicationState::default(),
+            };
+            Ok((applied, replication))
         };
-        let applied = load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
+        let (applied, replication) = load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
         // What was loaded from disk is durable by definition.
         let durable = Arc::new(AtomicU64::new(index_of(applied.last_applied)));
         let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0), durable });
-        Ok(StateMachineStore { shared, applied, unsynced_entries: 0 })
+        Ok(StateMachineStore { shared, applied, replication, unsynced_entries: 0 })
     }
 
     /// The durable point to hand to [`crate::LogStore::open_with_purge_limit`].
@@ -139,8 +191,10 @@ impl StateMachineStore {
             txn.set_durability(Durability::None).map_err(redb::Error::from)?;
         }
         let mut applied = self.applied.clone();
+        let mut replication = self.replication.clone();
         {
             let mut objects = txn.open_table(OBJECTS)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
             for entry in entries {
                 assert!(
                     applied.last_applied.is_none_or(|l| l.index < entry.log_id.index),
@@ -154,13 +208,18 @@ impl StateMachineStore {
                         CommandResult::Nothing
                     }
                     EntryPayload::Normal(Command::V1(cmd)) => {
-                        apply_command(&mut objects, &mut applied, &self.shared.region, cmd)?
+                        let mut t =
+                            Tables { objects: &mut objects, outbox: &mut outbox, replication: &mut replication };
+                        apply_command(&mut t, &mut applied, &self.shared.region, cmd)?
                     }
                 };
                 results.push(result);
             }
             let mut meta = txn.open_table(META)?;
             meta.insert(META_APPLIED, encode(&applied).as_slice())?;
+            if replication != self.replication {
+                meta.insert(META_REPLICATION, encode(&replication).as_slice())?;
+            }
         }
         txn.commit()?;
         if sync {
@@ -168,12 +227,20 @@ impl StateMachineStore {
             self.shared.durable.fetch_max(index_of(applied.last_applied), Ordering::SeqCst);
         }
         self.applied = applied;
+        self.replication = replication;
         Ok(results)
     }
 }
 
+/// The tables one command may touch, inside the batch's transaction.
+struct Tables<'a, 't> {
+    objects: &'a mut redb::Table<'t, &'static [u8], &'static [u8]>,
+    outbox: &'a mut redb::Table<'t, u64, &'static [u8]>,
+    replication: &'a mut ReplicationState,
+}
+
 fn apply_command(
-    objects: &mut redb::Table<&[u8], &[u8]>,
+    t: &mut Tables<'_, '_>,
     applied: &mut AppliedState,
     region: &RegionId,
     cmd: CommandV1,
@@ -183,7 +250,7 @@ fn apply_command(
         CommandV1::Delete { dataset, key, hlc, condition } => (dataset, key, hlc, condition, None),
         CommandV1::Batch(cmds) => {
             let results =
-                cmds.into_iter().map(|c| apply_command(objects, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
+                cmds.into_iter().map(|c| apply_command(t, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
             return Ok(CommandResult::Batch(results));
         }
         CommandV1::Atomic(cmds) => {
@@ -195,21 +262,31 @@ fn apply_command(
                     | CommandV1::Delete { dataset, key, condition, .. }
                     | CommandV1::Check { dataset, key, condition } => (dataset, key, condition),
                     // Nested groups are refused before proposing; applying one would be a bug.
-                    CommandV1::Batch(_) | CommandV1::Atomic(_) => {
+                    CommandV1::Batch(_)
+                    | CommandV1::Atomic(_)
+                    | CommandV1::ApplyRemote { .. }
+                    | CommandV1::SetCursor { .. } => {
                         return Ok(CommandResult::AtomicFailed { index: index as u32, current: None })
                     }
                 };
-                let live = live_version(objects, dataset, key)?;
+                let live = live_version(t.objects, dataset, key)?;
                 if !condition_holds(condition, live.as_ref()) {
                     return Ok(CommandResult::AtomicFailed { index: index as u32, current: live });
                 }
             }
             let results =
-                cmds.into_iter().map(|c| apply_command(objects, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
+                cmds.into_iter().map(|c| apply_command(t, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
             return Ok(CommandResult::Batch(results));
         }
+        CommandV1::ApplyRemote { source, from_seq, upto_seq, changes } => {
+            return apply_remote(t, applied, source, from_seq, upto_seq, changes);
+        }
+        CommandV1::SetCursor { destination, upto_seq } => {
+            t.replication.cursors.insert(destination, upto_seq);
+            return Ok(CommandResult::Nothing);
+        }
         CommandV1::Check { dataset, key, condition } => {
-            let live = live_version(objects, &dataset, &key)?;
+            let live = live_version(t.objects, &dataset, &key)?;
             return Ok(if condition_holds(&condition, live.as_ref()) {
                 CommandResult::Nothing
             } else {
@@ -218,7 +295,7 @@ fn apply_command(
         }
     };
     let k = object_key(&dataset, &key);
-    let live = live_version(objects, &dataset, &key)?;
+    let live = live_version(t.objects, &dataset, &key)?;
     if !condition_holds(&condition, live.as_ref()) {
         return Ok(CommandResult::PreconditionFailed { current: live });
     }
@@ -234,12 +311,61 @@ fn apply_command(
     let version = Version { hlc, region: region.clone(), seq: applied.region_seq };
     let deleted = value.is_none();
     let obj = StoredObject { version: version.clone(), value };
-    objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+    t.objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+    // The outbox records the key under the write's sequence, for the links. Reserved
+    // namespaces (`_...`, never a dataset name) are not shipped by links.
+    if !dataset.starts_with('_') {
+        let seq = applied.region_seq;
+        t.outbox.insert(seq, encode(&OutboxEntry { dataset: dataset.clone(), key: key.clone() }).as_slice())?;
+        if seq > OUTBOX_ENTRIES_MAX {
+            t.outbox.remove(seq - OUTBOX_ENTRIES_MAX)?;
+        }
+    }
     Ok(if deleted {
         CommandResult::Deleted { version }
     } else {
         CommandResult::Written { version, created: live.is_none() }
     })
+}
+
+/// Merge a batch another region shipped: exactly once per source sequence range, each change
+/// kept only if its version is newer than the local copy's (the same version arriving twice is
+/// a no-op), and the HLC pushed past every version merged so later local writes order after.
+fn apply_remote(
+    t: &mut Tables<'_, '_>,
+    applied: &mut AppliedState,
+    source: String,
+    from_seq: u64,
+    upto_seq: u64,
+    changes: Vec<RemoteChange>,
+) -> Result<CommandResult, redb::Error> {
+    let merged = t.replication.merged.get(&source).copied().unwrap_or(0);
+    if from_seq > merged + 1 {
+        return Ok(CommandResult::RemoteGap { merged_upto: merged });
+    }
+    if upto_seq <= merged {
+        return Ok(CommandResult::Remote { merged_upto: merged, applied: 0 });
+    }
+    let mut applied_n = 0u32;
+    for c in changes {
+        if c.dataset.starts_with('_') {
+            continue;
+        }
+        let k = object_key(&c.dataset, &c.key);
+        let current: Option<StoredObject> = match t.objects.get(k.as_slice())? {
+            Some(v) => Some(decode(v.value()).map_err(corrupt)?),
+            None => None,
+        };
+        if current.is_some_and(|o| o.version >= c.version) {
+            continue;
+        }
+        applied.last_hlc = applied.last_hlc.max(c.version.hlc);
+        let obj = StoredObject { version: c.version, value: c.value };
+        t.objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+        applied_n += 1;
+    }
+    t.replication.merged.insert(source, upto_seq);
+    Ok(CommandResult::Remote { merged_upto: upto_seq, applied: applied_n })
 }
 
 /// The version of the live value under (dataset, key), if there is one.
@@ -268,6 +394,37 @@ impl StateMachineReader {
             Some(v) => Ok(Some(decode(v.value()).map_err(corrupt)?)),
             None => Ok(None),
         }
+    }
+
+    /// Up to `limit` outbox entries after sequence `after`, in order.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for item in outbox.range(after.saturating_add(1)..)? {
+            let (k, v) = item?;
+            out.push((k.value(), decode(v.value()).map_err(corrupt)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// What this region has merged from the others, and how far its links are acknowledged;
+    /// with the sequence of the last write it originated.
+    pub fn replication(&self) -> Result<(ReplicationState, u64), redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let replication = match meta.get(META_REPLICATION)? {
+            Some(v) => decode(v.value()).map_err(corrupt)?,
+            None => ReplicationState::default(),
+        };
+        let applied: AppliedState = match meta.get(META_APPLIED)? {
+            Some(v) => decode(v.value()).map_err(corrupt)?,
+            None => AppliedState::default(),
+        };
+        Ok((replication, applied.region_seq))
     }
 
     /// Live keys and their bytes (key plus value) per dataset, by a full scan: a planning
@@ -358,6 +515,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item?;
                 objects.push((k.value().to_vec(), v.value().to_vec()));
             }
+            let replication: ReplicationState = match meta_t.get(META_REPLICATION)? {
+                Some(v) => decode(v.value()).map_err(corrupt)?,
+                None => ReplicationState::default(),
+            };
+            let outbox_t = r.open_table(OUTBOX)?;
+            let mut outbox = Vec::new();
+            for item in outbox_t.iter()? {
+                let (k, v) = item?;
+                outbox.push((k.value(), v.value().to_vec()));
+            }
             // The commit above made at least the state read here durable.
             self.shared.durable.fetch_max(index_of(applied.last_applied), Ordering::SeqCst);
             *counter += 1;
@@ -367,7 +534,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 None => format!("none-{}", *counter),
             };
             let meta = SnapshotMeta { last_log_id: last, last_membership: applied.membership.clone(), snapshot_id };
-            let data = encode(&SnapshotData { applied, objects });
+            let data = encode(&SnapshotData { applied, objects, replication, outbox });
             write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(redb::Error::Io)?;
             Ok((meta, data))
         };
@@ -426,9 +593,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let install = || -> Result<AppliedState, redb::Error> {
+        let install = || -> Result<(AppliedState, ReplicationState), redb::Error> {
             let _guard = self.shared.snapshot_lock.lock().expect("snapshot lock");
-            let snap: SnapshotData = decode(&data).map_err(corrupt)?;
+            let snap = SnapshotData::decode_any(&data).map_err(corrupt)?;
             if snap.applied.last_applied != meta.last_log_id {
                 return Err(corrupt(format!(
                     "snapshot data ends at {:?} but its meta says {:?}",
@@ -442,16 +609,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 for (k, v) in &snap.objects {
                     objects.insert(k.as_slice(), v.as_slice())?;
                 }
+                let mut outbox = txn.open_table(OUTBOX)?;
+                outbox.retain(|_, _| false)?;
+                for (k, v) in &snap.outbox {
+                    outbox.insert(*k, v.as_slice())?;
+                }
                 let mut meta_t = txn.open_table(META)?;
                 meta_t.insert(META_APPLIED, encode(&snap.applied).as_slice())?;
+                meta_t.insert(META_REPLICATION, encode(&snap.replication).as_slice())?;
             }
             txn.commit()?;
             self.shared.durable.store(index_of(snap.applied.last_applied), Ordering::SeqCst);
             write_snapshot_file(&self.shared.snapshot_path, meta, &data).map_err(redb::Error::Io)?;
-            Ok(snap.applied)
+            Ok((snap.applied, snap.replication))
         };
-        let applied = install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &sm_err(e)))?;
+        let (applied, replication) =
+            install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &sm_err(e)))?;
         self.applied = applied;
+        self.replication = replication;
         self.unsynced_entries = 0;
         Ok(())
     }

@@ -290,3 +290,128 @@ async fn purge_never_drops_what_the_state_machine_may_have_to_reapply() {
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 9)));
     assert_eq!(state.last_log_id, Some(log_id(1, 10)));
 }
+
+fn remote_entry(
+    index: u64,
+    source: &str,
+    from_seq: u64,
+    upto_seq: u64,
+    changes: Vec<meridian_raft::command::RemoteChange>,
+) -> Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::V1(CommandV1::ApplyRemote {
+            source: source.into(),
+            from_seq,
+            upto_seq,
+            changes,
+        })),
+    }
+}
+
+fn change(key: &str, value: &str, hlc: u64, source: &str, seq: u64) -> meridian_raft::command::RemoteChange {
+    meridian_raft::command::RemoteChange {
+        dataset: "d".into(),
+        key: key.into(),
+        version: meridian_core::Version { hlc: HlcTimestamp::new(hlc, 0), region: RegionId::new(source).unwrap(), seq },
+        value: Some(value.as_bytes().to_vec()),
+    }
+}
+
+#[tokio::test]
+async fn local_writes_enter_the_outbox_in_order_and_reserved_namespaces_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let reserved = Entry {
+        log_id: log_id(1, 3),
+        payload: EntryPayload::Normal(Command::V1(CommandV1::Put {
+            dataset: "_policy".into(),
+            key: "active".into(),
+            value: b"{}".to_vec(),
+            hlc: HlcTimestamp::new(3, 0),
+            condition: Condition::Always,
+        })),
+    };
+    sm.apply(vec![
+        put(1, "a", "1", 1, Condition::Always),
+        put(2, "b", "1", 2, Condition::Always),
+        reserved,
+        put(4, "a", "2", 4, Condition::Always),
+    ])
+    .await
+    .unwrap();
+    let out = sm.reader().outbox_after(0, 100).unwrap();
+    let keys: Vec<(u64, &str)> = out.iter().map(|(s, e)| (*s, e.key.as_str())).collect();
+    assert_eq!(keys, [(1, "a"), (2, "b"), (4, "a")], "sequence 3 was the reserved write");
+    assert_eq!(sm.reader().outbox_after(2, 100).unwrap().len(), 1);
+    assert_eq!(sm.reader().replication().unwrap().1, 4, "the region sequence counts every local write");
+}
+
+#[tokio::test]
+async fn remote_batches_apply_exactly_once_and_refuse_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let batch1 = vec![change("x", "1", 100, "r2", 1), change("y", "1", 101, "r2", 3)];
+    let r = sm.apply(vec![remote_entry(1, "r2", 1, 3, batch1.clone())]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 3, applied: 2 });
+    // The same batch again (a resend after a lost acknowledgement) changes nothing.
+    let r = sm.apply(vec![remote_entry(2, "r2", 1, 3, batch1)]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 3, applied: 0 });
+    // A batch past what is merged is a gap: refused, nothing applied.
+    let r = sm.apply(vec![remote_entry(3, "r2", 5, 6, vec![change("z", "1", 102, "r2", 6)])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::RemoteGap { merged_upto: 3 });
+    assert!(sm.reader().get("d", "z").unwrap().is_none());
+    // An overlapping batch applies only what is new; the version travels unchanged.
+    let r = sm
+        .apply(vec![remote_entry(4, "r2", 3, 5, vec![change("y", "1", 101, "r2", 3), change("x", "2", 103, "r2", 5)])])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 5, applied: 1 });
+    let x = sm.reader().get("d", "x").unwrap().unwrap();
+    assert_eq!((x.version.region.as_str(), x.version.seq, x.value.as_deref()), ("r2", 5, Some(&b"2"[..])));
+    // A local write after a merge orders after it (the HLC was pushed past the remote stamp),
+    // and the merged object is not an outbox entry of this region.
+    let r = sm.apply(vec![put(5, "x", "local", 1, Condition::Always)]).await.unwrap();
+    let CommandResult::Written { version, .. } = &r[0] else { panic!("{r:?}") };
+    assert!(version.hlc > HlcTimestamp::new(103, 0), "{version}");
+    assert_eq!(sm.reader().outbox_after(0, 10).unwrap().len(), 1);
+    // An older remote version never replaces a newer local one.
+    let r = sm.apply(vec![remote_entry(6, "r2", 6, 7, vec![change("x", "old", 103, "r2", 7)])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 7, applied: 0 });
+    assert_eq!(sm.reader().get("d", "x").unwrap().unwrap().value.as_deref(), Some(&b"local"[..]));
+    let (state, _) = sm.reader().replication().unwrap();
+    assert_eq!(state.merged.get("r2"), Some(&7));
+}
+
+#[tokio::test]
+async fn replication_state_and_outbox_survive_reopen_and_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let cursor = Entry {
+        log_id: log_id(1, 3),
+        payload: EntryPayload::Normal(Command::V1(CommandV1::SetCursor { destination: "r3".into(), upto_seq: 1 })),
+    };
+    sm.apply(vec![
+        put(1, "a", "1", 1, Condition::Always),
+        remote_entry(2, "r2", 1, 9, vec![change("b", "1", 50, "r2", 9)]),
+        cursor,
+        put(4, "c", "1", 60, Condition::Always),
+    ])
+    .await
+    .unwrap();
+    drop(sm);
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let (state, seq) = sm.reader().replication().unwrap();
+    assert_eq!((state.merged.get("r2"), state.cursors.get("r3"), seq), (Some(&9), Some(&1), 2));
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut sm2 = StateMachineStore::open(dir2.path(), region()).unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    let (state2, seq2) = sm2.reader().replication().unwrap();
+    assert_eq!((state2, seq2), (state, seq));
+    let out: Vec<u64> = sm2.reader().outbox_after(0, 10).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(out, [1, 2]);
+    // A duplicate of the merged batch is still recognised after the snapshot.
+    let r = sm2.apply(vec![remote_entry(5, "r2", 1, 9, vec![change("b", "1", 50, "r2", 9)])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 9, applied: 0 });
+}
