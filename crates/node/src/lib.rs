@@ -13,6 +13,7 @@
 pub mod chaos;
 pub mod clock;
 pub mod config;
+pub mod links;
 pub mod metrics;
 pub mod peer;
 pub mod policy;
@@ -150,7 +151,7 @@ pub struct Node {
 }
 
 #[derive(Debug, Clone)]
-enum LocalError {
+pub(crate) enum LocalError {
     NotLeader(Option<NodeId>),
     Other(NodeError),
 }
@@ -288,6 +289,7 @@ impl Node {
             tracing::warn!(error = %e, "load the policy copy");
         }
         node.spawn_policy_sync();
+        node.spawn_links();
         Ok(node)
     }
 
@@ -473,6 +475,26 @@ impl Node {
         Err(NodeError::Unavailable { node: nodes[0], reason: format!("region {region}: {last_error}") })
     }
 
+    /// Hand one command to the leader's proposer and wait for its result.
+    async fn propose(&self, cmd: CommandV1, bytes: usize) -> Result<CommandResult, LocalError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
+            LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
+        })?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),
+        }
+    }
+
+    /// Propose a replication command (a merged batch, a cursor) if this node leads its region.
+    pub(crate) async fn propose_replication(&self, cmd: CommandV1) -> Result<CommandResult, LocalError> {
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(LocalError::NotLeader(self.leader_hint()));
+        }
+        self.propose(cmd, 0).await
+    }
+
     /// Propose a write to the local Raft group if this node leads it.
     async fn write_here(&self, op: &WriteOp) -> Result<CommandResult, LocalError> {
         if self.raft.metrics().borrow().state != ServerState::Leader {
@@ -547,14 +569,7 @@ impl Node {
             }
         };
         let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
-            LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
-        })?;
-        let result = match answer.await {
-            Ok(result) => result?,
-            Err(_) => return Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),
-        };
+        let result = self.propose(cmd, bytes).await?;
         if guard.is_none() {
             return Ok(result);
         }
@@ -786,6 +801,7 @@ impl Node {
             PeerRequestV1::DatasetSizes => {
                 PeerResponseV1::DatasetSizes(self.local_dataset_sizes().map_err(to_peer_error))
             }
+            PeerRequestV1::ShipBatch(batch) => PeerResponseV1::Shipped(self.receive_batch(batch).await),
             PeerRequestV1::SetFaults(entries) => {
                 self.transport.faults().replace(&entries);
                 tracing::warn!(faults = ?entries, "fault injection table replaced");
@@ -865,7 +881,7 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((25u64 << attempt.min(4)).min(400))
 }
 
-fn to_peer_error(e: NodeError) -> PeerError {
+pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
     match e {
         NodeError::NoLeader => PeerError::NotLeader { leader: None },
         NodeError::ClockSkew(m) => PeerError::ClockSkew(m),

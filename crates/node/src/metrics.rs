@@ -46,6 +46,18 @@ pub struct Metrics {
     pub policy_refusals: Family<KindLabels, Counter>,
     pub policy_shadow_reroutes: Counter,
     pub chaos_dropped: Family<KindLabels, Counter>,
+    pub replication_shipped: Family<LinkLabels, Counter>,
+    pub replication_withheld: Family<LinkLabels, Counter>,
+    pub replication_refused: Family<LinkLabels, Counter>,
+    pub replication_batches: Family<LinkLabels, Counter>,
+    pub replication_errors: Family<LinkLabels, Counter>,
+    pub replication_lag_changes: Family<LinkLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct LinkLabels {
+    pub source: String,
+    pub destination: String,
 }
 
 impl Default for Metrics {
@@ -121,8 +133,46 @@ impl Metrics {
             "Peer messages dropped by fault injection, by kind (cut, loss, reply)",
             chaos_dropped.clone(),
         );
+        let replication_shipped = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "replication_shipped_changes",
+            "Changes a link shipped to its destination",
+            replication_shipped.clone(),
+        );
+        let replication_withheld = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "replication_withheld_changes",
+            "Changes a link withheld because the placement does not allow the destination to hold them",
+            replication_withheld.clone(),
+        );
+        let replication_refused = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "replication_refused_changes",
+            "Changes a destination refused because its own policy copy forbids holding them",
+            replication_refused.clone(),
+        );
+        let replication_batches = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "replication_batches",
+            "Batches a link sent and had acknowledged",
+            replication_batches.clone(),
+        );
+        let replication_errors = Family::<LinkLabels, Counter>::default();
+        registry.register("replication_errors", "Failed attempts to ship a batch", replication_errors.clone());
+        let replication_lag_changes = Family::<LinkLabels, Gauge>::default();
+        registry.register(
+            "replication_lag_changes",
+            "Local writes not yet acknowledged by the destination (region sequence minus cursor)",
+            replication_lag_changes.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            replication_shipped,
+            replication_withheld,
+            replication_refused,
+            replication_batches,
+            replication_errors,
+            replication_lag_changes,
             chaos_dropped,
             policy_epoch,
             policy_refusals,

@@ -44,6 +44,20 @@ pub enum PeerRequestV1 {
     DatasetSizes,
     /// Replace the node's fault-injection table (exempt from the faults it sets).
     SetFaults(Vec<crate::chaos::FaultEntry>),
+    /// A link's batch, to the destination region's leader.
+    ShipBatch(ShipBatch),
+}
+
+/// The changes a source region's link ships: its outbox range `from_seq..=upto_seq`, with the
+/// changes its filter let through (the others are simply absent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShipBatch {
+    pub source: String,
+    pub from_seq: u64,
+    pub upto_seq: u64,
+    /// The active policy version the source filtered by (for audit).
+    pub policy: Option<String>,
+    pub changes: Vec<meridian_raft::command::RemoteChange>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,6 +76,7 @@ pub enum PeerResponseV1 {
     Refused(PeerError),
     DatasetSizes(Result<Vec<(String, u64, u64)>, PeerError>),
     FaultsSet,
+    Shipped(Result<CommandResult, PeerError>),
 }
 
 /// One write or an all-or-nothing group, as proposed to a region's Raft group.

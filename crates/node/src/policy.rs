@@ -314,6 +314,11 @@ impl Node {
         self.policy.stopping.store(true, Ordering::Relaxed);
     }
 
+    /// Whether background workers (policy sync, links) should stop: the node is shutting down.
+    pub(crate) fn links_stopped(&self) -> bool {
+        self.policy.stopping.load(Ordering::Relaxed)
+    }
+
     async fn pull_policy_from_authority(&self) -> Result<(), NodeError> {
         let authority = self.policy_authority();
         let Some(obj) = self.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live) else {
@@ -638,6 +643,13 @@ impl Node {
             }
         }
         Ok(region)
+    }
+
+    /// Whether this node's region holds a copy of (dataset, key) (a home or a mirror) under the
+    /// governing version: a `local` read may then be served here.
+    pub fn holds_copy_here(&self, dataset: &str, key: &str, home: Option<&str>) -> bool {
+        let home = home.and_then(|h| RegionId::new(h).ok());
+        matches!(self.governing_placement(dataset, key, home.as_ref()), Ok(Some(p)) if p.holds_copy(&self.spec.region))
     }
 
     /// Where a client PUT of (dataset, key) goes: [`Node::home_region_for`], plus, for a

@@ -22,6 +22,8 @@ use std::io::Cursor;
 pub use command::{Command, CommandResult, Condition, StoredObject};
 pub use log_store::LogStore;
 pub use state_machine::{StateMachineReader, StateMachineStore};
+/// The error of a read through a [`StateMachineReader`].
+pub type StorageReadError = redb::Error;
 
 openraft::declare_raft_types!(
     /// Meridian's Raft types: one group per region, node ids from the topology.

@@ -215,10 +215,13 @@ pub async fn get_key(
     let Query(q) = query.map_err(query_error)?;
     let consistency = parse_consistency(q.consistency.as_deref())?;
     let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
-    let (obj, served) = if region == state.node.spec().region {
+    // A local read is served here when this region holds a copy (home or mirror); anything
+    // else goes to a home region of the key.
+    let mirror_here = consistency == ReadConsistency::Local
+        && state.node.holds_copy_here(dataset.as_str(), key.as_str(), q.home.as_deref());
+    let (obj, served) = if region == state.node.spec().region || mirror_here {
         state.node.read(dataset.as_str(), key.as_str(), consistency).await?
     } else {
-        // The key lives only in its home regions (mirrors arrive with cross-region links).
         state.node.read_in(&region, dataset.as_str(), key.as_str()).await?
     };
     let served = served_by(&state, served);
@@ -337,7 +340,9 @@ pub async fn list_keys(
         Err(meridian_node::NodeError::HomeUnknown(_)) if q.home.is_none() => state.node.spec().region.clone(),
         Err(e) => return Err(e.into()),
     };
-    let (items, served) = if region == state.node.spec().region {
+    let mirror_here =
+        consistency == ReadConsistency::Local && state.node.holds_copy_here(dataset.as_str(), probe, q.home.as_deref());
+    let (items, served) = if region == state.node.spec().region || mirror_here {
         state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?
     } else {
         state.node.list_in(&region, dataset.as_str(), &prefix, after.as_deref(), limit).await?

@@ -1,0 +1,152 @@
+//! Cross-region links against `meridian demo`: mirrors receive what the policy lets them hold
+//! (and serve it to `local` reads), multi-home datasets reach every home, restricted and
+//! regional data never leaves its region, and a cut link catches up after the heal.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::BIN;
+
+struct Stop(Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn files_contain(dir: &Path, needle: &[u8]) -> bool {
+    common::Region::files_under(dir)
+        .iter()
+        .any(|f| std::fs::read(f).map(|bytes| bytes.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
+}
+
+async fn put(http: &reqwest::Client, api: &str, path: &str, body: &str) -> serde_json::Value {
+    let resp = http
+        .put(format!("{api}/v1/datasets/{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
+/// `(key, etag)` of every key in a local listing at `api`.
+async fn local_listing(http: &reqwest::Client, api: &str, dataset: &str) -> Vec<(String, String)> {
+    let v: serde_json::Value = http
+        .get(format!("{api}/v1/datasets/{dataset}/keys?consistency=local&limit=1000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| (i["key"].as_str().unwrap().to_owned(), i["version"]["etag"].as_str().unwrap().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < deadline, "{what} did not happen within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn cli(endpoint: &str, args: &[&str]) {
+    let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().unwrap();
+    assert!(out.status.success(), "meridian {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_ship_what_the_policy_allows_and_nothing_else() {
+    let data = tempfile::tempdir().unwrap();
+    let (demo, base, _) = common::start_demo(Some(data.path()));
+    let _stop = Stop(demo);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let us = format!("http://127.0.0.1:{base}");
+    let eu = format!("http://127.0.0.1:{}", base + 4);
+    let ap = format!("http://127.0.0.1:{}", base + 7);
+
+    // catalog: home us-east, mirrored everywhere; a local read in ap-south is served there.
+    let written = put(&http, &us, "catalog/keys/sku-1", "{\"name\":\"Lamp\"}").await;
+    let etag = written["version"]["etag"].as_str().unwrap().to_owned();
+    wait_for("the catalog reaches ap-south", Duration::from_secs(20), || {
+        let (http, ap, etag) = (http.clone(), ap.clone(), etag.clone());
+        async move {
+            let Ok(r) = http.get(format!("{ap}/v1/datasets/catalog/keys/sku-1?consistency=local")).send().await else {
+                return false;
+            };
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            v["version"]["etag"] == etag.as_str()
+                && v["served_by"]["region"] == "ap-south"
+                && v["served_by"]["reason"] == "local"
+        }
+    })
+    .await;
+
+    // Restricted and regional data with canaries, written through other regions.
+    let canary = format!("canary-{:016x}", rand::random::<u64>());
+    put(&http, &us, &format!("profiles/keys/eu-west%2F{canary}"), &format!("{{\"c\":\"{canary}\"}}")).await;
+    let orders_canary = format!("orders-{:016x}", rand::random::<u64>());
+    put(&http, &ap, &format!("orders/keys/{orders_canary}"), &format!("{{\"c\":\"{orders_canary}\"}}")).await;
+    // carts has three homes: a write in eu-west reaches the other two.
+    put(&http, &eu, "carts/keys/cart-1", "[\"apple\"]").await;
+    for api in [&us, &ap] {
+        wait_for("carts reach every home", Duration::from_secs(20), || {
+            let (http, api) = (http.clone(), api.to_string());
+            async move { local_listing(&http, &api, "carts").await.iter().any(|(k, _)| k == "cart-1") }
+        })
+        .await;
+    }
+    // eu-west's links have gone past the canaries (withheld) once carts arrived behind them;
+    // the metrics say so.
+    let mut withheld = 0.0;
+    for port in [base + 3, base + 4, base + 5] {
+        let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+        for line in text.lines().filter(|l| l.starts_with("meridian_replication_withheld_changes_total{")) {
+            withheld += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        }
+    }
+    assert!(withheld >= 4.0, "two canaries withheld on two links each, found {withheld}");
+    for id in (1..=3).chain(7..=9) {
+        let dir = data.path().join(format!("node-{id}"));
+        assert!(!files_contain(&dir, canary.as_bytes()), "restricted bytes on node {id}, outside eu-west");
+        assert!(!files_contain(&dir, orders_canary.as_bytes()), "eu-only orders on node {id}, outside eu-west");
+    }
+    assert!((4..=6).any(|id| files_contain(&data.path().join(format!("node-{id}")), canary.as_bytes())));
+
+    // Cut ap-south off, keep writing, heal: ap-south converges on us-east's copy.
+    cli(&us, &["chaos", "partition", "us-east", "ap-south"]);
+    for i in 0..20 {
+        put(&http, &us, &format!("catalog/keys/item-{i:02}"), &format!("{{\"i\":{i}}}")).await;
+    }
+    let during = local_listing(&http, &ap, "catalog").await;
+    assert!(!during.iter().any(|(k, _)| k.starts_with("item-")), "writes crossed a cut link: {during:?}");
+    cli(&us, &["chaos", "heal"]);
+    let source = local_listing(&http, &us, "catalog").await;
+    assert_eq!(source.len(), 21);
+    wait_for("ap-south converges after the heal", Duration::from_secs(30), || {
+        let (http, ap, source) = (http.clone(), ap.clone(), source.clone());
+        async move { local_listing(&http, &ap, "catalog").await == source }
+    })
+    .await;
+    assert_eq!(local_listing(&http, &eu, "catalog").await, source, "eu-west holds the same copy");
+}

@@ -1,0 +1,231 @@
+//! Cross-region links (DESIGN.md §7, §17). On each region's leader, one shipper per destination
+//! region reads the outbox after the destination's cursor, filters every change through the
+//! placement under the active policy, and sends the batch to the destination's leader, which
+//! filters again by its own policy copy and merges it through its own Raft group exactly once.
+//! The acknowledged range then advances the cursor, through this region's Raft group.
+//!
+//! Invariants:
+//! - A change is shipped only to a region its placement lets hold a copy (a home or a mirror
+//!   of the key); without an active policy nothing is shipped. The destination drops whatever
+//!   its own copy of the policy forbids, so neither side's stale copy alone can place bytes
+//!   where they may not be.
+//! - The range a batch covers advances past withheld changes, so "everything from region X up
+//!   to n that I may hold" stays true and cheap to check.
+//! - A resend is harmless (the merge is keyed by source range); a lost acknowledgement only
+//!   costs a resend. The cursor moves only after the destination acknowledged.
+//!
+//! This slice ships continuously on every link; schedules, rate limits, priorities, backfill of
+//! new mirrors, purge and anti-entropy come next.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_core::{DatasetName, Key, RegionId};
+use meridian_policy::{evaluate, ObjectAttributes};
+use meridian_raft::command::{CommandV1, RemoteChange};
+use meridian_raft::{CommandResult, StoredObject};
+
+use crate::metrics::LinkLabels;
+use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, ShipBatch};
+use crate::policy::ActivePolicy;
+use crate::{LocalError, Node, NodeError};
+
+/// How often an idle link looks at the outbox.
+pub const LINK_TICK: Duration = Duration::from_millis(50);
+/// Most outbox entries in one batch.
+pub const LINK_BATCH_ENTRIES_MAX: usize = 256;
+/// A batch stops growing past this many bytes of values.
+pub const LINK_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Longest pause after repeated failures (exponential backoff with jitter up to this).
+pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Node {
+    /// Start one shipper per destination region. Each runs only while this node leads its
+    /// region, and stops with the node.
+    pub(crate) fn spawn_links(self: &Arc<Self>) {
+        let destinations: Vec<RegionId> =
+            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.spec.region).collect();
+        for dest in destinations {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut failures: u32 = 0;
+                loop {
+                    let pause = if failures == 0 {
+                        LINK_TICK
+                    } else {
+                        let cap = LINK_BACKOFF_MAX.as_millis() as u64;
+                        let base = (LINK_TICK.as_millis() as u64) << failures.min(8);
+                        let ms = base.min(cap);
+                        Duration::from_millis(ms / 2 + rand::random::<u64>() % (ms / 2 + 1))
+                    };
+                    tokio::time::sleep(pause).await;
+                    let Some(node) = weak.upgrade() else { return };
+                    if node.links_stopped() {
+                        return;
+                    }
+                    if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
+                        failures = 0;
+                        continue;
+                    }
+                    match node.ship_once(&dest).await {
+                        // A full batch: there is more; go again without waiting.
+                        Ok(true) => {
+                            failures = 0;
+                            continue;
+                        }
+                        Ok(false) => failures = 0,
+                        Err(e) => {
+                            failures = failures.saturating_add(1);
+                            node.metrics.replication_errors.get_or_create(&node.link_labels(&dest)).inc();
+                            tracing::debug!(destination = %dest, error = %e, "link attempt failed");
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn link_labels(&self, dest: &RegionId) -> LinkLabels {
+        LinkLabels { source: self.spec.region.to_string(), destination: dest.to_string() }
+    }
+
+    /// May `region` hold this object under `active`? Without a policy, no region but the origin.
+    fn placement_allows(
+        &self,
+        active: Option<&ActivePolicy>,
+        region: &RegionId,
+        dataset: &str,
+        key: &str,
+        obj: &StoredObject,
+    ) -> bool {
+        let Some(active) = active else { return false };
+        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return false };
+        let Some((policy, _)) = active.governing(&ds, &k) else { return false };
+        // A user-homed key without a prefix lives where it was written: its origin region.
+        let origin = obj.version.region.clone();
+        let attrs =
+            ObjectAttributes { home: Some(origin.clone()), origin: Some(origin), ..ObjectAttributes::default() };
+        match evaluate(policy, &self.topology, &ds, &k, &attrs) {
+            Ok(p) => p.holds_copy(region),
+            Err(_) => false,
+        }
+    }
+
+    /// Ship one batch to `dest`. `Ok(true)` when the batch was full (more may be waiting).
+    async fn ship_once(&self, dest: &RegionId) -> Result<bool, NodeError> {
+        let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
+        let (state, region_seq) = self.reader.replication().map_err(storage)?;
+        let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
+        let labels = self.link_labels(dest);
+        self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(cursor) as i64);
+        let entries = self.reader.outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
+        let Some(&(last_seq, _)) = entries.last() else { return Ok(false) };
+        if entries[0].0 > cursor + 1 && cursor > 0 {
+            // The outbox was trimmed past this link's cursor: a catch-up scan is needed.
+            tracing::warn!(destination = %dest, cursor, first = entries[0].0, "link fell behind the bounded outbox");
+        }
+        self.refresh_policy()?;
+        let active = self.active_policy();
+        let mut changes = Vec::new();
+        let mut upto = cursor;
+        let mut bytes = 0usize;
+        let mut withheld = 0u64;
+        for (seq, entry) in &entries {
+            upto = *seq;
+            let Some(obj) = self.reader.get(&entry.dataset, &entry.key).map_err(storage)? else { continue };
+            // Only this region's own versions: a newer version merged from elsewhere is
+            // shipped by its own origin's link.
+            if obj.version.region != self.spec.region {
+                continue;
+            }
+            if !self.placement_allows(active.as_deref(), dest, &entry.dataset, &entry.key, &obj) {
+                withheld += 1;
+                continue;
+            }
+            bytes += obj.value.as_ref().map_or(0, Vec::len) + entry.key.len();
+            changes.push(RemoteChange {
+                dataset: entry.dataset.clone(),
+                key: entry.key.clone(),
+                version: obj.version,
+                value: obj.value,
+            });
+            if bytes >= LINK_BATCH_BYTES_MAX {
+                break;
+            }
+        }
+        let full = entries.len() >= LINK_BATCH_ENTRIES_MAX || upto < last_seq;
+        let shipped = changes.len() as u64;
+        let batch = ShipBatch {
+            source: self.spec.region.to_string(),
+            from_seq: cursor + 1,
+            upto_seq: upto,
+            policy: active.as_ref().map(|a| a.entry.version.clone()),
+            changes,
+        };
+        let unpack = |r| match r {
+            PeerResponseV1::Shipped(r) => Some(r),
+            _ => None,
+        };
+        // Idempotent: the destination merges by source range, so any failure may be resent.
+        let (answer, _) = self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
+        let acknowledged = match answer {
+            CommandResult::Remote { merged_upto, .. } => merged_upto,
+            // The destination has less than the cursor says (it lost state): resend from there.
+            CommandResult::RemoteGap { merged_upto } => merged_upto,
+            other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
+        };
+        let set = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged };
+        self.propose_replication(set).await.map_err(|e| match e {
+            LocalError::NotLeader(_) => NodeError::NoLeader,
+            LocalError::Other(e) => e,
+        })?;
+        self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
+        self.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
+        self.metrics.replication_batches.get_or_create(&labels).inc();
+        self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(acknowledged) as i64);
+        Ok(full)
+    }
+
+    /// A batch from another region's link: drop what this region's policy copy forbids it to
+    /// hold, then merge the rest through this region's Raft group.
+    pub(crate) async fn receive_batch(&self, mut batch: ShipBatch) -> Result<CommandResult, PeerError> {
+        if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            return Err(PeerError::NotLeader { leader: self.leader_hint() });
+        }
+        let Ok(source) = RegionId::new(batch.source.clone()) else {
+            return Err(PeerError::Protocol(format!("batch from an invalid region name {:?}", batch.source)));
+        };
+        if self.topology.regions().iter().all(|r| r.name != source) || source == self.spec.region {
+            return Err(PeerError::Protocol(format!(
+                "batch from {source}, which is not another region of this cluster"
+            )));
+        }
+        if let Err(e) = self.refresh_policy() {
+            return Err(PeerError::Internal(e.to_string()));
+        }
+        let active = self.active_policy();
+        let here = self.spec.region.clone();
+        let before = batch.changes.len();
+        batch.changes.retain(|c| {
+            let obj = StoredObject { version: c.version.clone(), value: None };
+            c.version.region == source && self.placement_allows(active.as_deref(), &here, &c.dataset, &c.key, &obj)
+        });
+        let refused = (before - batch.changes.len()) as u64;
+        if refused > 0 {
+            let labels = LinkLabels { source: source.to_string(), destination: here.to_string() };
+            self.metrics.replication_refused.get_or_create(&labels).inc_by(refused);
+            tracing::warn!(source = %source, refused, "refused changes this region's policy does not let it hold");
+        }
+        let cmd = CommandV1::ApplyRemote {
+            source: batch.source,
+            from_seq: batch.from_seq,
+            upto_seq: batch.upto_seq,
+            changes: batch.changes,
+        };
+        match self.propose_replication(cmd).await {
+            Ok(r) => Ok(r),
+            Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
+            Err(LocalError::Other(e)) => Err(crate::to_peer_error(e)),
+        }
+    }
+}
