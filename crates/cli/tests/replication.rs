@@ -116,16 +116,23 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
         })
         .await;
     }
-    // eu-west's links have gone past the canaries (withheld) once carts arrived behind them;
-    // the metrics say so.
-    let mut withheld = 0.0;
-    for port in [base + 3, base + 4, base + 5] {
-        let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
-        for line in text.lines().filter(|l| l.starts_with("meridian_replication_withheld_changes_total{")) {
-            withheld += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    // eu-west's links go past the canaries (withheld) in the same batches that carry the cart;
+    // the metrics count them once each batch is acknowledged.
+    wait_for("both links withhold both canaries", Duration::from_secs(20), || {
+        let http = http.clone();
+        async move {
+            let mut withheld = 0.0;
+            for port in [base + 3, base + 4, base + 5] {
+                let Ok(r) = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await else { return false };
+                let text = r.text().await.unwrap_or_default();
+                for line in text.lines().filter(|l| l.starts_with("meridian_replication_withheld_changes_total{")) {
+                    withheld += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap_or(0.0);
+                }
+            }
+            withheld >= 4.0
         }
-    }
-    assert!(withheld >= 4.0, "two canaries withheld on two links each, found {withheld}");
+    })
+    .await;
     for id in (1..=3).chain(7..=9) {
         let dir = data.path().join(format!("node-{id}"));
         assert!(!files_contain(&dir, canary.as_bytes()), "restricted bytes on node {id}, outside eu-west");
@@ -141,12 +148,21 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     let during = local_listing(&http, &ap, "catalog").await;
     assert!(!during.iter().any(|(k, _)| k.starts_with("item-")), "writes crossed a cut link: {during:?}");
     cli(&us, &["chaos", "heal"]);
+    // The node asked may be a follower a few milliseconds behind: wait for all 21 keys.
+    wait_for("us-east's node has applied every write", Duration::from_secs(10), || {
+        let (http, us) = (http.clone(), us.clone());
+        async move { local_listing(&http, &us, "catalog").await.len() == 21 }
+    })
+    .await;
     let source = local_listing(&http, &us, "catalog").await;
-    assert_eq!(source.len(), 21);
     wait_for("ap-south converges after the heal", Duration::from_secs(30), || {
         let (http, ap, source) = (http.clone(), ap.clone(), source.clone());
         async move { local_listing(&http, &ap, "catalog").await == source }
     })
     .await;
-    assert_eq!(local_listing(&http, &eu, "catalog").await, source, "eu-west holds the same copy");
+    wait_for("eu-west holds the same copy", Duration::from_secs(30), || {
+        let (http, eu, source) = (http.clone(), eu.clone(), source.clone());
+        async move { local_listing(&http, &eu, "catalog").await == source }
+    })
+    .await;
 }
