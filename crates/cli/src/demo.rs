@@ -142,6 +142,7 @@ fn print_banner(config: &ClusterConfig, root: &std::path::Path, base_port: u16, 
     println!("  curl -s {ep}/metrics | grep meridian_raft");
     println!("  curl -s {ep}/v1/openapi.json");
     println!();
-    println!("Cross-region mirrors are not running yet: a key lives in its home regions only.");
+    println!("Links ship each write to the regions its policy lets hold a copy: a catalog write in us-east");
+    println!("is readable with --consistency local from any region a moment later; profiles never leave home.");
     println!("Press Ctrl-C to stop.");
 }

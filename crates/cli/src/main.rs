@@ -86,7 +86,8 @@ enum Command {
     Get {
         dataset: String,
         key: String,
-        /// strong (linearizable, via the region's leader) or local (the node asked).
+        /// strong (linearizable, via a home region's leader), local (the node asked, if its region
+        /// holds a copy, else a home) or eventual (the nearest copy).
         #[arg(long, default_value = "strong")]
         consistency: String,
         #[command(flatten)]

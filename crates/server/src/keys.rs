@@ -62,14 +62,16 @@ fn parse_names(dataset: String, key: String) -> Result<(DatasetName, Key), ApiEr
 fn parse_consistency(c: Option<&str>) -> Result<ReadConsistency, ApiError> {
     match c {
         None | Some("strong") => Ok(ReadConsistency::Strong),
-        Some("local") => Ok(ReadConsistency::Local),
-        Some(other @ ("bounded" | "session" | "eventual")) => Err(ApiError::new(
+        // `eventual`: the nearest copy, which today is this region's if it holds one (a home or
+        // a mirror), else a home: the same route as `local`.
+        Some("local" | "eventual") => Ok(ReadConsistency::Local),
+        Some(other @ ("bounded" | "session")) => Err(ApiError::new(
             ErrorCode::InvalidConsistency,
-            format!("consistency={other} needs cross-region mirrors, which this cluster does not run yet"),
+            format!("consistency={other} needs per-link freshness tracking, which this release does not have yet"),
         )
-        .hint("use consistency=strong or consistency=local")),
+        .hint("use consistency=strong, local or eventual")),
         Some(other) => Err(ApiError::new(ErrorCode::InvalidConsistency, format!("unknown consistency {other:?}"))
-            .hint("use consistency=strong or consistency=local")),
+            .hint("use consistency=strong, local or eventual")),
     }
 }
 
