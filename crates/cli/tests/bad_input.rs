@@ -156,3 +156,50 @@ async fn conditional_writes_are_compare_and_set() {
     }
     assert_eq!(seen, (0..25).map(|i| format!("p{i:02}")).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_and_chaos_endpoints_refuse_bad_input_cleanly() {
+    let region = Region::start("");
+    let base = region.api[0].clone();
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: &str| {
+        http.post(format!("{base}{path}")).header("content-type", "application/json").body(body.to_owned())
+    };
+    let good = "[[dataset]]\nname = \"d\"\nlocality = \"global\"\nclassification = \"public\"\nhome = [\"r1\"]\n";
+    let doc = |extra: &str| format!("{{\"text\": {}{extra}}}", serde_json::to_string(good).unwrap());
+
+    // Before any policy: nothing to explain or roll back.
+    expect(&send(http.get(format!("{base}/v1/policy/explain?dataset=d&key=k"))).await, 404, "no_policy");
+    expect(&send(post("/v1/policy/rollback", "{\"version\":\"0123456789ab\"}")).await, 404, "policy_version_not_found");
+
+    // Bodies and fields.
+    expect(&send(post("/v1/policy", "{\"text\":")).await, 400, "malformed_json");
+    expect(&send(post("/v1/policy", "{\"txt\": \"x\"}")).await, 400, "malformed_json");
+    expect(
+        &send(http.post(format!("{base}/v1/policy")).header("content-type", "text/plain").body(good)).await,
+        415,
+        "unsupported_media_type",
+    );
+    expect(&send(post("/v1/policy", &doc(", \"mode\": \"sometimes\""))).await, 400, "invalid_query");
+    expect(&send(post("/v1/policy", &doc(", \"percent\": 0"))).await, 400, "invalid_query");
+    expect(&send(post("/v1/policy", &doc(", \"percent\": 300"))).await, 400, "malformed_json");
+    expect(&send(post("/v1/policy", &doc(", \"format\": \"xml\""))).await, 400, "invalid_query");
+    expect(&send(post("/v1/policy/plan", "{\"text\": \"[[dataset]]\\nname = 1\"}")).await, 400, "policy_invalid");
+    let invalid = send(post("/v1/policy", "{\"text\": \"[[dataset]]\\nname = \\\"d\\\"\\nlocality = \\\"global\\\"\\nclassification = \\\"public\\\"\\nhome = [\\\"mars\\\"]\\n\"}")).await;
+    expect(&invalid, 400, "policy_invalid");
+    assert_eq!(invalid.body["problems"][0]["rule"], "unknown_region", "{}", invalid.body);
+    assert_eq!(invalid.body["problems"][0]["line"], 5, "{}", invalid.body);
+    expect(&send(http.get(format!("{base}/v1/policy/versions/xyz"))).await, 404, "policy_version_not_found");
+    expect(&send(http.get(format!("{base}/v1/policy/explain?dataset=d"))).await, 400, "invalid_query");
+    expect(&send(http.get(format!("{base}/v1/policy/explain?dataset=D&key=k"))).await, 400, "invalid_dataset_name");
+    expect(&send(post("/v1/admin/chaos/partition", "{}")).await, 400, "invalid_query");
+    expect(&send(post("/v1/admin/chaos/delay", "{\"regions\":[\"r1\",\"r1\"]}")).await, 400, "invalid_query");
+
+    // None of it changed anything: still no policy, and writes still land.
+    let status = send(http.get(format!("{base}/v1/policy"))).await;
+    assert_eq!(status.status, 200);
+    assert!(status.body.get("active").is_none(), "{}", status.body);
+    let applied = send(post("/v1/policy", &doc(""))).await;
+    assert_eq!(applied.status, 200, "{}", applied.body);
+    assert_eq!(applied.body["entry"]["epoch"], 1);
+}
