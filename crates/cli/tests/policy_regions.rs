@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, BIN};
+use common::{free_ports, BIN};
 
 struct Node {
     id: u64,
@@ -75,8 +75,9 @@ async fn a_region_without_the_policy_stores_nothing_until_it_has_caught_up() {
     let dir = tempfile::tempdir().unwrap();
     let mut text = String::from("[[regions]]\nname = \"us-east\"\n\n[[regions]]\nname = \"eu-west\"\n\n");
     let mut nodes = Vec::new();
+    let ports = free_ports(4);
     for (id, region) in [(1u64, "us-east"), (2, "eu-west")] {
-        let (a, p) = (free_port(), free_port());
+        let (a, p) = (ports[2 * id as usize - 2], ports[2 * id as usize - 1]);
         text.push_str(&format!(
             "[[nodes]]\nid = {id}\nregion = \"{region}\"\nzone = \"a\"\napi_addr = \"127.0.0.1:{a}\"\npeer_addr = \"127.0.0.1:{p}\"\n\n"
         ));

@@ -19,16 +19,19 @@ impl Clock for ManualClock {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Two distinct free ports: both held while chosen, so the OS cannot hand out one twice.
+fn two_free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 #[tokio::test]
 async fn backwards_clock_is_refused_and_counted() {
+    let (api_port, peer_port) = two_free_ports();
     let text = format!(
         "[[regions]]\nname = \"r\"\n[[nodes]]\nid = 1\nregion = \"r\"\nzone = \"a\"\napi_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\n[clock]\nmax_offset_ms = 500\n",
-        free_port(),
-        free_port()
+        api_port, peer_port
     );
     let config = ClusterConfig::parse(&text, "test").unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -70,6 +70,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `n` distinct free loopback ports: all are held at once while chosen, so one configuration
+/// never gets the same port twice (taking them one by one, the OS may hand one out again).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
 pub struct Region {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -83,8 +90,9 @@ impl Region {
         let dir = tempfile::Builder::new().prefix("meridian-it-").tempdir().unwrap();
         let mut text = String::from("[[regions]]\nname = \"r1\"\n\n");
         let mut api = Vec::new();
+        let ports = free_ports(6);
         for (i, zone) in ["a", "b", "c"].iter().enumerate() {
-            let (a, p) = (free_port(), free_port());
+            let (a, p) = (ports[2 * i], ports[2 * i + 1]);
             text.push_str(&format!(
                 "[[nodes]]\nid = {}\nregion = \"r1\"\nzone = \"{zone}\"\napi_addr = \"127.0.0.1:{a}\"\npeer_addr = \"127.0.0.1:{p}\"\n\n",
                 i + 1
