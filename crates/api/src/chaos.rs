@@ -32,6 +32,39 @@ pub struct ChaosStatus {
     pub unreached_nodes: Vec<u64>,
 }
 
+/// One link from the region it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LinkStatus {
+    pub destination: String,
+    /// The destination has acknowledged this region's changes up to this sequence.
+    pub acknowledged_seq: u64,
+    /// Writes this region originated that the link has not had acknowledged yet (withheld ones
+    /// included: they are acknowledged as part of a range).
+    pub lag_changes: u64,
+}
+
+/// One region's replication state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RegionReplicationStatus {
+    pub region: String,
+    pub reachable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<u64>,
+    /// Sequence of the last write the region originated.
+    pub region_seq: u64,
+    pub links: Vec<LinkStatus>,
+    /// Source region → everything it originated up to this sequence is merged here.
+    pub merged: Vec<(String, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/replication`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicationStatus {
+    pub regions: Vec<RegionReplicationStatus>,
+}
+
 /// `POST /v1/admin/chaos/partition` and `/heal`: a region pair (`heal` with none heals all).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

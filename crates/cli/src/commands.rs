@@ -199,3 +199,29 @@ pub async fn chaos(opts: &ClientOpts, op: ChaosOp) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub async fn replication_status(opts: &ClientOpts) -> anyhow::Result<()> {
+    let r = client(opts).replication_status().await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["link", "region seq", "acknowledged", "lag (changes)"]);
+    for region in &r.regions {
+        if let Some(e) = &region.error {
+            t.add_row(vec![format!("{} -> *", region.region), "-".into(), "-".into(), format!("unreachable: {e}")]);
+            continue;
+        }
+        for l in &region.links {
+            t.add_row(vec![
+                format!("{} -> {}", region.region, l.destination),
+                region.region_seq.to_string(),
+                l.acknowledged_seq.to_string(),
+                l.lag_changes.to_string(),
+            ]);
+        }
+    }
+    println!("{t}");
+    Ok(())
+}

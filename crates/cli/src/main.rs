@@ -130,6 +130,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Cross-region replication: every link, how far it is acknowledged, how far behind.
+    Replication {
+        #[command(subcommand)]
+        command: ReplicationCommand,
+    },
     /// Inject faults between regions, cluster-wide: cut a pair apart, heal it, or delay it.
     ///
     /// Faults live in every node's peer transport (in memory: a restarted node has none) and
@@ -140,6 +145,15 @@ enum Command {
     },
     /// Benchmark in-region writes against a three-member etcd cluster (needs Debian's etcd-server).
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ReplicationCommand {
+    /// One row per link (source -> destination): acknowledged sequence and lag in changes.
+    Status {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -348,6 +362,9 @@ fn main() -> std::process::ExitCode {
                     policy::explain(&client, &dataset, &key, client.home.as_deref()).await
                 }
             },
+            Command::Replication { command: ReplicationCommand::Status { client } } => {
+                commands::replication_status(&client).await
+            }
             Command::Chaos { command } => match command {
                 ChaosCommand::Status { client } => commands::chaos(&client, commands::ChaosOp::Status).await,
                 ChaosCommand::Partition { region_a, region_b, client } => {

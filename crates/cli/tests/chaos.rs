@@ -45,6 +45,12 @@ fn partition_heal_and_delay_between_regions() {
 
     let (ok, out, _) = cli(&us, &["chaos", "status"]);
     assert!(ok && out.contains("no faults"), "{out}");
+    let spec = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { reqwest::get(format!("{us}/v1/openapi.json")).await.unwrap().text().await.unwrap() });
+    for path in ["/v1/admin/chaos/partition", "/v1/admin/chaos/heal", "/v1/admin/chaos/delay", "/v1/replication"] {
+        assert!(spec.contains(path), "the OpenAPI spec lacks {path}");
+    }
 
     // Cut us-east from eu-west: every node learns it, whichever took the command.
     let (ok, out, err) = cli(&ap, &["chaos", "partition", "us-east", "eu-west"]);

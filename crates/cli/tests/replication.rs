@@ -147,6 +147,14 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     }
     let during = local_listing(&http, &ap, "catalog").await;
     assert!(!during.iter().any(|(k, _)| k.starts_with("item-")), "writes crossed a cut link: {during:?}");
+    let lag = |status: &serde_json::Value, from: &str, to: &str| -> u64 {
+        let region = status["regions"].as_array().unwrap().iter().find(|r| r["region"] == from).unwrap().clone();
+        let link = region["links"].as_array().unwrap().iter().find(|l| l["destination"] == to).unwrap().clone();
+        link["lag_changes"].as_u64().unwrap()
+    };
+    let status: serde_json::Value =
+        http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
+    assert!(lag(&status, "us-east", "ap-south") >= 20, "the cut link is behind: {status}");
     cli(&us, &["chaos", "heal"]);
     // The node asked may be a follower a few milliseconds behind: wait for all 21 keys.
     wait_for("us-east's node has applied every write", Duration::from_secs(10), || {
@@ -165,4 +173,24 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
         async move { local_listing(&http, &eu, "catalog").await == source }
     })
     .await;
+    // Once idle, every link is acknowledged up to its region's last write.
+    wait_for("every link drains", Duration::from_secs(30), || {
+        let (http, us) = (http.clone(), us.clone());
+        async move {
+            let Ok(r) = http.get(format!("{us}/v1/replication")).send().await else { return false };
+            let status: serde_json::Value = r.json().await.unwrap_or_default();
+            let regions = status["regions"].as_array().cloned().unwrap_or_default();
+            regions.len() == 3
+                && regions.iter().all(|r| {
+                    r["reachable"] == true
+                        && r["links"]
+                            .as_array()
+                            .is_some_and(|ls| ls.len() == 2 && ls.iter().all(|l| l["lag_changes"] == 0))
+                })
+        }
+    })
+    .await;
+    let out = Command::new(BIN).args(["replication", "status", "--endpoint", &us]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && table.contains("us-east -> ap-south") && table.contains("lag"), "{table}");
 }

@@ -248,6 +248,11 @@ impl Client {
         self.send(self.http.post(self.url("/v1/policy")).json(req)).await
     }
 
+    /// `GET /v1/replication`: every region's links and how far behind they are.
+    pub async fn replication_status(&self) -> Result<meridian_api::ReplicationStatus, ClientError> {
+        self.send(self.http.get(self.url("/v1/replication"))).await
+    }
+
     /// `GET /v1/admin/chaos`: the fault-injection table of the node asked.
     pub async fn chaos_status(&self) -> Result<meridian_api::ChaosStatus, ClientError> {
         self.send(self.http.get(self.url("/v1/admin/chaos"))).await

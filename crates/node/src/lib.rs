@@ -802,6 +802,9 @@ impl Node {
                 PeerResponseV1::DatasetSizes(self.local_dataset_sizes().map_err(to_peer_error))
             }
             PeerRequestV1::ShipBatch(batch) => PeerResponseV1::Shipped(self.receive_batch(batch).await),
+            PeerRequestV1::ReplicationState => {
+                PeerResponseV1::ReplicationState(self.local_replication().map_err(to_peer_error))
+            }
             PeerRequestV1::SetFaults(entries) => {
                 self.transport.faults().replace(&entries);
                 tracing::warn!(faults = ?entries, "fault injection table replaced");

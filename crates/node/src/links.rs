@@ -85,6 +85,38 @@ impl Node {
         }
     }
 
+    /// This node's view of its region's replication state.
+    pub(crate) fn local_replication(&self) -> Result<crate::peer::RegionReplication, NodeError> {
+        let (state, region_seq) = self.reader.replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+        Ok(crate::peer::RegionReplication {
+            node: self.spec.id,
+            region_seq,
+            cursors: state.cursors.into_iter().collect(),
+            merged: state.merged.into_iter().collect(),
+        })
+    }
+
+    /// Every region's replication state, each as the first of its nodes that answers has it.
+    pub async fn replication_view(&self) -> Vec<(RegionId, Result<crate::peer::RegionReplication, String>)> {
+        let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
+        let asks = regions.into_iter().map(|region| async move {
+            if region == self.spec.region {
+                return (region, self.local_replication().map_err(|e| e.to_string()));
+            }
+            let mut last = String::from("no nodes");
+            for n in self.topology.region_nodes(&region) {
+                match self.transport.call(n.id, PeerRequestV1::ReplicationState, crate::STATUS_TIMEOUT).await {
+                    Ok(PeerResponseV1::ReplicationState(Ok(r))) => return (region, Ok(r)),
+                    Ok(PeerResponseV1::ReplicationState(Err(e))) => last = format!("node {}: {e}", n.id),
+                    Ok(_) => last = format!("node {} sent an unexpected reply", n.id),
+                    Err(e) => last = format!("node {}: {e}", n.id),
+                }
+            }
+            (region, Err(last))
+        });
+        futures::future::join_all(asks).await
+    }
+
     fn link_labels(&self, dest: &RegionId) -> LinkLabels {
         LinkLabels { source: self.spec.region.to_string(), destination: dest.to_string() }
     }
@@ -119,8 +151,13 @@ impl Node {
         let labels = self.link_labels(dest);
         self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(cursor) as i64);
         let entries = self.reader.outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
-        let Some(&(last_seq, _)) = entries.last() else { return Ok(false) };
-        if entries[0].0 > cursor + 1 && cursor > 0 {
+        // Writes that never enter the outbox (reserved namespaces) still take sequences: an
+        // empty batch carries the range past them, so the destination's "merged up to" and
+        // this link's lag reach the region's last write.
+        if entries.is_empty() && region_seq <= cursor {
+            return Ok(false);
+        }
+        if entries.first().is_some_and(|(first, _)| *first > cursor + 1) && cursor > 0 {
             // The outbox was trimmed past this link's cursor: a catch-up scan is needed.
             tracing::warn!(destination = %dest, cursor, first = entries[0].0, "link fell behind the bounded outbox");
         }
@@ -130,6 +167,7 @@ impl Node {
         let mut upto = cursor;
         let mut bytes = 0usize;
         let mut withheld = 0u64;
+        let mut cut_short = false;
         for (seq, entry) in &entries {
             upto = *seq;
             let Some(obj) = self.reader.get(&entry.dataset, &entry.key).map_err(storage)? else { continue };
@@ -150,10 +188,16 @@ impl Node {
                 value: obj.value,
             });
             if bytes >= LINK_BATCH_BYTES_MAX {
+                cut_short = true;
                 break;
             }
         }
-        let full = entries.len() >= LINK_BATCH_ENTRIES_MAX || upto < last_seq;
+        let full = entries.len() >= LINK_BATCH_ENTRIES_MAX || cut_short;
+        if !full {
+            // Everything up to the region's last write was read (`region_seq` was read before
+            // the outbox, so no entry at or below it can be missing).
+            upto = upto.max(region_seq);
+        }
         let shipped = changes.len() as u64;
         let batch = ShipBatch {
             source: self.spec.region.to_string(),

@@ -46,6 +46,8 @@ pub enum PeerRequestV1 {
     SetFaults(Vec<crate::chaos::FaultEntry>),
     /// A link's batch, to the destination region's leader.
     ShipBatch(ShipBatch),
+    /// The answering node's view of its region's replication state.
+    ReplicationState,
 }
 
 /// The changes a source region's link ships: its outbox range `from_seq..=upto_seq`, with the
@@ -77,6 +79,20 @@ pub enum PeerResponseV1 {
     DatasetSizes(Result<Vec<(String, u64, u64)>, PeerError>),
     FaultsSet,
     Shipped(Result<CommandResult, PeerError>),
+    ReplicationState(Result<RegionReplication, PeerError>),
+}
+
+/// One region's replication state as one of its nodes has applied it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionReplication {
+    /// The node that answered.
+    pub node: u64,
+    /// Sequence of the last write the region originated.
+    pub region_seq: u64,
+    /// Destination region → acknowledged up to this sequence.
+    pub cursors: Vec<(String, u64)>,
+    /// Source region → merged up to this sequence.
+    pub merged: Vec<(String, u64)>,
 }
 
 /// One write or an all-or-nothing group, as proposed to a region's Raft group.

@@ -54,7 +54,12 @@ pub struct AppState {
         policy::version,
         policy::rollback,
         policy::explain,
-        policy::schema
+        policy::schema,
+        chaos::status,
+        chaos::partition,
+        chaos::heal,
+        chaos::delay,
+        replication
     ),
     components(schemas(meridian_api::ErrorBody, meridian_api::ErrorCode, meridian_api::PolicyProblem))
 )]
@@ -77,6 +82,7 @@ pub fn api_router(node: Arc<Node>) -> Router {
         .route("/v1/admin/chaos/partition", post(chaos::partition))
         .route("/v1/admin/chaos/heal", post(chaos::heal))
         .route("/v1/admin/chaos/delay", post(chaos::delay))
+        .route("/v1/replication", get(replication))
         .route("/v1/cluster", get(cluster))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
@@ -156,6 +162,53 @@ fn node_info(spec: &meridian_core::NodeSpec) -> NodeInfo {
         api_addr: spec.api_addr.to_string(),
         peer_addr: spec.peer_addr.to_string(),
     }
+}
+
+#[utoipa::path(get, path = "/v1/replication", responses((status = 200, body = meridian_api::ReplicationStatus)))]
+pub async fn replication(State(state): State<AppState>) -> Json<meridian_api::ReplicationStatus> {
+    let node = &state.node;
+    let destinations = |own: &str| -> Vec<String> {
+        node.topology().regions().iter().map(|r| r.name.to_string()).filter(|r| r != own).collect()
+    };
+    let regions = node
+        .replication_view()
+        .await
+        .into_iter()
+        .map(|(region, r)| match r {
+            Ok(r) => {
+                let links = destinations(region.as_str())
+                    .into_iter()
+                    .map(|d| {
+                        let acked = r.cursors.iter().find(|(c, _)| *c == d).map_or(0, |(_, s)| *s);
+                        meridian_api::LinkStatus {
+                            destination: d,
+                            acknowledged_seq: acked,
+                            lag_changes: r.region_seq.saturating_sub(acked),
+                        }
+                    })
+                    .collect();
+                meridian_api::RegionReplicationStatus {
+                    region: region.to_string(),
+                    reachable: true,
+                    reported_by: Some(r.node),
+                    region_seq: r.region_seq,
+                    links,
+                    merged: r.merged,
+                    error: None,
+                }
+            }
+            Err(e) => meridian_api::RegionReplicationStatus {
+                region: region.to_string(),
+                reachable: false,
+                reported_by: None,
+                region_seq: 0,
+                links: Vec::new(),
+                merged: Vec::new(),
+                error: Some(e),
+            },
+        })
+        .collect();
+    Json(meridian_api::ReplicationStatus { regions })
 }
 
 #[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterResponse)))]
