@@ -3,36 +3,9 @@
 
 mod common;
 
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::BIN;
-
-fn cli(endpoint: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().expect("run the CLI");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn cli_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let (ok, out, err) = cli(endpoint, &all);
-    assert!(ok, "meridian {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-struct Stop(Child);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{cli, cli_json, Stop};
 
 #[test]
 fn partition_heal_and_delay_between_regions() {

@@ -5,16 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::BIN;
-
-fn cli(endpoint: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().expect("run the CLI");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::cli;
 
 #[test]
 fn cli_against_a_running_demo() {

@@ -4,43 +4,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 
-use common::BIN;
-
-fn cli(endpoint: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().expect("run the CLI");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn cli_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let (ok, out, err) = cli(endpoint, &all);
-    assert!(ok, "meridian {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("meridian {args:?} printed no JSON ({e}): {out}"))
-}
-
-struct Stop(Child);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Every byte of every file under `dir`.
-fn files_contain(dir: &Path, needle: &[u8]) -> bool {
-    common::Region::files_under(dir)
-        .iter()
-        .any(|f| std::fs::read(f).map(|bytes| bytes.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
-}
+use common::{cli, cli_json, files_contain, Stop, BIN};
 
 async fn put(http: &reqwest::Client, endpoint: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
     let resp = http

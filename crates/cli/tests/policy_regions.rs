@@ -6,9 +6,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_ports, BIN};
+use common::{free_ports, wait_until, BIN};
 
 struct Node {
     id: u64,
@@ -43,18 +43,6 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < deadline, "{what} did not happen within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

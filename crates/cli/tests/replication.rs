@@ -4,26 +4,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::BIN;
-
-struct Stop(Child);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn files_contain(dir: &Path, needle: &[u8]) -> bool {
-    common::Region::files_under(dir)
-        .iter()
-        .any(|f| std::fs::read(f).map(|bytes| bytes.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
-}
+use common::{files_contain, wait_until, Stop, BIN};
 
 async fn put(http: &reqwest::Client, api: &str, path: &str, body: &str) -> serde_json::Value {
     let resp = http
@@ -58,19 +42,7 @@ async fn local_listing(http: &reqwest::Client, api: &str, dataset: &str) -> Vec<
         .unwrap_or_default()
 }
 
-async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < deadline, "{what} did not happen within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn cli(endpoint: &str, args: &[&str]) {
+fn cli_ok(endpoint: &str, args: &[&str]) {
     let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().unwrap();
     assert!(out.status.success(), "meridian {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
@@ -88,7 +60,7 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     // catalog: home us-east, mirrored everywhere; a local read in ap-south is served there.
     let written = put(&http, &us, "catalog/keys/sku-1", "{\"name\":\"Lamp\"}").await;
     let etag = written["version"]["etag"].as_str().unwrap().to_owned();
-    wait_for("the catalog reaches ap-south", Duration::from_secs(20), || {
+    wait_until("the catalog reaches ap-south", Duration::from_secs(20), || {
         let (http, ap, etag) = (http.clone(), ap.clone(), etag.clone());
         async move {
             let Ok(r) = http.get(format!("{ap}/v1/datasets/catalog/keys/sku-1?consistency=local")).send().await else {
@@ -110,7 +82,7 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     // carts has three homes: a write in eu-west reaches the other two.
     put(&http, &eu, "carts/keys/cart-1", "[\"apple\"]").await;
     for api in [&us, &ap] {
-        wait_for("carts reach every home", Duration::from_secs(20), || {
+        wait_until("carts reach every home", Duration::from_secs(20), || {
             let (http, api) = (http.clone(), api.to_string());
             async move { local_listing(&http, &api, "carts").await.iter().any(|(k, _)| k == "cart-1") }
         })
@@ -118,7 +90,7 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     }
     // eu-west's links go past the canaries (withheld) in the same batches that carry the cart;
     // the metrics count them once each batch is acknowledged.
-    wait_for("both links withhold both canaries", Duration::from_secs(20), || {
+    wait_until("both links withhold both canaries", Duration::from_secs(20), || {
         let http = http.clone();
         async move {
             let mut withheld = 0.0;
@@ -141,7 +113,7 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     assert!((4..=6).any(|id| files_contain(&data.path().join(format!("node-{id}")), canary.as_bytes())));
 
     // Cut ap-south off, keep writing, heal: ap-south converges on us-east's copy.
-    cli(&us, &["chaos", "partition", "us-east", "ap-south"]);
+    cli_ok(&us, &["chaos", "partition", "us-east", "ap-south"]);
     for i in 0..20 {
         put(&http, &us, &format!("catalog/keys/item-{i:02}"), &format!("{{\"i\":{i}}}")).await;
     }
@@ -155,26 +127,26 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     let status: serde_json::Value =
         http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
     assert!(lag(&status, "us-east", "ap-south") >= 20, "the cut link is behind: {status}");
-    cli(&us, &["chaos", "heal"]);
+    cli_ok(&us, &["chaos", "heal"]);
     // The node asked may be a follower a few milliseconds behind: wait for all 21 keys.
-    wait_for("us-east's node has applied every write", Duration::from_secs(10), || {
+    wait_until("us-east's node has applied every write", Duration::from_secs(10), || {
         let (http, us) = (http.clone(), us.clone());
         async move { local_listing(&http, &us, "catalog").await.len() == 21 }
     })
     .await;
     let source = local_listing(&http, &us, "catalog").await;
-    wait_for("ap-south converges after the heal", Duration::from_secs(30), || {
+    wait_until("ap-south converges after the heal", Duration::from_secs(30), || {
         let (http, ap, source) = (http.clone(), ap.clone(), source.clone());
         async move { local_listing(&http, &ap, "catalog").await == source }
     })
     .await;
-    wait_for("eu-west holds the same copy", Duration::from_secs(30), || {
+    wait_until("eu-west holds the same copy", Duration::from_secs(30), || {
         let (http, eu, source) = (http.clone(), eu.clone(), source.clone());
         async move { local_listing(&http, &eu, "catalog").await == source }
     })
     .await;
     // Once idle, every link is acknowledged up to its region's last write.
-    wait_for("every link drains", Duration::from_secs(30), || {
+    wait_until("every link drains", Duration::from_secs(30), || {
         let (http, us) = (http.clone(), us.clone());
         async move {
             let Ok(r) = http.get(format!("{us}/v1/replication")).send().await else { return false };

@@ -42,6 +42,18 @@ const SYNC_FIELDS: &[&str] = &["mode", "every", "jitter", "window", "rate", "max
 const FAILOVER_FIELDS: &[&str] = &["order", "rpo"];
 const QUARANTINE_FIELDS: &[&str] = &["hold", "release", "release_after", "purge_grace"];
 
+/// An optional field: absent is fine; present but broken makes the enclosing table unsound
+/// (its problem is already reported).
+macro_rules! optional {
+    ($fields:expr, $sound:ident, $key:literal, |$n:ident| $decode:expr) => {
+        $fields.get($key).and_then(|$n| {
+            let v = $decode;
+            $sound &= v.is_some();
+            v
+        })
+    };
+}
+
 struct Cx<'d> {
     diags: &'d mut Vec<Diagnostic>,
 }
@@ -311,34 +323,21 @@ impl Cx<'_> {
         required(self, "locality", "\"global\", \"regional\", \"user\"");
         required(self, "classification", "\"public\", \"internal\", \"confidential\", \"restricted\"");
 
-        // Each optional field: absent is fine, present-but-broken makes the whole rule set unsound.
-        macro_rules! opt {
-            ($key:literal, |$node:ident| $decode:expr) => {
-                match f.get($key) {
-                    None => None,
-                    Some($node) => {
-                        let v = $decode;
-                        sound &= v.is_some();
-                        v
-                    }
-                }
-            };
-        }
         let locality = f.get("locality").and_then(|n| self.keyword::<Locality>(n, "locality"));
         let classification = f.get("classification").and_then(|n| self.keyword::<Classification>(n, "classification"));
-        let description = opt!("description", |n| self.string(n, "description"));
-        let kind = opt!("kind", |n| self.keyword::<Kind>(n, "kind"));
-        let home = opt!("home", |n| self.region_list(n, "home"));
-        let allowed = opt!("allowed", |n| self.region_list(n, "allowed"));
-        let mirrors = opt!("mirrors", |n| self.mirrors(n));
-        let sync = opt!("sync", |n| self.sync(n));
-        let conflict = opt!("conflict", |n| self.keyword::<ConflictRule>(n, "conflict"));
-        let consistency = opt!("consistency", |n| self.keyword::<Consistency>(n, "consistency"));
-        let max_staleness = opt!("max_staleness", |n| self.positive_duration(n, "max_staleness"));
-        let failover = opt!("failover", |n| self.failover(n));
-        let retention = opt!("retention", |n| self.retention(n));
-        let quarantine = opt!("quarantine", |n| self.quarantine(n));
-        let encryption_at_rest = opt!("encryption_at_rest", |n| self.boolean(n, "encryption_at_rest"));
+        let description = optional!(f, sound, "description", |n| self.string(n, "description"));
+        let kind = optional!(f, sound, "kind", |n| self.keyword::<Kind>(n, "kind"));
+        let home = optional!(f, sound, "home", |n| self.region_list(n, "home"));
+        let allowed = optional!(f, sound, "allowed", |n| self.region_list(n, "allowed"));
+        let mirrors = optional!(f, sound, "mirrors", |n| self.mirrors(n));
+        let sync = optional!(f, sound, "sync", |n| self.sync(n));
+        let conflict = optional!(f, sound, "conflict", |n| self.keyword::<ConflictRule>(n, "conflict"));
+        let consistency = optional!(f, sound, "consistency", |n| self.keyword::<Consistency>(n, "consistency"));
+        let max_staleness = optional!(f, sound, "max_staleness", |n| self.positive_duration(n, "max_staleness"));
+        let failover = optional!(f, sound, "failover", |n| self.failover(n));
+        let retention = optional!(f, sound, "retention", |n| self.retention(n));
+        let quarantine = optional!(f, sound, "quarantine", |n| self.quarantine(n));
+        let encryption_at_rest = optional!(f, sound, "encryption_at_rest", |n| self.boolean(n, "encryption_at_rest"));
         if !sound {
             return None;
         }
@@ -384,22 +383,19 @@ impl Cx<'_> {
     fn sync(&mut self, node: &Node) -> Option<Loc<SyncSpec>> {
         let f = self.table(node, "sync", SYNC_FIELDS)?;
         let mut sound = true;
-        macro_rules! field {
-            ($key:literal, |$n:ident| $decode:expr) => {
-                f.get($key).and_then(|$n| {
-                    let v = $decode;
-                    sound &= v.is_some();
-                    v
-                })
-            };
-        }
         let spec = SyncSpec {
-            mode: field!("mode", |n| self.keyword(n, "sync.mode")),
-            every: field!("every", |n| self.positive_duration(n, "sync.every")),
-            jitter: field!("jitter", |n| self.duration(n, "sync.jitter")),
-            window: field!("window", |n| self.parsed(n, "sync.window", Rule::BadWindow, "01:00-05:00", Window::parse)),
-            rate: field!("rate", |n| self.parsed(n, "sync.rate", Rule::BadRate, "5MB/s", Rate::parse)),
-            max_lag: field!("max_lag", |n| self.positive_duration(n, "sync.max_lag")),
+            mode: optional!(f, sound, "mode", |n| self.keyword(n, "sync.mode")),
+            every: optional!(f, sound, "every", |n| self.positive_duration(n, "sync.every")),
+            jitter: optional!(f, sound, "jitter", |n| self.duration(n, "sync.jitter")),
+            window: optional!(f, sound, "window", |n| self.parsed(
+                n,
+                "sync.window",
+                Rule::BadWindow,
+                "01:00-05:00",
+                Window::parse
+            )),
+            rate: optional!(f, sound, "rate", |n| self.parsed(n, "sync.rate", Rule::BadRate, "5MB/s", Rate::parse)),
+            max_lag: optional!(f, sound, "max_lag", |n| self.positive_duration(n, "sync.max_lag")),
         };
         sound.then(|| Loc::new(spec, node.pos))
     }
@@ -441,20 +437,12 @@ impl Cx<'_> {
     fn quarantine(&mut self, node: &Node) -> Option<Loc<QuarantineSpec>> {
         let f = self.table(node, "quarantine", QUARANTINE_FIELDS)?;
         let mut sound = true;
-        macro_rules! field {
-            ($key:literal, |$n:ident| $decode:expr) => {
-                f.get($key).and_then(|$n| {
-                    let v = $decode;
-                    sound &= v.is_some();
-                    v
-                })
-            };
-        }
         let spec = QuarantineSpec {
-            hold: field!("hold", |n| self.boolean(n, "quarantine.hold")),
-            release: field!("release", |n| self.keyword(n, "quarantine.release")),
-            release_after: field!("release_after", |n| self.positive_duration(n, "quarantine.release_after")),
-            purge_grace: field!("purge_grace", |n| self.duration(n, "quarantine.purge_grace")),
+            hold: optional!(f, sound, "hold", |n| self.boolean(n, "quarantine.hold")),
+            release: optional!(f, sound, "release", |n| self.keyword(n, "quarantine.release")),
+            release_after: optional!(f, sound, "release_after", |n| self
+                .positive_duration(n, "quarantine.release_after")),
+            purge_grace: optional!(f, sound, "purge_grace", |n| self.duration(n, "quarantine.purge_grace")),
         };
         sound.then(|| Loc::new(spec, node.pos))
     }

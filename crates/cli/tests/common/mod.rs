@@ -255,3 +255,52 @@ impl Drop for Region {
 pub fn nanos(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
+
+/// Run the CLI against `endpoint`: (success, stdout, stderr).
+pub fn cli(endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).args(["--endpoint", endpoint]).output().expect("run the CLI");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Run the CLI with `--json` and parse what it prints; the command must succeed.
+pub fn cli_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out, err) = cli(endpoint, &all);
+    assert!(ok, "meridian {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("meridian {args:?} printed no JSON ({e}): {out}"))
+}
+
+/// A child process killed and reaped when the test ends, however it ends.
+pub struct Stop(pub Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether any file under `dir` contains `needle`.
+pub fn files_contain(dir: &Path, needle: &[u8]) -> bool {
+    Region::files_under(dir)
+        .iter()
+        .any(|f| std::fs::read(f).map(|bytes| bytes.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
+}
+
+/// Poll `f` until it holds, failing the test after `deadline`.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < deadline, "{what} did not happen within {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
