@@ -43,6 +43,17 @@ pub enum CommandV1 {
     /// (a policy version, its history entry and the active pointer). No two may name the
     /// same key; the proposer refuses such a command before it reaches the log.
     Atomic(Vec<CommandV1>),
+    /// Changes another region holds, sent outside the sequenced link: a catch-up scan after
+    /// the outbox was trimmed past a link's cursor, a backfill after a policy change made this
+    /// region a holder, or an anti-entropy repair. Each change applies only if its version is
+    /// newer than the local copy, so any resend is harmless; the merged ranges do not move.
+    Repair { source: String, changes: Vec<RemoteChange> },
+    /// Remove copies this region's policy no longer lets it hold: each key is removed (not
+    /// tombstoned) only if its stored version is still exactly the given one. Never shipped.
+    Purge { dataset: String, keys: Vec<(String, Version)> },
+    /// Record that the link to `destination` has backfilled everything the policy entry with
+    /// this epoch newly lets it hold.
+    SetBackfilled { destination: String, epoch: u64 },
 }
 
 /// A precondition checked at apply time, inside the log's total order, which is what makes
@@ -90,6 +101,14 @@ pub enum CommandResult {
     /// source must resend from `merged_upto + 1`.
     RemoteGap {
         merged_upto: u64,
+    },
+    /// An applied [`CommandV1::Repair`]: `applied` changes were newer than the local copy.
+    Repaired {
+        applied: u32,
+    },
+    /// An applied [`CommandV1::Purge`]: `removed` copies were removed.
+    Purged {
+        removed: u32,
     },
 }
 

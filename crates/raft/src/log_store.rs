@@ -105,13 +105,18 @@ fn weight(e: &Entry) -> usize {
                 64 + dataset.len() + key.len()
             }
             CommandV1::Batch(cmds) | CommandV1::Atomic(cmds) => 64 + cmds.iter().map(command).sum::<usize>(),
-            CommandV1::ApplyRemote { changes, .. } => {
+            CommandV1::ApplyRemote { changes, .. } | CommandV1::Repair { changes, .. } => {
                 64 + changes
                     .iter()
                     .map(|c| 64 + c.dataset.len() + c.key.len() + c.value.as_ref().map_or(0, Vec::len))
                     .sum::<usize>()
             }
-            CommandV1::SetCursor { destination, .. } => 64 + destination.len(),
+            CommandV1::Purge { dataset, keys } => {
+                64 + dataset.len() + keys.iter().map(|(k, _)| 64 + k.len()).sum::<usize>()
+            }
+            CommandV1::SetCursor { destination, .. } | CommandV1::SetBackfilled { destination, .. } => {
+                64 + destination.len()
+            }
         }
     }
     match &e.payload {

@@ -30,12 +30,17 @@ use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMemb
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_APPLIED: &str = "applied";
-const META_REPLICATION: &str = "replication";
+/// The first replication record (merged and cursors only); read, never written.
+const META_REPLICATION_V1: &str = "replication";
+const META_REPLICATION: &str = "replication.v2";
+/// Snapshots since the replication record's second form start with these bytes (the older
+/// forms start with an option tag, 0 or 1).
+const SNAPSHOT_MAGIC: &[u8] = b"MSNAP3\0";
 /// Locally originated writes by region sequence: what the links ship.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 
-/// Outbox entries kept at most: older ones are dropped as new ones arrive (a link that falls
-/// further behind needs a catch-up scan). Entries hold a key, not a value.
+/// Outbox entries kept at most by default: older ones are dropped as new ones arrive (a link
+/// that falls further behind catches up by a filtered scan). Entries hold a key, not a value.
 pub const OUTBOX_ENTRIES_MAX: u64 = 200_000;
 
 /// Applied entries between two fsyncs of the state machine.
@@ -60,6 +65,39 @@ pub struct ReplicationState {
     pub merged: std::collections::BTreeMap<String, u64>,
     /// Destination region → its link has been acknowledged up to this sequence.
     pub cursors: std::collections::BTreeMap<String, u64>,
+    /// Destination region → the policy epoch whose backfill its link completed.
+    pub backfilled: std::collections::BTreeMap<String, u64>,
+    /// Source region → changes merged through its link, each counted once by its sequence
+    /// (a resend cannot count twice: that is what the exactly-once tests check).
+    pub received: std::collections::BTreeMap<String, u64>,
+    /// Sending region → changes applied by catch-up, backfill or anti-entropy repair.
+    pub repaired: std::collections::BTreeMap<String, u64>,
+    /// Copies removed here because the policy no longer lets this region hold them.
+    pub purged: u64,
+}
+
+/// The first form of [`ReplicationState`]; still read.
+#[derive(Deserialize)]
+struct ReplicationStateV1 {
+    merged: std::collections::BTreeMap<String, u64>,
+    cursors: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<ReplicationStateV1> for ReplicationState {
+    fn from(v1: ReplicationStateV1) -> Self {
+        ReplicationState { merged: v1.merged, cursors: v1.cursors, ..ReplicationState::default() }
+    }
+}
+
+/// The replication record in `meta`, in whichever form it was written.
+fn read_replication(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<ReplicationState, redb::Error> {
+    if let Some(v) = meta.get(META_REPLICATION)? {
+        return decode(v.value()).map_err(corrupt);
+    }
+    match meta.get(META_REPLICATION_V1)? {
+        Some(v) => Ok(decode::<ReplicationStateV1>(v.value()).map_err(corrupt)?.into()),
+        None => Ok(ReplicationState::default()),
+    }
 }
 
 /// The first snapshot format (before replication); still read.
@@ -69,6 +107,16 @@ struct SnapshotDataV1 {
     objects: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The second snapshot format (replication record in its first form); still read.
+#[derive(Deserialize)]
+struct SnapshotDataV2 {
+    applied: AppliedState,
+    objects: Vec<(Vec<u8>, Vec<u8>)>,
+    replication: ReplicationStateV1,
+    outbox: Vec<(u64, Vec<u8>)>,
+}
+
+/// The current snapshot format, written after [`SNAPSHOT_MAGIC`].
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     applied: AppliedState,
@@ -78,9 +126,23 @@ struct SnapshotData {
 }
 
 impl SnapshotData {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        out.extend_from_slice(&encode(self));
+        out
+    }
+
     fn decode_any(bytes: &[u8]) -> Result<SnapshotData, crate::DecodeError> {
-        match decode::<SnapshotData>(bytes) {
-            Ok(s) => Ok(s),
+        if let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC) {
+            return decode::<SnapshotData>(rest);
+        }
+        match decode::<SnapshotDataV2>(bytes) {
+            Ok(v2) => Ok(SnapshotData {
+                applied: v2.applied,
+                objects: v2.objects,
+                replication: v2.replication.into(),
+                outbox: v2.outbox,
+            }),
             Err(_) => {
                 let v1: SnapshotDataV1 = decode(bytes)?;
                 Ok(SnapshotData {
@@ -117,6 +179,7 @@ pub struct StateMachineStore {
     applied: AppliedState,
     replication: ReplicationState,
     unsynced_entries: u64,
+    outbox_max: u64,
 }
 
 fn index_of(l: Option<LogId>) -> u64 {
@@ -160,17 +223,20 @@ impl StateMachineStore {
                 Some(v) => decode(v.value()).map_err(corrupt)?,
                 None => AppliedState::default(),
             };
-            let replication = match meta.get(META_REPLICATION)? {
-                Some(v) => decode(v.value()).map_err(corrupt)?,
-                None => ReplicationState::default(),
-            };
+            let replication = read_replication(&meta)?;
             Ok((applied, replication))
         };
         let (applied, replication) = load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
         // What was loaded from disk is durable by definition.
         let durable = Arc::new(AtomicU64::new(index_of(applied.last_applied)));
         let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0), durable });
-        Ok(StateMachineStore { shared, applied, replication, unsynced_entries: 0 })
+        Ok(StateMachineStore { shared, applied, replication, unsynced_entries: 0, outbox_max: OUTBOX_ENTRIES_MAX })
+    }
+
+    /// Keep at most `entries` outbox entries (every voter of a region must use the same
+    /// bound: the cluster configuration sets it). At least 1.
+    pub fn set_outbox_limit(&mut self, entries: u64) {
+        self.outbox_max = entries.max(1);
     }
 
     /// The durable point to hand to [`crate::LogStore::open_with_purge_limit`].
@@ -208,8 +274,12 @@ impl StateMachineStore {
                         CommandResult::Nothing
                     }
                     EntryPayload::Normal(Command::V1(cmd)) => {
-                        let mut t =
-                            Tables { objects: &mut objects, outbox: &mut outbox, replication: &mut replication };
+                        let mut t = Tables {
+                            objects: &mut objects,
+                            outbox: &mut outbox,
+                            replication: &mut replication,
+                            outbox_max: self.outbox_max,
+                        };
                         apply_command(&mut t, &mut applied, &self.shared.region, cmd)?
                     }
                 };
@@ -237,6 +307,7 @@ struct Tables<'a, 't> {
     objects: &'a mut redb::Table<'t, &'static [u8], &'static [u8]>,
     outbox: &'a mut redb::Table<'t, u64, &'static [u8]>,
     replication: &'a mut ReplicationState,
+    outbox_max: u64,
 }
 
 fn apply_command(
@@ -265,7 +336,10 @@ fn apply_command(
                     CommandV1::Batch(_)
                     | CommandV1::Atomic(_)
                     | CommandV1::ApplyRemote { .. }
-                    | CommandV1::SetCursor { .. } => {
+                    | CommandV1::SetCursor { .. }
+                    | CommandV1::Repair { .. }
+                    | CommandV1::Purge { .. }
+                    | CommandV1::SetBackfilled { .. } => {
                         return Ok(CommandResult::AtomicFailed { index: index as u32, current: None })
                     }
                 };
@@ -284,6 +358,35 @@ fn apply_command(
         CommandV1::SetCursor { destination, upto_seq } => {
             t.replication.cursors.insert(destination, upto_seq);
             return Ok(CommandResult::Nothing);
+        }
+        CommandV1::SetBackfilled { destination, epoch } => {
+            t.replication.backfilled.insert(destination, epoch);
+            return Ok(CommandResult::Nothing);
+        }
+        CommandV1::Repair { source, changes } => {
+            let mut applied_n = 0u32;
+            for c in changes {
+                applied_n += u32::from(merge_change(t, applied, c)?);
+            }
+            *t.replication.repaired.entry(source).or_default() += u64::from(applied_n);
+            return Ok(CommandResult::Repaired { applied: applied_n });
+        }
+        CommandV1::Purge { dataset, keys } => {
+            let mut removed = 0u32;
+            for (key, version) in keys {
+                let k = object_key(&dataset, &key);
+                let current: Option<StoredObject> = match t.objects.get(k.as_slice())? {
+                    Some(v) => Some(decode(v.value()).map_err(corrupt)?),
+                    None => None,
+                };
+                if dataset.starts_with('_') || current.is_none_or(|o| o.version != version) {
+                    continue;
+                }
+                t.objects.remove(k.as_slice())?;
+                removed += 1;
+            }
+            t.replication.purged += u64::from(removed);
+            return Ok(CommandResult::Purged { removed });
         }
         CommandV1::Check { dataset, key, condition } => {
             let live = live_version(t.objects, &dataset, &key)?;
@@ -317,8 +420,19 @@ fn apply_command(
     if !dataset.starts_with('_') {
         let seq = applied.region_seq;
         t.outbox.insert(seq, encode(&OutboxEntry { dataset: dataset.clone(), key: key.clone() }).as_slice())?;
-        if seq > OUTBOX_ENTRIES_MAX {
-            t.outbox.remove(seq - OUTBOX_ENTRIES_MAX)?;
+        // Trim to the bound. The bound may have shrunk since the last write, so drop every
+        // entry at or below the cut, not just one.
+        if seq > t.outbox_max {
+            let cut = seq - t.outbox_max;
+            loop {
+                let first = t.outbox.first()?.map(|(k, _)| k.value());
+                match first {
+                    Some(first) if first <= cut => {
+                        t.outbox.remove(first)?;
+                    }
+                    _ => break,
+                }
+            }
         }
     }
     Ok(if deleted {
@@ -347,25 +461,39 @@ fn apply_remote(
         return Ok(CommandResult::Remote { merged_upto: merged, applied: 0 });
     }
     let mut applied_n = 0u32;
+    let mut received = 0u64;
     for c in changes {
-        if c.dataset.starts_with('_') {
+        // A batch that overlaps what is merged: the overlap was merged (and counted) before.
+        if c.version.region.as_str() == source && (c.version.seq <= merged || c.version.seq > upto_seq) {
             continue;
         }
-        let k = object_key(&c.dataset, &c.key);
-        let current: Option<StoredObject> = match t.objects.get(k.as_slice())? {
-            Some(v) => Some(decode(v.value()).map_err(corrupt)?),
-            None => None,
-        };
-        if current.is_some_and(|o| o.version >= c.version) {
-            continue;
-        }
-        applied.last_hlc = applied.last_hlc.max(c.version.hlc);
-        let obj = StoredObject { version: c.version, value: c.value };
-        t.objects.insert(k.as_slice(), encode(&obj).as_slice())?;
-        applied_n += 1;
+        received += 1;
+        applied_n += u32::from(merge_change(t, applied, c)?);
     }
+    *t.replication.received.entry(source.clone()).or_default() += received;
     t.replication.merged.insert(source, upto_seq);
     Ok(CommandResult::Remote { merged_upto: upto_seq, applied: applied_n })
+}
+
+/// Keep `c` if its version is newer than the local copy's (the same version arriving twice
+/// is a no-op), pushing the HLC past it so later local writes order after. Whether it was
+/// kept. Reserved namespaces never arrive from another region.
+fn merge_change(t: &mut Tables<'_, '_>, applied: &mut AppliedState, c: RemoteChange) -> Result<bool, redb::Error> {
+    if c.dataset.starts_with('_') {
+        return Ok(false);
+    }
+    let k = object_key(&c.dataset, &c.key);
+    let current: Option<StoredObject> = match t.objects.get(k.as_slice())? {
+        Some(v) => Some(decode(v.value()).map_err(corrupt)?),
+        None => None,
+    };
+    if current.is_some_and(|o| o.version >= c.version) {
+        return Ok(false);
+    }
+    applied.last_hlc = applied.last_hlc.max(c.version.hlc);
+    let obj = StoredObject { version: c.version, value: c.value };
+    t.objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+    Ok(true)
 }
 
 /// The version of the live value under (dataset, key), if there is one.
@@ -416,10 +544,7 @@ impl StateMachineReader {
     pub fn replication(&self) -> Result<(ReplicationState, u64), redb::Error> {
         let txn = self.shared.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        let replication = match meta.get(META_REPLICATION)? {
-            Some(v) => decode(v.value()).map_err(corrupt)?,
-            None => ReplicationState::default(),
-        };
+        let replication = read_replication(&meta)?;
         let applied: AppliedState = match meta.get(META_APPLIED)? {
             Some(v) => decode(v.value()).map_err(corrupt)?,
             None => AppliedState::default(),
@@ -446,6 +571,46 @@ impl StateMachineReader {
             }
         }
         Ok(sizes)
+    }
+
+    /// Up to `limit` stored objects (tombstones too) after `after` in (dataset, key) order,
+    /// across every dataset, skipping reserved namespaces; `dataset` narrows the scan to one.
+    /// For catch-up, backfill, purge and digests: never on a request path.
+    pub fn scan(
+        &self,
+        dataset: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, StoredObject)>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let objects = txn.open_table(OBJECTS)?;
+        let start = match (after, dataset) {
+            (Some((ds, key)), _) => {
+                let mut s = object_key(ds, key);
+                s.push(0); // the smallest key strictly after it
+                s
+            }
+            (None, Some(ds)) => object_key(ds, ""),
+            (None, None) => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for item in objects.range(start.as_slice()..)? {
+            let (k, v) = item?;
+            let Some((ds, key)) = split_object_key(k.value()) else {
+                return Err(corrupt("object key without dataset"));
+            };
+            if dataset.is_some_and(|d| d != ds) {
+                break;
+            }
+            if ds.starts_with('_') {
+                continue;
+            }
+            out.push((ds.to_owned(), key.to_owned(), decode(v.value()).map_err(corrupt)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Up to `limit` live objects of `dataset` whose keys start with `prefix` and sort after
@@ -515,10 +680,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item?;
                 objects.push((k.value().to_vec(), v.value().to_vec()));
             }
-            let replication: ReplicationState = match meta_t.get(META_REPLICATION)? {
-                Some(v) => decode(v.value()).map_err(corrupt)?,
-                None => ReplicationState::default(),
-            };
+            let replication = read_replication(&meta_t)?;
             let outbox_t = r.open_table(OUTBOX)?;
             let mut outbox = Vec::new();
             for item in outbox_t.iter()? {
@@ -534,7 +696,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 None => format!("none-{}", *counter),
             };
             let meta = SnapshotMeta { last_log_id: last, last_membership: applied.membership.clone(), snapshot_id };
-            let data = encode(&SnapshotData { applied, objects, replication, outbox });
+            let data = SnapshotData { applied, objects, replication, outbox }.encode();
             write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(redb::Error::Io)?;
             Ok((meta, data))
         };
@@ -617,6 +779,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let mut meta_t = txn.open_table(META)?;
                 meta_t.insert(META_APPLIED, encode(&snap.applied).as_slice())?;
                 meta_t.insert(META_REPLICATION, encode(&snap.replication).as_slice())?;
+                meta_t.remove(META_REPLICATION_V1)?;
             }
             txn.commit()?;
             self.shared.durable.store(index_of(snap.applied.last_applied), Ordering::SeqCst);

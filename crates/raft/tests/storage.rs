@@ -415,3 +415,82 @@ async fn replication_state_and_outbox_survive_reopen_and_snapshots() {
     let r = sm2.apply(vec![remote_entry(5, "r2", 1, 9, vec![change("b", "1", 50, "r2", 9)])]).await.unwrap();
     assert_eq!(r[0], CommandResult::Remote { merged_upto: 9, applied: 0 });
 }
+
+fn normal(index: u64, cmd: CommandV1) -> Entry {
+    Entry { log_id: log_id(1, index), payload: EntryPayload::Normal(Command::V1(cmd)) }
+}
+
+#[tokio::test]
+async fn each_shipped_sequence_is_received_once_however_often_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let first = vec![change("a", "1", 10, "r2", 1), change("b", "1", 11, "r2", 2)];
+    sm.apply(vec![remote_entry(1, "r2", 1, 2, first.clone())]).await.unwrap();
+    // The whole batch again, then an overlapping one: only sequence 3 is new.
+    sm.apply(vec![remote_entry(2, "r2", 1, 2, first)]).await.unwrap();
+    let overlap = vec![change("b", "1", 11, "r2", 2), change("c", "1", 12, "r2", 3)];
+    let r = sm.apply(vec![remote_entry(3, "r2", 2, 3, overlap)]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 3, applied: 1 });
+    let (state, _) = sm.reader().replication().unwrap();
+    assert_eq!(state.received.get("r2"), Some(&3), "three sequences, each counted once");
+}
+
+#[tokio::test]
+async fn repairs_keep_only_newer_versions_and_leave_merged_ranges_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    sm.apply(vec![remote_entry(1, "r2", 1, 5, vec![change("a", "new", 50, "r2", 5)])]).await.unwrap();
+    let repair = CommandV1::Repair {
+        source: "r2".into(),
+        changes: vec![change("a", "old", 40, "r2", 4), change("b", "1", 30, "r2", 3)],
+    };
+    let r = sm.apply(vec![normal(2, repair.clone())]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Repaired { applied: 1 }, "only b is newer than what is held");
+    let r = sm.apply(vec![normal(3, repair)]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Repaired { applied: 0 }, "a resend is a no-op");
+    assert_eq!(sm.reader().get("d", "a").unwrap().unwrap().value.as_deref(), Some(&b"new"[..]));
+    let (state, _) = sm.reader().replication().unwrap();
+    assert_eq!((state.merged.get("r2"), state.repaired.get("r2")), (Some(&5), Some(&1)));
+    assert!(sm.reader().outbox_after(0, 10).unwrap().is_empty(), "repairs are not this region's writes");
+}
+
+#[tokio::test]
+async fn a_purge_removes_only_the_exact_version_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let b1 = change("a", "1", 10, "r2", 1);
+    let b2 = change("b", "1", 11, "r2", 2);
+    sm.apply(vec![remote_entry(1, "r2", 1, 2, vec![b1.clone(), b2.clone()])]).await.unwrap();
+    let stale = meridian_core::Version { seq: 9, ..b2.version.clone() };
+    let purge = CommandV1::Purge {
+        dataset: "d".into(),
+        keys: vec![("a".into(), b1.version.clone()), ("b".into(), stale), ("gone".into(), b1.version)],
+    };
+    let r = sm.apply(vec![normal(2, purge)]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Purged { removed: 1 });
+    assert!(sm.reader().get("d", "a").unwrap().is_none(), "removed, not tombstoned");
+    assert!(sm.reader().get("d", "b").unwrap().is_some(), "a newer or other version is kept");
+    assert_eq!(sm.reader().replication().unwrap().0.purged, 1);
+    let scanned = sm.reader().scan(None, None, 10).unwrap();
+    assert_eq!(scanned.iter().map(|(d, k, _)| (d.as_str(), k.as_str())).collect::<Vec<_>>(), [("d", "b")]);
+}
+
+#[tokio::test]
+async fn the_outbox_keeps_at_most_its_bound_and_the_new_record_survives_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    sm.set_outbox_limit(3);
+    let writes: Vec<Entry> = (1..=7).map(|i| put(i, &format!("k{i}"), "v", i, Condition::Always)).collect();
+    sm.apply(writes).await.unwrap();
+    let kept: Vec<u64> = sm.reader().outbox_after(0, 100).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, [5, 6, 7]);
+    sm.apply(vec![normal(8, CommandV1::SetBackfilled { destination: "r3".into(), epoch: 4 })]).await.unwrap();
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut sm2 = StateMachineStore::open(dir2.path(), region()).unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(sm2.reader().replication().unwrap().0.backfilled.get("r3"), Some(&4));
+    drop(sm2);
+    let sm3 = StateMachineStore::open(dir2.path(), region()).unwrap();
+    assert_eq!(sm3.reader().replication().unwrap().0.backfilled.get("r3"), Some(&4));
+}
