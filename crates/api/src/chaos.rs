@@ -41,6 +41,9 @@ pub struct LinkStatus {
     /// Writes this region originated that the link has not had acknowledged yet (withheld ones
     /// included: they are acknowledged as part of a range).
     pub lag_changes: u64,
+    /// The policy epoch whose backfill this link has completed, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfilled_epoch: Option<u64>,
 }
 
 /// One region's replication state.
@@ -55,8 +58,60 @@ pub struct RegionReplicationStatus {
     pub links: Vec<LinkStatus>,
     /// Source region → everything it originated up to this sequence is merged here.
     pub merged: Vec<(String, u64)>,
+    /// Source region → changes merged through its link, each sequence counted once.
+    #[serde(default)]
+    pub received: Vec<(String, u64)>,
+    /// Sending region → changes applied here by catch-up, backfill or anti-entropy repair.
+    #[serde(default)]
+    pub repaired: Vec<(String, u64)>,
+    /// Copies removed here because the policy no longer lets the region hold them.
+    #[serde(default)]
+    pub purged: u64,
+    /// Outbox entries up to this sequence were trimmed (links behind it catch up by a scan).
+    #[serde(default)]
+    pub outbox_trimmed: u64,
+    /// The policy epoch this region's copy has active (0: none).
+    #[serde(default)]
+    pub policy_epoch: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// One dataset of one region pair, compared by digest over what both regions may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DatasetVerification {
+    pub dataset: String,
+    /// Objects (tombstones too) each side holds that both may hold.
+    pub count_a: u64,
+    pub count_b: u64,
+    pub equal: bool,
+}
+
+/// One region pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PairVerification {
+    pub a: String,
+    pub b: String,
+    pub datasets: Vec<DatasetVerification>,
+    /// Why the pair could not be compared (unreachable, or policy copies at different epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Query of `GET /v1/replication/verify`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyQuery {
+    /// Compare only this dataset.
+    pub dataset: Option<String>,
+}
+
+/// `GET /v1/replication/verify`: every pair of regions compared by digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VerifyReport {
+    /// Every pair was compared and every dataset's copies are equal.
+    pub converged: bool,
+    pub pairs: Vec<PairVerification>,
 }
 
 /// `GET /v1/replication`.

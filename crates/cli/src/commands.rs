@@ -207,10 +207,22 @@ pub async fn replication_status(opts: &ClientOpts) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut t = Table::new();
-    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["link", "region seq", "acknowledged", "lag (changes)"]);
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec![
+        "link",
+        "region seq",
+        "acknowledged",
+        "lag (changes)",
+        "backfilled epoch",
+    ]);
     for region in &r.regions {
         if let Some(e) = &region.error {
-            t.add_row(vec![format!("{} -> *", region.region), "-".into(), "-".into(), format!("unreachable: {e}")]);
+            t.add_row(vec![
+                format!("{} -> *", region.region),
+                "-".into(),
+                "-".into(),
+                format!("unreachable: {e}"),
+                "-".into(),
+            ]);
             continue;
         }
         for l in &region.links {
@@ -219,9 +231,63 @@ pub async fn replication_status(opts: &ClientOpts) -> anyhow::Result<()> {
                 region.region_seq.to_string(),
                 l.acknowledged_seq.to_string(),
                 l.lag_changes.to_string(),
+                l.backfilled_epoch.map_or("-".into(), |e| e.to_string()),
             ]);
         }
     }
     println!("{t}");
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec![
+        "region",
+        "policy epoch",
+        "received (link)",
+        "repaired",
+        "purged",
+        "outbox trimmed to",
+    ]);
+    let sum = |v: &[(String, u64)]| v.iter().map(|(_, n)| n).sum::<u64>().to_string();
+    for region in r.regions.iter().filter(|r| r.error.is_none()) {
+        t.add_row(vec![
+            region.region.clone(),
+            region.policy_epoch.to_string(),
+            sum(&region.received),
+            sum(&region.repaired),
+            region.purged.to_string(),
+            region.outbox_trimmed.to_string(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub async fn replication_verify(opts: &ClientOpts, dataset: Option<&str>) -> anyhow::Result<()> {
+    let r = client(opts).replication_verify(dataset).await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+    } else {
+        let mut t = Table::new();
+        t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["regions", "dataset", "objects", "copies"]);
+        for p in &r.pairs {
+            let pair = format!("{} <-> {}", p.a, p.b);
+            if let Some(e) = &p.error {
+                t.add_row(vec![pair, "-".into(), "-".into(), format!("not compared: {e}")]);
+                continue;
+            }
+            if p.datasets.is_empty() {
+                t.add_row(vec![pair.clone(), "-".into(), "0".into(), "nothing both may hold".into()]);
+            }
+            for d in &p.datasets {
+                let objects =
+                    if d.count_a == d.count_b { d.count_a.to_string() } else { format!("{} / {}", d.count_a, d.count_b) };
+                let verdict = if d.equal { "equal" } else { "DIFFER" };
+                t.add_row(vec![pair.clone(), d.dataset.clone(), objects, verdict.into()]);
+            }
+        }
+        println!("{t}");
+        println!("{}", if r.converged { "converged: every allowed copy is equal" } else { "not converged" });
+    }
+    if !r.converged {
+        std::process::exit(1);
+    }
     Ok(())
 }

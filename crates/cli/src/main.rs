@@ -149,8 +149,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ReplicationCommand {
-    /// One row per link (source -> destination): acknowledged sequence and lag in changes.
+    /// One row per link (source -> destination): acknowledged sequence, lag in changes, the
+    /// policy epoch backfilled; then per region what it received, repaired and purged.
     Status {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Prove convergence: compare every pair of regions' copies by digest, over what the
+    /// policy lets both hold. Exits with status 1 unless every pair matched.
+    Verify {
+        /// Compare only this dataset.
+        #[arg(long)]
+        dataset: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -362,6 +372,9 @@ fn main() -> std::process::ExitCode {
                     policy::explain(&client, &dataset, &key, client.home.as_deref()).await
                 }
             },
+            Command::Replication { command: ReplicationCommand::Verify { dataset, client } } => {
+                commands::replication_verify(&client, dataset.as_deref()).await
+            }
             Command::Replication { command: ReplicationCommand::Status { client } } => {
                 commands::replication_status(&client).await
             }

@@ -253,6 +253,15 @@ impl Client {
         self.send(self.http.get(self.url("/v1/replication"))).await
     }
 
+    /// `GET /v1/replication/verify`: every pair of regions' copies compared by digest.
+    pub async fn replication_verify(&self, dataset: Option<&str>) -> Result<meridian_api::VerifyReport, ClientError> {
+        let path = match dataset {
+            Some(d) => format!("/v1/replication/verify?dataset={}", encode_query(d)),
+            None => "/v1/replication/verify".to_owned(),
+        };
+        self.send(self.http.get(self.url(&path))).await
+    }
+
     /// `GET /v1/admin/chaos`: the fault-injection table of the node asked.
     pub async fn chaos_status(&self) -> Result<meridian_api::ChaosStatus, ClientError> {
         self.send(self.http.get(self.url("/v1/admin/chaos"))).await

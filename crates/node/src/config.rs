@@ -23,6 +23,8 @@ struct ConfigFile {
     clock: ClockSettings,
     #[serde(default)]
     raft: RaftSettings,
+    #[serde(default)]
+    replication: ReplicationSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -73,6 +75,30 @@ impl Default for RaftSettings {
     }
 }
 
+/// Cross-region replication settings every node of the cluster shares.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSettings {
+    /// Outbox entries each region keeps for its links. A link that falls further behind
+    /// (a long partition) catches up by a filtered scan of the data instead. Every voter of a
+    /// region must use the same value.
+    pub outbox_entries_max: u64,
+    /// How often each region's leader compares digests with every other region and repairs
+    /// differences, and checks for copies its policy no longer lets it hold.
+    pub anti_entropy_interval_ms: u64,
+}
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        ReplicationSettings { outbox_entries_max: OUTBOX_ENTRIES_DEFAULT, anti_entropy_interval_ms: 60_000 }
+    }
+}
+
+/// Default outbox bound (entries hold a key, not a value: about 100 bytes each).
+pub const OUTBOX_ENTRIES_DEFAULT: u64 = meridian_raft::state_machine::OUTBOX_ENTRIES_MAX;
+/// Bounds on the replication settings.
+pub const OUTBOX_ENTRIES_RANGE: std::ops::RangeInclusive<u64> = 16..=50_000_000;
+pub const ANTI_ENTROPY_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 200..=86_400_000;
+
 /// A parsed and validated cluster configuration.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -80,6 +106,7 @@ pub struct ClusterConfig {
     pub limits: Limits,
     pub clock: ClockSettings,
     pub raft: RaftSettings,
+    pub replication: ReplicationSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +128,7 @@ impl ClusterConfig {
             limits: Limits::default(),
             clock: ClockSettings::default(),
             raft: RaftSettings::default(),
+            replication: ReplicationSettings::default(),
         }
     }
 
@@ -140,10 +168,29 @@ impl ClusterConfig {
         if r.snapshot_every_entries == 0 {
             problems.push("raft.snapshot_every_entries must be at least 1".into());
         }
+        let rep = &file.replication;
+        if !OUTBOX_ENTRIES_RANGE.contains(&rep.outbox_entries_max) {
+            problems.push(format!(
+                "replication.outbox_entries_max must be between {} and {}",
+                OUTBOX_ENTRIES_RANGE.start(),
+                OUTBOX_ENTRIES_RANGE.end()
+            ));
+        }
+        if !ANTI_ENTROPY_INTERVAL_MS_RANGE.contains(&rep.anti_entropy_interval_ms) {
+            problems.push(format!(
+                "replication.anti_entropy_interval_ms must be between {} and {}",
+                ANTI_ENTROPY_INTERVAL_MS_RANGE.start(),
+                ANTI_ENTROPY_INTERVAL_MS_RANGE.end()
+            ));
+        }
         match (topology, problems.is_empty()) {
-            (Some(topology), true) => {
-                Ok(ClusterConfig { topology, limits: file.limits, clock: file.clock, raft: file.raft })
-            }
+            (Some(topology), true) => Ok(ClusterConfig {
+                topology,
+                limits: file.limits,
+                clock: file.clock,
+                raft: file.raft,
+                replication: file.replication,
+            }),
             _ => Err(ConfigError::Invalid { path: origin.to_owned(), problems }),
         }
     }
@@ -161,6 +208,7 @@ impl ClusterConfig {
             limits: self.limits.clone(),
             clock: self.clock.clone(),
             raft: self.raft.clone(),
+            replication: self.replication.clone(),
         };
         toml::to_string(&file).expect("configuration serializes")
     }

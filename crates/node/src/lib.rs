@@ -17,6 +17,7 @@ pub mod links;
 pub mod metrics;
 pub mod peer;
 pub mod policy;
+pub mod repair;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -246,8 +247,9 @@ impl Node {
             topology.node(node_id).cloned().ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
-        let sm = StateMachineStore::open(&data_dir, spec.region.clone())
+        let mut sm = StateMachineStore::open(&data_dir, spec.region.clone())
             .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
+        sm.set_outbox_limit(config.replication.outbox_entries_max);
         let log = LogStore::open_with_purge_limit(&data_dir.join("log.redb"), sm.durable_point())
             .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
         let log_stats = log.stats();
@@ -290,6 +292,7 @@ impl Node {
         }
         node.spawn_policy_sync();
         node.spawn_links();
+        node.spawn_anti_entropy();
         Ok(node)
     }
 
@@ -513,7 +516,9 @@ impl Node {
         // an older one can never make this region store what its policy forbids here. Once
         // per term it first catches its state machine up with the commit index: a leader
         // fresh from a restart must not judge by a copy older than what was committed.
-        let guard = if reqs.iter().any(|r| r.dataset != policy::NAMESPACE) {
+        // Reserved namespaces (`_policy`, `_audit`) are the cluster's own records: no dataset
+        // policy governs them.
+        let guard = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
             let term = self.raft.metrics().borrow().current_term;
             if self.policy.barrier_term.load(std::sync::atomic::Ordering::Acquire) != term {
                 self.linearizable_barrier().await?;
@@ -802,6 +807,14 @@ impl Node {
                 PeerResponseV1::DatasetSizes(self.local_dataset_sizes().map_err(to_peer_error))
             }
             PeerRequestV1::ShipBatch(batch) => PeerResponseV1::Shipped(self.receive_batch(batch).await),
+            PeerRequestV1::Repair(batch) => PeerResponseV1::Repaired(self.receive_repair(batch).await),
+            PeerRequestV1::Digest { with } => PeerResponseV1::Digest(self.serve_digest(&with)),
+            PeerRequestV1::DigestEntries { with, dataset, buckets, limit } => {
+                PeerResponseV1::DigestEntries(self.serve_digest_entries(&with, &dataset, &buckets, limit))
+            }
+            PeerRequestV1::FetchObjects { with, dataset, keys } => {
+                PeerResponseV1::Objects(self.serve_fetch(&with, &dataset, &keys))
+            }
             PeerRequestV1::ReplicationState => {
                 PeerResponseV1::ReplicationState(self.local_replication().map_err(to_peer_error))
             }

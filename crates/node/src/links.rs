@@ -13,9 +13,18 @@
 //!   to n that I may hold" stays true and cheap to check.
 //! - A resend is harmless (the merge is keyed by source range); a lost acknowledgement only
 //!   costs a resend. The cursor moves only after the destination acknowledged.
+//! - Both ends filter under the same policy entry: every batch names the epoch it was
+//!   filtered under and the destination refuses another, so a change withheld under one entry
+//!   is never counted as merged under the next.
+//! - Nothing is silently dropped. When a policy entry lets the destination hold more than
+//!   the one before, the link backfills (a filtered scan of what it withheld) before it ships
+//!   anything else under that entry, and records the epoch once done. When the bounded outbox
+//!   was trimmed past the cursor, the link catches up by a filtered scan, then moves the
+//!   cursor past the scan's start. Both scans send only this region's own versions, and the
+//!   destination keeps a change only if it is newer than its copy, so a scan repeated after a
+//!   crash is harmless.
 //!
-//! This slice ships continuously on every link; schedules, rate limits, priorities, backfill of
-//! new mirrors, purge and anti-entropy come next.
+//! Links ship continuously; schedules, rate limits and priorities come next.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +34,8 @@ use meridian_policy::{evaluate, ObjectAttributes};
 use meridian_raft::command::{CommandV1, RemoteChange};
 use meridian_raft::{CommandResult, StoredObject};
 
-use crate::metrics::LinkLabels;
-use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, ShipBatch};
+use crate::metrics::{LinkLabels, ShadowLabels};
+use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, RepairBatch, ShipBatch};
 use crate::policy::ActivePolicy;
 use crate::{LocalError, Node, NodeError};
 
@@ -38,6 +47,13 @@ pub const LINK_BATCH_ENTRIES_MAX: usize = 256;
 pub const LINK_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Longest pause after repeated failures (exponential backoff with jitter up to this).
 pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Objects read per page by catch-up and backfill scans.
+pub const SCAN_PAGE: usize = 1024;
+
+/// The epoch of the active entry, 0 without one.
+pub(crate) fn epoch_of(active: Option<&ActivePolicy>) -> u64 {
+    active.map_or(0, |a| a.entry.epoch)
+}
 
 impl Node {
     /// Start one shipper per destination region. Each runs only while this node leads its
@@ -93,6 +109,12 @@ impl Node {
             region_seq,
             cursors: state.cursors.into_iter().collect(),
             merged: state.merged.into_iter().collect(),
+            received: state.received.into_iter().collect(),
+            repaired: state.repaired.into_iter().collect(),
+            backfilled: state.backfilled.into_iter().collect(),
+            purged: state.purged,
+            outbox_trimmed: state.outbox_trimmed,
+            epoch: epoch_of(self.active_policy().as_deref()),
         })
     }
 
@@ -117,12 +139,12 @@ impl Node {
         futures::future::join_all(asks).await
     }
 
-    fn link_labels(&self, dest: &RegionId) -> LinkLabels {
+    pub(crate) fn link_labels(&self, dest: &RegionId) -> LinkLabels {
         LinkLabels { source: self.spec.region.to_string(), destination: dest.to_string() }
     }
 
     /// May `region` hold this object under `active`? Without a policy, no region but the origin.
-    fn placement_allows(
+    pub(crate) fn placement_allows(
         &self,
         active: Option<&ActivePolicy>,
         region: &RegionId,
@@ -150,6 +172,23 @@ impl Node {
         let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
         let labels = self.link_labels(dest);
         self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(cursor) as i64);
+        self.refresh_policy()?;
+        let active = self.active_policy();
+        let epoch = epoch_of(active.as_deref());
+        // A new policy entry may let `dest` hold what earlier ones withheld: backfill that
+        // before shipping anything under it.
+        if let Some(active) = active.as_deref() {
+            let done = state.backfilled.get(dest.as_str()).copied();
+            if done != Some(epoch) {
+                self.backfill(dest, active, done, cursor).await?;
+                self.propose_link_command(CommandV1::SetBackfilled { destination: dest.to_string(), epoch }).await?;
+                return Ok(true);
+            }
+        }
+        if cursor < state.outbox_trimmed {
+            self.catch_up(dest, active.as_deref(), cursor, region_seq).await?;
+            return Ok(true);
+        }
         let entries = self.reader.outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
         // Writes that never enter the outbox (reserved namespaces) still take sequences: an
         // empty batch carries the range past them, so the destination's "merged up to" and
@@ -157,12 +196,6 @@ impl Node {
         if entries.is_empty() && region_seq <= cursor {
             return Ok(false);
         }
-        if entries.first().is_some_and(|(first, _)| *first > cursor + 1) && cursor > 0 {
-            // The outbox was trimmed past this link's cursor: a catch-up scan is needed.
-            tracing::warn!(destination = %dest, cursor, first = entries[0].0, "link fell behind the bounded outbox");
-        }
-        self.refresh_policy()?;
-        let active = self.active_policy();
         let mut changes = Vec::new();
         let mut upto = cursor;
         let mut bytes = 0usize;
@@ -176,7 +209,9 @@ impl Node {
             if obj.version.region != self.spec.region {
                 continue;
             }
-            if !self.placement_allows(active.as_deref(), dest, &entry.dataset, &entry.key, &obj) {
+            let allowed = self.placement_allows(active.as_deref(), dest, &entry.dataset, &entry.key, &obj);
+            self.count_shadow(active.as_deref(), dest, &entry.dataset, &entry.key, &obj, allowed);
+            if !allowed {
                 withheld += 1;
                 continue;
             }
@@ -204,6 +239,7 @@ impl Node {
             from_seq: cursor + 1,
             upto_seq: upto,
             policy: active.as_ref().map(|a| a.entry.version.clone()),
+            epoch,
             changes,
         };
         let unpack = |r| match r {
@@ -218,11 +254,8 @@ impl Node {
             CommandResult::RemoteGap { merged_upto } => merged_upto,
             other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
         };
-        let set = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged };
-        self.propose_replication(set).await.map_err(|e| match e {
-            LocalError::NotLeader(_) => NodeError::NoLeader,
-            LocalError::Other(e) => e,
-        })?;
+        self.propose_link_command(CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged })
+            .await?;
         self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
         self.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
         self.metrics.replication_batches.get_or_create(&labels).inc();
@@ -230,14 +263,175 @@ impl Node {
         Ok(full)
     }
 
-    /// A batch from another region's link: drop what this region's policy copy forbids it to
-    /// hold, then merge the rest through this region's Raft group.
-    pub(crate) async fn receive_batch(&self, mut batch: ShipBatch) -> Result<CommandResult, PeerError> {
+    /// Propose a link's bookkeeping (cursor, backfill mark) to this region's group.
+    async fn propose_link_command(&self, cmd: CommandV1) -> Result<CommandResult, NodeError> {
+        self.propose_replication(cmd).await.map_err(|e| match e {
+            LocalError::NotLeader(_) => NodeError::NoLeader,
+            LocalError::Other(e) => e,
+        })
+    }
+
+    /// Under a shadow rollout, count the changes the shadow version would decide otherwise.
+    fn count_shadow(
+        &self,
+        active: Option<&ActivePolicy>,
+        dest: &RegionId,
+        dataset: &str,
+        key: &str,
+        obj: &StoredObject,
+        allowed: bool,
+    ) {
+        let Some(active) = active else { return };
+        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return };
+        let Some(shadow) = active.shadow(&ds, &k) else { return };
+        let origin = obj.version.region.clone();
+        let attrs =
+            ObjectAttributes { home: Some(origin.clone()), origin: Some(origin), ..ObjectAttributes::default() };
+        let would = evaluate(shadow, &self.topology, &ds, &k, &attrs).is_ok_and(|p| p.holds_copy(dest));
+        if would != allowed {
+            let labels = ShadowLabels {
+                source: self.spec.region.to_string(),
+                destination: dest.to_string(),
+                outcome: if would { "would_ship" } else { "would_withhold" }.into(),
+            };
+            self.metrics.replication_shadow.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Send `dest` every object this region originated with a sequence in `lo < seq <= hi`
+    /// (`hi` unbounded if `None`) that `active` lets it hold and `skip` (the entry the link
+    /// last backfilled under) did not already: as repair batches, which apply only what is
+    /// newer than the destination's copy. The number of changes sent.
+    async fn scan_ship(
+        &self,
+        dest: &RegionId,
+        active: Option<&ActivePolicy>,
+        lo: u64,
+        hi: Option<u64>,
+        skip: Option<&ActivePolicy>,
+    ) -> Result<u64, NodeError> {
+        let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
+        let epoch = epoch_of(active);
+        let mut after: Option<(String, String)> = None;
+        let mut batch: Vec<RemoteChange> = Vec::new();
+        let mut bytes = 0usize;
+        let mut sent = 0u64;
+        loop {
+            let page = self.reader.scan(None, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE);
+            let page = page.map_err(storage)?;
+            let last_page = page.len() < SCAN_PAGE;
+            for (dataset, key, obj) in page {
+                after = Some((dataset.clone(), key.clone()));
+                let seq = obj.version.seq;
+                if obj.version.region != self.spec.region || seq <= lo || hi.is_some_and(|h| seq > h) {
+                    continue;
+                }
+                if !self.placement_allows(active, dest, &dataset, &key, &obj)
+                    || self.placement_allows(skip, dest, &dataset, &key, &obj)
+                {
+                    continue;
+                }
+                bytes += obj.value.as_ref().map_or(0, Vec::len) + key.len();
+                batch.push(RemoteChange { dataset, key, version: obj.version, value: obj.value });
+                if batch.len() >= LINK_BATCH_ENTRIES_MAX || bytes >= LINK_BATCH_BYTES_MAX {
+                    sent += self.send_repair(dest, epoch, std::mem::take(&mut batch)).await?;
+                    bytes = 0;
+                }
+            }
+            if last_page {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            sent += self.send_repair(dest, epoch, batch).await?;
+        }
+        self.metrics.replication_backfilled.get_or_create(&self.link_labels(dest)).inc_by(sent);
+        Ok(sent)
+    }
+
+    async fn send_repair(&self, dest: &RegionId, epoch: u64, changes: Vec<RemoteChange>) -> Result<u64, NodeError> {
+        let n = changes.len() as u64;
+        let batch = RepairBatch { source: self.spec.region.to_string(), epoch, changes };
+        let unpack = |r| match r {
+            PeerResponseV1::Repaired(r) => Some(r),
+            _ => None,
+        };
+        self.call_region(dest, || PeerRequestV1::Repair(batch.clone()), unpack, true).await?;
+        Ok(n)
+    }
+
+    /// Backfill after the policy entry changed: everything up to the cursor that `active`
+    /// lets `dest` hold and the entry last backfilled did not (all of it if that entry is
+    /// unknown). What lies past the cursor ships through the outbox under `active`.
+    async fn backfill(
+        &self,
+        dest: &RegionId,
+        active: &ActivePolicy,
+        done: Option<u64>,
+        cursor: u64,
+    ) -> Result<(), NodeError> {
+        let previous = match done {
+            Some(epoch) => self.entry_at_epoch(epoch)?,
+            None => None,
+        };
+        let sent = self.scan_ship(dest, Some(active), 0, Some(cursor), previous.as_ref()).await?;
+        if sent > 0 {
+            tracing::info!(
+                destination = %dest, epoch = active.entry.epoch, sent,
+                "backfilled what the new policy entry lets the destination hold"
+            );
+        }
+        Ok(())
+    }
+
+    /// The outbox was trimmed past the cursor: send every change after it by a filtered
+    /// scan, then acknowledge the range up to `region_seq` (read before the scan) with an
+    /// empty batch, so the destination's merged mark and the cursor move past the gap.
+    async fn catch_up(
+        &self,
+        dest: &RegionId,
+        active: Option<&ActivePolicy>,
+        cursor: u64,
+        region_seq: u64,
+    ) -> Result<(), NodeError> {
+        self.metrics.replication_catch_ups.get_or_create(&self.link_labels(dest)).inc();
+        tracing::warn!(
+            destination = %dest, cursor,
+            "link fell behind the bounded outbox; catching up by a filtered scan of the data"
+        );
+        let sent = self.scan_ship(dest, active, cursor, None, None).await?;
+        let batch = ShipBatch {
+            source: self.spec.region.to_string(),
+            from_seq: cursor + 1,
+            upto_seq: region_seq,
+            policy: active.map(|a| a.entry.version.clone()),
+            epoch: epoch_of(active),
+            changes: Vec::new(),
+        };
+        let unpack = |r| match r {
+            PeerResponseV1::Shipped(r) => Some(r),
+            _ => None,
+        };
+        let (answer, _) = self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
+        let acknowledged = match answer {
+            CommandResult::Remote { merged_upto, .. } | CommandResult::RemoteGap { merged_upto } => merged_upto,
+            other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
+        };
+        self.propose_link_command(CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged })
+            .await?;
+        tracing::info!(destination = %dest, sent, acknowledged, "catch-up done");
+        Ok(())
+    }
+
+    /// Check a batch from another region before it is proposed here: a valid other region,
+    /// this node leads, both ends under the same policy entry, and nothing this region's
+    /// copy forbids it to hold (dropped and counted). The batch's source region.
+    fn admit(&self, source: &str, epoch: u64, changes: &mut Vec<RemoteChange>) -> Result<RegionId, PeerError> {
         if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
             return Err(PeerError::NotLeader { leader: self.leader_hint() });
         }
-        let Ok(source) = RegionId::new(batch.source.clone()) else {
-            return Err(PeerError::Protocol(format!("batch from an invalid region name {:?}", batch.source)));
+        let Ok(source) = RegionId::new(source.to_owned()) else {
+            return Err(PeerError::Protocol(format!("batch from an invalid region name {source:?}")));
         };
         if self.topology.regions().iter().all(|r| r.name != source) || source == self.spec.region {
             return Err(PeerError::Protocol(format!(
@@ -248,18 +442,43 @@ impl Node {
             return Err(PeerError::Internal(e.to_string()));
         }
         let active = self.active_policy();
+        let ours = epoch_of(active.as_deref());
+        if ours != epoch {
+            return Err(PeerError::Unavailable(format!(
+                "the batch was filtered under policy epoch {epoch} and this region's copy has epoch {ours}; \
+                 retry once both copies agree"
+            )));
+        }
         let here = self.spec.region.clone();
-        let before = batch.changes.len();
-        batch.changes.retain(|c| {
+        let before = changes.len();
+        changes.retain(|c| {
             let obj = StoredObject { version: c.version.clone(), value: None };
             c.version.region == source && self.placement_allows(active.as_deref(), &here, &c.dataset, &c.key, &obj)
         });
-        let refused = (before - batch.changes.len()) as u64;
+        let refused = (before - changes.len()) as u64;
         if refused > 0 {
             let labels = LinkLabels { source: source.to_string(), destination: here.to_string() };
             self.metrics.replication_refused.get_or_create(&labels).inc_by(refused);
             tracing::warn!(source = %source, refused, "refused changes this region's policy does not let it hold");
         }
+        Ok(source)
+    }
+
+    /// Changes a catch-up or backfill scan sent: merged here if newer than the copy held.
+    pub(crate) async fn receive_repair(&self, mut batch: RepairBatch) -> Result<CommandResult, PeerError> {
+        self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
+        let cmd = CommandV1::Repair { source: batch.source, changes: batch.changes };
+        match self.propose_replication(cmd).await {
+            Ok(r) => Ok(r),
+            Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
+            Err(LocalError::Other(e)) => Err(crate::to_peer_error(e)),
+        }
+    }
+
+    /// A batch from another region's link: drop what this region's policy copy forbids it to
+    /// hold, then merge the rest through this region's Raft group.
+    pub(crate) async fn receive_batch(&self, mut batch: ShipBatch) -> Result<CommandResult, PeerError> {
+        self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
         let cmd = CommandV1::ApplyRemote {
             source: batch.source,
             from_seq: batch.from_seq,

@@ -52,6 +52,26 @@ pub struct Metrics {
     pub replication_batches: Family<LinkLabels, Counter>,
     pub replication_errors: Family<LinkLabels, Counter>,
     pub replication_lag_changes: Family<LinkLabels, Gauge>,
+    pub replication_catch_ups: Family<LinkLabels, Counter>,
+    pub replication_backfilled: Family<LinkLabels, Counter>,
+    pub replication_shadow: Family<ShadowLabels, Counter>,
+    pub anti_entropy_rounds: Family<LinkLabels, Counter>,
+    pub anti_entropy_repaired: Family<LinkLabels, Counter>,
+    pub purged: Family<DatasetLabels, Counter>,
+    pub purge_held: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub source: String,
+    pub destination: String,
+    /// `would_ship` or `would_withhold`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatasetLabels {
+    pub dataset: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -165,8 +185,57 @@ impl Metrics {
             "Local writes not yet acknowledged by the destination (region sequence minus cursor)",
             replication_lag_changes.clone(),
         );
+        let replication_catch_ups = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "replication_catch_ups",
+            "Times a link fell behind the bounded outbox and caught up by a filtered scan of the data",
+            replication_catch_ups.clone(),
+        );
+        let replication_backfilled = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "replication_backfilled_changes",
+            "Changes sent by catch-up scans and by backfills after a policy change made the destination a holder",
+            replication_backfilled.clone(),
+        );
+        let replication_shadow = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "replication_shadow_changes",
+            "Changes whose link decision a shadow policy version would make differently (would_ship, would_withhold)",
+            replication_shadow.clone(),
+        );
+        let anti_entropy_rounds = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "anti_entropy_rounds",
+            "Digest comparisons of this region (destination) against another (source)",
+            anti_entropy_rounds.clone(),
+        );
+        let anti_entropy_repaired = Family::<LinkLabels, Counter>::default();
+        registry.register(
+            "anti_entropy_repaired_changes",
+            "Copies repaired here (destination) from another region (source) after digests differed",
+            anti_entropy_repaired.clone(),
+        );
+        let purged = Family::<DatasetLabels, Counter>::default();
+        registry.register(
+            "replication_purged_copies",
+            "Copies removed because the active policy no longer lets this region hold them",
+            purged.clone(),
+        );
+        let purge_held = Gauge::default();
+        registry.register(
+            "replication_purge_held_copies",
+            "Copies this region may no longer hold but keeps until a region that may hold them has them",
+            purge_held.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            replication_catch_ups,
+            replication_backfilled,
+            replication_shadow,
+            anti_entropy_rounds,
+            anti_entropy_repaired,
+            purged,
+            purge_held,
             replication_shipped,
             replication_withheld,
             replication_refused,

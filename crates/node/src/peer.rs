@@ -48,6 +48,41 @@ pub enum PeerRequestV1 {
     ShipBatch(ShipBatch),
     /// The answering node's view of its region's replication state.
     ReplicationState,
+    /// Changes outside the sequenced link (catch-up, backfill), to the destination's leader.
+    Repair(RepairBatch),
+    /// Per-dataset digests of what the answering region holds that region `with` may hold too.
+    Digest { with: String },
+    /// Keys and versions in some digest buckets of one dataset (anti-entropy's second step).
+    DigestEntries { with: String, dataset: String, buckets: Vec<u8>, limit: u32 },
+    /// Objects for anti-entropy repair; the answer leaves out whatever `with` may not hold.
+    FetchObjects { with: String, dataset: String, keys: Vec<String> },
+}
+
+/// Changes sent outside a link's sequenced range: each applies only if newer than the copy
+/// held, and the merged ranges do not move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairBatch {
+    pub source: String,
+    /// The policy epoch the sender filtered by; the receiver refuses a batch under another.
+    pub epoch: u64,
+    pub changes: Vec<meridian_raft::command::RemoteChange>,
+}
+
+/// Per-dataset digests of a region's copies, restricted to what two regions may both hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionDigest {
+    /// The policy epoch the filter used; digests under different epochs are not compared.
+    pub epoch: u64,
+    pub datasets: Vec<DatasetDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetDigest {
+    pub dataset: String,
+    /// Objects (tombstones too) counted.
+    pub count: u64,
+    /// [`crate::repair::DIGEST_BUCKETS`] sums of the objects' hashes, by the hash's first byte.
+    pub buckets: Vec<u64>,
 }
 
 /// The changes a source region's link ships: its outbox range `from_seq..=upto_seq`, with the
@@ -59,6 +94,9 @@ pub struct ShipBatch {
     pub upto_seq: u64,
     /// The active policy version the source filtered by (for audit).
     pub policy: Option<String>,
+    /// The epoch of the policy entry the source filtered by; the destination refuses a batch
+    /// filtered under another entry than its own, so neither side's stale copy loses data.
+    pub epoch: u64,
     pub changes: Vec<meridian_raft::command::RemoteChange>,
 }
 
@@ -80,6 +118,10 @@ pub enum PeerResponseV1 {
     FaultsSet,
     Shipped(Result<CommandResult, PeerError>),
     ReplicationState(Result<RegionReplication, PeerError>),
+    Repaired(Result<CommandResult, PeerError>),
+    Digest(Result<RegionDigest, PeerError>),
+    DigestEntries(Result<Vec<(String, meridian_core::Version)>, PeerError>),
+    Objects(Result<Vec<(String, StoredObject)>, PeerError>),
 }
 
 /// One region's replication state as one of its nodes has applied it.
@@ -93,6 +135,18 @@ pub struct RegionReplication {
     pub cursors: Vec<(String, u64)>,
     /// Source region → merged up to this sequence.
     pub merged: Vec<(String, u64)>,
+    /// Source region → changes merged through its link (each sequence counted once).
+    pub received: Vec<(String, u64)>,
+    /// Sending region → changes applied by catch-up, backfill or repair.
+    pub repaired: Vec<(String, u64)>,
+    /// Destination region → the policy epoch its link has backfilled.
+    pub backfilled: Vec<(String, u64)>,
+    /// Copies removed because the policy no longer lets this region hold them.
+    pub purged: u64,
+    /// Outbox entries up to here were trimmed.
+    pub outbox_trimmed: u64,
+    /// The policy epoch this node's copy has active (0: none).
+    pub epoch: u64,
 }
 
 /// One write or an all-or-nothing group, as proposed to a region's Raft group.

@@ -271,6 +271,14 @@ impl Node {
             return Ok(());
         }
         let entry: HistoryRecord = decode_record(&obj, ACTIVE_KEY)?;
+        let active = self.load_entry(entry, obj.version)?;
+        self.metrics.policy_epoch.set(active.entry.epoch as i64);
+        *self.policy.active.write().expect("policy cache lock") = Some(Arc::new(active));
+        Ok(())
+    }
+
+    /// `entry` with its versions parsed from this region's copy.
+    fn load_entry(&self, entry: HistoryRecord, stored_as: Version) -> Result<ActivePolicy, NodeError> {
         let load = |id: &str| -> Result<Arc<Policy>, NodeError> {
             let (rec, _) = self
                 .local_record::<VersionRecord>(&format!("{VERSION_PREFIX}{id}"))?
@@ -279,10 +287,16 @@ impl Node {
         };
         let current = load(&entry.version)?;
         let base = entry.base.as_deref().map(load).transpose()?;
-        self.metrics.policy_epoch.set(entry.epoch as i64);
-        let active = ActivePolicy { entry, current, base, stored_as: obj.version };
-        *self.policy.active.write().expect("policy cache lock") = Some(Arc::new(active));
-        Ok(())
+        Ok(ActivePolicy { entry, current, base, stored_as })
+    }
+
+    /// The history entry with this epoch as this region's copy has it (what was active then),
+    /// or `None` if the copy does not hold it.
+    pub(crate) fn entry_at_epoch(&self, epoch: u64) -> Result<Option<ActivePolicy>, NodeError> {
+        match self.local_record::<HistoryRecord>(&history_key(epoch))? {
+            Some((entry, version)) => Ok(Some(self.load_entry(entry, version)?)),
+            None => Ok(None),
+        }
     }
 
     /// Keep this node's cache fresh, and (on a region leader outside the authority) pull the

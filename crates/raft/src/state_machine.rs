@@ -74,6 +74,10 @@ pub struct ReplicationState {
     pub repaired: std::collections::BTreeMap<String, u64>,
     /// Copies removed here because the policy no longer lets this region hold them.
     pub purged: u64,
+    /// Every outbox entry at or below this sequence has been trimmed: a link whose cursor is
+    /// below it must catch up by a scan (reserved writes leave gaps in the outbox too, so the
+    /// first entry alone cannot tell).
+    pub outbox_trimmed: u64,
 }
 
 /// The first form of [`ReplicationState`]; still read.
@@ -424,6 +428,7 @@ fn apply_command(
         // entry at or below the cut, not just one.
         if seq > t.outbox_max {
             let cut = seq - t.outbox_max;
+            t.replication.outbox_trimmed = t.replication.outbox_trimmed.max(cut);
             loop {
                 let first = t.outbox.first()?.map(|(k, _)| k.value());
                 match first {

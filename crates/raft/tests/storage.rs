@@ -484,6 +484,7 @@ async fn the_outbox_keeps_at_most_its_bound_and_the_new_record_survives_snapshot
     sm.apply(writes).await.unwrap();
     let kept: Vec<u64> = sm.reader().outbox_after(0, 100).unwrap().into_iter().map(|(s, _)| s).collect();
     assert_eq!(kept, [5, 6, 7]);
+    assert_eq!(sm.reader().replication().unwrap().0.outbox_trimmed, 4);
     sm.apply(vec![normal(8, CommandV1::SetBackfilled { destination: "r3".into(), epoch: 4 })]).await.unwrap();
     let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let dir2 = tempfile::tempdir().unwrap();

@@ -59,7 +59,8 @@ pub struct AppState {
         chaos::partition,
         chaos::heal,
         chaos::delay,
-        replication
+        replication,
+        verify
     ),
     components(schemas(meridian_api::ErrorBody, meridian_api::ErrorCode, meridian_api::PolicyProblem))
 )]
@@ -83,6 +84,7 @@ pub fn api_router(node: Arc<Node>) -> Router {
         .route("/v1/admin/chaos/heal", post(chaos::heal))
         .route("/v1/admin/chaos/delay", post(chaos::delay))
         .route("/v1/replication", get(replication))
+        .route("/v1/replication/verify", get(verify))
         .route("/v1/cluster", get(cluster))
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
@@ -181,6 +183,7 @@ pub async fn replication(State(state): State<AppState>) -> Json<meridian_api::Re
                     .map(|d| {
                         let acked = r.cursors.iter().find(|(c, _)| *c == d).map_or(0, |(_, s)| *s);
                         meridian_api::LinkStatus {
+                            backfilled_epoch: r.backfilled.iter().find(|(b, _)| *b == d).map(|(_, e)| *e),
                             destination: d,
                             acknowledged_seq: acked,
                             lag_changes: r.region_seq.saturating_sub(acked),
@@ -194,6 +197,11 @@ pub async fn replication(State(state): State<AppState>) -> Json<meridian_api::Re
                     region_seq: r.region_seq,
                     links,
                     merged: r.merged,
+                    received: r.received,
+                    repaired: r.repaired,
+                    purged: r.purged,
+                    outbox_trimmed: r.outbox_trimmed,
+                    policy_epoch: r.epoch,
                     error: None,
                 }
             }
@@ -204,11 +212,59 @@ pub async fn replication(State(state): State<AppState>) -> Json<meridian_api::Re
                 region_seq: 0,
                 links: Vec::new(),
                 merged: Vec::new(),
+                received: Vec::new(),
+                repaired: Vec::new(),
+                purged: 0,
+                outbox_trimmed: 0,
+                policy_epoch: 0,
                 error: Some(e),
             },
         })
         .collect();
     Json(meridian_api::ReplicationStatus { regions })
+}
+
+/// Compare every pair of regions' copies by digest, over what both may hold. `converged` is
+/// true only when every pair was compared and every dataset matched.
+#[utoipa::path(
+    get,
+    path = "/v1/replication/verify",
+    params(meridian_api::VerifyQuery),
+    responses((status = 200, body = meridian_api::VerifyReport), (status = 400, body = meridian_api::ErrorBody))
+)]
+pub async fn verify(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<meridian_api::VerifyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<meridian_api::VerifyReport>, ApiError> {
+    let axum::extract::Query(q) = query.map_err(keys::query_error)?;
+    if let Some(d) = &q.dataset {
+        meridian_core::DatasetName::new(d.clone()).map_err(error::dataset_error)?;
+    }
+    let pairs: Vec<meridian_api::PairVerification> = state
+        .node
+        .verify(q.dataset.as_deref())
+        .await
+        .into_iter()
+        .map(|p| match p.result {
+            Ok(ds) => meridian_api::PairVerification {
+                a: p.a,
+                b: p.b,
+                datasets: ds
+                    .into_iter()
+                    .map(|d| meridian_api::DatasetVerification {
+                        dataset: d.dataset,
+                        count_a: d.count_a,
+                        count_b: d.count_b,
+                        equal: d.equal,
+                    })
+                    .collect(),
+                error: None,
+            },
+            Err(e) => meridian_api::PairVerification { a: p.a, b: p.b, datasets: Vec::new(), error: Some(e) },
+        })
+        .collect();
+    let converged = pairs.iter().all(|p| p.error.is_none() && p.datasets.iter().all(|d| d.equal));
+    Ok(Json(meridian_api::VerifyReport { converged, pairs }))
 }
 
 #[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterResponse)))]
