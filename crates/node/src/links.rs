@@ -326,9 +326,12 @@ impl Node {
                 if obj.version.region != self.spec.region || seq <= lo || hi.is_some_and(|h| seq > h) {
                     continue;
                 }
-                if !self.placement_allows(active, dest, &dataset, &key, &obj)
-                    || self.placement_allows(skip, dest, &dataset, &key, &obj)
-                {
+                let allowed = self.placement_allows(active, dest, &dataset, &key, &obj);
+                if skip.is_none() {
+                    // A catch-up decides for each change as the outbox path would.
+                    self.count_shadow(active, dest, &dataset, &key, &obj, allowed);
+                }
+                if !allowed || self.placement_allows(skip, dest, &dataset, &key, &obj) {
                     continue;
                 }
                 bytes += obj.value.as_ref().map_or(0, Vec::len) + key.len();

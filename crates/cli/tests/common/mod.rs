@@ -77,37 +77,68 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
-pub struct Region {
+/// `meridian server` processes on loopback: one or more regions of three zones each. Node
+/// ids run from 1 in region order (the first region's nodes are 1, 2, 3).
+pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub api: Vec<String>,
+    /// Each region's name and node ids.
+    pub regions: Vec<(String, Vec<u64>)>,
     children: Vec<Option<Child>>,
 }
 
-impl Region {
+/// One region of three nodes (a [`Cluster`] with one region, `r1`).
+pub type Region = Cluster;
+
+impl Cluster {
     /// Start a region of three nodes; `extra` is appended to the configuration file.
-    pub fn start(extra: &str) -> Region {
+    pub fn start(extra: &str) -> Cluster {
+        Cluster::start_regions(&["r1"], extra)
+    }
+
+    /// Start three nodes per region (the first region is the policy authority); `extra` is
+    /// appended to the configuration file. Waits for every region's leader.
+    pub fn start_regions(names: &[&str], extra: &str) -> Cluster {
         let dir = tempfile::Builder::new().prefix("meridian-it-").tempdir().unwrap();
-        let mut text = String::from("[[regions]]\nname = \"r1\"\n\n");
+        let mut text = String::new();
+        for name in names {
+            text.push_str(&format!("[[regions]]\nname = \"{name}\"\n\n"));
+        }
         let mut api = Vec::new();
-        let ports = free_ports(6);
-        for (i, zone) in ["a", "b", "c"].iter().enumerate() {
-            let (a, p) = (ports[2 * i], ports[2 * i + 1]);
-            text.push_str(&format!(
-                "[[nodes]]\nid = {}\nregion = \"r1\"\nzone = \"{zone}\"\napi_addr = \"127.0.0.1:{a}\"\npeer_addr = \"127.0.0.1:{p}\"\n\n",
-                i + 1
-            ));
-            api.push(format!("http://127.0.0.1:{a}"));
+        let mut regions = Vec::new();
+        let ports = free_ports(6 * names.len());
+        for (r, name) in names.iter().enumerate() {
+            let mut ids = Vec::new();
+            for (z, zone) in ["a", "b", "c"].iter().enumerate() {
+                let i = 3 * r + z;
+                let (a, p) = (ports[2 * i], ports[2 * i + 1]);
+                text.push_str(&format!(
+                    "[[nodes]]\nid = {}\nregion = \"{name}\"\nzone = \"{zone}\"\napi_addr = \"127.0.0.1:{a}\"\npeer_addr = \"127.0.0.1:{p}\"\n\n",
+                    i + 1
+                ));
+                api.push(format!("http://127.0.0.1:{a}"));
+                ids.push(i as u64 + 1);
+            }
+            regions.push((name.to_string(), ids));
         }
         text.push_str(extra);
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text).unwrap();
-        let mut region = Region { dir, config, api, children: vec![None, None, None] };
-        for id in 1..=3 {
-            region.spawn(id);
+        let n = api.len();
+        let mut cluster = Cluster { dir, config, api, regions, children: (0..n).map(|_| None).collect() };
+        for id in 1..=n as u64 {
+            cluster.spawn(id);
         }
-        region.wait_leader(Duration::from_secs(30));
-        region
+        for r in 0..names.len() {
+            cluster.wait_leader_of(r, Duration::from_secs(30));
+        }
+        cluster
+    }
+
+    /// The API address of the first node of region `r` (by index).
+    pub fn api_of(&self, r: usize) -> &str {
+        &self.api[(self.regions[r].1[0] - 1) as usize]
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
@@ -156,11 +187,16 @@ impl Region {
         })
     }
 
-    /// The leader as reported by a live node, waiting up to `deadline`.
+    /// The first region's leader as reported by a live node, waiting up to `deadline`.
     pub fn wait_leader(&self, deadline: Duration) -> u64 {
+        self.wait_leader_of(0, deadline)
+    }
+
+    /// Region `r`'s leader as reported by a live node of it, waiting up to `deadline`.
+    pub fn wait_leader_of(&self, r: usize, deadline: Duration) -> u64 {
         let start = Instant::now();
         loop {
-            for id in 1..=3u64 {
+            for &id in &self.regions[r].1 {
                 if self.children[(id - 1) as usize].is_none() {
                     continue;
                 }
@@ -181,9 +217,14 @@ impl Region {
     }
 
     pub async fn leader(&self, deadline: Duration) -> u64 {
+        self.leader_of(0, deadline).await
+    }
+
+    /// Region `r`'s leader, from a live node of it.
+    pub async fn leader_of(&self, r: usize, deadline: Duration) -> u64 {
         let start = Instant::now();
         loop {
-            for id in 1..=3u64 {
+            for &id in &self.regions[r].1 {
                 if self.children[(id - 1) as usize].is_none() {
                     continue;
                 }
@@ -216,7 +257,7 @@ impl Region {
     }
 
     pub fn dump_logs(&self) {
-        for id in 1..=3 {
+        for id in 1..=self.api.len() as u64 {
             let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
             eprintln!("---- node {id} log (last lines) ----");
@@ -242,7 +283,7 @@ impl Region {
     }
 }
 
-impl Drop for Region {
+impl Drop for Cluster {
     fn drop(&mut self) {
         for c in self.children.iter_mut().flatten() {
             let _ = c.kill();
