@@ -54,6 +54,7 @@ codes! {
     DatasetNotInPolicy => "dataset_not_in_policy": "The active policy does not name this dataset and has no [default]; nothing was written.",
     HomeUnknown => "home_unknown": "The dataset is user-homed and the key has neither a `region/` prefix nor a `home` parameter, or they disagree, or that home is not allowed.",
     HomeImmutable => "home_immutable": "The user-homed key already lives in another region; its home cannot change. Nothing was written.",
+    ResidencyRefused => "residency_refused": "The key's policy does not allow its bytes in the region of the node asked, so the node will not bring the value there. Read it through a node of an allowed region (the hint names them).",
     PolicyRefused => "policy_refused": "The region that received the write is not a home for this key under its active policy; nothing was written. Retry: the gateway routes by the newest policy.",
     Internal => "internal": "An unexpected failure inside the node. It is logged with details; the request may be retried.",
 }

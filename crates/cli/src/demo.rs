@@ -18,7 +18,7 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// The sample policy the demo applies on first start (one dataset of each kind of rule).
 pub const DEMO_POLICY: &str = include_str!("demo-policy.toml");
 
-pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(base_port: u16, data_dir: Option<PathBuf>, wire_capture: Option<PathBuf>) -> anyhow::Result<()> {
     let config = ClusterConfig::demo(base_port);
     // A temporary directory unless the user asked to keep the data.
     let (_tmp, root) = match data_dir {
@@ -42,7 +42,7 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<()
         for spec in config.topology.region_nodes(&region.name) {
             let mut rx = stop_rx.clone();
             let dir = root.join(format!("node-{}", spec.id));
-            let (node, serving) = start_node(config.clone(), spec.id, dir, async move {
+            let (node, serving) = start_node(config.clone(), spec.id, dir, wire_capture.clone(), async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await

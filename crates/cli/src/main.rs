@@ -57,6 +57,10 @@ enum Command {
         /// Where this node keeps its Raft log and state (default ./data/node-ID).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Record every message body this node exchanges with other regions under this
+        /// directory (DIR/node-ID.wire), for residency audits. Costs a file write per message.
+        #[arg(long, value_name = "DIR")]
+        wire_capture: Option<PathBuf>,
     },
     /// Run a whole demo cluster in one process: three regions of three zones, nine nodes.
     Demo {
@@ -66,6 +70,10 @@ enum Command {
         /// Keep data here instead of a temporary directory (reused on the next start).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Record every message body crossing a region boundary under this directory (one
+        /// file per node), for residency audits.
+        #[arg(long, value_name = "DIR")]
+        wire_capture: Option<PathBuf>,
     },
     /// Store a JSON value under a key.
     Put {
@@ -143,7 +151,8 @@ enum Command {
         #[command(subcommand)]
         command: ChaosCommand,
     },
-    /// Benchmark in-region writes against a three-member etcd cluster (needs Debian's etcd-server).
+    /// Benchmark against etcd (needs Debian's etcd-server): in-region writes against a
+    /// three-member cluster, or with `lag`, cross-region lag against `etcdctl make-mirror`.
     Bench(BenchArgs),
 }
 
@@ -306,8 +315,12 @@ enum ClusterCommand {
     },
 }
 
+/// With no subcommand: the in-region write benchmark, configured by the options below.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Concurrent clients per run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     concurrency: Vec<usize>,
@@ -343,8 +356,10 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("start the async runtime");
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Server { config, node, data_dir } => run::server(config, node, data_dir).await,
-            Command::Demo { base_port, data_dir } => demo::run(base_port, data_dir).await,
+            Command::Server { config, node, data_dir, wire_capture } => {
+                run::server(config, node, data_dir, wire_capture).await
+            }
+            Command::Demo { base_port, data_dir, wire_capture } => demo::run(base_port, data_dir, wire_capture).await,
             Command::Put { dataset, key, value, if_match, create_only, client } => {
                 commands::put(&client, &dataset, &key, value, if_match, create_only).await
             }
@@ -410,7 +425,15 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    Lag(meridian_bench::lag::LagArgs),
+}
+
 async fn bench(b: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchCommand::Lag(args)) = b.command {
+        return meridian_bench::lag::run_cli(args).await;
+    }
     let opts = meridian_bench::BenchOptions {
         concurrency: b.concurrency,
         duration: Duration::from_secs(b.duration_secs),

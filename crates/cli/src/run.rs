@@ -15,6 +15,7 @@ pub async fn start_node(
     config: ClusterConfig,
     node_id: u64,
     data_dir: PathBuf,
+    wire_capture: Option<PathBuf>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(Arc<Node>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let spec = config
@@ -28,17 +29,24 @@ pub async fn start_node(
     let peer = TcpListener::bind(spec.peer_addr)
         .await
         .with_context(|| format!("bind the peer listener of node {node_id} on {}", spec.peer_addr))?;
-    let node = Node::start(NodeOptions::new(config, node_id, data_dir))
+    let mut opts = NodeOptions::new(config, node_id, data_dir);
+    opts.wire_capture = wire_capture;
+    let node = Node::start(opts)
         .await
         .with_context(|| format!("start node {node_id}"))?;
     let serving = tokio::spawn(meridian_server::serve(node.clone(), api, peer, shutdown));
     Ok((node, serving))
 }
 
-pub async fn server(config: PathBuf, node_id: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn server(
+    config: PathBuf,
+    node_id: u64,
+    data_dir: Option<PathBuf>,
+    wire_capture: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config).context("load the cluster configuration")?;
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(format!("data/node-{node_id}")));
-    let (node, serving) = start_node(config, node_id, data_dir.clone(), async {
+    let (node, serving) = start_node(config, node_id, data_dir.clone(), wire_capture, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

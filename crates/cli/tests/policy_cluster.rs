@@ -56,10 +56,17 @@ async fn restricted_writes_are_forwarded_home_and_leave_no_bytes_elsewhere() {
     let (status, body) = put(&http, &us, "profiles/keys/eu-west%2Fdave?home=us-east", "{}").await;
     assert_eq!((status, body["code"].as_str()), (400, Some("home_unknown")), "prefix and attribute disagree: {body}");
 
-    // Read back through a third region: routed to the home.
+    // Read back through a third region: refused, the value would have to come to ap-south;
+    // through a node of its home it is served.
     let ap = format!("http://127.0.0.1:{}", base + 6);
+    let resp = http.get(format!("{ap}/v1/datasets/profiles/keys/eu-west%2F{marker}")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "residency_refused", "{body}");
+    assert!(body["hint"].as_str().unwrap().contains("eu-west"), "{body}");
+    let eu = format!("http://127.0.0.1:{}", base + 3);
     let got: serde_json::Value = http
-        .get(format!("{ap}/v1/datasets/profiles/keys/eu-west%2F{marker}"))
+        .get(format!("{eu}/v1/datasets/profiles/keys/eu-west%2F{marker}"))
         .send()
         .await
         .unwrap()

@@ -72,6 +72,10 @@ pub enum NodeError {
     /// A user-homed key already lives in another region than the home asked for.
     #[error("{0}")]
     HomeImmutable(String),
+    /// Serving the request here would bring the key's bytes into a region its policy does not
+    /// allow: the first field explains, the second names the regions that may serve it.
+    #[error("{0}")]
+    ResidencyRefused(String, Vec<RegionId>),
     #[error("internal failure: {0}")]
     Internal(String),
 }
@@ -126,12 +130,14 @@ pub struct NodeOptions {
     pub data_dir: PathBuf,
     /// The wall clock the HLC reads (the simulator passes its own).
     pub clock: Arc<dyn Clock>,
+    /// Record every cross-region message body under this directory (residency audits).
+    pub wire_capture: Option<PathBuf>,
 }
 
 impl NodeOptions {
     /// Options for a production node: the system clock.
     pub fn new(config: ClusterConfig, node_id: NodeId, data_dir: PathBuf) -> Self {
-        NodeOptions { config, node_id, data_dir, clock: Arc::new(SystemClock) }
+        NodeOptions { config, node_id, data_dir, clock: Arc::new(SystemClock), wire_capture: None }
     }
 }
 
@@ -241,7 +247,7 @@ impl Node {
     /// Open storage and start the Raft group. The caller serves the peer endpoint (so other
     /// voters can reach this one) and then calls [`Node::bootstrap`].
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
-        let NodeOptions { config, node_id, data_dir, clock } = opts;
+        let NodeOptions { config, node_id, data_dir, clock, wire_capture } = opts;
         let topology = Arc::new(config.topology.clone());
         let spec =
             topology.node(node_id).cloned().ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
@@ -255,7 +261,14 @@ impl Node {
         let log_stats = log.stats();
         let reader = sm.reader();
         let metrics = Arc::new(Metrics::new());
-        let transport = HttpTransport::new(topology.clone(), spec.region.clone(), metrics.clone());
+        let capture = match &wire_capture {
+            Some(dir) => Some(
+                transport::WireCapture::open(dir, node_id)
+                    .map_err(|e| anyhow::anyhow!("open the wire capture under {}: {e}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let transport = HttpTransport::with_capture(topology.clone(), spec.region.clone(), metrics.clone(), capture);
         let r = &config.raft;
         let raft_config = openraft::Config {
             cluster_name: format!("meridian-{}", spec.region),
@@ -906,7 +919,8 @@ pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
         NodeError::PolicyRefused(m)
         | NodeError::DatasetNotInPolicy(m)
         | NodeError::HomeUnknown(m)
-        | NodeError::HomeImmutable(m) => PeerError::PolicyRefused(m),
+        | NodeError::HomeImmutable(m)
+        | NodeError::ResidencyRefused(m, _) => PeerError::PolicyRefused(m),
         NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
     }
 }

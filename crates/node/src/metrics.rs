@@ -59,6 +59,14 @@ pub struct Metrics {
     pub anti_entropy_repaired: Family<LinkLabels, Counter>,
     pub purged: Family<DatasetLabels, Counter>,
     pub purge_held: Gauge,
+    pub cross_region_bytes: Family<CrossRegionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrossRegionLabels {
+    pub peer_region: String,
+    /// `sent` (request bodies) or `received` (reply bodies), from this node's side.
+    pub direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -227,8 +235,15 @@ impl Metrics {
             "Copies this region may no longer hold but keeps until a region that may hold them has them",
             purge_held.clone(),
         );
+        let cross_region_bytes = Family::<CrossRegionLabels, Counter>::default();
+        registry.register(
+            "peer_cross_region_bytes",
+            "Message body bytes this node exchanged with nodes of other regions, on calls it made",
+            cross_region_bytes.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            cross_region_bytes,
             replication_catch_ups,
             replication_backfilled,
             replication_shadow,

@@ -666,6 +666,31 @@ impl Node {
         matches!(self.governing_placement(dataset, key, home.as_ref()), Ok(Some(p)) if p.holds_copy(&self.spec.region))
     }
 
+    /// Refuse to bring the key's value into this region if its placement does not allow this
+    /// region to hold its bytes: a read served elsewhere would carry the value here. Writes
+    /// are not checked this way (relaying a write carries the client's bytes into an allowed
+    /// region, never out of one).
+    pub fn check_value_may_come_here(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<(), NodeError> {
+        let home = home.and_then(|h| RegionId::new(h).ok());
+        match self.governing_placement(dataset, key, home.as_ref())? {
+            Some(p) if !p.is_allowed(&self.spec.region) => {
+                self.metrics
+                    .policy_refusals
+                    .get_or_create(&crate::metrics::KindLabels { kind: "residency_refused".into() })
+                    .inc();
+                Err(NodeError::ResidencyRefused(
+                    format!(
+                        "{dataset}/{key} may not be read through {}: its policy keeps its bytes in {}",
+                        self.spec.region,
+                        p.allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                    p.allowed.clone(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Where a client PUT of (dataset, key) goes: [`Node::home_region_for`], plus, for a
     /// user-homed key whose home comes from the `home` attribute (no region prefix), a check
     /// that the key does not already live in another region: its home never changes. The

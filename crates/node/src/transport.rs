@@ -6,7 +6,9 @@
 //! never delayed. Fault injection (`chaos.rs`: cuts, loss, extra delay and jitter per region
 //! pair) is applied here too, because this is the one place every byte between nodes passes.
 
-use std::sync::Arc;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_core::{NodeId, RegionId, Topology};
@@ -27,10 +29,47 @@ struct Inner {
     region: RegionId,
     metrics: Arc<Metrics>,
     faults: Arc<FaultTable>,
+    capture: Option<WireCapture>,
+}
+
+/// A record of every byte this node sends to or receives from another region, for residency
+/// audits (`--wire-capture DIR`). Each message body is appended to `DIR/node-ID.wire` after a
+/// header line `#MWIRE src=REGION dst=REGION kind=request|reply len=N`; `dst` is the region
+/// the bytes travel to. Bodies are recorded as encoded for the wire. It costs a file write per
+/// cross-region message: for drills and audits, not for production traffic.
+pub struct WireCapture {
+    file: Mutex<std::fs::File>,
+    pub path: PathBuf,
+}
+
+impl WireCapture {
+    pub fn open(dir: &Path, node: NodeId) -> std::io::Result<WireCapture> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("node-{node}.wire"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(WireCapture { file: Mutex::new(file), path })
+    }
+
+    fn record(&self, src: &RegionId, dst: &RegionId, kind: &str, bytes: &[u8]) {
+        let mut f = self.file.lock().expect("capture lock");
+        let header = format!("\n#MWIRE src={src} dst={dst} kind={kind} len={}\n", bytes.len());
+        if let Err(e) = f.write_all(header.as_bytes()).and_then(|_| f.write_all(bytes)) {
+            tracing::error!(error = %e, "wire capture write failed");
+        }
+    }
 }
 
 impl HttpTransport {
     pub fn new(topology: Arc<Topology>, region: RegionId, metrics: Arc<Metrics>) -> Self {
+        Self::with_capture(topology, region, metrics, None)
+    }
+
+    pub fn with_capture(
+        topology: Arc<Topology>,
+        region: RegionId,
+        metrics: Arc<Metrics>,
+        capture: Option<WireCapture>,
+    ) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(30))
@@ -40,7 +79,7 @@ impl HttpTransport {
             .build()
             .expect("build HTTP client");
         let faults = Arc::new(FaultTable::default());
-        HttpTransport { inner: Arc::new(Inner { client, topology, region, metrics, faults }) }
+        HttpTransport { inner: Arc::new(Inner { client, topology, region, metrics, faults, capture }) }
     }
 
     /// The fault table this transport obeys.
@@ -105,6 +144,13 @@ impl HttpTransport {
             }
         };
         let body = postcard::to_stdvec(&PeerRequest::V1(req)).map_err(|e| RpcFailure::Protocol(e.to_string()))?;
+        let crossing = spec.region != inner.region;
+        if crossing {
+            self.count_crossing(&spec.region, "sent", body.len());
+            if let Some(c) = &inner.capture {
+                c.record(&inner.region, &spec.region, "request", &body);
+            }
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -125,6 +171,12 @@ impl HttpTransport {
             })?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| RpcFailure::Interrupted(e.to_string()))?;
+        if crossing {
+            self.count_crossing(&spec.region, "received", bytes.len());
+            if let Some(c) = &inner.capture {
+                c.record(&spec.region, &inner.region, "reply", &bytes);
+            }
+        }
         if !status.is_success() {
             return Err(RpcFailure::Protocol(format!(
                 "peer {target} answered {status}: {}",
@@ -145,6 +197,13 @@ impl HttpTransport {
             tokio::time::sleep(back).await;
         }
         Ok(reply)
+    }
+}
+
+impl HttpTransport {
+    fn count_crossing(&self, peer: &RegionId, direction: &str, n: usize) {
+        let labels = crate::metrics::CrossRegionLabels { peer_region: peer.to_string(), direction: direction.into() };
+        self.inner.metrics.cross_region_bytes.get_or_create(&labels).inc_by(n as u64);
     }
 }
 

@@ -39,7 +39,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         PolicyInvalid | HomeUnknown => StatusCode::BAD_REQUEST,
         PolicyVersionNotFound | NoPolicy => StatusCode::NOT_FOUND,
         PolicyConflict | HomeImmutable => StatusCode::CONFLICT,
-        DatasetNotInPolicy => StatusCode::FORBIDDEN,
+        DatasetNotInPolicy | ResidencyRefused => StatusCode::FORBIDDEN,
         PolicyRefused => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -73,6 +73,13 @@ impl From<NodeError> for ApiError {
                 .hint("user-homed keys start with their home region (`eu-west/alice`) or pass ?home=REGION"),
             NodeError::HomeImmutable(_) => ApiError::new(ErrorCode::HomeImmutable, e.to_string())
                 .hint("write the key with the home it already has; moving a user's data is a relocation"),
+            NodeError::ResidencyRefused(_, allowed) => {
+                let regions: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+                ApiError::new(ErrorCode::ResidencyRefused, e.to_string()).hint(format!(
+                    "send the request to a node in {} (`meridian ... --endpoint` of that region)",
+                    regions.join(" or ")
+                ))
+            }
             NodeError::PolicyRefused(_) => ApiError::new(ErrorCode::PolicyRefused, e.to_string())
                 .hint("the regions' policy copies are converging after a change; retry shortly"),
             NodeError::Storage(_) | NodeError::Internal(_) => {

@@ -224,6 +224,8 @@ pub async fn get_key(
     let (obj, served) = if region == state.node.spec().region || mirror_here {
         state.node.read(dataset.as_str(), key.as_str(), consistency).await?
     } else {
+        // Residency: never fetch a value into a region its policy keeps it out of.
+        state.node.check_value_may_come_here(dataset.as_str(), key.as_str(), q.home.as_deref())?;
         state.node.read_in(&region, dataset.as_str(), key.as_str()).await?
     };
     let served = served_by(&state, served);
@@ -347,6 +349,8 @@ pub async fn list_keys(
     let (items, served) = if region == state.node.spec().region || mirror_here {
         state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?
     } else {
+        // Keys are data too: a listing is not fetched into a region the policy keeps them out of.
+        state.node.check_value_may_come_here(dataset.as_str(), probe, q.home.as_deref())?;
         state.node.list_in(&region, dataset.as_str(), &prefix, after.as_deref(), limit).await?
     };
     let served = served_by(&state, served);

@@ -29,12 +29,17 @@ pub fn free_base_port() -> u16 {
 
 /// Start `meridian demo` (keeping its data in `data_dir` if given) and wait for its banner.
 /// Returns the process (the caller stops and reaps it), its base port and the banner lines.
-#[allow(clippy::zombie_processes)]
 pub fn start_demo(data_dir: Option<&Path>) -> (Child, u16, Vec<String>) {
+    start_demo_with(data_dir, &[])
+}
+
+/// [`start_demo`] with extra arguments to `meridian demo`.
+#[allow(clippy::zombie_processes)]
+pub fn start_demo_with(data_dir: Option<&Path>, extra: &[&str]) -> (Child, u16, Vec<String>) {
     use std::io::{BufRead, BufReader};
     let base = free_base_port();
     let mut cmd = Command::new(BIN);
-    cmd.args(["demo", "--base-port", &base.to_string()]);
+    cmd.args(["demo", "--base-port", &base.to_string()]).args(extra);
     if let Some(d) = data_dir {
         cmd.arg("--data-dir").arg(d);
     }
