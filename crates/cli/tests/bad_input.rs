@@ -194,6 +194,8 @@ async fn policy_and_chaos_endpoints_refuse_bad_input_cleanly() {
     expect(&send(http.get(format!("{base}/v1/policy/explain?dataset=D&key=k"))).await, 400, "invalid_dataset_name");
     expect(&send(post("/v1/admin/chaos/partition", "{}")).await, 400, "invalid_query");
     expect(&send(post("/v1/admin/chaos/delay", "{\"regions\":[\"r1\",\"r1\"]}")).await, 400, "invalid_query");
+    expect(&send(http.get(format!("{base}/v1/replication/verify?dataset=Bad!"))).await, 400, "invalid_dataset_name");
+    expect(&send(http.get(format!("{base}/v1/replication/verify?datasets=d"))).await, 400, "invalid_query");
 
     // None of it changed anything: still no policy, and writes still land.
     let status = send(http.get(format!("{base}/v1/policy"))).await;
