@@ -39,8 +39,7 @@ async fn put(http: &reqwest::Client, api: &str, dataset: &str, key: &str, body: 
 /// Keys held by the node at `api` (its own applied state). A region the policy does not let
 /// hold the dataset forwards the listing to a home: that counts as holding nothing.
 async fn local_keys(http: &reqwest::Client, api: &str, dataset: &str) -> Vec<String> {
-    let Ok(r) = http.get(format!("{api}/v1/datasets/{dataset}/keys?consistency=local&limit=1000")).send().await
-    else {
+    let Ok(r) = http.get(format!("{api}/v1/datasets/{dataset}/keys?consistency=local&limit=1000")).send().await else {
         return Vec::new();
     };
     let v: serde_json::Value = r.json().await.unwrap_or_default();
@@ -98,7 +97,8 @@ async fn a_link_cut_past_its_bounded_outbox_catches_up_and_every_copy_verifies_e
         put(&http, &us, "catalog", &format!("k{i:03}"), &format!("{i}")).await;
     }
     assert!(!verified(&us, "catalog"), "a cut pair cannot verify as converged");
-    let status: serde_json::Value = http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
+    let status: serde_json::Value =
+        http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
     assert!(region_status(&status, "us-east")["outbox_trimmed"].as_u64().unwrap() > 0, "{status}");
 
     cli_ok(&us, &["chaos", "heal"]);
@@ -110,7 +110,8 @@ async fn a_link_cut_past_its_bounded_outbox_catches_up_and_every_copy_verifies_e
     let us_nodes: Vec<&str> = cluster.regions[0].1.iter().map(|id| cluster.api[(*id - 1) as usize].as_str()).collect();
     let catch_ups = metric_sum(&http, &us_nodes, "meridian_replication_catch_ups_total{").await;
     assert!(catch_ups >= 1.0, "the link caught up by a scan ({catch_ups})");
-    let status: serde_json::Value = http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
+    let status: serde_json::Value =
+        http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
     let eu_status = region_status(&status, "eu-west");
     assert!(count_from(&eu_status["repaired"], "us-east") >= 40, "the scan carried the gap: {eu_status}");
     // The table names every pair and says so.
@@ -127,7 +128,8 @@ async fn policy_changes_backfill_a_new_mirror_purge_a_removed_one_and_shadow_mov
     let eu_nodes: Vec<String> = cluster.regions[1].1.iter().map(|id| cluster.api[(*id - 1) as usize].clone()).collect();
     let us_nodes: Vec<&str> = cluster.regions[0].1.iter().map(|id| cluster.api[(*id - 1) as usize].as_str()).collect();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-    let dataset = "[[dataset]]\nname = \"notes\"\nlocality = \"regional\"\nclassification = \"internal\"\nhome = [\"us-east\"]\n";
+    let dataset =
+        "[[dataset]]\nname = \"notes\"\nlocality = \"regional\"\nclassification = \"internal\"\nhome = [\"us-east\"]\n";
     let alone = policy_file(cluster.dir.path(), "alone.toml", dataset);
     let mirrored = policy_file(
         cluster.dir.path(),
@@ -147,13 +149,12 @@ async fn policy_changes_backfill_a_new_mirror_purge_a_removed_one_and_shadow_mov
     }
     wait_until("the links count shadow decisions", Duration::from_secs(30), || {
         let (http, us_nodes) = (http.clone(), us_nodes.clone());
-        async move {
-            metric_sum(&http, &us_nodes, "meridian_replication_shadow_changes_total{").await >= 5.0
-        }
+        async move { metric_sum(&http, &us_nodes, "meridian_replication_shadow_changes_total{").await >= 5.0 }
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status: serde_json::Value = http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
+    let status: serde_json::Value =
+        http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
     let eu_status = region_status(&status, "eu-west");
     assert_eq!(count_from(&eu_status["received"], "us-east"), 0, "shadow mode moved data: {eu_status}");
     assert_eq!(count_from(&eu_status["repaired"], "us-east"), 0, "shadow mode moved data: {eu_status}");
@@ -254,7 +255,8 @@ async fn leaders_killed_while_shipping_neither_duplicate_nor_lose_a_change() {
         async move { verified(&us, "catalog") }
     })
     .await;
-    let status: serde_json::Value = http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
+    let status: serde_json::Value =
+        http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
     let eu_status = region_status(&status, "eu-west");
     // No duplicates: each of the source's sequences was merged exactly once, however many
     // times a batch was resent across the kills. No gaps: every key arrived (verify above).
@@ -264,4 +266,101 @@ async fn leaders_killed_while_shipping_neither_duplicate_nor_lose_a_change() {
     assert_eq!(link["lag_changes"], 0, "{us_status}");
     let verdict = common::cli_json(&us, &["replication", "verify", "--dataset", "catalog"]);
     assert_eq!(verdict["pairs"][0]["datasets"][0]["count_b"], KEYS as u64, "{verdict}");
+}
+
+/// One sample of a gauge or counter on some nodes (the largest), over the lines that start
+/// with `prefix` and contain `label`.
+async fn metric_max(http: &reqwest::Client, apis: &[&str], prefix: &str, label: &str) -> f64 {
+    let mut best: f64 = 0.0;
+    for api in apis {
+        let Ok(r) = http.get(format!("{api}/metrics")).send().await else { continue };
+        for line in r.text().await.unwrap_or_default().lines().filter(|l| l.starts_with(prefix) && l.contains(label)) {
+            best = best.max(line.rsplit(' ').next().unwrap().parse::<f64>().unwrap_or(0.0));
+        }
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_and_rate_limits_hold_changes_back_without_holding_up_the_rest() {
+    // The default outbox: a catch-up scan would ship regardless of schedules.
+    let cluster = Cluster::start_regions(&["us-east", "eu-west"], "[replication]\nanti_entropy_interval_ms = 1000\n");
+    let (us, eu) = (cluster.api_of(0).to_owned(), cluster.api_of(1).to_owned());
+    let us_nodes: Vec<&str> = cluster.regions[0].1.iter().map(|id| cluster.api[(*id - 1) as usize].as_str()).collect();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    // A daily window that is closed now: twelve hours away.
+    let hour = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 3600) % 24;
+    let window = format!("{:02}:00-{:02}:00", (hour + 12) % 24, (hour + 13) % 24);
+    let mirrored =
+        "locality = \"global\"\nclassification = \"public\"\nhome = [\"us-east\"]\nmirrors = \"all-allowed\"\n";
+    let datasets = |nightly_sync: &str| {
+        format!(
+            "[[dataset]]\nname = \"catalog\"\n{mirrored}\n\
+             [[dataset]]\nname = \"bulk\"\n{mirrored}sync = {{ mode = \"continuous\", rate = \"2KB/s\" }}\n\n\
+             [[dataset]]\nname = \"nightly\"\n{mirrored}sync = {nightly_sync}\n"
+        )
+    };
+    let scheduled = policy_file(
+        cluster.dir.path(),
+        "scheduled.toml",
+        &datasets(&format!("{{ mode = \"window\", window = \"{window}\" }}")),
+    );
+    let continuous = policy_file(cluster.dir.path(), "continuous.toml", &datasets("{ mode = \"continuous\" }"));
+    cli_ok(&us, &["policy", "apply", &scheduled]);
+
+    // The nightly change comes first: the link's range stops before it, and everything
+    // written after it still goes (ahead of the range).
+    put(&http, &us, "nightly", "report", "\"totals\"").await;
+    let blob = format!("\"{}\"", "x".repeat(1_000));
+    for i in 0..10 {
+        put(&http, &us, "bulk", &format!("b{i}"), &blob).await;
+    }
+    for i in 0..5 {
+        put(&http, &us, "catalog", &format!("c{i}"), "1").await;
+    }
+    let mut rate_deferrals: f64 = 0.0;
+    let start = std::time::Instant::now();
+    loop {
+        rate_deferrals = rate_deferrals
+            .max(metric_max(&http, &us_nodes, "meridian_replication_deferred_changes{", "reason=\"rate\"").await);
+        let (c, b) = (local_keys(&http, &eu, "catalog").await.len(), local_keys(&http, &eu, "bulk").await.len());
+        if c == 5 && b == 10 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "catalog {c}/5 and bulk {b}/10 reached eu-west");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rate_deferrals >= 1.0, "10 kB at 2 kB/s: the rate limit held some back");
+    // The nightly change waits for its window, holding the range (and anti-entropy leaves it
+    // to the link).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(local_keys(&http, &eu, "nightly").await.is_empty(), "a closed window shipped");
+    let schedule_deferrals =
+        metric_max(&http, &us_nodes, "meridian_replication_deferred_changes{", "reason=\"schedule\"").await;
+    assert!(schedule_deferrals >= 1.0);
+    let status: serde_json::Value =
+        http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
+    let link = region_status(&status, "us-east")["links"][0].clone();
+    assert!(link["lag_changes"].as_u64().unwrap() >= 16, "the range is held behind the nightly change: {link}");
+    let lag = metric_max(&http, &us_nodes, "meridian_replication_lag_seconds{", "dataset=\"nightly\"").await;
+    assert!(lag > 0.0, "the waiting change's age is reported");
+
+    // Continuous again: it ships, the range catches up, and the copies verify equal.
+    cli_ok(&us, &["policy", "apply", &continuous]);
+    wait_until("the nightly change arrives and every copy verifies", Duration::from_secs(60), || {
+        let (http, eu, us) = (http.clone(), eu.clone(), us.clone());
+        async move { !local_keys(&http, &eu, "nightly").await.is_empty() && verified(&us, "nightly") }
+    })
+    .await;
+    wait_until("the link's lag is back to zero", Duration::from_secs(30), || {
+        let (http, us) = (http.clone(), us.clone());
+        async move {
+            let Ok(r) = http.get(format!("{us}/v1/replication")).send().await else { return false };
+            let status: serde_json::Value = r.json().await.unwrap_or_default();
+            status["regions"]
+                .as_array()
+                .is_some_and(|_| region_status(&status, "us-east")["links"][0]["lag_changes"] == 0)
+        }
+    })
+    .await;
 }

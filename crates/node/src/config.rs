@@ -86,10 +86,17 @@ pub struct ReplicationSettings {
     /// How often each region's leader compares digests with every other region and repairs
     /// differences, and checks for copies its policy no longer lets it hold.
     pub anti_entropy_interval_ms: u64,
+    /// Bytes per second (keys plus values) each link may send; 0 for no limit. Datasets'
+    /// own `sync.rate` limits apply inside it.
+    pub link_rate_bytes_per_sec: u64,
 }
 impl Default for ReplicationSettings {
     fn default() -> Self {
-        ReplicationSettings { outbox_entries_max: OUTBOX_ENTRIES_DEFAULT, anti_entropy_interval_ms: 60_000 }
+        ReplicationSettings {
+            outbox_entries_max: OUTBOX_ENTRIES_DEFAULT,
+            anti_entropy_interval_ms: 60_000,
+            link_rate_bytes_per_sec: 0,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod peer;
 pub mod policy;
 pub mod repair;
+pub mod traffic;
 pub mod transport;
 
 use std::collections::BTreeMap;

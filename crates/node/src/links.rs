@@ -34,10 +34,13 @@ use meridian_policy::{evaluate, ObjectAttributes};
 use meridian_raft::command::{CommandV1, RemoteChange};
 use meridian_raft::{CommandResult, StoredObject};
 
-use crate::metrics::{LinkLabels, ShadowLabels};
+use crate::metrics::{DatasetLinkLabels, DeferralLabels, LinkLabels, ShadowLabels};
 use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, RepairBatch, ShipBatch};
 use crate::policy::ActivePolicy;
+use crate::traffic::{Candidate, Deferral, LinkTraffic};
 use crate::{LocalError, Node, NodeError};
+use meridian_policy::units::Dur;
+use meridian_policy::{Placement, Schedule};
 
 /// How often an idle link looks at the outbox.
 pub const LINK_TICK: Duration = Duration::from_millis(50);
@@ -49,6 +52,85 @@ pub const LINK_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Objects read per page by catch-up and backfill scans.
 pub const SCAN_PAGE: usize = 1024;
+/// Changes a link remembers having sent ahead of its range (so the range does not send them
+/// again); past this, changes behind a waiting one wait too.
+pub const EARLY_SENT_MAX: usize = 4096;
+
+/// What one link's shipper keeps between rounds (in memory: a new leader starts afresh, which
+/// costs at most some resends).
+pub(crate) struct LinkState {
+    pub(crate) traffic: LinkTraffic,
+    /// Sequence → version of changes sent ahead of the range.
+    pub(crate) early_sent: std::collections::BTreeMap<u64, meridian_core::Version>,
+    /// Datasets whose queue gauges were last set non-zero.
+    reported: std::collections::BTreeSet<String>,
+}
+
+impl LinkState {
+    pub(crate) fn new(link_rate: Option<u64>, now_ms: u64) -> Self {
+        LinkState {
+            traffic: LinkTraffic::new(link_rate, now_ms),
+            early_sent: Default::default(),
+            reported: Default::default(),
+        }
+    }
+
+    /// Set the per-dataset queue gauges from the changes waiting in the window the link just
+    /// looked at (at most one batch of outbox entries), and the per-reason deferral gauges.
+    fn report_queue(
+        &mut self,
+        node: &Node,
+        dest: &RegionId,
+        waiting: &[(&Candidate, Deferral)],
+        _seen: &[Candidate],
+        now_ms: u64,
+    ) {
+        let (source, destination) = (node.spec.region.to_string(), dest.to_string());
+        let mut per_dataset: std::collections::BTreeMap<&str, (i64, i64, u64)> = Default::default();
+        let mut per_reason: std::collections::HashMap<Deferral, i64> = Default::default();
+        for (c, reason) in waiting {
+            let e = per_dataset.entry(c.dataset.as_str()).or_default();
+            e.0 += 1;
+            e.1 += c.bytes as i64;
+            e.2 = e.2.max(now_ms.saturating_sub(c.written_ms));
+            *per_reason.entry(*reason).or_default() += 1;
+        }
+        let labels = |dataset: &str| DatasetLinkLabels {
+            source: source.clone(),
+            destination: destination.clone(),
+            dataset: dataset.to_owned(),
+        };
+        let stale: Vec<String> =
+            self.reported.iter().filter(|d| !per_dataset.contains_key(d.as_str())).cloned().collect();
+        for d in stale {
+            let l = labels(&d);
+            node.metrics.replication_queued_changes.get_or_create(&l).set(0);
+            node.metrics.replication_queued_bytes.get_or_create(&l).set(0);
+            node.metrics.replication_lag_seconds.get_or_create(&l).set(0.0);
+            self.reported.remove(&d);
+        }
+        for (d, (n, bytes, age)) in per_dataset {
+            let l = labels(d);
+            node.metrics.replication_queued_changes.get_or_create(&l).set(n);
+            node.metrics.replication_queued_bytes.get_or_create(&l).set(bytes);
+            node.metrics.replication_lag_seconds.get_or_create(&l).set(age as f64 / 1000.0);
+            self.reported.insert(d.to_owned());
+        }
+        for reason in [Deferral::Schedule, Deferral::Rate, Deferral::Congestion] {
+            let l = DeferralLabels {
+                source: source.clone(),
+                destination: destination.clone(),
+                reason: reason.as_str().into(),
+            };
+            node.metrics.replication_deferred.get_or_create(&l).set(per_reason.get(&reason).copied().unwrap_or(0));
+        }
+        if let Some(rtt) = self.traffic.health.rtt_ms {
+            let l = LinkLabels { source, destination };
+            node.metrics.replication_rtt_seconds.get_or_create(&l).set(rtt / 1000.0);
+            node.metrics.replication_congested.get_or_create(&l).set(i64::from(self.traffic.health.congested()));
+        }
+    }
+}
 
 /// The epoch of the active entry, 0 without one.
 pub(crate) fn epoch_of(active: Option<&ActivePolicy>) -> u64 {
@@ -61,8 +143,10 @@ impl Node {
     pub(crate) fn spawn_links(self: &Arc<Self>) {
         let destinations: Vec<RegionId> =
             self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.spec.region).collect();
+        let link_rate = self.config.replication.link_rate_bytes_per_sec;
         for dest in destinations {
             let weak = Arc::downgrade(self);
+            let mut link = LinkState::new((link_rate > 0).then_some(link_rate), self.clock.now_ms());
             tokio::spawn(async move {
                 let mut failures: u32 = 0;
                 loop {
@@ -83,7 +167,7 @@ impl Node {
                         failures = 0;
                         continue;
                     }
-                    match node.ship_once(&dest).await {
+                    match node.ship_once(&dest, &mut link).await {
                         // A full batch: there is more; go again without waiting.
                         Ok(true) => {
                             failures = 0;
@@ -152,21 +236,29 @@ impl Node {
         key: &str,
         obj: &StoredObject,
     ) -> bool {
-        let Some(active) = active else { return false };
-        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return false };
-        let Some((policy, _)) = active.governing(&ds, &k) else { return false };
+        self.placement_of(active, dataset, key, obj).is_some_and(|p| p.holds_copy(region))
+    }
+
+    /// The placement of this object under the version of `active` that governs it.
+    pub(crate) fn placement_of(
+        &self,
+        active: Option<&ActivePolicy>,
+        dataset: &str,
+        key: &str,
+        obj: &StoredObject,
+    ) -> Option<Placement> {
+        let active = active?;
+        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return None };
+        let (policy, _) = active.governing(&ds, &k)?;
         // A user-homed key without a prefix lives where it was written: its origin region.
         let origin = obj.version.region.clone();
         let attrs =
             ObjectAttributes { home: Some(origin.clone()), origin: Some(origin), ..ObjectAttributes::default() };
-        match evaluate(policy, &self.topology, &ds, &k, &attrs) {
-            Ok(p) => p.holds_copy(region),
-            Err(_) => false,
-        }
+        evaluate(policy, &self.topology, &ds, &k, &attrs).ok()
     }
 
     /// Ship one batch to `dest`. `Ok(true)` when the batch was full (more may be waiting).
-    async fn ship_once(&self, dest: &RegionId) -> Result<bool, NodeError> {
+    async fn ship_once(&self, dest: &RegionId, link: &mut LinkState) -> Result<bool, NodeError> {
         let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
         let (state, region_seq) = self.reader.replication().map_err(storage)?;
         let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
@@ -180,13 +272,13 @@ impl Node {
         if let Some(active) = active.as_deref() {
             let done = state.backfilled.get(dest.as_str()).copied();
             if done != Some(epoch) {
-                self.backfill(dest, active, done, cursor).await?;
+                self.backfill(dest, active, done, cursor, link).await?;
                 self.propose_link_command(CommandV1::SetBackfilled { destination: dest.to_string(), epoch }).await?;
                 return Ok(true);
             }
         }
         if cursor < state.outbox_trimmed {
-            self.catch_up(dest, active.as_deref(), cursor, region_seq).await?;
+            self.catch_up(dest, active.as_deref(), cursor, region_seq, link).await?;
             return Ok(true);
         }
         let entries = self.reader.outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
@@ -194,73 +286,134 @@ impl Node {
         // empty batch carries the range past them, so the destination's "merged up to" and
         // this link's lag reach the region's last write.
         if entries.is_empty() && region_seq <= cursor {
+            link.report_queue(self, dest, &[], &[], self.clock.now_ms());
             return Ok(false);
         }
-        let mut changes = Vec::new();
-        let mut upto = cursor;
-        let mut bytes = 0usize;
+        // What may go: this region's own versions the placement lets `dest` hold.
+        let here = self.spec.region.clone();
         let mut withheld = 0u64;
-        let mut cut_short = false;
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut objects: Vec<RemoteChange> = Vec::new();
         for (seq, entry) in &entries {
-            upto = *seq;
             let Some(obj) = self.reader.get(&entry.dataset, &entry.key).map_err(storage)? else { continue };
-            // Only this region's own versions: a newer version merged from elsewhere is
-            // shipped by its own origin's link.
-            if obj.version.region != self.spec.region {
+            // Only this region's own versions, each under its own sequence: a key written
+            // again later is shipped under the later entry, and a newer version merged from
+            // elsewhere by its own origin's link.
+            if obj.version.region != here || obj.version.seq != *seq {
                 continue;
             }
-            let allowed = self.placement_allows(active.as_deref(), dest, &entry.dataset, &entry.key, &obj);
+            let placement = self.placement_of(active.as_deref(), &entry.dataset, &entry.key, &obj);
+            let allowed = placement.as_ref().is_some_and(|p| p.holds_copy(dest));
             self.count_shadow(active.as_deref(), dest, &entry.dataset, &entry.key, &obj, allowed);
-            if !allowed {
+            let Some(placement) = placement.filter(|_| allowed) else {
                 withheld += 1;
                 continue;
+            };
+            // Sent ahead of the range in an earlier round: delivered; the range passes it.
+            if link.early_sent.get(seq) == Some(&obj.version) {
+                continue;
             }
-            bytes += obj.value.as_ref().map_or(0, Vec::len) + entry.key.len();
-            changes.push(RemoteChange {
+            // The dataset's link from here to `dest`; a region that originated the change but
+            // is no longer a home ships it continuously.
+            let l = placement.links.iter().find(|l| l.from == here && l.to == *dest);
+            candidates.push(Candidate {
+                seq: obj.version.seq,
+                dataset: entry.dataset.clone(),
+                bytes: (entry.key.len() + obj.value.as_ref().map_or(0, Vec::len)) as u64,
+                written_ms: obj.version.hlc.wall_ms(),
+                schedule: l.map_or(Schedule::Continuous, |l| l.schedule),
+                phase: l.map_or(Dur(0), |l| l.phase),
+                rate: l.and_then(|l| l.rate),
+                max_lag: l.and_then(|l| l.max_lag),
+            });
+            objects.push(RemoteChange {
                 dataset: entry.dataset.clone(),
                 key: entry.key.clone(),
                 version: obj.version,
                 value: obj.value,
             });
-            if bytes >= LINK_BATCH_BYTES_MAX {
-                cut_short = true;
-                break;
+        }
+        let now = self.clock.now_ms();
+        let plan = link.traffic.plan(&candidates, now);
+        // The range stops before the first change that waits (it stays behind the cursor);
+        // changes admitted past it go at once, outside the range, and are not sent again when
+        // the range reaches them. A batch stops growing at its byte bound.
+        let last_read = entries.last().map_or(cursor, |(s, _)| *s);
+        let mut upto = candidates.iter().zip(&plan).find(|(_, p)| p.is_err()).map(|(c, _)| c.seq - 1);
+        let mut changes = Vec::new();
+        let mut early = Vec::new();
+        let mut bytes = 0u64;
+        let mut deferred: Vec<(usize, Deferral)> = Vec::new();
+        for (i, (c, p)) in candidates.iter().zip(&plan).enumerate() {
+            if let Err(reason) = p {
+                deferred.push((i, *reason));
+                continue;
+            }
+            let in_range = upto.is_none_or(|u| c.seq <= u);
+            let over = bytes >= LINK_BATCH_BYTES_MAX as u64;
+            if over || (!in_range && link.early_sent.len() >= EARLY_SENT_MAX) {
+                // Not this round: return its tokens, and end the range before it.
+                link.traffic.give_back(c);
+                upto = Some(upto.map_or(c.seq - 1, |u| u.min(c.seq - 1)));
+                continue;
+            }
+            let change = objects[i].clone();
+            if in_range {
+                bytes += c.bytes;
+                changes.push(change);
+            } else {
+                bytes += c.bytes;
+                link.early_sent.insert(c.seq, change.version.clone());
+                early.push(change);
             }
         }
-        let full = entries.len() >= LINK_BATCH_ENTRIES_MAX || cut_short;
-        if !full {
-            // Everything up to the region's last write was read (`region_seq` was read before
-            // the outbox, so no entry at or below it can be missing).
-            upto = upto.max(region_seq);
+        // Changes past a range end that stopped short belong to the next round.
+        changes.retain(|ch| upto.is_none_or(|u| ch.version.seq <= u));
+        let full = entries.len() >= LINK_BATCH_ENTRIES_MAX || upto.is_some();
+        // Everything up to the region's last write was read when the outbox held no more
+        // (`region_seq` was read before the outbox, so no entry at or below it is missing).
+        let upto =
+            upto.unwrap_or(if entries.len() >= LINK_BATCH_ENTRIES_MAX { last_read } else { last_read.max(region_seq) });
+        let queued: Vec<(&Candidate, Deferral)> = deferred.iter().map(|(i, r)| (&candidates[*i], *r)).collect();
+        link.report_queue(self, dest, &queued, &candidates, now);
+        if upto <= cursor && early.is_empty() {
+            return Ok(false);
         }
-        let shipped = changes.len() as u64;
+        let shipped = (changes.len() + early.len()) as u64;
         let batch = ShipBatch {
-            source: self.spec.region.to_string(),
+            source: here.to_string(),
             from_seq: cursor + 1,
-            upto_seq: upto,
+            upto_seq: upto.max(cursor),
             policy: active.as_ref().map(|a| a.entry.version.clone()),
             epoch,
             changes,
+            early,
         };
         let unpack = |r| match r {
             PeerResponseV1::Shipped(r) => Some(r),
             _ => None,
         };
         // Idempotent: the destination merges by source range, so any failure may be resent.
+        let started = std::time::Instant::now();
         let (answer, _) = self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
+        link.traffic.health.observe(started.elapsed().as_secs_f64() * 1000.0, bytes);
         let acknowledged = match answer {
             CommandResult::Remote { merged_upto, .. } => merged_upto,
             // The destination has less than the cursor says (it lost state): resend from there.
             CommandResult::RemoteGap { merged_upto } => merged_upto,
             other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
         };
-        self.propose_link_command(CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged })
-            .await?;
+        if acknowledged != cursor {
+            self.propose_link_command(CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged })
+                .await?;
+        }
+        link.early_sent.retain(|seq, _| *seq > acknowledged);
         self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
         self.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
         self.metrics.replication_batches.get_or_create(&labels).inc();
         self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(acknowledged) as i64);
-        Ok(full)
+        // Go again at once only if this round moved the range and more may be waiting.
+        Ok(full && acknowledged > cursor)
     }
 
     /// Propose a link's bookkeeping (cursor, backfill mark) to this region's group.
@@ -309,6 +462,7 @@ impl Node {
         lo: u64,
         hi: Option<u64>,
         skip: Option<&ActivePolicy>,
+        link: &mut LinkState,
     ) -> Result<u64, NodeError> {
         let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
         let epoch = epoch_of(active);
@@ -337,6 +491,7 @@ impl Node {
                 bytes += obj.value.as_ref().map_or(0, Vec::len) + key.len();
                 batch.push(RemoteChange { dataset, key, version: obj.version, value: obj.value });
                 if batch.len() >= LINK_BATCH_ENTRIES_MAX || bytes >= LINK_BATCH_BYTES_MAX {
+                    self.pace(link, bytes as u64).await;
                     sent += self.send_repair(dest, epoch, std::mem::take(&mut batch)).await?;
                     bytes = 0;
                 }
@@ -346,10 +501,24 @@ impl Node {
             }
         }
         if !batch.is_empty() {
+            self.pace(link, bytes as u64).await;
             sent += self.send_repair(dest, epoch, batch).await?;
         }
         self.metrics.replication_backfilled.get_or_create(&self.link_labels(dest)).inc_by(sent);
         Ok(sent)
+    }
+
+    /// Wait until the link's rate limit lets `bytes` go, then take them (scans ignore
+    /// schedules, but not the link's rate limit).
+    async fn pace(&self, link: &mut LinkState, bytes: u64) {
+        loop {
+            let wait = link.traffic.scan_wait_ms(bytes, self.clock.now_ms());
+            if wait == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(wait.min(1_000))).await;
+        }
+        link.traffic.scan_take(bytes);
     }
 
     async fn send_repair(&self, dest: &RegionId, epoch: u64, changes: Vec<RemoteChange>) -> Result<u64, NodeError> {
@@ -372,12 +541,13 @@ impl Node {
         active: &ActivePolicy,
         done: Option<u64>,
         cursor: u64,
+        link: &mut LinkState,
     ) -> Result<(), NodeError> {
         let previous = match done {
             Some(epoch) => self.entry_at_epoch(epoch)?,
             None => None,
         };
-        let sent = self.scan_ship(dest, Some(active), 0, Some(cursor), previous.as_ref()).await?;
+        let sent = self.scan_ship(dest, Some(active), 0, Some(cursor), previous.as_ref(), link).await?;
         if sent > 0 {
             tracing::info!(
                 destination = %dest, epoch = active.entry.epoch, sent,
@@ -396,13 +566,14 @@ impl Node {
         active: Option<&ActivePolicy>,
         cursor: u64,
         region_seq: u64,
+        link: &mut LinkState,
     ) -> Result<(), NodeError> {
         self.metrics.replication_catch_ups.get_or_create(&self.link_labels(dest)).inc();
         tracing::warn!(
             destination = %dest, cursor,
             "link fell behind the bounded outbox; catching up by a filtered scan of the data"
         );
-        let sent = self.scan_ship(dest, active, cursor, None, None).await?;
+        let sent = self.scan_ship(dest, active, cursor, None, None, link).await?;
         let batch = ShipBatch {
             source: self.spec.region.to_string(),
             from_seq: cursor + 1,
@@ -410,6 +581,7 @@ impl Node {
             policy: active.map(|a| a.entry.version.clone()),
             epoch: epoch_of(active),
             changes: Vec::new(),
+            early: Vec::new(),
         };
         let unpack = |r| match r {
             PeerResponseV1::Shipped(r) => Some(r),
@@ -481,17 +653,33 @@ impl Node {
     /// A batch from another region's link: drop what this region's policy copy forbids it to
     /// hold, then merge the rest through this region's Raft group.
     pub(crate) async fn receive_batch(&self, mut batch: ShipBatch) -> Result<CommandResult, PeerError> {
-        self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
+        let source = self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
+        self.admit(&batch.source, batch.epoch, &mut batch.early)?;
+        let stamps: Vec<u64> = batch.changes.iter().chain(&batch.early).map(|c| c.version.hlc.wall_ms()).collect();
+        let to_peer = |e| match e {
+            LocalError::NotLeader(leader) => PeerError::NotLeader { leader },
+            LocalError::Other(e) => crate::to_peer_error(e),
+        };
+        // Changes sent ahead of the range first: they are newer-only merges, so applying
+        // them before (or without) the range is harmless.
+        if !batch.early.is_empty() {
+            let cmd = CommandV1::Repair { source: batch.source.clone(), changes: batch.early };
+            self.propose_replication(cmd).await.map_err(to_peer)?;
+        }
         let cmd = CommandV1::ApplyRemote {
             source: batch.source,
             from_seq: batch.from_seq,
             upto_seq: batch.upto_seq,
             changes: batch.changes,
         };
-        match self.propose_replication(cmd).await {
-            Ok(r) => Ok(r),
-            Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
-            Err(LocalError::Other(e)) => Err(crate::to_peer_error(e)),
+        let result = self.propose_replication(cmd).await.map_err(to_peer)?;
+        // Visible here now: how long after the source stamped each change.
+        let now = self.clock.now_ms();
+        let labels = LinkLabels { source: source.to_string(), destination: self.spec.region.to_string() };
+        let h = self.metrics.replication_apply_lag.get_or_create(&labels);
+        for stamp in stamps {
+            h.observe(now.saturating_sub(stamp) as f64 / 1000.0);
         }
+        Ok(result)
     }
 }

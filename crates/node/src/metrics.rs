@@ -60,6 +60,28 @@ pub struct Metrics {
     pub purged: Family<DatasetLabels, Counter>,
     pub purge_held: Gauge,
     pub cross_region_bytes: Family<CrossRegionLabels, Counter>,
+    pub replication_queued_changes: Family<DatasetLinkLabels, Gauge>,
+    pub replication_queued_bytes: Family<DatasetLinkLabels, Gauge>,
+    pub replication_lag_seconds: Family<DatasetLinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub replication_deferred: Family<DeferralLabels, Gauge>,
+    pub replication_rtt_seconds: Family<LinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub replication_congested: Family<LinkLabels, Gauge>,
+    pub replication_apply_lag: Family<LinkLabels, Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatasetLinkLabels {
+    pub source: String,
+    pub destination: String,
+    pub dataset: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeferralLabels {
+    pub source: String,
+    pub destination: String,
+    /// `schedule`, `rate` or `congestion`.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -241,8 +263,59 @@ impl Metrics {
             "Message body bytes this node exchanged with nodes of other regions, on calls it made",
             cross_region_bytes.clone(),
         );
+        let replication_queued_changes = Family::<DatasetLinkLabels, Gauge>::default();
+        registry.register(
+            "replication_queued_changes",
+            "Changes of the dataset waiting on the link (schedule, rate limit or congestion), in the window of the outbox the link last read",
+            replication_queued_changes.clone(),
+        );
+        let replication_queued_bytes = Family::<DatasetLinkLabels, Gauge>::default();
+        registry.register(
+            "replication_queued_bytes",
+            "Key and value bytes of the changes counted by replication_queued_changes",
+            replication_queued_bytes.clone(),
+        );
+        let replication_lag_seconds = Family::<DatasetLinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "replication_lag_seconds",
+            "Age of the oldest change of the dataset waiting on the link (0 when none waits)",
+            replication_lag_seconds.clone(),
+        );
+        let replication_deferred = Family::<DeferralLabels, Gauge>::default();
+        registry.register(
+            "replication_deferred_changes",
+            "Changes the link holds back this round, by reason (schedule, rate, congestion)",
+            replication_deferred.clone(),
+        );
+        let replication_rtt_seconds = Family::<LinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "replication_rtt_seconds",
+            "Smoothed round trip of the link's batches (sent to acknowledged)",
+            replication_rtt_seconds.clone(),
+        );
+        let replication_congested = Family::<LinkLabels, Gauge>::default();
+        registry.register(
+            "replication_congested",
+            "1 while the link's round trip is degraded and low-priority datasets are deferred",
+            replication_congested.clone(),
+        );
+        let replication_apply_lag = Family::<LinkLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 18))
+        });
+        registry.register(
+            "replication_apply_lag_seconds",
+            "At the destination: from the source's stamp on a change to its merge here",
+            replication_apply_lag.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            replication_queued_changes,
+            replication_queued_bytes,
+            replication_lag_seconds,
+            replication_deferred,
+            replication_rtt_seconds,
+            replication_congested,
+            replication_apply_lag,
             cross_region_bytes,
             replication_catch_ups,
             replication_backfilled,

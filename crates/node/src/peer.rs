@@ -51,11 +51,22 @@ pub enum PeerRequestV1 {
     /// Changes outside the sequenced link (catch-up, backfill), to the destination's leader.
     Repair(RepairBatch),
     /// Per-dataset digests of what the answering region holds that region `with` may hold too.
-    Digest { with: String },
+    Digest {
+        with: String,
+    },
     /// Keys and versions in some digest buckets of one dataset (anti-entropy's second step).
-    DigestEntries { with: String, dataset: String, buckets: Vec<u8>, limit: u32 },
+    DigestEntries {
+        with: String,
+        dataset: String,
+        buckets: Vec<u8>,
+        limit: u32,
+    },
     /// Objects for anti-entropy repair; the answer leaves out whatever `with` may not hold.
-    FetchObjects { with: String, dataset: String, keys: Vec<String> },
+    FetchObjects {
+        with: String,
+        dataset: String,
+        keys: Vec<String>,
+    },
 }
 
 /// Changes sent outside a link's sequenced range: each applies only if newer than the copy
@@ -98,6 +109,9 @@ pub struct ShipBatch {
     /// filtered under another entry than its own, so neither side's stale copy loses data.
     pub epoch: u64,
     pub changes: Vec<meridian_raft::command::RemoteChange>,
+    /// Changes past `upto_seq` sent ahead of the range (behind a change that waits for its
+    /// schedule or its rate limit): merged if newer, without moving the range.
+    pub early: Vec<meridian_raft::command::RemoteChange>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -10,8 +10,11 @@
 //! - **Repair.** On each anti-entropy round a region's leader compares its digests with every
 //!   other region's, lists the keys of the buckets that differ, fetches the objects the other
 //!   side holds newer (the other side sends only what this region may hold) and merges them
-//!   through its own Raft group as a [`CommandV1::Repair`]. Each side pulls what it lacks, so
-//!   a round on both sides converges the pair.
+//!   through its own Raft group as a [`CommandV1::Repair`]. Only changes the origin's link has
+//!   already passed (at or below what this region merged from the origin) are divergences;
+//!   newer ones are still on their way, held by a schedule or a rate limit, and pulling them
+//!   would bypass both. Each side pulls what it lacks, so a round on both sides converges the
+//!   pair.
 //! - **Purge.** A copy the active placement no longer lets this region hold is removed, but
 //!   only once a region that may hold it has it (its origin, or a region that merged the
 //!   origin's sequence past it): a policy change never loses the last copy. Each purge is
@@ -81,7 +84,15 @@ pub struct PairVerdict {
 
 impl Node {
     /// Both regions may hold this object under `active`.
-    fn shared_by(&self, active: Option<&ActivePolicy>, a: &RegionId, b: &RegionId, ds: &str, key: &str, obj: &StoredObject) -> bool {
+    fn shared_by(
+        &self,
+        active: Option<&ActivePolicy>,
+        a: &RegionId,
+        b: &RegionId,
+        ds: &str,
+        key: &str,
+        obj: &StoredObject,
+    ) -> bool {
         self.placement_allows(active, a, ds, key, obj) && self.placement_allows(active, b, ds, key, obj)
     }
 
@@ -109,7 +120,8 @@ impl Node {
     }
 
     fn peer_region(with: &str, what: &str) -> Result<RegionId, PeerError> {
-        RegionId::new(with.to_owned()).map_err(|_| PeerError::Protocol(format!("{what} for an invalid region {with:?}")))
+        RegionId::new(with.to_owned())
+            .map_err(|_| PeerError::Protocol(format!("{what} for an invalid region {with:?}")))
     }
 
     fn lead_or_refuse(&self) -> Result<(), PeerError> {
@@ -274,13 +286,8 @@ impl Node {
                     continue;
                 }
                 next_round = Instant::now() + interval;
-                let others: Vec<RegionId> = node
-                    .topology
-                    .regions()
-                    .iter()
-                    .map(|r| r.name.clone())
-                    .filter(|r| *r != node.spec.region)
-                    .collect();
+                let others: Vec<RegionId> =
+                    node.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != node.spec.region).collect();
                 for peer in others {
                     match node.anti_entropy_with(&peer).await {
                         Ok(0) => {}
@@ -324,9 +331,14 @@ impl Node {
             };
             let (their_entries, _) = self.call_region(peer, req, unpack, true).await?;
             let local = self.local_digest_entries(peer, &d.dataset, &differing, usize::MAX)?;
+            // Only what the origin's link has already passed is a divergence: a newer change
+            // is still on its way (waiting for its schedule or rate limit, or in flight), and
+            // pulling it here would bypass both.
+            let (state, _) = self.reader.replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+            let passed = |v: &Version| state.merged.get(v.region.as_str()).is_some_and(|m| v.seq <= *m);
             let needed: Vec<String> = their_entries
                 .into_iter()
-                .filter(|(k, v)| local.get(k).is_none_or(|mine| v > mine))
+                .filter(|(k, v)| local.get(k).is_none_or(|mine| v > mine) && passed(v))
                 .map(|(k, _)| k)
                 .collect();
             for keys in needed.chunks(FETCH_KEYS_MAX) {
@@ -407,7 +419,10 @@ impl Node {
         }
         self.metrics.purge_held.set(held);
         if held > 0 {
-            tracing::warn!(held, "copies this region may no longer hold are kept until a region that may hold them has them");
+            tracing::warn!(
+                held,
+                "copies this region may no longer hold are kept until a region that may hold them has them"
+            );
         }
         let mut total = 0u64;
         for (dataset, keys) in by_dataset {
@@ -466,7 +481,8 @@ fn compare(a: &RegionDigest, b: &RegionDigest, only: Option<&str>) -> Vec<Datase
         d.datasets.iter().map(|x| (x.dataset.clone(), x.clone())).collect()
     };
     let (ia, ib) = (index(a), index(b));
-    let names: BTreeSet<&String> = ia.keys().chain(ib.keys()).filter(|n| only.is_none_or(|o| o == n.as_str())).collect();
+    let names: BTreeSet<&String> =
+        ia.keys().chain(ib.keys()).filter(|n| only.is_none_or(|o| o == n.as_str())).collect();
     names
         .into_iter()
         .map(|name| {
