@@ -277,8 +277,11 @@ pub async fn replication_verify(opts: &ClientOpts, dataset: Option<&str>) -> any
                 t.add_row(vec![pair.clone(), "-".into(), "0".into(), "nothing both may hold".into()]);
             }
             for d in &p.datasets {
-                let objects =
-                    if d.count_a == d.count_b { d.count_a.to_string() } else { format!("{} / {}", d.count_a, d.count_b) };
+                let objects = if d.count_a == d.count_b {
+                    d.count_a.to_string()
+                } else {
+                    format!("{} / {}", d.count_a, d.count_b)
+                };
                 let verdict = if d.equal { "equal" } else { "DIFFER" };
                 t.add_row(vec![pair.clone(), d.dataset.clone(), objects, verdict.into()]);
             }

@@ -31,9 +31,7 @@ pub async fn start_node(
         .with_context(|| format!("bind the peer listener of node {node_id} on {}", spec.peer_addr))?;
     let mut opts = NodeOptions::new(config, node_id, data_dir);
     opts.wire_capture = wire_capture;
-    let node = Node::start(opts)
-        .await
-        .with_context(|| format!("start node {node_id}"))?;
+    let node = Node::start(opts).await.with_context(|| format!("start node {node_id}"))?;
     let serving = tokio::spawn(meridian_server::serve(node.clone(), api, peer, shutdown));
     Ok((node, serving))
 }
