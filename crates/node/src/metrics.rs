@@ -89,6 +89,10 @@ pub struct CrossRegionLabels {
     pub peer_region: String,
     /// `sent` (request bodies) or `received` (reply bodies), from this node's side.
     pub direction: String,
+    /// `ship` (link batches), `repair` (catch-up and backfill), `anti_entropy`, `raft`, `other`.
+    pub kind: String,
+    /// `raw` (encoded message) or `wire` (after compression).
+    pub encoding: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -260,7 +264,7 @@ impl Metrics {
         let cross_region_bytes = Family::<CrossRegionLabels, Counter>::default();
         registry.register(
             "peer_cross_region_bytes",
-            "Message body bytes this node exchanged with nodes of other regions, on calls it made",
+            "Message body bytes this node exchanged with nodes of other regions on calls it made, raw and on the wire",
             cross_region_bytes.clone(),
         );
         let replication_queued_changes = Family::<DatasetLinkLabels, Gauge>::default();

@@ -103,9 +103,8 @@ pub struct ShipBatch {
     pub source: String,
     pub from_seq: u64,
     pub upto_seq: u64,
-    /// The active policy version the source filtered by (for audit).
-    pub policy: Option<String>,
-    /// The epoch of the policy entry the source filtered by; the destination refuses a batch
+    /// The epoch of the policy entry the source filtered by (its history entry names the
+    /// versions, for audit); the destination refuses a batch
     /// filtered under another entry than its own, so neither side's stale copy loses data.
     pub epoch: u64,
     pub changes: Vec<meridian_raft::command::RemoteChange>,

@@ -335,12 +335,22 @@ async fn metrics(State(state): State<AppState>) -> Response {
     resp
 }
 
-async fn peer(State(state): State<AppState>, body: Body) -> Response {
+async fn peer(State(state): State<AppState>, headers: axum::http::HeaderMap, body: Body) -> Response {
+    use meridian_node::transport::{compress_body, decompress_body, COMPRESS_MIN_BYTES, ZSTD};
     let bytes = match axum::body::to_bytes(body, PEER_BODY_BYTES_MAX).await {
         Ok(b) => b,
         Err(e) => {
             return (StatusCode::PAYLOAD_TOO_LARGE, format!("peer message too large or broken: {e}")).into_response()
         }
+    };
+    let is = |name: &str| headers.get(name).is_some_and(|v| v.as_bytes() == ZSTD.as_bytes());
+    let bytes = if is("content-encoding") {
+        match decompress_body(&bytes, PEER_BODY_BYTES_MAX) {
+            Ok(raw) => bytes::Bytes::from(raw),
+            Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+        }
+    } else {
+        bytes
     };
     let req: PeerRequest = match postcard::from_bytes(&bytes) {
         Ok(r) => r,
@@ -351,6 +361,10 @@ async fn peer(State(state): State<AppState>, body: Body) -> Response {
     };
     let reply = state.node.handle_peer(req).await;
     match postcard::to_stdvec(&reply) {
+        Ok(b) if is("accept-encoding") && b.len() >= COMPRESS_MIN_BYTES => match compress_body(&b) {
+            Ok(c) => ([("content-encoding", ZSTD)], c).into_response(),
+            Err(_) => b.into_response(),
+        },
         Ok(b) => b.into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode peer reply: {e}")).into_response(),
     }
