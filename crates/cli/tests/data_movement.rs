@@ -229,6 +229,7 @@ async fn leaders_killed_while_shipping_neither_duplicate_nor_lose_a_change() {
     );
     cli_ok(&us, &["policy", "apply", &p]);
     let us_apis: Vec<String> = cluster.regions[0].1.iter().map(|id| cluster.api[(*id - 1) as usize].clone()).collect();
+    let t0 = std::time::Instant::now();
     let writer = {
         let (http, apis) = (http.clone(), us_apis.clone());
         tokio::spawn(async move {
@@ -250,11 +251,18 @@ async fn leaders_killed_while_shipping_neither_duplicate_nor_lose_a_change() {
         }
     }
     writer.await.unwrap();
-    wait_until("every copy verifies equal", Duration::from_secs(90), || {
-        let us = us.clone();
-        async move { verified(&us, "catalog") }
-    })
-    .await;
+    eprintln!("writer done at {:?}", t0.elapsed());
+    let mut dumped = false;
+    while !verified(&us, "catalog") {
+        if t0.elapsed() > Duration::from_secs(15) && !dumped {
+            dumped = true;
+            eprintln!("{}", cli(&us, &["replication", "status"]).1);
+            cluster.dump_logs();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("verified at {:?}", t0.elapsed());
     let status: serde_json::Value =
         http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();
     let eu_status = region_status(&status, "eu-west");

@@ -156,6 +156,7 @@ pub struct Node {
     log_stats_seen: Mutex<(u64, u64)>,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     policy: policy::PolicyCache,
+    link_signals: links::LinkSignals,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +301,7 @@ impl Node {
             log_stats_seen: Mutex::new((0, 0)),
             proposals,
             policy: policy::PolicyCache::default(),
+            link_signals: links::LinkSignals::default(),
         });
         if let Err(e) = node.refresh_policy() {
             tracing::warn!(error = %e, "load the policy copy");
@@ -589,6 +591,8 @@ impl Node {
         };
         let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
         let result = self.propose(cmd, bytes).await?;
+        // Committed and applied here: the links may have something to ship.
+        self.wake_links();
         if guard.is_none() {
             return Ok(result);
         }

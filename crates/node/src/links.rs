@@ -52,6 +52,84 @@ pub const LINK_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Objects read per page by catch-up and backfill scans.
 pub const SCAN_PAGE: usize = 1024;
+/// Batches one link keeps in flight at once.
+pub const PIPELINE_MAX: usize = 4;
+/// How long a destination holds a batch that arrived before the one ahead of it was merged.
+pub const ORDER_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// Signals between the write path, the receivers and the shippers.
+#[derive(Default)]
+pub(crate) struct LinkSignals {
+    /// One per shipper, notified when a local write commits.
+    pub(crate) wakes: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
+    /// Notified when this node merged a batch from another region.
+    pub(crate) merged: tokio::sync::Notify,
+}
+
+/// A batch ready to go, with what it carries.
+pub(crate) struct Prepared {
+    batch: ShipBatch,
+    /// The outbox may hold more after it.
+    more: bool,
+    bytes: u64,
+    shipped: u64,
+    withheld: u64,
+}
+
+pub(crate) enum Round {
+    Idle,
+    /// A backfill or catch-up scan ran to its end.
+    Scanned,
+    Batch(Prepared),
+}
+
+/// A batch that came back.
+pub(crate) struct Sent {
+    result: Result<CommandResult, NodeError>,
+    rtt_ms: f64,
+    bytes: u64,
+    shipped: u64,
+    withheld: u64,
+}
+
+/// One shipper's batches in flight.
+#[derive(Default)]
+pub(crate) struct Pipeline {
+    /// The end of the last range sent; the next batch starts after it (`None`: after the
+    /// cursor).
+    sent_upto: Option<u64>,
+    in_flight: usize,
+    /// The highest range end the destination acknowledged.
+    acked: u64,
+    failures: u32,
+    completed: Vec<Sent>,
+}
+
+impl Pipeline {
+    /// Send the next batch from the cursor again.
+    fn restart(&mut self) {
+        self.sent_upto = None;
+    }
+
+    fn failed(&mut self, node: &Node, dest: &RegionId, e: &NodeError) {
+        self.failures = self.failures.saturating_add(1);
+        self.restart();
+        node.metrics.replication_errors.get_or_create(&node.link_labels(dest)).inc();
+        tracing::debug!(destination = %dest, error = %e, "link attempt failed");
+    }
+
+    /// How long to wait before the next round: the tick, or a backoff with jitter.
+    fn pause(&self) -> Duration {
+        if self.failures == 0 {
+            return LINK_TICK;
+        }
+        let cap = LINK_BACKOFF_MAX.as_millis() as u64;
+        let base = (LINK_TICK.as_millis() as u64) << self.failures.min(8);
+        let ms = base.min(cap);
+        Duration::from_millis(ms / 2 + rand::random::<u64>() % (ms / 2 + 1))
+    }
+}
+
 /// Changes a link remembers having sent ahead of its range (so the range does not send them
 /// again); past this, changes behind a waiting one wait too.
 pub const EARLY_SENT_MAX: usize = 4096;
@@ -139,7 +217,9 @@ pub(crate) fn epoch_of(active: Option<&ActivePolicy>) -> u64 {
 
 impl Node {
     /// Start one shipper per destination region. Each runs only while this node leads its
-    /// region, and stops with the node.
+    /// region, and stops with the node. A shipper keeps up to [`PIPELINE_MAX`] batches in
+    /// flight (the destination merges them in range order), wakes as soon as a local write
+    /// commits, and otherwise looks every [`LINK_TICK`].
     pub(crate) fn spawn_links(self: &Arc<Self>) {
         let destinations: Vec<RegionId> =
             self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.spec.region).collect();
@@ -147,41 +227,127 @@ impl Node {
         for dest in destinations {
             let weak = Arc::downgrade(self);
             let mut link = LinkState::new((link_rate > 0).then_some(link_rate), self.clock.now_ms());
+            let wake = Arc::new(tokio::sync::Notify::new());
+            self.link_signals.wakes.lock().expect("wakes lock").push(wake.clone());
             tokio::spawn(async move {
-                let mut failures: u32 = 0;
+                let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Sent>(PIPELINE_MAX * 2);
+                let mut pipe = Pipeline::default();
+                let mut immediate = false;
                 loop {
-                    let pause = if failures == 0 {
-                        LINK_TICK
-                    } else {
-                        let cap = LINK_BACKOFF_MAX.as_millis() as u64;
-                        let base = (LINK_TICK.as_millis() as u64) << failures.min(8);
-                        let ms = base.min(cap);
-                        Duration::from_millis(ms / 2 + rand::random::<u64>() % (ms / 2 + 1))
-                    };
-                    tokio::time::sleep(pause).await;
+                    if !immediate {
+                        let pause = pipe.pause();
+                        tokio::select! {
+                            _ = wake.notified(), if pipe.failures == 0 => {}
+                            Some(sent) = done_rx.recv() => pipe.completed.push(sent),
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                    immediate = false;
+                    while let Ok(sent) = done_rx.try_recv() {
+                        pipe.completed.push(sent);
+                    }
                     let Some(node) = weak.upgrade() else { return };
                     if node.links_stopped() {
                         return;
                     }
+                    node.settle(&dest, &mut link, &mut pipe).await;
                     if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
-                        failures = 0;
+                        pipe.restart();
+                        pipe.failures = 0;
                         continue;
                     }
-                    match node.ship_once(&dest, &mut link).await {
-                        // A full batch: there is more; go again without waiting.
-                        Ok(true) => {
-                            failures = 0;
-                            continue;
+                    if pipe.in_flight >= PIPELINE_MAX {
+                        continue;
+                    }
+                    match node.prepare_round(&dest, &mut link, &pipe).await {
+                        Ok(Round::Idle) => {}
+                        Ok(Round::Scanned) => {
+                            pipe.restart();
+                            immediate = true;
                         }
-                        Ok(false) => failures = 0,
-                        Err(e) => {
-                            failures = failures.saturating_add(1);
-                            node.metrics.replication_errors.get_or_create(&node.link_labels(&dest)).inc();
-                            tracing::debug!(destination = %dest, error = %e, "link attempt failed");
+                        Ok(Round::Batch(b)) => {
+                            pipe.sent_upto = Some(b.batch.upto_seq);
+                            pipe.in_flight += 1;
+                            immediate = b.more;
+                            let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
+                            tokio::spawn(async move {
+                                let started = std::time::Instant::now();
+                                let result = node2.send_batch(&dest2, &b.batch).await;
+                                let rtt_ms = started.elapsed().as_secs_f64() * 1000.0;
+                                let _ = tx
+                                    .send(Sent {
+                                        result,
+                                        rtt_ms,
+                                        bytes: b.bytes,
+                                        shipped: b.shipped,
+                                        withheld: b.withheld,
+                                    })
+                                    .await;
+                            });
                         }
+                        Err(e) => pipe.failed(&node, &dest, &e),
                     }
                 }
             });
+        }
+    }
+
+    /// Wake every link: a local write committed.
+    pub(crate) fn wake_links(&self) {
+        for w in self.link_signals.wakes.lock().expect("wakes lock").iter() {
+            w.notify_one();
+        }
+    }
+
+    /// Account for the batches that came back: move the cursor to the highest acknowledged
+    /// range, or start again from the cursor after a failure or a gap.
+    async fn settle(&self, dest: &RegionId, link: &mut LinkState, pipe: &mut Pipeline) {
+        let labels = self.link_labels(dest);
+        let mut gap: Option<u64> = None;
+        for sent in std::mem::take(&mut pipe.completed) {
+            pipe.in_flight -= 1;
+            match sent.result {
+                Ok(CommandResult::Remote { merged_upto, .. }) => {
+                    pipe.acked = pipe.acked.max(merged_upto);
+                    pipe.failures = 0;
+                    link.traffic.health.observe(sent.rtt_ms, sent.bytes);
+                    self.metrics.replication_shipped.get_or_create(&labels).inc_by(sent.shipped);
+                    self.metrics.replication_withheld.get_or_create(&labels).inc_by(sent.withheld);
+                    self.metrics.replication_batches.get_or_create(&labels).inc();
+                }
+                // The destination has less than the cursor says (it lost state): resend from there.
+                Ok(CommandResult::RemoteGap { merged_upto }) => {
+                    gap = Some(gap.map_or(merged_upto, |g| g.min(merged_upto)));
+                    pipe.restart();
+                }
+                Ok(other) => {
+                    pipe.failed(self, dest, &NodeError::Internal(format!("unexpected answer to a batch: {other:?}")))
+                }
+                Err(e) => pipe.failed(self, dest, &e),
+            }
+        }
+        let cursor = match self.reader.replication() {
+            Ok((state, _)) => state.cursors.get(dest.as_str()).copied().unwrap_or(0),
+            Err(_) => return,
+        };
+        let target = match gap {
+            Some(g) if g < cursor => Some(g),
+            _ if pipe.acked > cursor => Some(pipe.acked),
+            _ => None,
+        };
+        if let Some(upto) = target {
+            let cmd = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: upto };
+            if let Err(e) = self.propose_link_command(cmd).await {
+                pipe.failed(self, dest, &e);
+                return;
+            }
+            if gap.is_some() {
+                pipe.acked = upto;
+            }
+            link.early_sent.retain(|seq, _| *seq > upto);
+            if let Ok((_, region_seq)) = self.reader.replication() {
+                self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(upto) as i64);
+            }
         }
     }
 
@@ -257,37 +423,45 @@ impl Node {
         evaluate(policy, &self.topology, &ds, &k, &attrs).ok()
     }
 
-    /// Ship one batch to `dest`. `Ok(true)` when the batch was full (more may be waiting).
-    async fn ship_once(&self, dest: &RegionId, link: &mut LinkState) -> Result<bool, NodeError> {
+    /// Decide this round for `dest`: a backfill or catch-up scan (run here, with nothing in
+    /// flight), nothing, or the next batch after what was last sent.
+    async fn prepare_round(&self, dest: &RegionId, link: &mut LinkState, pipe: &Pipeline) -> Result<Round, NodeError> {
         let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
         let (state, region_seq) = self.reader.replication().map_err(storage)?;
         let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
-        let labels = self.link_labels(dest);
-        self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(cursor) as i64);
         self.refresh_policy()?;
         let active = self.active_policy();
         let epoch = epoch_of(active.as_deref());
+        let idle = pipe.in_flight == 0;
         // A new policy entry may let `dest` hold what earlier ones withheld: backfill that
         // before shipping anything under it.
         if let Some(active) = active.as_deref() {
             let done = state.backfilled.get(dest.as_str()).copied();
             if done != Some(epoch) {
+                if !idle {
+                    return Ok(Round::Idle);
+                }
                 self.backfill(dest, active, done, cursor, link).await?;
                 self.propose_link_command(CommandV1::SetBackfilled { destination: dest.to_string(), epoch }).await?;
-                return Ok(true);
+                return Ok(Round::Scanned);
             }
         }
-        if cursor < state.outbox_trimmed {
+        let from = pipe.sent_upto.unwrap_or(cursor).max(cursor);
+        if from < state.outbox_trimmed {
+            if !idle {
+                return Ok(Round::Idle);
+            }
             self.catch_up(dest, active.as_deref(), cursor, region_seq, link).await?;
-            return Ok(true);
+            return Ok(Round::Scanned);
         }
+        let cursor = from;
         let entries = self.reader.outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
         // Writes that never enter the outbox (reserved namespaces) still take sequences: an
         // empty batch carries the range past them, so the destination's "merged up to" and
         // this link's lag reach the region's last write.
         if entries.is_empty() && region_seq <= cursor {
             link.report_queue(self, dest, &[], &[], self.clock.now_ms());
-            return Ok(false);
+            return Ok(Round::Idle);
         }
         // What may go: this region's own versions the placement lets `dest` hold.
         let here = self.spec.region.clone();
@@ -377,7 +551,7 @@ impl Node {
         let queued: Vec<(&Candidate, Deferral)> = deferred.iter().map(|(i, r)| (&candidates[*i], *r)).collect();
         link.report_queue(self, dest, &queued, &candidates, now);
         if upto <= cursor && early.is_empty() {
-            return Ok(false);
+            return Ok(Round::Idle);
         }
         let shipped = (changes.len() + early.len()) as u64;
         let batch = ShipBatch {
@@ -388,31 +562,17 @@ impl Node {
             changes,
             early,
         };
+        Ok(Round::Batch(Prepared { batch, more: full, bytes, shipped, withheld }))
+    }
+
+    /// Send one batch to `dest`'s leader. Idempotent: the destination merges by source range,
+    /// so any failure may be resent.
+    async fn send_batch(&self, dest: &RegionId, batch: &ShipBatch) -> Result<CommandResult, NodeError> {
         let unpack = |r| match r {
             PeerResponseV1::Shipped(r) => Some(r),
             _ => None,
         };
-        // Idempotent: the destination merges by source range, so any failure may be resent.
-        let started = std::time::Instant::now();
-        let (answer, _) = self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
-        link.traffic.health.observe(started.elapsed().as_secs_f64() * 1000.0, bytes);
-        let acknowledged = match answer {
-            CommandResult::Remote { merged_upto, .. } => merged_upto,
-            // The destination has less than the cursor says (it lost state): resend from there.
-            CommandResult::RemoteGap { merged_upto } => merged_upto,
-            other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
-        };
-        if acknowledged != cursor {
-            self.propose_link_command(CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acknowledged })
-                .await?;
-        }
-        link.early_sent.retain(|seq, _| *seq > acknowledged);
-        self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
-        self.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
-        self.metrics.replication_batches.get_or_create(&labels).inc();
-        self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(acknowledged) as i64);
-        // Go again at once only if this round moved the range and more may be waiting.
-        Ok(full && acknowledged > cursor)
+        Ok(self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?.0)
     }
 
     /// Propose a link's bookkeeping (cursor, backfill mark) to this region's group.
@@ -664,13 +824,34 @@ impl Node {
             let cmd = CommandV1::Repair { source: batch.source.clone(), changes: batch.early };
             self.propose_replication(cmd).await.map_err(to_peer)?;
         }
+        // Pipelined batches may overtake each other on the way: hold one that starts past
+        // what is merged until the one ahead of it is (bounded; after that the merge answers
+        // with the gap and the source resends).
+        let deadline = tokio::time::Instant::now() + ORDER_WAIT_MAX;
+        loop {
+            let notified = self.link_signals.merged.notified();
+            let merged = match self.reader.replication() {
+                Ok((state, _)) => state.merged.get(batch.source.as_str()).copied().unwrap_or(0),
+                Err(e) => return Err(PeerError::Internal(e.to_string())),
+            };
+            if batch.from_seq <= merged + 1 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(20)),
+                notified,
+            )
+            .await;
+        }
         let cmd = CommandV1::ApplyRemote {
             source: batch.source,
             from_seq: batch.from_seq,
             upto_seq: batch.upto_seq,
             changes: batch.changes,
         };
-        let result = self.propose_replication(cmd).await.map_err(to_peer)?;
+        let result = self.propose_replication(cmd).await.map_err(to_peer);
+        self.link_signals.merged.notify_waiters();
+        let result = result?;
         // Visible here now: how long after the source stamped each change.
         let now = self.clock.now_ms();
         let labels = LinkLabels { source: source.to_string(), destination: self.spec.region.to_string() };

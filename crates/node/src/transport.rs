@@ -215,20 +215,15 @@ impl HttpTransport {
             // The answer may come back compressed too.
             request = request.header("content-encoding", ZSTD).header("accept-encoding", ZSTD);
         }
-        let resp = request
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RpcFailure::Unreachable(e.to_string())
-                } else {
-                    RpcFailure::Interrupted(e.to_string())
-                }
-            })?;
+        let resp = request.body(body).send().await.map_err(|e| {
+            if e.is_connect() {
+                RpcFailure::Unreachable(e.to_string())
+            } else {
+                RpcFailure::Interrupted(e.to_string())
+            }
+        })?;
         let status = resp.status();
-        let reply_compressed =
-            resp.headers().get("content-encoding").is_some_and(|v| v.as_bytes() == ZSTD.as_bytes());
+        let reply_compressed = resp.headers().get("content-encoding").is_some_and(|v| v.as_bytes() == ZSTD.as_bytes());
         let bytes = resp.bytes().await.map_err(|e| RpcFailure::Interrupted(e.to_string()))?;
         let bytes = if reply_compressed && status.is_success() {
             let raw = decompress_body(&bytes, crate::peer::PEER_BODY_BYTES_MAX).map_err(RpcFailure::Protocol)?;
@@ -296,6 +291,16 @@ fn kind_of(req: &PeerRequestV1) -> &'static str {
     }
 }
 
+impl PeerRpc for HttpTransport {
+    async fn raft_rpc(&self, target: u64, req: RaftRequest, timeout: Duration) -> Result<RaftReply, RpcFailure> {
+        match self.call(target, PeerRequestV1::Raft(req), timeout).await? {
+            PeerResponseV1::Raft(reply) => Ok(reply),
+            PeerResponseV1::Refused(e) => Err(RpcFailure::Protocol(e.to_string())),
+            _ => Err(RpcFailure::Protocol("reply does not match a raft request".into())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod codec_tests {
     use super::*;
@@ -311,15 +316,5 @@ mod codec_tests {
         let mut cut = c.clone();
         cut.truncate(c.len() / 2);
         assert!(decompress_body(&cut, raw.len()).is_err());
-    }
-}
-
-impl PeerRpc for HttpTransport {
-    async fn raft_rpc(&self, target: u64, req: RaftRequest, timeout: Duration) -> Result<RaftReply, RpcFailure> {
-        match self.call(target, PeerRequestV1::Raft(req), timeout).await? {
-            PeerResponseV1::Raft(reply) => Ok(reply),
-            PeerResponseV1::Refused(e) => Err(RpcFailure::Protocol(e.to_string())),
-            _ => Err(RpcFailure::Protocol("reply does not match a raft request".into())),
-        }
     }
 }
