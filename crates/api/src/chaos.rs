@@ -33,7 +33,7 @@ pub struct ChaosStatus {
 }
 
 /// One link from the region it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LinkStatus {
     pub destination: String,
     /// The destination has acknowledged this region's changes up to this sequence.
@@ -44,10 +44,57 @@ pub struct LinkStatus {
     /// The policy epoch whose backfill this link has completed, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfilled_epoch: Option<u64>,
+    /// What the shipper on the region's leader reports; absent when no leader answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipper: Option<LinkShipper>,
+}
+
+/// A link's shipper, as the leader running it reports it (in memory: counts restart with
+/// leadership).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LinkShipper {
+    /// `ok`, `backoff` (failing; retrying with backoff), or `congested` (round trips degraded;
+    /// loose-budget datasets deferred).
+    pub state: String,
+    pub batches_in_flight: u32,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goodput_bytes_per_sec: Option<u64>,
+    pub batches: u64,
+    pub errors: u64,
+    /// Bytes of its batches and scans as encoded, and on the wire after compression.
+    pub sent_bytes_raw: u64,
+    pub sent_bytes_wire: u64,
+    /// Changes held back in the window last read, by reason (`schedule`, `rate`, `congestion`).
+    pub deferred: Vec<(String, u64)>,
+    /// The age of the oldest waiting change, in seconds (0: none waits).
+    pub lag_seconds: f64,
+    pub queued_changes: u64,
+    pub queued_bytes: u64,
+    pub datasets: Vec<LinkDatasetStatus>,
+}
+
+/// One dataset on one link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LinkDatasetStatus {
+    pub dataset: String,
+    /// Changes waiting in the window of the outbox the link last read (one batch), their key
+    /// and value bytes, and the age of the oldest.
+    pub queued_changes: u64,
+    pub queued_bytes: u64,
+    pub lag_seconds: f64,
+    /// Changes sent in batches, and their key and value bytes.
+    pub sent_changes: u64,
+    pub sent_bytes: u64,
 }
 
 /// One region's replication state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegionReplicationStatus {
     pub region: String,
     pub reachable: bool,
@@ -115,7 +162,7 @@ pub struct VerifyReport {
 }
 
 /// `GET /v1/replication`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ReplicationStatus {
     pub regions: Vec<RegionReplicationStatus>,
 }

@@ -209,33 +209,64 @@ pub async fn replication_status(opts: &ClientOpts) -> anyhow::Result<()> {
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED).set_header(vec![
         "link",
-        "region seq",
+        "state",
         "acknowledged",
         "lag (changes)",
+        "lag (s)",
+        "queued",
+        "sent raw / wire",
+        "batches",
+        "errors",
+        "rtt ms",
         "backfilled epoch",
     ]);
     for region in &r.regions {
         if let Some(e) = &region.error {
-            t.add_row(vec![
-                format!("{} -> *", region.region),
-                "-".into(),
-                "-".into(),
-                format!("unreachable: {e}"),
-                "-".into(),
-            ]);
+            let mut row = vec![format!("{} -> *", region.region), format!("unreachable: {e}")];
+            row.extend(std::iter::repeat_n("-".to_owned(), 9));
+            t.add_row(row);
             continue;
         }
         for l in &region.links {
+            let s = l.shipper.as_ref();
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             t.add_row(vec![
                 format!("{} -> {}", region.region, l.destination),
-                region.region_seq.to_string(),
-                l.acknowledged_seq.to_string(),
+                or_dash(s.map(|s| s.state.clone())),
+                format!("{} / {}", l.acknowledged_seq, region.region_seq),
                 l.lag_changes.to_string(),
+                or_dash(s.map(|s| format!("{:.1}", s.lag_seconds))),
+                or_dash(s.map(|s| format!("{} ({} B)", s.queued_changes, s.queued_bytes))),
+                or_dash(s.map(|s| format!("{} / {}", s.sent_bytes_raw, s.sent_bytes_wire))),
+                or_dash(s.map(|s| s.batches.to_string())),
+                or_dash(s.map(|s| s.errors.to_string())),
+                or_dash(s.and_then(|s| s.rtt_ms).map(|r| format!("{r:.1}"))),
                 l.backfilled_epoch.map_or("-".into(), |e| e.to_string()),
             ]);
         }
     }
     println!("{t}");
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["link", "dataset", "queued", "lag (s)", "sent", "sent bytes"]);
+    let mut any = false;
+    for region in &r.regions {
+        for l in &region.links {
+            for d in l.shipper.iter().flat_map(|s| &s.datasets) {
+                any = true;
+                t.add_row(vec![
+                    format!("{} -> {}", region.region, l.destination),
+                    d.dataset.clone(),
+                    format!("{} ({} B)", d.queued_changes, d.queued_bytes),
+                    format!("{:.1}", d.lag_seconds),
+                    d.sent_changes.to_string(),
+                    d.sent_bytes.to_string(),
+                ]);
+            }
+        }
+    }
+    if any {
+        println!("{t}");
+    }
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED).set_header(vec![
         "region",

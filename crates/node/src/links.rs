@@ -64,6 +64,8 @@ pub(crate) struct LinkSignals {
     pub(crate) wakes: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
     /// Notified when this node merged a batch from another region.
     pub(crate) merged: tokio::sync::Notify,
+    /// Each shipper's latest report, by destination.
+    pub(crate) reports: std::sync::Mutex<std::collections::BTreeMap<String, crate::peer::LinkReport>>,
 }
 
 /// A batch ready to go, with what it carries.
@@ -103,6 +105,9 @@ pub(crate) struct Pipeline {
     acked: u64,
     failures: u32,
     completed: Vec<Sent>,
+    batches: u64,
+    errors: u64,
+    last_error: Option<String>,
 }
 
 impl Pipeline {
@@ -113,6 +118,8 @@ impl Pipeline {
 
     fn failed(&mut self, node: &Node, dest: &RegionId, e: &NodeError) {
         self.failures = self.failures.saturating_add(1);
+        self.errors += 1;
+        self.last_error = Some(e.to_string());
         self.restart();
         node.metrics.replication_errors.get_or_create(&node.link_labels(dest)).inc();
         tracing::debug!(destination = %dest, error = %e, "link attempt failed");
@@ -142,6 +149,12 @@ pub(crate) struct LinkState {
     pub(crate) early_sent: std::collections::BTreeMap<u64, meridian_core::Version>,
     /// Datasets whose queue gauges were last set non-zero.
     reported: std::collections::BTreeSet<String>,
+    /// Per dataset: changes waiting in the last window read, their bytes, the oldest's age (ms).
+    queue: std::collections::BTreeMap<String, (u64, u64, u64)>,
+    /// Changes waiting in the last window read, by reason.
+    deferred: Vec<(String, u64)>,
+    /// Per dataset: changes sent in batches, and their key and value bytes.
+    sent: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl LinkState {
@@ -150,6 +163,9 @@ impl LinkState {
             traffic: LinkTraffic::new(link_rate, now_ms),
             early_sent: Default::default(),
             reported: Default::default(),
+            queue: Default::default(),
+            deferred: Vec::new(),
+            sent: Default::default(),
         }
     }
 
@@ -187,6 +203,12 @@ impl LinkState {
             node.metrics.replication_lag_seconds.get_or_create(&l).set(0.0);
             self.reported.remove(&d);
         }
+        self.queue =
+            per_dataset.iter().map(|(d, (n, b, age))| ((*d).to_owned(), (*n as u64, *b as u64, *age))).collect();
+        self.deferred = [Deferral::Schedule, Deferral::Rate, Deferral::Congestion]
+            .iter()
+            .map(|r| (r.as_str().to_owned(), per_reason.get(r).copied().unwrap_or(0) as u64))
+            .collect();
         for (d, (n, bytes, age)) in per_dataset {
             let l = labels(d);
             node.metrics.replication_queued_changes.get_or_create(&l).set(n);
@@ -251,6 +273,7 @@ impl Node {
                         return;
                     }
                     node.settle(&dest, &mut link, &mut pipe).await;
+                    node.publish_link_report(&dest, &link, &pipe);
                     if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
                         pipe.restart();
                         pipe.failures = 0;
@@ -260,9 +283,12 @@ impl Node {
                         continue;
                     }
                     match node.prepare_round(&dest, &mut link, &pipe).await {
+                        // Nothing to send and nothing outstanding: nothing is failing either.
+                        Ok(Round::Idle) if pipe.in_flight == 0 => pipe.failures = 0,
                         Ok(Round::Idle) => {}
                         Ok(Round::Scanned) => {
                             pipe.restart();
+                            pipe.failures = 0;
                             immediate = true;
                         }
                         Ok(Round::Batch(b)) => {
@@ -292,6 +318,57 @@ impl Node {
         }
     }
 
+    /// Keep what the shipper knows where `/v1/replication` can read it.
+    fn publish_link_report(&self, dest: &RegionId, link: &LinkState, pipe: &Pipeline) {
+        let bytes = |encoding: &str| -> u64 {
+            ["ship", "repair"]
+                .iter()
+                .map(|kind| {
+                    let labels = crate::metrics::CrossRegionLabels {
+                        peer_region: dest.to_string(),
+                        direction: "sent".into(),
+                        kind: (*kind).into(),
+                        encoding: encoding.into(),
+                    };
+                    self.metrics.cross_region_bytes.get_or_create(&labels).get()
+                })
+                .sum()
+        };
+        let names: std::collections::BTreeSet<&String> = link.queue.keys().chain(link.sent.keys()).collect();
+        let datasets = names
+            .into_iter()
+            .map(|d| {
+                let (queued_changes, queued_bytes, lag_ms) = link.queue.get(d).copied().unwrap_or_default();
+                let (sent_changes, sent_bytes) = link.sent.get(d).copied().unwrap_or_default();
+                crate::peer::LinkDatasetReport {
+                    dataset: d.clone(),
+                    queued_changes,
+                    queued_bytes,
+                    lag_ms,
+                    sent_changes,
+                    sent_bytes,
+                }
+            })
+            .collect();
+        let h = &link.traffic.health;
+        let report = crate::peer::LinkReport {
+            destination: dest.to_string(),
+            batches_in_flight: pipe.in_flight as u32,
+            failures: pipe.failures,
+            last_error: pipe.last_error.clone(),
+            rtt_us: h.rtt_ms.map(|r| (r * 1000.0) as u64),
+            goodput_bytes_per_sec: h.goodput_bytes_per_sec.map(|g| g as u64),
+            congested: h.congested(),
+            batches: pipe.batches,
+            errors: pipe.errors,
+            sent_bytes_raw: bytes("raw"),
+            sent_bytes_wire: bytes("wire"),
+            deferred: link.deferred.clone(),
+            datasets,
+        };
+        self.link_signals.reports.lock().expect("reports lock").insert(dest.to_string(), report);
+    }
+
     /// Wake every link: a local write committed.
     pub(crate) fn wake_links(&self) {
         for w in self.link_signals.wakes.lock().expect("wakes lock").iter() {
@@ -310,6 +387,7 @@ impl Node {
                 Ok(CommandResult::Remote { merged_upto, .. }) => {
                     pipe.acked = pipe.acked.max(merged_upto);
                     pipe.failures = 0;
+                    pipe.batches += 1;
                     link.traffic.health.observe(sent.rtt_ms, sent.bytes);
                     self.metrics.replication_shipped.get_or_create(&labels).inc_by(sent.shipped);
                     self.metrics.replication_withheld.get_or_create(&labels).inc_by(sent.withheld);
@@ -365,26 +443,42 @@ impl Node {
             purged: state.purged,
             outbox_trimmed: state.outbox_trimmed,
             epoch: epoch_of(self.active_policy().as_deref()),
+            links: if self.raft.metrics().borrow().state == openraft::ServerState::Leader {
+                self.link_signals.reports.lock().expect("reports lock").values().cloned().collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 
-    /// Every region's replication state, each as the first of its nodes that answers has it.
+    /// Every region's replication state: every node of it is asked at once, and the leader's
+    /// answer (the one that runs the links) is preferred over the others.
     pub async fn replication_view(&self) -> Vec<(RegionId, Result<crate::peer::RegionReplication, String>)> {
         let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
         let asks = regions.into_iter().map(|region| async move {
-            if region == self.spec.region {
-                return (region, self.local_replication().map_err(|e| e.to_string()));
-            }
-            let mut last = String::from("no nodes");
-            for n in self.topology.region_nodes(&region) {
+            let nodes = self.topology.region_nodes(&region);
+            let answers = futures::future::join_all(nodes.iter().map(|n| async move {
+                if n.id == self.spec.id {
+                    return self.local_replication().map_err(|e| format!("node {}: {e}", n.id));
+                }
                 match self.transport.call(n.id, PeerRequestV1::ReplicationState, crate::STATUS_TIMEOUT).await {
-                    Ok(PeerResponseV1::ReplicationState(Ok(r))) => return (region, Ok(r)),
-                    Ok(PeerResponseV1::ReplicationState(Err(e))) => last = format!("node {}: {e}", n.id),
-                    Ok(_) => last = format!("node {} sent an unexpected reply", n.id),
-                    Err(e) => last = format!("node {}: {e}", n.id),
+                    Ok(PeerResponseV1::ReplicationState(Ok(r))) => Ok(r),
+                    Ok(PeerResponseV1::ReplicationState(Err(e))) => Err(format!("node {}: {e}", n.id)),
+                    Ok(_) => Err(format!("node {} sent an unexpected reply", n.id)),
+                    Err(e) => Err(format!("node {}: {e}", n.id)),
+                }
+            }))
+            .await;
+            let mut last = String::from("no nodes");
+            let mut first_ok = None;
+            for a in answers {
+                match a {
+                    Ok(r) if !r.links.is_empty() => return (region, Ok(r)),
+                    Ok(r) => first_ok = first_ok.or(Some(r)),
+                    Err(e) => last = e,
                 }
             }
-            (region, Err(last))
+            (region, first_ok.ok_or(last))
         });
         futures::future::join_all(asks).await
     }
@@ -562,6 +656,11 @@ impl Node {
             changes,
             early,
         };
+        for c in batch.changes.iter().chain(&batch.early) {
+            let e = link.sent.entry(c.dataset.clone()).or_default();
+            e.0 += 1;
+            e.1 += (c.key.len() + c.value.as_ref().map_or(0, Vec::len)) as u64;
+        }
         Ok(Round::Batch(Prepared { batch, more: full, bytes, shipped, withheld }))
     }
 

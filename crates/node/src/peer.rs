@@ -160,6 +160,47 @@ pub struct RegionReplication {
     pub outbox_trimmed: u64,
     /// The policy epoch this node's copy has active (0: none).
     pub epoch: u64,
+    /// The links this node runs (only a region's leader runs them).
+    pub links: Vec<LinkReport>,
+}
+
+/// What a link's shipper knows about itself (kept in memory on the leader that runs it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LinkReport {
+    pub destination: String,
+    pub batches_in_flight: u32,
+    /// Failed attempts in a row; while above 0 the link backs off.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// Smoothed round trip of its batches, in microseconds.
+    pub rtt_us: Option<u64>,
+    /// Smoothed goodput of its batches, in bytes per second.
+    pub goodput_bytes_per_sec: Option<u64>,
+    pub congested: bool,
+    /// Acknowledged batches and failed attempts since this node started leading.
+    pub batches: u64,
+    pub errors: u64,
+    /// Message bytes of its batches and scans: encoded, and on the wire after compression.
+    pub sent_bytes_raw: u64,
+    pub sent_bytes_wire: u64,
+    /// Changes waiting this round, by reason: schedule, rate, congestion.
+    pub deferred: Vec<(String, u64)>,
+    pub datasets: Vec<LinkDatasetReport>,
+}
+
+/// One dataset on one link.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LinkDatasetReport {
+    pub dataset: String,
+    /// Changes waiting in the window of the outbox the link last read, their key and value
+    /// bytes, and the age of the oldest, in milliseconds.
+    pub queued_changes: u64,
+    pub queued_bytes: u64,
+    pub lag_ms: u64,
+    /// Changes sent (in batches, ahead of the range, or by scans are not included) and their
+    /// key and value bytes, since this node started leading.
+    pub sent_changes: u64,
+    pub sent_bytes: u64,
 }
 
 /// One write or an all-or-nothing group, as proposed to a region's Raft group.

@@ -184,6 +184,7 @@ pub async fn replication(State(state): State<AppState>) -> Json<meridian_api::Re
                         let acked = r.cursors.iter().find(|(c, _)| *c == d).map_or(0, |(_, s)| *s);
                         meridian_api::LinkStatus {
                             backfilled_epoch: r.backfilled.iter().find(|(b, _)| *b == d).map(|(_, e)| *e),
+                            shipper: r.links.iter().find(|l| l.destination == d).map(shipper_status),
                             destination: d,
                             acknowledged_seq: acked,
                             lag_changes: r.region_seq.saturating_sub(acked),
@@ -222,6 +223,45 @@ pub async fn replication(State(state): State<AppState>) -> Json<meridian_api::Re
         })
         .collect();
     Json(meridian_api::ReplicationStatus { regions })
+}
+
+fn shipper_status(l: &meridian_node::peer::LinkReport) -> meridian_api::LinkShipper {
+    let datasets: Vec<meridian_api::LinkDatasetStatus> = l
+        .datasets
+        .iter()
+        .map(|d| meridian_api::LinkDatasetStatus {
+            dataset: d.dataset.clone(),
+            queued_changes: d.queued_changes,
+            queued_bytes: d.queued_bytes,
+            lag_seconds: d.lag_ms as f64 / 1000.0,
+            sent_changes: d.sent_changes,
+            sent_bytes: d.sent_bytes,
+        })
+        .collect();
+    let state = if l.failures > 0 {
+        "backoff"
+    } else if l.congested {
+        "congested"
+    } else {
+        "ok"
+    };
+    meridian_api::LinkShipper {
+        state: state.into(),
+        batches_in_flight: l.batches_in_flight,
+        failures: l.failures,
+        last_error: l.last_error.clone(),
+        rtt_ms: l.rtt_us.map(|u| u as f64 / 1000.0),
+        goodput_bytes_per_sec: l.goodput_bytes_per_sec,
+        batches: l.batches,
+        errors: l.errors,
+        sent_bytes_raw: l.sent_bytes_raw,
+        sent_bytes_wire: l.sent_bytes_wire,
+        deferred: l.deferred.clone(),
+        lag_seconds: datasets.iter().map(|d| d.lag_seconds).fold(0.0, f64::max),
+        queued_changes: datasets.iter().map(|d| d.queued_changes).sum(),
+        queued_bytes: datasets.iter().map(|d| d.queued_bytes).sum(),
+        datasets,
+    }
 }
 
 /// Compare every pair of regions' copies by digest, over what both may hold. `converged` is
