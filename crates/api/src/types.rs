@@ -91,9 +91,14 @@ pub struct ListResponse {
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
-    /// `strong` (default: linearizable, served by the region's leader) or `local` (served
-    /// by the node asked, from what it has applied).
+    /// `strong` (default: linearizable, served by the region's leader), `local` or
+    /// `eventual` (served by the node asked when its region holds a copy), or `bounded`
+    /// (served by the node asked when its region's copy is at most `max_staleness` behind
+    /// every home, else by a home).
     pub consistency: Option<String>,
+    /// With `consistency=bounded`: how stale the answer may be (`500ms`, `2s`); default: the
+    /// dataset's `max_staleness`.
+    pub max_staleness: Option<String>,
     /// For user-homed datasets whose keys carry no `region/` prefix: the key's home region.
     pub home: Option<String>,
 }
@@ -117,8 +122,10 @@ pub struct ListQuery {
     pub limit: Option<String>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
-    /// `strong` (default) or `local`.
+    /// `strong` (default), `local`, `eventual` or `bounded` (as for a read).
     pub consistency: Option<String>,
+    /// With `consistency=bounded`: how stale the listing may be.
+    pub max_staleness: Option<String>,
     /// For user-homed datasets: list the keys homed in this region.
     pub home: Option<String>,
 }

@@ -92,10 +92,36 @@ async fn a_link_cut_past_its_bounded_outbox_catches_up_and_every_copy_verifies_e
     })
     .await;
 
+    // Bounded reads in eu-west: served there while its copy is fresh enough.
+    let bounded = |max: &str| {
+        let (http, eu) = (http.clone(), eu.clone());
+        let url = format!("{eu}/v1/datasets/catalog/keys/before?consistency=bounded&max_staleness={max}");
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    wait_until("a bounded read is served by eu-west's copy", Duration::from_secs(10), || {
+        let b = bounded("2s");
+        async move {
+            let (status, body) = b.await;
+            status == 200 && body["served_by"]["region"] == "eu-west" && body["served_by"]["reason"] == "local"
+        }
+    })
+    .await;
+
     cli_ok(&us, &["chaos", "partition", "us-east", "eu-west"]);
     for i in 0..60 {
         put(&http, &us, "catalog", &format!("k{i:03}"), &format!("{i}")).await;
     }
+    // Cut off, eu-west's copy grows stale: a tight bound is not served from it (the home is
+    // unreachable, so the read fails), a loose one still is.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = bounded("500ms").await;
+    assert_eq!(status, 503, "a stale copy must not answer a 500 ms bound: {body}");
+    let (status, body) = bounded("1h").await;
+    assert_eq!((status, body["served_by"]["region"].as_str()), (200, Some("eu-west")), "{body}");
     assert!(!verified(&us, "catalog"), "a cut pair cannot verify as converged");
     let status: serde_json::Value =
         http.get(format!("{us}/v1/replication")).send().await.unwrap().json().await.unwrap();

@@ -52,6 +52,8 @@ pub const LINK_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Objects read per page by catch-up and backfill scans.
 pub const SCAN_PAGE: usize = 1024;
+/// An idle link tells its destination it is current this often (for bounded-staleness reads).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// Batches one link keeps in flight at once.
 pub const PIPELINE_MAX: usize = 4;
 /// How long a destination holds a batch that arrived before the one ahead of it was merged.
@@ -155,6 +157,8 @@ pub(crate) struct LinkState {
     deferred: Vec<(String, u64)>,
     /// Per dataset: changes sent in batches, and their key and value bytes.
     sent: std::collections::BTreeMap<String, (u64, u64)>,
+    /// When the last batch (or heartbeat) left.
+    last_heartbeat_ms: u64,
 }
 
 impl LinkState {
@@ -166,6 +170,7 @@ impl LinkState {
             queue: Default::default(),
             deferred: Vec::new(),
             sent: Default::default(),
+            last_heartbeat_ms: 0,
         }
     }
 
@@ -521,6 +526,9 @@ impl Node {
     /// flight), nothing, or the next batch after what was last sent.
     async fn prepare_round(&self, dest: &RegionId, link: &mut LinkState, pipe: &Pipeline) -> Result<Round, NodeError> {
         let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
+        // Taken before the region sequence is read: every write committed before this instant
+        // is at or below that sequence, so a range reaching it is fresh as of this instant.
+        let read_at = self.clock.now_ms();
         let (state, region_seq) = self.reader.replication().map_err(storage)?;
         let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
         self.refresh_policy()?;
@@ -545,7 +553,7 @@ impl Node {
             if !idle {
                 return Ok(Round::Idle);
             }
-            self.catch_up(dest, active.as_deref(), cursor, region_seq, link).await?;
+            self.catch_up(dest, active.as_deref(), cursor, region_seq, read_at, link).await?;
             return Ok(Round::Scanned);
         }
         let cursor = from;
@@ -555,6 +563,21 @@ impl Node {
         // this link's lag reach the region's last write.
         if entries.is_empty() && region_seq <= cursor {
             link.report_queue(self, dest, &[], &[], self.clock.now_ms());
+            // Nothing to send: now and then tell the destination it is current anyway, so
+            // bounded-staleness reads there keep being served locally.
+            if idle && read_at.saturating_sub(link.last_heartbeat_ms) >= HEARTBEAT_INTERVAL.as_millis() as u64 {
+                link.last_heartbeat_ms = read_at;
+                let batch = ShipBatch {
+                    source: self.spec.region.to_string(),
+                    from_seq: cursor + 1,
+                    upto_seq: cursor,
+                    epoch,
+                    fresh_ms: read_at,
+                    changes: Vec::new(),
+                    early: Vec::new(),
+                };
+                return Ok(Round::Batch(Prepared { batch, more: false, bytes: 0, shipped: 0, withheld: 0 }));
+            }
             return Ok(Round::Idle);
         }
         // What may go: this region's own versions the placement lets `dest` hold.
@@ -648,14 +671,18 @@ impl Node {
             return Ok(Round::Idle);
         }
         let shipped = (changes.len() + early.len()) as u64;
+        let upto_seq = upto.max(cursor);
         let batch = ShipBatch {
             source: here.to_string(),
             from_seq: cursor + 1,
-            upto_seq: upto.max(cursor),
+            upto_seq,
             epoch,
+            // Fresh as of `read_at` only if the range covers every write committed by then.
+            fresh_ms: if upto_seq >= region_seq { read_at } else { 0 },
             changes,
             early,
         };
+        link.last_heartbeat_ms = read_at;
         for c in batch.changes.iter().chain(&batch.early) {
             let e = link.sent.entry(c.dataset.clone()).or_default();
             e.0 += 1;
@@ -824,6 +851,7 @@ impl Node {
         active: Option<&ActivePolicy>,
         cursor: u64,
         region_seq: u64,
+        read_at: u64,
         link: &mut LinkState,
     ) -> Result<(), NodeError> {
         self.metrics.replication_catch_ups.get_or_create(&self.link_labels(dest)).inc();
@@ -837,6 +865,7 @@ impl Node {
             from_seq: cursor + 1,
             upto_seq: region_seq,
             epoch: epoch_of(active),
+            fresh_ms: read_at,
             changes: Vec::new(),
             early: Vec::new(),
         };
@@ -942,10 +971,11 @@ impl Node {
             )
             .await;
         }
-        let cmd = CommandV1::ApplyRemote {
+        let cmd = CommandV1::ApplyRemoteAt {
             source: batch.source,
             from_seq: batch.from_seq,
             upto_seq: batch.upto_seq,
+            fresh_ms: batch.fresh_ms,
             changes: batch.changes,
         };
         let result = self.propose_replication(cmd).await.map_err(to_peer);

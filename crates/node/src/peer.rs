@@ -107,6 +107,9 @@ pub struct ShipBatch {
     /// versions, for audit); the destination refuses a batch
     /// filtered under another entry than its own, so neither side's stale copy loses data.
     pub epoch: u64,
+    /// Everything the source committed before this instant (its wall clock, ms) is at or below
+    /// `upto_seq`; 0 when the range does not reach that far (a change waits, or more follow).
+    pub fresh_ms: u64,
     pub changes: Vec<meridian_raft::command::RemoteChange>,
     /// Changes past `upto_seq` sent ahead of the range (behind a change that waits for its
     /// schedule or its rate limit): merged if newer, without moving the range.

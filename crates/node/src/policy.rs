@@ -666,6 +666,37 @@ impl Node {
         matches!(self.governing_placement(dataset, key, home.as_ref()), Ok(Some(p)) if p.holds_copy(&self.spec.region))
     }
 
+    /// For a bounded-staleness read here: `None` if this region holds no copy of the key;
+    /// otherwise how stale this node's copy may be, in milliseconds (0 in a home region,
+    /// where the node follows the region's own log; in a mirror, the time since the moment
+    /// as of which everything every home committed is merged here, `u64::MAX` if unknown),
+    /// and the dataset's own `max_staleness` in milliseconds, if it has one.
+    pub fn local_staleness(
+        &self,
+        dataset: &str,
+        key: &str,
+        home: Option<&str>,
+    ) -> Result<Option<(u64, Option<u64>)>, NodeError> {
+        let home = home.and_then(|h| RegionId::new(h).ok());
+        let Some(p) = self.governing_placement(dataset, key, home.as_ref())? else { return Ok(None) };
+        if !p.holds_copy(&self.spec.region) {
+            return Ok(None);
+        }
+        let budget = p.max_staleness.map(|d| d.ms());
+        if p.homes.contains(&self.spec.region) {
+            return Ok(Some((0, budget)));
+        }
+        let (state, _) = self.reader.replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+        let now = self.clock.now_ms();
+        let staleness = p
+            .homes
+            .iter()
+            .map(|h| state.fresh.get(h.as_str()).map_or(u64::MAX, |f| now.saturating_sub(*f)))
+            .max()
+            .unwrap_or(u64::MAX);
+        Ok(Some((staleness, budget)))
+    }
+
     /// Refuse to bring the key's value into this region if its placement does not allow this
     /// region to hold its bytes: a read served elsewhere would carry the value here. Writes
     /// are not checked this way (relaying a write carries the client's bytes into an allowed

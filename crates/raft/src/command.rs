@@ -54,6 +54,10 @@ pub enum CommandV1 {
     /// Record that the link to `destination` has backfilled everything the policy entry with
     /// this epoch newly lets it hold.
     SetBackfilled { destination: String, epoch: u64 },
+    /// [`CommandV1::ApplyRemote`] that also says how fresh the range is: everything the source
+    /// committed before `fresh_ms` (its wall clock) is at or below `upto_seq`. An empty range
+    /// at or below what is merged (a heartbeat) only refreshes that time.
+    ApplyRemoteAt { source: String, from_seq: u64, upto_seq: u64, fresh_ms: u64, changes: Vec<RemoteChange> },
 }
 
 /// A precondition checked at apply time, inside the log's total order, which is what makes

@@ -105,7 +105,9 @@ fn weight(e: &Entry) -> usize {
                 64 + dataset.len() + key.len()
             }
             CommandV1::Batch(cmds) | CommandV1::Atomic(cmds) => 64 + cmds.iter().map(command).sum::<usize>(),
-            CommandV1::ApplyRemote { changes, .. } | CommandV1::Repair { changes, .. } => {
+            CommandV1::ApplyRemote { changes, .. }
+            | CommandV1::ApplyRemoteAt { changes, .. }
+            | CommandV1::Repair { changes, .. } => {
                 64 + changes
                     .iter()
                     .map(|c| 64 + c.dataset.len() + c.key.len() + c.value.as_ref().map_or(0, Vec::len))

@@ -74,6 +74,9 @@ pub struct ReplicationState {
     pub repaired: std::collections::BTreeMap<String, u64>,
     /// Copies removed here because the policy no longer lets this region hold them.
     pub purged: u64,
+    /// Source region → its wall-clock time as of which everything it committed (that this
+    /// region may hold and its link does not hold back) is merged here.
+    pub fresh: std::collections::BTreeMap<String, u64>,
     /// Every outbox entry at or below this sequence has been trimmed: a link whose cursor is
     /// below it must catch up by a scan (reserved writes leave gaps in the outbox too, so the
     /// first entry alone cannot tell).
@@ -340,6 +343,7 @@ fn apply_command(
                     CommandV1::Batch(_)
                     | CommandV1::Atomic(_)
                     | CommandV1::ApplyRemote { .. }
+                    | CommandV1::ApplyRemoteAt { .. }
                     | CommandV1::SetCursor { .. }
                     | CommandV1::Repair { .. }
                     | CommandV1::Purge { .. }
@@ -358,6 +362,15 @@ fn apply_command(
         }
         CommandV1::ApplyRemote { source, from_seq, upto_seq, changes } => {
             return apply_remote(t, applied, source, from_seq, upto_seq, changes);
+        }
+        CommandV1::ApplyRemoteAt { source, from_seq, upto_seq, fresh_ms, changes } => {
+            let result = apply_remote(t, applied, source.clone(), from_seq, upto_seq, changes)?;
+            // Only a range that joined up with what is merged says anything about freshness.
+            if matches!(result, CommandResult::Remote { .. }) {
+                let f = t.replication.fresh.entry(source).or_default();
+                *f = (*f).max(fresh_ms);
+            }
+            return Ok(result);
         }
         CommandV1::SetCursor { destination, upto_seq } => {
             t.replication.cursors.insert(destination, upto_seq);

@@ -495,3 +495,22 @@ async fn the_outbox_keeps_at_most_its_bound_and_the_new_record_survives_snapshot
     let sm3 = StateMachineStore::open(dir2.path(), region()).unwrap();
     assert_eq!(sm3.reader().replication().unwrap().0.backfilled.get("r3"), Some(&4));
 }
+
+#[tokio::test]
+async fn ranges_carry_freshness_and_heartbeats_refresh_it_without_merging() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let at = |index: u64, from: u64, upto: u64, fresh_ms: u64, changes| {
+        normal(index, CommandV1::ApplyRemoteAt { source: "r2".into(), from_seq: from, upto_seq: upto, fresh_ms, changes })
+    };
+    let r = sm.apply(vec![at(1, 1, 2, 5_000, vec![change("a", "1", 10, "r2", 2)])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 2, applied: 1 });
+    // A heartbeat: nothing new, later time.
+    sm.apply(vec![at(2, 3, 2, 7_000, vec![])]).await.unwrap();
+    // A gap says nothing about freshness; an older duplicate does not move it back.
+    let r = sm.apply(vec![at(3, 9, 9, 9_000, vec![])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::RemoteGap { merged_upto: 2 });
+    sm.apply(vec![at(4, 1, 2, 6_000, vec![])]).await.unwrap();
+    let (state, _) = sm.reader().replication().unwrap();
+    assert_eq!((state.fresh.get("r2"), state.merged.get("r2")), (Some(&7_000), Some(&2)));
+}

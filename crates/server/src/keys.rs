@@ -59,20 +59,75 @@ fn parse_names(dataset: String, key: String) -> Result<(DatasetName, Key), ApiEr
     Ok((dataset, key))
 }
 
-fn parse_consistency(c: Option<&str>) -> Result<ReadConsistency, ApiError> {
-    match c {
-        None | Some("strong") => Ok(ReadConsistency::Strong),
-        // `eventual`: the nearest copy, which today is this region's if it holds one (a home or
-        // a mirror), else a home: the same route as `local`.
-        Some("local" | "eventual") => Ok(ReadConsistency::Local),
-        Some(other @ ("bounded" | "session")) => Err(ApiError::new(
-            ErrorCode::InvalidConsistency,
-            format!("consistency={other} needs per-link freshness tracking, which this release does not have yet"),
-        )
-        .hint("use consistency=strong, local or eventual")),
-        Some(other) => Err(ApiError::new(ErrorCode::InvalidConsistency, format!("unknown consistency {other:?}"))
-            .hint("use consistency=strong, local or eventual")),
+/// A read's consistency as asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadLevel {
+    Strong,
+    /// `local` and `eventual`: the nearest copy, which today is this region's if it holds one
+    /// (a home or a mirror), else a home.
+    Local,
+    /// At most this many milliseconds stale (`None`: the dataset's `max_staleness`).
+    Bounded(Option<u64>),
+}
+
+fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<ReadLevel, ApiError> {
+    let level = match c {
+        None | Some("strong") => ReadLevel::Strong,
+        Some("local" | "eventual") => ReadLevel::Local,
+        Some("bounded") => ReadLevel::Bounded(None),
+        Some("session") => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidConsistency,
+                "consistency=session needs session tokens, which this release does not have yet",
+            )
+            .hint("use consistency=strong, bounded, local or eventual"))
+        }
+        Some(other) => {
+            return Err(ApiError::new(ErrorCode::InvalidConsistency, format!("unknown consistency {other:?}"))
+                .hint("use consistency=strong, bounded, local or eventual"))
+        }
+    };
+    match (level, max_staleness) {
+        (_, None) => Ok(level),
+        (ReadLevel::Bounded(_), Some(m)) => {
+            let d = meridian_policy::units::Dur::parse(m).map_err(|e| {
+                ApiError::new(ErrorCode::InvalidQuery, format!("max_staleness={m:?}: {e}")).hint("write it like 500ms or 2s")
+            })?;
+            Ok(ReadLevel::Bounded(Some(d.ms())))
+        }
+        (_, Some(_)) => Err(ApiError::new(ErrorCode::InvalidQuery, "max_staleness applies only to consistency=bounded")),
     }
+}
+
+/// Whether to serve a read from this node's applied state (and at which level), given where
+/// the key's home is; otherwise it goes to a home.
+fn serve_here(
+    state: &AppState,
+    level: ReadLevel,
+    home_region: &meridian_core::RegionId,
+    dataset: &str,
+    key: &str,
+    home: Option<&str>,
+) -> Result<Option<ReadConsistency>, ApiError> {
+    let at_home = *home_region == state.node.spec().region;
+    Ok(match level {
+        ReadLevel::Strong => at_home.then_some(ReadConsistency::Strong),
+        ReadLevel::Local => (at_home || state.node.holds_copy_here(dataset, key, home)).then_some(ReadConsistency::Local),
+        ReadLevel::Bounded(max) => match state.node.local_staleness(dataset, key, home)? {
+            Some((staleness, budget)) => {
+                let max = max.or(budget).ok_or_else(|| {
+                    ApiError::new(ErrorCode::InvalidQuery, format!("{dataset} has no max_staleness to bound the read by"))
+                        .hint("pass max_staleness (e.g. 2s), or set consistency.max_staleness in the policy")
+                })?;
+                if staleness <= max {
+                    Some(ReadConsistency::Local)
+                } else {
+                    at_home.then_some(ReadConsistency::Strong)
+                }
+            }
+            None => at_home.then_some(ReadConsistency::Strong),
+        },
+    })
 }
 
 /// Read an `If-Match` / `If-None-Match` pair into a write condition.
@@ -215,13 +270,11 @@ pub async fn get_key(
     let Path((dataset, key)) = path.map_err(path_error)?;
     let (dataset, key) = parse_names(dataset, key)?;
     let Query(q) = query.map_err(query_error)?;
-    let consistency = parse_consistency(q.consistency.as_deref())?;
+    let level = parse_consistency(q.consistency.as_deref(), q.max_staleness.as_deref())?;
     let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
-    // A local read is served here when this region holds a copy (home or mirror); anything
-    // else goes to a home region of the key.
-    let mirror_here = consistency == ReadConsistency::Local
-        && state.node.holds_copy_here(dataset.as_str(), key.as_str(), q.home.as_deref());
-    let (obj, served) = if region == state.node.spec().region || mirror_here {
+    // Served here when this region's copy satisfies the level; anything else goes to a home.
+    let here = serve_here(&state, level, &region, dataset.as_str(), key.as_str(), q.home.as_deref())?;
+    let (obj, served) = if let Some(consistency) = here {
         state.node.read(dataset.as_str(), key.as_str(), consistency).await?
     } else {
         // Residency: never fetch a value into a region its policy keeps it out of.
@@ -312,7 +365,7 @@ pub async fn list_keys(
     let Path(dataset) = path.map_err(path_error)?;
     let dataset = DatasetName::new(dataset).map_err(dataset_error)?;
     let Query(q) = query.map_err(query_error)?;
-    let consistency = parse_consistency(q.consistency.as_deref())?;
+    let level = parse_consistency(q.consistency.as_deref(), q.max_staleness.as_deref())?;
     let limit = match q.limit.as_deref() {
         None => LIST_LIMIT_DEFAULT,
         Some(l) => match l.parse::<usize>() {
@@ -344,9 +397,8 @@ pub async fn list_keys(
         Err(meridian_node::NodeError::HomeUnknown(_)) if q.home.is_none() => state.node.spec().region.clone(),
         Err(e) => return Err(e.into()),
     };
-    let mirror_here =
-        consistency == ReadConsistency::Local && state.node.holds_copy_here(dataset.as_str(), probe, q.home.as_deref());
-    let (items, served) = if region == state.node.spec().region || mirror_here {
+    let here = serve_here(&state, level, &region, dataset.as_str(), probe, q.home.as_deref())?;
+    let (items, served) = if let Some(consistency) = here {
         state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?
     } else {
         // Keys are data too: a listing is not fetched into a region the policy keeps them out of.
