@@ -404,3 +404,56 @@ async fn schedules_and_rate_limits_hold_changes_back_without_holding_up_the_rest
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_link_defers_loose_budgets_and_keeps_tight_ones_flowing() {
+    let cluster = Cluster::start_regions(&["us-east", "eu-west"], "[replication]\nanti_entropy_interval_ms = 60000\n");
+    let (us, eu) = (cluster.api_of(0).to_owned(), cluster.api_of(1).to_owned());
+    let us_nodes: Vec<&str> = cluster.regions[0].1.iter().map(|id| cluster.api[(*id - 1) as usize].as_str()).collect();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let mirrored =
+        "locality = \"global\"\nclassification = \"public\"\nhome = [\"us-east\"]\nmirrors = \"all-allowed\"\n";
+    let p = policy_file(
+        cluster.dir.path(),
+        "p.toml",
+        &format!(
+            "[[dataset]]\nname = \"orders\"\n{mirrored}sync = {{ mode = \"continuous\", max_lag = \"5s\" }}\n\n\
+             [[dataset]]\nname = \"logs\"\n{mirrored}sync = {{ mode = \"continuous\", max_lag = \"2m\" }}\n"
+        ),
+    );
+    cli_ok(&us, &["policy", "apply", &p]);
+    // A baseline round trip on the fast path, then the path degrades.
+    for i in 0..5 {
+        put(&http, &us, "orders", &format!("warm-{i}"), "1").await;
+    }
+    wait_until("the warm-up reaches eu-west", Duration::from_secs(30), || {
+        let (http, eu) = (http.clone(), eu.clone());
+        async move { local_keys(&http, &eu, "orders").await.len() == 5 }
+    })
+    .await;
+    cli_ok(&us, &["chaos", "delay", "us-east", "eu-west", "--ms", "300"]);
+    wait_until("the link notices its round trip degraded", Duration::from_secs(60), || {
+        let (http, us_nodes) = (http.clone(), us_nodes.clone());
+        async move { metric_max(&http, &us_nodes, "meridian_replication_congested{", "eu-west").await >= 1.0 }
+    })
+    .await;
+    // Under congestion: the 5 s budget flows, the 2 min budget waits (up to half of it).
+    put(&http, &us, "logs", "l1", "1").await;
+    put(&http, &us, "orders", "o1", "1").await;
+    wait_until("the tight-budget change arrives", Duration::from_secs(30), || {
+        let (http, eu) = (http.clone(), eu.clone());
+        async move { local_keys(&http, &eu, "orders").await.contains(&"o1".to_owned()) }
+    })
+    .await;
+    assert!(!local_keys(&http, &eu, "logs").await.contains(&"l1".to_owned()), "the loose budget waited");
+    let deferred =
+        metric_max(&http, &us_nodes, "meridian_replication_deferred_changes{", "reason=\"congestion\"").await;
+    assert!(deferred >= 1.0, "deferred for congestion ({deferred})");
+    // The path recovers: the deferred change follows.
+    cli_ok(&us, &["chaos", "heal"]);
+    wait_until("the deferred change arrives after the path recovers", Duration::from_secs(60), || {
+        let (http, eu) = (http.clone(), eu.clone());
+        async move { local_keys(&http, &eu, "logs").await.contains(&"l1".to_owned()) }
+    })
+    .await;
+}

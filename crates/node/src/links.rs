@@ -563,22 +563,7 @@ impl Node {
         // this link's lag reach the region's last write.
         if entries.is_empty() && region_seq <= cursor {
             link.report_queue(self, dest, &[], &[], self.clock.now_ms());
-            // Nothing to send: now and then tell the destination it is current anyway, so
-            // bounded-staleness reads there keep being served locally.
-            if idle && read_at.saturating_sub(link.last_heartbeat_ms) >= HEARTBEAT_INTERVAL.as_millis() as u64 {
-                link.last_heartbeat_ms = read_at;
-                let batch = ShipBatch {
-                    source: self.spec.region.to_string(),
-                    from_seq: cursor + 1,
-                    upto_seq: cursor,
-                    epoch,
-                    fresh_ms: read_at,
-                    changes: Vec::new(),
-                    early: Vec::new(),
-                };
-                return Ok(Round::Batch(Prepared { batch, more: false, bytes: 0, shipped: 0, withheld: 0 }));
-            }
-            return Ok(Round::Idle);
+            return Ok(self.heartbeat(link, idle, cursor, epoch, read_at, true));
         }
         // What may go: this region's own versions the placement lets `dest` hold.
         let here = self.spec.region.clone();
@@ -668,7 +653,9 @@ impl Node {
         let queued: Vec<(&Candidate, Deferral)> = deferred.iter().map(|(i, r)| (&candidates[*i], *r)).collect();
         link.report_queue(self, dest, &queued, &candidates, now);
         if upto <= cursor && early.is_empty() {
-            return Ok(Round::Idle);
+            // Everything waits: keep measuring the path, or a link deferring for congestion
+            // would never see it recover.
+            return Ok(self.heartbeat(link, idle, cursor, epoch, read_at, false));
         }
         let shipped = (changes.len() + early.len()) as u64;
         let upto_seq = upto.max(cursor);
@@ -689,6 +676,34 @@ impl Node {
             e.1 += (c.key.len() + c.value.as_ref().map_or(0, Vec::len)) as u64;
         }
         Ok(Round::Batch(Prepared { batch, more: full, bytes, shipped, withheld }))
+    }
+
+    /// With nothing to send: now and then an empty batch, which tells the destination it is
+    /// current (`current`: every write is acknowledged, so bounded-staleness reads there keep
+    /// being served locally) and measures the path's round trip.
+    fn heartbeat(
+        &self,
+        link: &mut LinkState,
+        idle: bool,
+        cursor: u64,
+        epoch: u64,
+        read_at: u64,
+        current: bool,
+    ) -> Round {
+        if !idle || read_at.saturating_sub(link.last_heartbeat_ms) < HEARTBEAT_INTERVAL.as_millis() as u64 {
+            return Round::Idle;
+        }
+        link.last_heartbeat_ms = read_at;
+        let batch = ShipBatch {
+            source: self.spec.region.to_string(),
+            from_seq: cursor + 1,
+            upto_seq: cursor,
+            epoch,
+            fresh_ms: if current { read_at } else { 0 },
+            changes: Vec::new(),
+            early: Vec::new(),
+        };
+        Round::Batch(Prepared { batch, more: false, bytes: 0, shipped: 0, withheld: 0 })
     }
 
     /// Send one batch to `dest`'s leader. Idempotent: the destination merges by source range,
