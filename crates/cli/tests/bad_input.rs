@@ -94,7 +94,11 @@ async fn every_endpoint_refuses_bad_input_cleanly() {
     expect(&send(http.delete(key_url("d", "missing"))).await, 404, "key_not_found");
     expect(&send(http.get(key_url("d", "good") + "?consistency=bogus")).await, 400, "invalid_consistency");
     expect(&send(http.get(key_url("d", "good") + "?consistency=session")).await, 400, "invalid_consistency");
-    expect(&send(http.get(key_url("d", "good") + "?consistency=bounded&max_staleness=soon")).await, 400, "invalid_query");
+    expect(
+        &send(http.get(key_url("d", "good") + "?consistency=bounded&max_staleness=soon")).await,
+        400,
+        "invalid_query",
+    );
     expect(&send(http.get(key_url("d", "good") + "?consistency=strong&max_staleness=2s")).await, 400, "invalid_query");
     expect(&send(http.get(key_url("d", "good") + "?colour=red")).await, 400, "invalid_query");
     let list = format!("{base}/v1/datasets/d/keys");

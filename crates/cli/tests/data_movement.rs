@@ -26,14 +26,7 @@ fn cli_ok(endpoint: &str, args: &[&str]) -> String {
 }
 
 async fn put(http: &reqwest::Client, api: &str, dataset: &str, key: &str, body: &str) {
-    let resp = http
-        .put(format!("{api}/v1/datasets/{dataset}/keys/{key}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "PUT {dataset}/{key}: {}", resp.status());
+    common::put_ok(http, api, &format!("{dataset}/keys/{key}"), body).await;
 }
 
 /// Keys held by the node at `api` (its own applied state). A region the policy does not let

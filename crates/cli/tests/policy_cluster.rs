@@ -8,17 +8,7 @@ use std::process::Command;
 
 use common::{cli, cli_json, files_contain, Stop, BIN};
 
-async fn put(http: &reqwest::Client, endpoint: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let resp = http
-        .put(format!("{endpoint}/v1/datasets/{path}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap())
-}
+use common::put_json as put;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restricted_writes_are_forwarded_home_and_leave_no_bytes_elsewhere() {

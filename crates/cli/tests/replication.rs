@@ -9,17 +9,7 @@ use std::time::Duration;
 
 use common::{files_contain, wait_until, Stop, BIN};
 
-async fn put(http: &reqwest::Client, api: &str, path: &str, body: &str) -> serde_json::Value {
-    let resp = http
-        .put(format!("{api}/v1/datasets/{path}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
-    resp.json().await.unwrap()
-}
+use common::put_ok as put;
 
 /// `(key, etag)` of every key in a local listing at `api`.
 async fn local_listing(http: &reqwest::Client, api: &str, dataset: &str) -> Vec<(String, String)> {

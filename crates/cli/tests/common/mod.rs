@@ -338,6 +338,28 @@ pub fn files_contain(dir: &Path, needle: &[u8]) -> bool {
         .any(|f| std::fs::read(f).map(|bytes| bytes.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
 }
 
+/// PUT a JSON body at `{endpoint}/v1/datasets/{path}`: the status and the JSON answer.
+#[allow(dead_code)]
+pub async fn put_json(http: &reqwest::Client, endpoint: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let resp = http
+        .put(format!("{endpoint}/v1/datasets/{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+/// [`put_json`] that must succeed; the JSON answer.
+#[allow(dead_code)]
+pub async fn put_ok(http: &reqwest::Client, endpoint: &str, path: &str, body: &str) -> serde_json::Value {
+    let (status, answer) = put_json(http, endpoint, path, body).await;
+    assert!((200..300).contains(&status), "PUT {path}: {status} {answer}");
+    answer
+}
+
 /// Poll `f` until it holds, failing the test after `deadline`.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut f: F)
 where
