@@ -140,7 +140,7 @@ async fn a_link_cut_past_its_bounded_outbox_catches_up_and_every_copy_verifies_e
     assert!(out.contains("us-east -> eu-west") && out.contains("outbox trimmed"), "{out}");
     // The shipper on us-east's leader reports itself; its batches went compressed.
     let shipper = region_status(&status, "us-east")["links"][0]["shipper"].clone();
-    assert_eq!(shipper["state"], "ok", "{shipper}");
+    assert!(shipper["batches"].as_u64().unwrap() > 0, "{shipper}");
     let (raw, wire) = (shipper["sent_bytes_raw"].as_u64().unwrap(), shipper["sent_bytes_wire"].as_u64().unwrap());
     assert!(wire > 0 && wire < raw, "compressed on the wire: {raw} raw, {wire} wire");
     assert!(shipper["datasets"].as_array().unwrap().iter().any(|d| d["dataset"] == "catalog"), "{shipper}");
