@@ -54,8 +54,9 @@ pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const SCAN_PAGE: usize = 1024;
 /// An idle link tells its destination it is current this often (for bounded-staleness reads).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
-/// Batches one link keeps in flight at once.
-pub const PIPELINE_MAX: usize = 4;
+/// Batches one link keeps in flight at once. Departures are spaced by the link's round trip
+/// divided by this, so a change waits at most about that long for its batch to leave.
+pub const PIPELINE_MAX: usize = 32;
 /// How long a destination holds a batch that arrived before the one ahead of it was merged.
 pub const ORDER_WAIT_MAX: Duration = Duration::from_secs(2);
 
@@ -110,6 +111,7 @@ pub(crate) struct Pipeline {
     batches: u64,
     errors: u64,
     last_error: Option<String>,
+    last_departure: Option<std::time::Instant>,
 }
 
 impl Pipeline {
@@ -287,6 +289,16 @@ impl Node {
                     if pipe.in_flight >= PIPELINE_MAX {
                         continue;
                     }
+                    // Spread departures over the round trip: sending every batch at once
+                    // and then waiting a whole round trip for room would make the changes
+                    // written meanwhile wait that long.
+                    if let (Some(rtt), Some(last)) = (link.traffic.health.rtt_ms, pipe.last_departure) {
+                        let spacing = Duration::from_secs_f64(rtt / 1000.0 / PIPELINE_MAX as f64);
+                        let since = last.elapsed();
+                        if pipe.in_flight > 0 && since < spacing {
+                            tokio::time::sleep(spacing - since).await;
+                        }
+                    }
                     match node.prepare_round(&dest, &mut link, &pipe).await {
                         // Nothing to send and nothing outstanding: nothing is failing either.
                         Ok(Round::Idle) if pipe.in_flight == 0 => pipe.failures = 0,
@@ -299,6 +311,7 @@ impl Node {
                         Ok(Round::Batch(b)) => {
                             pipe.sent_upto = Some(b.batch.upto_seq);
                             pipe.in_flight += 1;
+                            pipe.last_departure = Some(std::time::Instant::now());
                             immediate = b.more;
                             let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
                             tokio::spawn(async move {

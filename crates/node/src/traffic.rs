@@ -8,8 +8,9 @@
 //!
 //! Priority: a dataset with a tighter `max_lag` is more important; datasets without one come
 //! last; ties go by sequence. Under congestion, datasets whose budget is at least
-//! [`DEFERRABLE_MAX_LAG_MS`] (or that have none) wait, each change at most half its budget
-//! ([`UNBUDGETED_DEFER_MS`] without one); tighter datasets are never deferred for congestion.
+//! [`DEFERRABLE_MAX_LAG_MS`] wait, each change at most half its budget; tighter datasets, and
+//! datasets without a budget (nothing says how long they may wait), are never deferred for
+//! congestion.
 
 use std::collections::HashMap;
 
@@ -18,8 +19,6 @@ use meridian_policy::Schedule;
 
 /// Datasets whose `max_lag` is at least this may be deferred while the link is congested.
 pub const DEFERRABLE_MAX_LAG_MS: u64 = 10_000;
-/// How long a change of a dataset without `max_lag` may be deferred for congestion.
-pub const UNBUDGETED_DEFER_MS: u64 = 30_000;
 /// The link counts as congested when its smoothed round trip exceeds this many times its best
 /// recent one, plus [`CONGESTION_SLACK_MS`].
 pub const CONGESTION_FACTOR: f64 = 3.0;
@@ -196,8 +195,7 @@ impl LinkTraffic {
                 let age = now_ms.saturating_sub(c.written_ms);
                 let room = match c.max_lag {
                     Some(b) if b.ms() >= DEFERRABLE_MAX_LAG_MS => age < b.ms() / 2,
-                    Some(_) => false,
-                    None => age < UNBUDGETED_DEFER_MS,
+                    _ => false,
                 };
                 if room {
                     out[i] = Err(Deferral::Congestion);
@@ -339,7 +337,7 @@ mod tests {
     }
 
     #[test]
-    fn congestion_defers_loose_budgets_within_half_their_budget_and_never_tight_ones() {
+    fn congestion_defers_loose_budgets_within_half_their_budget_and_never_tight_or_unbudgeted_ones() {
         let mut t = LinkTraffic::new(None, 0);
         t.health.observe(10.0, 1_000);
         for _ in 0..20 {
@@ -351,12 +349,9 @@ mod tests {
         let mut tight = cand(2, "orders", 10, Schedule::Continuous);
         tight.max_lag = Some(Dur(2_000));
         let unbudgeted = cand(3, "misc", 10, Schedule::Continuous);
-        assert_eq!(
-            t.plan(&[loose.clone(), tight, unbudgeted.clone()], 1_500),
-            vec![Err(Deferral::Congestion), Ok(()), Err(Deferral::Congestion)]
-        );
-        // Past half its budget a loose change goes anyway; so does an old unbudgeted one.
-        assert_eq!(t.plan(&[loose, unbudgeted], 40_000), vec![Ok(()), Ok(())]);
+        assert_eq!(t.plan(&[loose.clone(), tight, unbudgeted], 1_500), vec![Err(Deferral::Congestion), Ok(()), Ok(())]);
+        // Past half its budget a loose change goes anyway.
+        assert_eq!(t.plan(&[loose], 40_000), vec![Ok(())]);
     }
 
     #[test]
