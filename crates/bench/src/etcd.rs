@@ -1,5 +1,6 @@
-//! Launching a three-member etcd 3.4 cluster on loopback, waiting for it to be
-//! healthy, and finding its leader's client URL.
+//! Launching etcd 3.4 on loopback (a three-member cluster for the write
+//! benchmark, single-member clusters for the lag benchmark), waiting for it to be
+//! healthy, finding its leader's client URL, and reading one key locally.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,6 +61,34 @@ pub fn member_args(dir: &Path, plan: &PortPlan, i: usize) -> Vec<String> {
     ]
 }
 
+/// Command-line arguments for a single-member cluster named `name`, with data in
+/// `DIR/name` and its own cluster token (so two single-member clusters never mistake each
+/// other for peers). Election timing is left at etcd's defaults.
+pub fn single_member_args(dir: &Path, name: &str, client_port: u16, peer_port: u16) -> Vec<String> {
+    let client = url(client_port);
+    let peer = url(peer_port);
+    vec![
+        "--name".into(),
+        name.into(),
+        "--data-dir".into(),
+        dir.join(name).display().to_string(),
+        "--listen-client-urls".into(),
+        client.clone(),
+        "--advertise-client-urls".into(),
+        client,
+        "--listen-peer-urls".into(),
+        peer.clone(),
+        "--initial-advertise-peer-urls".into(),
+        peer.clone(),
+        "--initial-cluster".into(),
+        format!("{name}={peer}"),
+        "--initial-cluster-state".into(),
+        "new".into(),
+        "--initial-cluster-token".into(),
+        format!("bench-{name}"),
+    ]
+}
+
 /// Fails with an installation hint if `etcd_bin` does not exist.
 pub fn check_binary(etcd_bin: &Path) -> anyhow::Result<()> {
     if !etcd_bin.is_file() {
@@ -100,7 +129,28 @@ impl EtcdCluster {
         Ok(cluster)
     }
 
-    /// Client URLs of e1..e3.
+    /// Starts a single-member cluster named `name` (data in `DIR/name`, log in
+    /// `DIR/name.log`) and waits until it reports healthy or `timeout` passes.
+    pub async fn start_single(
+        etcd_bin: &Path,
+        dir: &Path,
+        name: &str,
+        client_port: u16,
+        peer_port: u16,
+        http: &Client,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        check_binary(etcd_bin)?;
+        let mut guard = ProcessGuard::new();
+        let mut cmd = Command::new(etcd_bin);
+        cmd.args(single_member_args(dir, name, client_port, peer_port));
+        guard.spawn(&format!("etcd member {name}"), cmd, &dir.join(format!("{name}.log")))?;
+        let mut cluster = Self { guard, client_urls: vec![url(client_port)] };
+        cluster.wait_healthy(http, timeout).await?;
+        Ok(cluster)
+    }
+
+    /// Client URLs of the members, in start order.
     pub fn client_urls(&self) -> &[String] {
         &self.client_urls
     }
@@ -127,6 +177,11 @@ impl EtcdCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Fails if a member has exited, naming its log.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        self.guard.ensure_running()
     }
 
     /// Kills the members now (also done on drop).
@@ -156,6 +211,30 @@ async fn status(http: &Client, base: &str) -> anyhow::Result<Value> {
         .await?
         .error_for_status()?;
     Ok(resp.json().await?)
+}
+
+/// Whether `key` holds a value on the member at `base`, read with `serializable: true`
+/// (the member's own copy, without a round through the leader).
+pub async fn key_exists_local(http: &Client, base: &str, key: &str) -> anyhow::Result<bool> {
+    let body = format!("{{\"key\":\"{}\",\"serializable\":true}}", crate::base64::encode(key.as_bytes()));
+    let resp = http
+        .post(format!("{base}/v3/kv/range"))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        bail!("/v3/kv/range returned {status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]));
+    }
+    let v: Value = serde_json::from_slice(&bytes).context("parsing /v3/kv/range")?;
+    Ok(range_has_kvs(&v))
+}
+
+/// Whether a range response carries at least one key (the gateway omits `kvs` when empty).
+pub fn range_has_kvs(v: &Value) -> bool {
+    v.get("kvs").and_then(Value::as_array).is_some_and(|kvs| !kvs.is_empty())
 }
 
 /// `{"health":"true"}` (etcd 3.4 reports a string; accept a bool too).
@@ -203,6 +282,27 @@ mod tests {
         assert_eq!(get("--initial-cluster-state"), "new");
         assert_eq!(get("--initial-cluster-token"), "bench");
         assert!(!args.iter().any(|a| a.contains("election") || a.contains("heartbeat")));
+    }
+
+    #[test]
+    fn single_member_args_name_only_itself() {
+        let args = single_member_args(Path::new("/d"), "src", 24100, 24101);
+        let get = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(get("--name"), "src");
+        assert_eq!(get("--data-dir"), "/d/src");
+        assert_eq!(get("--listen-client-urls"), "http://127.0.0.1:24100");
+        assert_eq!(get("--initial-cluster"), "src=http://127.0.0.1:24101");
+        assert_eq!(get("--initial-cluster-token"), "bench-src");
+    }
+
+    #[test]
+    fn range_parsing() {
+        assert!(range_has_kvs(&json!({"header": {}, "kvs": [{"key": "YQ=="}], "count": "1"})));
+        assert!(!range_has_kvs(&json!({"header": {}})));
+        assert!(!range_has_kvs(&json!({"header": {}, "kvs": []})));
     }
 
     #[test]

@@ -1,3 +1,7 @@
+//! Benchmarks against etcd 3.4, each printing ratios against a baseline measured
+//! in the same run (DESIGN.md §15): the in-region write benchmark here, and the
+//! cross-region lag benchmark in [`lag`] (`meridian bench lag`).
+//!
 //! The in-region write benchmark behind `meridian bench`: it starts a fresh
 //! three-node Meridian region and a fresh three-member etcd 3.4 cluster on
 //! 127.0.0.1, alternating between them (etcd, Meridian, etcd, Meridian, ...),
@@ -9,7 +13,10 @@
 //! table or as JSON. [`run_one`] measures a single system once.
 
 pub mod base64;
+pub mod bytes;
+pub mod delay_proxy;
 pub mod etcd;
+pub mod lag;
 pub mod load;
 pub mod meridian;
 pub mod ports;

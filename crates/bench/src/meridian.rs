@@ -1,6 +1,7 @@
-//! Launching a three-zone Meridian region (`meridian server`) on loopback from
-//! a generated `cluster.toml`, waiting for it to be healthy, and finding the
-//! region leader's API address from `GET /v1/cluster`.
+//! Launching Meridian nodes (`meridian server`) on loopback from a generated
+//! `cluster.toml` (a three-zone region for the write benchmark, or any
+//! configuration the caller renders), waiting for them to be healthy, and finding
+//! the region leader's API address from `GET /v1/cluster`.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -63,11 +64,26 @@ impl MeridianCluster {
         http: &Client,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        let api_ports: Vec<u16> = plan.meridian_api.to_vec();
+        Self::start_config(exe, dir, &render_config(plan), &api_ports, http, timeout).await
+    }
+
+    /// Writes `config_text` to `DIR/cluster.toml`, starts nodes `1..=api_ports.len()`
+    /// (node N's API on `api_ports[N-1]`, data in `DIR/nN`, output in `DIR/nN.log`) and
+    /// waits until each answers `GET /v1/health` with 200, or `timeout` passes.
+    pub async fn start_config(
+        exe: &Path,
+        dir: &Path,
+        config_text: &str,
+        api_ports: &[u16],
+        http: &Client,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         check_executable(exe)?;
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, render_config(plan)).with_context(|| format!("writing {}", config.display()))?;
+        std::fs::write(&config, config_text).with_context(|| format!("writing {}", config.display()))?;
         let mut guard = ProcessGuard::new();
-        for n in 1..=3 {
+        for n in 1..=api_ports.len() {
             let mut cmd = Command::new(exe);
             cmd.arg("server")
                 .arg("--config")
@@ -78,13 +94,12 @@ impl MeridianCluster {
                 .arg(dir.join(format!("n{n}")));
             guard.spawn(&format!("meridian node {n}"), cmd, &dir.join(format!("n{n}.log")))?;
         }
-        let mut cluster =
-            Self { guard, api_urls: plan.meridian_api.iter().map(|p| format!("http://127.0.0.1:{p}")).collect() };
+        let mut cluster = Self { guard, api_urls: api_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect() };
         cluster.wait_healthy(http, timeout).await?;
         Ok(cluster)
     }
 
-    /// API base URLs of nodes 1..=3.
+    /// API base URLs of the nodes, node 1 first.
     pub fn api_urls(&self) -> &[String] {
         &self.api_urls
     }
@@ -124,6 +139,11 @@ impl MeridianCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Fails if a node has exited, naming its log.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        self.guard.ensure_running()
     }
 
     /// Kills the nodes now (also done on drop).

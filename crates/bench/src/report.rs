@@ -109,7 +109,7 @@ impl SystemSummary {
     }
 }
 
-fn quantile_ms(hist: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
+pub(crate) fn quantile_ms(hist: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
     if hist.is_empty() {
         0.0
     } else {
@@ -135,7 +135,7 @@ pub enum TargetStatus {
 }
 
 impl TargetStatus {
-    fn at_least(r: Option<f64>, target: f64) -> Self {
+    pub(crate) fn at_least(r: Option<f64>, target: f64) -> Self {
         match r {
             Some(r) if r >= target => Self::Met,
             Some(_) => Self::Missed,
@@ -143,7 +143,7 @@ impl TargetStatus {
         }
     }
 
-    fn at_most(r: Option<f64>, target: f64) -> Self {
+    pub(crate) fn at_most(r: Option<f64>, target: f64) -> Self {
         match r {
             Some(r) if r <= target => Self::Met,
             Some(_) => Self::Missed,
@@ -151,7 +151,7 @@ impl TargetStatus {
         }
     }
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Met => "met",
             Self::Missed => "MISSED",
@@ -380,11 +380,11 @@ impl Report {
     }
 }
 
-fn fmt_ratio(r: Option<f64>) -> String {
+pub(crate) fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "n/a".to_string(), |r| format!("{r:.2}"))
 }
 
-fn right_align_numbers(t: &mut Table, columns: usize) {
+pub(crate) fn right_align_numbers(t: &mut Table, columns: usize) {
     for i in 0..columns {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(CellAlignment::Right);

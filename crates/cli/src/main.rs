@@ -152,7 +152,8 @@ enum Command {
         command: ChaosCommand,
     },
     /// Benchmark against etcd (needs Debian's etcd-server): in-region writes against a
-    /// three-member cluster, or with `lag`, cross-region lag against `etcdctl make-mirror`.
+    /// three-member cluster, or with `lag`, cross-region lag against `etcdctl make-mirror`;
+    /// with `bytes`, cross-region bytes under a selective policy against an allow-all one.
     Bench(BenchArgs),
 }
 
@@ -315,7 +316,6 @@ enum ClusterCommand {
     },
 }
 
-/// With no subcommand: the in-region write benchmark, configured by the options below.
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
@@ -428,11 +428,14 @@ fn main() -> std::process::ExitCode {
 #[derive(Subcommand)]
 enum BenchCommand {
     Lag(meridian_bench::lag::LagArgs),
+    Bytes(meridian_bench::bytes::BytesArgs),
 }
 
 async fn bench(b: BenchArgs) -> anyhow::Result<()> {
-    if let Some(BenchCommand::Lag(args)) = b.command {
-        return meridian_bench::lag::run_cli(args).await;
+    match b.command {
+        Some(BenchCommand::Lag(args)) => return meridian_bench::lag::run_cli(args).await,
+        Some(BenchCommand::Bytes(args)) => return meridian_bench::bytes::run_cli(args).await,
+        None => {}
     }
     let opts = meridian_bench::BenchOptions {
         concurrency: b.concurrency,

@@ -56,7 +56,9 @@ pub const SCAN_PAGE: usize = 1024;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// Batches one link keeps in flight at once. Departures are spaced by the link's round trip
 /// divided by this, so a change waits at most about that long for its batch to leave.
-pub const PIPELINE_MAX: usize = 32;
+pub const PIPELINE_MAX: usize = 128;
+/// Key and value bytes one link keeps in flight at most (batches wait beyond it).
+pub const PIPELINE_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// How long a destination holds a batch that arrived before the one ahead of it was merged.
 pub const ORDER_WAIT_MAX: Duration = Duration::from_secs(2);
 
@@ -112,6 +114,7 @@ pub(crate) struct Pipeline {
     errors: u64,
     last_error: Option<String>,
     last_departure: Option<std::time::Instant>,
+    in_flight_bytes: u64,
 }
 
 impl Pipeline {
@@ -286,7 +289,7 @@ impl Node {
                         pipe.failures = 0;
                         continue;
                     }
-                    if pipe.in_flight >= PIPELINE_MAX {
+                    if pipe.in_flight >= PIPELINE_MAX || pipe.in_flight_bytes >= PIPELINE_BYTES_MAX {
                         continue;
                     }
                     // Spread departures over the round trip: sending every batch at once
@@ -311,6 +314,7 @@ impl Node {
                         Ok(Round::Batch(b)) => {
                             pipe.sent_upto = Some(b.batch.upto_seq);
                             pipe.in_flight += 1;
+                            pipe.in_flight_bytes += b.bytes;
                             pipe.last_departure = Some(std::time::Instant::now());
                             immediate = b.more;
                             let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
@@ -401,6 +405,7 @@ impl Node {
         let mut gap: Option<u64> = None;
         for sent in std::mem::take(&mut pipe.completed) {
             pipe.in_flight -= 1;
+            pipe.in_flight_bytes = pipe.in_flight_bytes.saturating_sub(sent.bytes);
             match sent.result {
                 Ok(CommandResult::Remote { merged_upto, .. }) => {
                     pipe.acked = pipe.acked.max(merged_upto);

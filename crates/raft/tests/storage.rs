@@ -501,7 +501,10 @@ async fn ranges_carry_freshness_and_heartbeats_refresh_it_without_merging() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
     let at = |index: u64, from: u64, upto: u64, fresh_ms: u64, changes| {
-        normal(index, CommandV1::ApplyRemoteAt { source: "r2".into(), from_seq: from, upto_seq: upto, fresh_ms, changes })
+        normal(
+            index,
+            CommandV1::ApplyRemoteAt { source: "r2".into(), from_seq: from, upto_seq: upto, fresh_ms, changes },
+        )
     };
     let r = sm.apply(vec![at(1, 1, 2, 5_000, vec![change("a", "1", 10, "r2", 2)])]).await.unwrap();
     assert_eq!(r[0], CommandResult::Remote { merged_upto: 2, applied: 1 });

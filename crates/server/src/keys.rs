@@ -91,11 +91,14 @@ fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Rea
         (_, None) => Ok(level),
         (ReadLevel::Bounded(_), Some(m)) => {
             let d = meridian_policy::units::Dur::parse(m).map_err(|e| {
-                ApiError::new(ErrorCode::InvalidQuery, format!("max_staleness={m:?}: {e}")).hint("write it like 500ms or 2s")
+                ApiError::new(ErrorCode::InvalidQuery, format!("max_staleness={m:?}: {e}"))
+                    .hint("write it like 500ms or 2s")
             })?;
             Ok(ReadLevel::Bounded(Some(d.ms())))
         }
-        (_, Some(_)) => Err(ApiError::new(ErrorCode::InvalidQuery, "max_staleness applies only to consistency=bounded")),
+        (_, Some(_)) => {
+            Err(ApiError::new(ErrorCode::InvalidQuery, "max_staleness applies only to consistency=bounded"))
+        }
     }
 }
 
@@ -112,12 +115,17 @@ fn serve_here(
     let at_home = *home_region == state.node.spec().region;
     Ok(match level {
         ReadLevel::Strong => at_home.then_some(ReadConsistency::Strong),
-        ReadLevel::Local => (at_home || state.node.holds_copy_here(dataset, key, home)).then_some(ReadConsistency::Local),
+        ReadLevel::Local => {
+            (at_home || state.node.holds_copy_here(dataset, key, home)).then_some(ReadConsistency::Local)
+        }
         ReadLevel::Bounded(max) => match state.node.local_staleness(dataset, key, home)? {
             Some((staleness, budget)) => {
                 let max = max.or(budget).ok_or_else(|| {
-                    ApiError::new(ErrorCode::InvalidQuery, format!("{dataset} has no max_staleness to bound the read by"))
-                        .hint("pass max_staleness (e.g. 2s), or set consistency.max_staleness in the policy")
+                    ApiError::new(
+                        ErrorCode::InvalidQuery,
+                        format!("{dataset} has no max_staleness to bound the read by"),
+                    )
+                    .hint("pass max_staleness (e.g. 2s), or set consistency.max_staleness in the policy")
                 })?;
                 if staleness <= max {
                     Some(ReadConsistency::Local)
