@@ -496,10 +496,27 @@ impl Node {
 
     /// Hand one command to the leader's proposer and wait for its result.
     async fn propose(&self, cmd: CommandV1, bytes: usize) -> Result<CommandResult, LocalError> {
+        let answer = self.enqueue(cmd, bytes).await?;
+        Self::answer_of(answer).await
+    }
+
+    /// Queue one command for the proposer (commands reach the log in the order they are
+    /// queued); the returned receiver yields its result.
+    pub(crate) async fn enqueue(
+        &self,
+        cmd: CommandV1,
+        bytes: usize,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<CommandResult, LocalError>>, LocalError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
             LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
         })?;
+        Ok(answer)
+    }
+
+    pub(crate) async fn answer_of(
+        answer: tokio::sync::oneshot::Receiver<Result<CommandResult, LocalError>>,
+    ) -> Result<CommandResult, LocalError> {
         match answer.await {
             Ok(result) => result,
             Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),

@@ -69,6 +69,10 @@ pub(crate) struct LinkSignals {
     pub(crate) wakes: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
     /// Notified when this node merged a batch from another region.
     pub(crate) merged: tokio::sync::Notify,
+    /// Per source region: the highest range end queued for this node's log (the leader's).
+    pub(crate) queued: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Held while a batch is queued and recorded, so batches queue in range order.
+    pub(crate) queue_lock: tokio::sync::Mutex<()>,
     /// Each shipper's latest report, by destination.
     pub(crate) reports: std::sync::Mutex<std::collections::BTreeMap<String, crate::peer::LinkReport>>,
 }
@@ -986,16 +990,20 @@ impl Node {
             self.propose_replication(cmd).await.map_err(to_peer)?;
         }
         // Pipelined batches may overtake each other on the way: hold one that starts past
-        // what is merged until the one ahead of it is (bounded; after that the merge answers
-        // with the gap and the source resends).
+        // what is merged or already queued for the log until the one ahead of it is queued
+        // (bounded; after that the merge answers with the gap and the source resends). The
+        // log applies in queue order, so a batch never needs to wait for the previous one to
+        // be applied, only to be queued.
         let deadline = tokio::time::Instant::now() + ORDER_WAIT_MAX;
+        let source_name = batch.source.clone();
         loop {
             let notified = self.link_signals.merged.notified();
             let merged = match self.reader.replication() {
-                Ok((state, _)) => state.merged.get(batch.source.as_str()).copied().unwrap_or(0),
+                Ok((state, _)) => state.merged.get(source_name.as_str()).copied().unwrap_or(0),
                 Err(e) => return Err(PeerError::Internal(e.to_string())),
             };
-            if batch.from_seq <= merged + 1 || tokio::time::Instant::now() >= deadline {
+            let queued = self.link_signals.queued.lock().expect("queued lock").get(&source_name).copied().unwrap_or(0);
+            if batch.from_seq <= merged.max(queued) + 1 || tokio::time::Instant::now() >= deadline {
                 break;
             }
             let _ = tokio::time::timeout_at(
@@ -1004,6 +1012,10 @@ impl Node {
             )
             .await;
         }
+        if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
+            return Err(PeerError::NotLeader { leader: self.leader_hint() });
+        }
+        let upto = batch.upto_seq;
         let cmd = CommandV1::ApplyRemoteAt {
             source: batch.source,
             from_seq: batch.from_seq,
@@ -1011,7 +1023,21 @@ impl Node {
             fresh_ms: batch.fresh_ms,
             changes: batch.changes,
         };
-        let result = self.propose_replication(cmd).await.map_err(to_peer);
+        let answer = {
+            // Queue and record under one lock, so two batches cannot queue out of order.
+            let _order = self.link_signals.queue_lock.lock().await;
+            let answer = self.enqueue(cmd, 0).await.map_err(to_peer)?;
+            let mut q = self.link_signals.queued.lock().expect("queued lock");
+            let e = q.entry(source_name.clone()).or_default();
+            *e = (*e).max(upto);
+            answer
+        };
+        self.link_signals.merged.notify_waiters();
+        let result = Self::answer_of(answer).await.map_err(to_peer);
+        if !matches!(result, Ok(CommandResult::Remote { .. })) {
+            // Not merged: what was queued is no guide any more; the merged mark is.
+            self.link_signals.queued.lock().expect("queued lock").remove(&source_name);
+        }
         self.link_signals.merged.notify_waiters();
         let result = result?;
         // Visible here now: how long after the source stamped each change.
