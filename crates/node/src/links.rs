@@ -56,7 +56,7 @@ pub const SCAN_PAGE: usize = 1024;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// Batches one link keeps in flight at once. Departures are spaced by the link's round trip
 /// divided by this, so a change waits at most about that long for its batch to leave.
-pub const PIPELINE_MAX: usize = 128;
+pub const PIPELINE_MAX: usize = 32;
 /// Key and value bytes one link keeps in flight at most (batches wait beyond it).
 pub const PIPELINE_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// How long a destination holds a batch that arrived before the one ahead of it was merged.
