@@ -185,14 +185,7 @@ impl LinkState {
 
     /// Set the per-dataset queue gauges from the changes waiting in the window the link just
     /// looked at (at most one batch of outbox entries), and the per-reason deferral gauges.
-    fn report_queue(
-        &mut self,
-        node: &Node,
-        dest: &RegionId,
-        waiting: &[(&Candidate, Deferral)],
-        _seen: &[Candidate],
-        now_ms: u64,
-    ) {
+    fn report_queue(&mut self, node: &Node, dest: &RegionId, waiting: &[(&Candidate, Deferral)], now_ms: u64) {
         let (source, destination) = (node.spec.region.to_string(), dest.to_string());
         let mut per_dataset: std::collections::BTreeMap<&str, (i64, i64, u64)> = Default::default();
         let mut per_reason: std::collections::HashMap<Deferral, i64> = Default::default();
@@ -584,7 +577,7 @@ impl Node {
         // empty batch carries the range past them, so the destination's "merged up to" and
         // this link's lag reach the region's last write.
         if entries.is_empty() && region_seq <= cursor {
-            link.report_queue(self, dest, &[], &[], self.clock.now_ms());
+            link.report_queue(self, dest, &[], self.clock.now_ms());
             return Ok(self.heartbeat(link, idle, cursor, epoch, read_at, true));
         }
         // What may go: this region's own versions the placement lets `dest` hold.
@@ -673,7 +666,7 @@ impl Node {
         let upto =
             upto.unwrap_or(if entries.len() >= LINK_BATCH_ENTRIES_MAX { last_read } else { last_read.max(region_seq) });
         let queued: Vec<(&Candidate, Deferral)> = deferred.iter().map(|(i, r)| (&candidates[*i], *r)).collect();
-        link.report_queue(self, dest, &queued, &candidates, now);
+        link.report_queue(self, dest, &queued, now);
         if upto <= cursor && early.is_empty() {
             // Everything waits: keep measuring the path, or a link deferring for congestion
             // would never see it recover.
