@@ -185,6 +185,11 @@ struct Proposal {
 /// flight into one Raft entry, so that one log append (one fsync) and one replication round
 /// serve them all. Openraft 0.9's core waits for each append to be durable before taking the
 /// next message, so without this every client write would cost one fsync in sequence.
+///
+/// Commands reach the log in the order they were queued: each entry is handed to the core
+/// from this loop, and only the waits for outcomes run concurrently. (Handing entries over
+/// from concurrent tasks let them overtake each other, and a destination merging pipelined
+/// link batches then found a gap and made the source resend a round trip's worth.)
 async fn run_proposer(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
     loop {
@@ -201,12 +206,23 @@ async fn run_proposer(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>)
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let (mut cmds, replies): (Vec<CommandV1>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        let single = cmds.len() == 1;
+        let cmd = if single { cmds.pop().expect("one command") } else { CommandV1::Batch(cmds) };
+        // Handed to the core here, in queue order (only the wait for the outcome runs
+        // concurrently): a destination relies on merges reaching the log in the order their
+        // batches were queued.
+        let submitted = raft.client_write_ff(Command::V1(cmd)).await;
         tokio::spawn(async move {
-            let (mut cmds, replies): (Vec<CommandV1>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-            let single = cmds.len() == 1;
-            let cmd = if single { cmds.pop().expect("one command") } else { CommandV1::Batch(cmds) };
-            let outcome = raft.client_write(Command::V1(cmd)).await;
+            let outcome = match submitted {
+                Ok(rx) => match rx.await {
+                    Ok(result) => result.map_err(|e| write_error(RaftError::APIError(e))),
+                    Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown(
+                        "the Raft core stopped before answering".into(),
+                    ))),
+                },
+                Err(fatal) => Err(write_error(RaftError::Fatal(fatal))),
+            };
             drop(permit);
             let results: Vec<Result<CommandResult, LocalError>> = match outcome {
                 Ok(resp) => match resp.data {
@@ -220,7 +236,7 @@ async fn run_proposer(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>)
                         vec![Err(e); replies.len()]
                     }
                 },
-                Err(e) => vec![Err(write_error(e)); replies.len()],
+                Err(e) => vec![Err(e); replies.len()],
             };
             for (reply, result) in replies.into_iter().zip(results) {
                 // The writer may have given up (its request was cancelled); nothing to do.
@@ -980,5 +996,56 @@ mod tests {
             leader_node: None,
         }));
         assert!(matches!(write_error(e), LocalError::Other(NodeError::OutcomeUnknown(_))));
+    }
+
+    /// Commands reach the log in the order they were queued, however many are in flight: a
+    /// destination queues pipelined link batches back to back and merges each only if it
+    /// joins up with the one before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proposals_reach_the_log_in_queue_order() {
+        let ports: Vec<std::net::TcpListener> =
+            (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+        let port = |i: usize| ports[i].local_addr().expect("addr").port();
+        let text = format!(
+            "[[regions]]\nname = \"r\"\n\
+             [[nodes]]\nid = 1\nregion = \"r\"\nzone = \"a\"\napi_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\n",
+            port(0),
+            port(1)
+        );
+        let config = ClusterConfig::parse(&text, "test").expect("config");
+        drop(ports);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = Node::start(NodeOptions::new(config, 1, dir.path().to_path_buf())).await.expect("start");
+        node.bootstrap().await.expect("bootstrap");
+        let start = Instant::now();
+        while node.region_report().leader != Some(1) {
+            assert!(start.elapsed() < Duration::from_secs(10), "a single voter did not become leader");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        const N: u64 = 2000;
+        let mut answers = Vec::new();
+        for seq in 1..=N {
+            let cmd = CommandV1::ApplyRemoteAt {
+                source: "s".into(),
+                from_seq: seq,
+                upto_seq: seq,
+                fresh_ms: 0,
+                changes: Vec::new(),
+            };
+            answers.push(node.enqueue(cmd, 0).await.expect("queued"));
+            if seq % 64 == 0 {
+                // Let the proposer's in-flight tasks run between bursts.
+                tokio::task::yield_now().await;
+            }
+        }
+        for (i, answer) in answers.into_iter().enumerate() {
+            let result = Node::answer_of(answer).await.expect("applied");
+            assert!(
+                matches!(result, CommandResult::Remote { merged_upto, .. } if merged_upto == i as u64 + 1),
+                "range {} was applied out of queue order: {result:?}",
+                i + 1
+            );
+        }
+        node.shutdown().await;
     }
 }
