@@ -119,19 +119,25 @@ pub(crate) struct Pipeline {
     last_error: Option<String>,
     last_departure: Option<std::time::Instant>,
     in_flight_bytes: u64,
+    /// The cursor proposal in flight. The shipper does not wait for it: the destination's
+    /// acknowledgement is what lets the next batch go, and a cursor persisted late only
+    /// costs a resend after a leader change (the destination skips what it merged).
+    persisting: Option<tokio::task::JoinHandle<Result<CommandResult, NodeError>>>,
 }
 
 impl Pipeline {
     /// Send the next batch from the cursor again.
-    fn restart(&mut self) {
-        self.sent_upto = None;
+    fn restart(&mut self, node: &Node, dest: &RegionId) {
+        if self.sent_upto.take().is_some() {
+            node.metrics.replication_restarts.get_or_create(&node.link_labels(dest)).inc();
+        }
     }
 
     fn failed(&mut self, node: &Node, dest: &RegionId, e: &NodeError) {
         self.failures = self.failures.saturating_add(1);
         self.errors += 1;
         self.last_error = Some(e.to_string());
-        self.restart();
+        self.restart(node, dest);
         node.metrics.replication_errors.get_or_create(&node.link_labels(dest)).inc();
         tracing::debug!(destination = %dest, error = %e, "link attempt failed");
     }
@@ -282,11 +288,12 @@ impl Node {
                     node.settle(&dest, &mut link, &mut pipe).await;
                     node.publish_link_report(&dest, &link, &pipe);
                     if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
-                        pipe.restart();
+                        pipe.sent_upto = None;
                         pipe.failures = 0;
                         continue;
                     }
                     if pipe.in_flight >= PIPELINE_MAX || pipe.in_flight_bytes >= PIPELINE_BYTES_MAX {
+                        node.metrics.replication_window_full.get_or_create(&node.link_labels(&dest)).inc();
                         continue;
                     }
                     // Spread departures over the round trip: sending every batch at once
@@ -304,7 +311,7 @@ impl Node {
                         Ok(Round::Idle) if pipe.in_flight == 0 => pipe.failures = 0,
                         Ok(Round::Idle) => {}
                         Ok(Round::Scanned) => {
-                            pipe.restart();
+                            pipe.sent_upto = None;
                             pipe.failures = 0;
                             immediate = true;
                         }
@@ -397,7 +404,7 @@ impl Node {
 
     /// Account for the batches that came back: move the cursor to the highest acknowledged
     /// range, or start again from the cursor after a failure or a gap.
-    async fn settle(&self, dest: &RegionId, link: &mut LinkState, pipe: &mut Pipeline) {
+    async fn settle(self: &Arc<Self>, dest: &RegionId, link: &mut LinkState, pipe: &mut Pipeline) {
         let labels = self.link_labels(dest);
         let mut gap: Option<u64> = None;
         for sent in std::mem::take(&mut pipe.completed) {
@@ -416,7 +423,7 @@ impl Node {
                 // The destination has less than the cursor says (it lost state): resend from there.
                 Ok(CommandResult::RemoteGap { merged_upto }) => {
                     gap = Some(gap.map_or(merged_upto, |g| g.min(merged_upto)));
-                    pipe.restart();
+                    pipe.restart(self, dest);
                 }
                 Ok(other) => {
                     pipe.failed(self, dest, &NodeError::Internal(format!("unexpected answer to a batch: {other:?}")))
@@ -424,28 +431,40 @@ impl Node {
                 Err(e) => pipe.failed(self, dest, &e),
             }
         }
+        if pipe.persisting.as_ref().is_some_and(|h| h.is_finished()) {
+            let outcome = match pipe.persisting.take().expect("checked").await {
+                Ok(r) => r.map(|_| ()),
+                Err(e) => Err(NodeError::Internal(format!("cursor proposal: {e}"))),
+            };
+            if let Err(e) = outcome {
+                pipe.failed(self, dest, &e);
+            }
+        }
         let cursor = match self.reader.replication() {
             Ok((state, _)) => state.cursors.get(dest.as_str()).copied().unwrap_or(0),
             Err(_) => return,
         };
-        let target = match gap {
-            Some(g) if g < cursor => Some(g),
-            _ if pipe.acked > cursor => Some(pipe.acked),
-            _ => None,
-        };
-        if let Some(upto) = target {
-            let cmd = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: upto };
+        if let Some(g) = gap.filter(|g| *g < cursor) {
+            // The destination lost what it acknowledged: move the cursor back, after any
+            // proposal in flight (which could otherwise land after this one).
+            if let Some(h) = pipe.persisting.take() {
+                let _ = h.await;
+            }
+            let cmd = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: g };
             if let Err(e) = self.propose_link_command(cmd).await {
                 pipe.failed(self, dest, &e);
                 return;
             }
-            if gap.is_some() {
-                pipe.acked = upto;
-            }
-            link.early_sent.retain(|seq, _| *seq > upto);
-            if let Ok((_, region_seq)) = self.reader.replication() {
-                self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(upto) as i64);
-            }
+            pipe.acked = g;
+        } else if pipe.acked > cursor && pipe.persisting.is_none() {
+            let (node, cmd) =
+                (self.clone(), CommandV1::SetCursor { destination: dest.to_string(), upto_seq: pipe.acked });
+            pipe.persisting = Some(tokio::spawn(async move { node.propose_link_command(cmd).await }));
+        }
+        let acked = if gap.is_some_and(|g| g < cursor) { pipe.acked } else { pipe.acked.max(cursor) };
+        link.early_sent.retain(|seq, _| *seq > acked);
+        if let Ok((_, region_seq)) = self.reader.replication() {
+            self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(acked) as i64);
         }
     }
 
@@ -563,7 +582,8 @@ impl Node {
                 return Ok(Round::Scanned);
             }
         }
-        let from = pipe.sent_upto.unwrap_or(cursor).max(cursor);
+        // The destination acknowledged up to `acked` (the cursor may not be persisted yet).
+        let from = pipe.sent_upto.unwrap_or(cursor.max(pipe.acked)).max(cursor);
         if from < state.outbox_trimmed {
             if !idle {
                 return Ok(Round::Idle);
@@ -989,6 +1009,7 @@ impl Node {
         // be applied, only to be queued.
         let deadline = tokio::time::Instant::now() + ORDER_WAIT_MAX;
         let source_name = batch.source.clone();
+        let mut held = false;
         loop {
             let notified = self.link_signals.merged.notified();
             let merged = match self.reader.replication() {
@@ -996,9 +1017,19 @@ impl Node {
                 Err(e) => return Err(PeerError::Internal(e.to_string())),
             };
             let queued = self.link_signals.queued.lock().expect("queued lock").get(&source_name).copied().unwrap_or(0);
-            if batch.from_seq <= merged.max(queued) + 1 || tokio::time::Instant::now() >= deadline {
+            let in_order = batch.from_seq <= merged.max(queued) + 1;
+            if in_order || tokio::time::Instant::now() >= deadline {
+                if held {
+                    let labels = crate::metrics::HeldLabels {
+                        source: source_name.clone(),
+                        destination: self.spec.region.to_string(),
+                        outcome: if in_order { "in_order" } else { "timed_out" }.into(),
+                    };
+                    self.metrics.replication_order_held.get_or_create(&labels).inc();
+                }
                 break;
             }
+            held = true;
             let _ = tokio::time::timeout_at(
                 deadline.min(tokio::time::Instant::now() + Duration::from_millis(20)),
                 notified,
