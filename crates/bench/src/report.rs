@@ -26,6 +26,39 @@ pub struct Machine {
     pub arch: String,
 }
 
+/// The machine's CPU time counters (`/proc/stat`'s first line), to tell how much of a run the
+/// hypervisor took away: on a shared virtual machine, steal time makes tails that are not the
+/// system's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// Every state's ticks.
+    pub total: u64,
+    /// Ticks stolen by the hypervisor.
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    /// Now, or `None` where `/proc/stat` cannot be read (not Linux).
+    pub fn now() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// From `/proc/stat` text: `cpu  user nice system idle iowait irq softirq steal ...`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let ticks: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+        // guest and guest_nice (9th and 10th) are already counted in user and nice.
+        let total = ticks.iter().take(8).sum();
+        Some(Self { total, steal: *ticks.get(7)? })
+    }
+
+    /// The share of CPU time stolen between `self` and `later`, in percent.
+    pub fn steal_pct_until(&self, later: &Self) -> Option<f64> {
+        let total = later.total.checked_sub(self.total).filter(|t| *t > 0)?;
+        Some(later.steal.saturating_sub(self.steal) as f64 * 100.0 / total as f64)
+    }
+}
+
 impl Machine {
     /// Facts about the current machine.
     pub fn current() -> Self {
@@ -395,6 +428,16 @@ pub(crate) fn right_align_numbers(t: &mut Table, columns: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_read_from_proc_stat() {
+        let a = CpuTimes::parse("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n").expect("parses");
+        assert_eq!(a, CpuTimes { total: 1000, steal: 40 });
+        let b = CpuTimes { total: 1200, steal: 90 };
+        assert_eq!(a.steal_pct_until(&b), Some(25.0));
+        assert_eq!(a.steal_pct_until(&a), None);
+        assert_eq!(CpuTimes::parse("intr 1 2 3"), None);
+    }
 
     fn run(ops: u64, secs: u64, latencies_us: &[u64]) -> RunResult {
         let mut r = RunResult::empty();

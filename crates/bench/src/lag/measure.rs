@@ -233,6 +233,11 @@ pub struct LagResult {
     last_visible: Option<Instant>,
     /// Latest a write started after its scheduled time.
     pub schedule_slip_max: Duration,
+    /// Meridian's link counters over the run (pipeline restarts, full windows, held
+    /// batches...), for explaining a tail; empty for etcd.
+    pub link_counters: Vec<(String, f64)>,
+    /// CPU time the hypervisor stole during the run, percent (Linux only).
+    pub cpu_steal_pct: Option<f64>,
 }
 
 impl LagResult {
@@ -256,6 +261,8 @@ impl LagResult {
             caught_up_after: None,
             last_visible: None,
             schedule_slip_max: Duration::ZERO,
+            link_counters: Vec::new(),
+            cpu_steal_pct: None,
         }
     }
 
@@ -275,13 +282,21 @@ impl LagResult {
     pub fn one_line(&self) -> String {
         let q = |q: f64| crate::report::quantile_ms(&self.excess_hist, q);
         format!(
-            "{:.0} writes/s acknowledged, {} samples, excess p50 {:.1} ms, p99 {:.1} ms{}{}",
+            "{:.0} writes/s acknowledged, {} samples, excess p50 {:.1} ms, p99 {:.1} ms{}{}{}{}",
             self.achieved_writes_per_sec(),
             self.samples,
             q(0.50),
             q(0.99),
             if self.timed_out > 0 { format!(", {} not visible in time", self.timed_out) } else { String::new() },
             if self.write_errors > 0 { format!(", {} write errors", self.write_errors) } else { String::new() },
+            self.cpu_steal_pct.map_or(String::new(), |s| format!("; cpu steal {s:.0}%")),
+            if self.link_counters.is_empty() {
+                String::new()
+            } else {
+                let parts: Vec<String> =
+                    self.link_counters.iter().map(|(n, v)| format!("{n} {}", v.max(0.0))).collect();
+                format!("; link: {}", parts.join(", "))
+            },
         )
     }
 

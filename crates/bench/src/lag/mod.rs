@@ -26,9 +26,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::load::Target;
 use crate::ports::{self, loopback};
-use crate::report::Machine;
+use crate::report::{CpuTimes, Machine};
 use crate::System;
+use measure::Destination;
 
 pub use args::{run_cli, LagArgs};
 pub use measure::{LagResult, Workload};
@@ -285,8 +287,29 @@ pub async fn run_one(
         let one_way = Duration::from_millis(delay_ms);
         let mut pair = pair::Pair::start(opts, system, one_way, &ports, dir.path(), &control).await?;
         pair.wait_mirroring(&control, READY_TIMEOUT).await?;
-        let result =
+        let counters = || async {
+            match (pair.source(), pair.destination()) {
+                (Target::Meridian { base: source }, Destination::Meridian { base: dest }) => {
+                    link_counters(&control, &source, &dest).await
+                }
+                _ => Vec::new(),
+            }
+        };
+        let before = counters().await;
+        let cpu_before = CpuTimes::now();
+        let mut result =
             measure::run(&pair.source(), &pair.destination(), &opts.workload(writes_per_sec, delay_ms)).await?;
+        result.cpu_steal_pct = cpu_before.zip(CpuTimes::now()).and_then(|(a, b)| a.steal_pct_until(&b));
+        // Over the warm-up and the window only: setting up (the policy reaching both regions)
+        // has its own refusals and resends.
+        result.link_counters = counters()
+            .await
+            .into_iter()
+            .map(|(name, after)| {
+                let was = before.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, v)| *v);
+                (name, after - was)
+            })
+            .collect();
         // A mirror that died mid-run makes the figures meaningless: say so rather than print them.
         pair.ensure_running()?;
         pair.stop();
@@ -299,6 +322,40 @@ pub async fn run_one(
     })
 }
 
+/// The link counters that explain a tail, summed over their labels, from the source's and the
+/// destination's `/metrics` (a counter that cannot be read is left out).
+async fn link_counters(http: &reqwest::Client, source: &str, dest: &str) -> Vec<(String, f64)> {
+    const SOURCE: [(&str, &str); 4] = [
+        ("batches", "meridian_replication_batches_total"),
+        ("restarts", "meridian_replication_pipeline_restarts_total"),
+        ("window full", "meridian_replication_window_waits_total"),
+        ("errors", "meridian_replication_errors_total"),
+    ];
+    const DEST: [(&str, &str); 2] = [
+        ("held in order", "meridian_replication_order_held_batches_total{outcome=\"in_order\""),
+        ("held timed out", "meridian_replication_order_held_batches_total{outcome=\"timed_out\""),
+    ];
+    let mut out = Vec::new();
+    for (base, names) in [(source, &SOURCE[..]), (dest, &DEST[..])] {
+        let Ok(text) = async { http.get(format!("{base}/metrics")).send().await?.text().await }.await else {
+            continue;
+        };
+        for (label, prefix) in names {
+            out.push(((*label).to_owned(), metric_sum(&text, prefix)));
+        }
+    }
+    out
+}
+
+/// The sum of every sample whose line starts with `prefix` (a name, optionally with the start
+/// of its labels), in Prometheus text format.
+fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with(['{', ' ', ',', '}']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `127.0.0.1:port` as a URL.
 pub(crate) fn http_url(port: u16) -> String {
     format!("http://{}", loopback(port))
@@ -307,6 +364,16 @@ pub(crate) fn http_url(port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_sums_match_names_and_label_prefixes() {
+        let text = "# HELP x\nmeridian_a_total{outcome=\"in_order\",source=\"s\"} 2\n\
+                    meridian_a_total{outcome=\"timed_out\",source=\"s\"} 5\nmeridian_ab_total 7\nmeridian_a_total{outcome=\"in_order\",source=\"t\"} 1\n";
+        assert_eq!(metric_sum(text, "meridian_a_total"), 8.0);
+        assert_eq!(metric_sum(text, "meridian_a_total{outcome=\"in_order\""), 3.0);
+        assert_eq!(metric_sum(text, "meridian_ab_total"), 7.0);
+        assert_eq!(metric_sum(text, "meridian_c_total"), 0.0);
+    }
 
     #[test]
     fn ports_are_distinct_and_bounded() {

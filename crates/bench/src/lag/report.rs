@@ -257,6 +257,8 @@ pub struct LagRunSummary {
     pub ack_p99_ms: f64,
     /// Latest a write started after its schedule, ms.
     pub schedule_slip_max_ms: f64,
+    /// CPU time the hypervisor stole during the run, percent.
+    pub cpu_steal_pct: Option<f64>,
     /// The first write error, if any.
     pub first_error: Option<String>,
 }
@@ -285,6 +287,7 @@ impl LagRunSummary {
             ack_p99_ms: quantile_ms(&r.ack_hist, 0.99),
             schedule_slip_max_ms: r.schedule_slip_max.as_secs_f64() * 1e3,
             first_error: r.first_error.clone(),
+            cpu_steal_pct: r.cpu_steal_pct,
         }
     }
 }
@@ -461,6 +464,7 @@ impl LagReport {
             "max ms",
             "caught up ms",
             "ack p99 ms",
+            "steal %",
         ]);
         for r in &self.runs {
             t.add_row(vec![
@@ -482,14 +486,15 @@ impl LagReport {
                     (None, _) => "-".to_string(),
                 },
                 format!("{:.2}", r.ack_p99_ms),
+                r.cpu_steal_pct.map_or("-".to_string(), |s| format!("{s:.0}")),
             ]);
         }
-        right_align_numbers(&mut t, 14);
+        right_align_numbers(&mut t, 15);
         let _ = writeln!(
             out,
             "runs (1st poll: seen on the first poll, an upper bound; late: not visible within the timeout; \
              caught up: from the last scheduled write until the last sample was seen; \"behind\" past 1 s \
-             plus a round trip):"
+             plus a round trip; steal: CPU time the hypervisor took during the run):"
         );
         let _ = write!(out, "{t}");
         for r in self.runs.iter().filter(|r| r.first_error.is_some()) {
