@@ -23,8 +23,10 @@
 //!   cursor past the scan's start. Both scans send only this region's own versions, and the
 //!   destination keeps a change only if it is newer than its copy, so a scan repeated after a
 //!   crash is harmless.
+//! - The shipper does not wait for its cursor to be persisted: the next batch and any
+//!   backfill start from what the destination acknowledged, which the cursor never passes.
 //!
-//! Links ship continuously; schedules, rate limits and priorities come next.
+//! Schedules, rate limits, priorities and congestion deferral are in [`crate::traffic`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -577,7 +579,9 @@ impl Node {
                 if !idle {
                     return Ok(Round::Idle);
                 }
-                self.backfill(dest, active, done, cursor, link).await?;
+                // Everything up to what the destination acknowledged was passed under an
+                // earlier entry (the cursor may not be persisted that far yet).
+                self.backfill(dest, active, done, cursor.max(pipe.acked), link).await?;
                 self.propose_link_command(CommandV1::SetBackfilled { destination: dest.to_string(), epoch }).await?;
                 return Ok(Round::Scanned);
             }
@@ -867,22 +871,23 @@ impl Node {
         Ok(n)
     }
 
-    /// Backfill after the policy entry changed: everything up to the cursor that `active`
-    /// lets `dest` hold and the entry last backfilled did not (all of it if that entry is
-    /// unknown). What lies past the cursor ships through the outbox under `active`.
+    /// Backfill after the policy entry changed: everything up to `passed` (what the link has
+    /// passed: the cursor, or the destination's acknowledgement if that is further) that
+    /// `active` lets `dest` hold and the entry last backfilled did not (all of it if that entry
+    /// is unknown). What lies past it ships through the outbox under `active`.
     async fn backfill(
         &self,
         dest: &RegionId,
         active: &ActivePolicy,
         done: Option<u64>,
-        cursor: u64,
+        passed: u64,
         link: &mut LinkState,
     ) -> Result<(), NodeError> {
         let previous = match done {
             Some(epoch) => self.entry_at_epoch(epoch)?,
             None => None,
         };
-        let sent = self.scan_ship(dest, Some(active), 0, Some(cursor), previous.as_ref(), link).await?;
+        let sent = self.scan_ship(dest, Some(active), 0, Some(passed), previous.as_ref(), link).await?;
         if sent > 0 {
             tracing::info!(
                 destination = %dest, epoch = active.entry.epoch, sent,
