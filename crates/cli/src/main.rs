@@ -349,6 +349,17 @@ struct BenchArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // A client command piped into `head` stops quietly when the reader goes away, as Unix
+    // tools do, instead of panicking on a failed print. Servers, the demo and the benchmarks
+    // keep Rust's default (SIGPIPE ignored): a peer closing a socket must be an error on that
+    // socket, never the end of the process.
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Server { .. } | Command::Demo { .. } | Command::Bench(_)) {
+        // SAFETY: restores a signal's default disposition before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,openraft=error,meridian=info,meridian_node=info,meridian_server=info")
     });

@@ -67,6 +67,18 @@ fn cli_against_a_running_demo() {
     let (ok, out, _) = cli(&eu, &["cluster", "status"]);
     assert!(ok && out.contains("leader") && out.contains("ap-south"), "{out}");
 
+    // Piped into a reader that goes away (`| head`): the CLI stops quietly, no panic.
+    let mut child = Command::new(common::BIN)
+        .args(["replication", "status", "--endpoint", &eu])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+
     let (ok, _, _) = cli(&us, &["delete", "catalog", "u1"]);
     assert!(ok);
     let (ok, _, err) = cli(&us, &["get", "catalog", "u1"]);
