@@ -12,10 +12,13 @@ use meridian_client::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_meridian");
 
-/// A base port whose 9 API ports and 9 peer ports (+100) are all free.
+/// A base port whose 9 API ports and 9 peer ports (+100) are all free when checked. Another
+/// test process may still take one before the demo binds it; [`start_demo_with`] then retries.
 pub fn free_base_port() -> u16 {
-    for attempt in 0..50u16 {
-        let base = 20_000 + (std::process::id() as u16 % 200) * 50 + attempt * 211 % 9000;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    for attempt in 0..50u32 {
+        let slot = (std::process::id().wrapping_mul(7919) ^ seed).wrapping_add(attempt * 211) % 900;
+        let base = 20_000 + slot as u16 * 10;
         let ok = (0..9).all(|i| {
             TcpListener::bind(("127.0.0.1", base + i)).is_ok()
                 && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
@@ -33,41 +36,60 @@ pub fn start_demo(data_dir: Option<&Path>) -> (Child, u16, Vec<String>) {
     start_demo_with(data_dir, &[])
 }
 
+/// How many times a demo that exits before its banner (a port taken between the check and
+/// the bind, by a concurrent test) is started again on other ports.
+const DEMO_STARTS_MAX: usize = 5;
+
 /// [`start_demo`] with extra arguments to `meridian demo`.
 #[allow(clippy::zombie_processes)]
 pub fn start_demo_with(data_dir: Option<&Path>, extra: &[&str]) -> (Child, u16, Vec<String>) {
     use std::io::{BufRead, BufReader};
-    let base = free_base_port();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["demo", "--base-port", &base.to_string()]).args(extra);
-    if let Some(d) = data_dir {
-        cmd.arg("--data-dir").arg(d);
-    }
-    let mut demo = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start the demo");
-    let stdout = demo.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+    let mut failures = Vec::new();
+    for _ in 0..DEMO_STARTS_MAX {
+        let base = free_base_port();
+        let stderr_file = tempfile::NamedTempFile::new().expect("a file for the demo's stderr");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["demo", "--base-port", &base.to_string()]).args(extra);
+        if let Some(d) = data_dir {
+            cmd.arg("--data-dir").arg(d);
         }
-    });
-    let mut banner = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => {
-                let done = line.contains("Press Ctrl-C");
-                banner.push(line);
-                if done {
-                    return (demo, base, banner);
+        let stderr = Stdio::from(stderr_file.reopen().expect("reopen the stderr file"));
+        let mut demo = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().expect("start the demo");
+        let stdout = demo.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut banner = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    let done = line.contains("Press Ctrl-C");
+                    banner.push(line);
+                    if done {
+                        return (demo, base, banner);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    // It exited before its banner: start it again on other ports.
+                    let status = demo.wait().expect("reap the demo");
+                    let err = std::fs::read_to_string(stderr_file.path()).unwrap_or_default();
+                    let tail: String = err.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                    failures
+                        .push(format!("base {base}: {status}, printed {banner:?}, stderr (last lines first): {tail}"));
+                    break;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = demo.kill();
+                    let _ = demo.wait();
+                    panic!("the demo did not come up in 60 s; it printed: {banner:?}");
                 }
             }
-            Err(_) => {
-                let _ = demo.kill();
-                let _ = demo.wait();
-                panic!("the demo did not come up; it printed: {banner:?}");
-            }
         }
     }
+    panic!("the demo exited before its banner {DEMO_STARTS_MAX} times:\n{}", failures.join("\n"));
 }
 
 /// A free loopback port (bound and released; the OS does not hand it out again at once).
