@@ -15,6 +15,7 @@
 pub mod command;
 pub mod log_store;
 pub mod network;
+pub mod rt;
 pub mod state_machine;
 
 use std::io::Cursor;
@@ -34,7 +35,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::rt::Runtime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -22,7 +22,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -92,7 +92,17 @@ struct Shared {
 #[derive(Clone)]
 pub struct LogStore {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<LogOp>,
+    writer: Writer,
+}
+
+/// Who writes the log file.
+#[derive(Clone)]
+enum Writer {
+    /// Production: a dedicated thread group-commits whatever is queued (one fsync for all).
+    Thread(mpsc::Sender<LogOp>),
+    /// The simulator: each operation is written inside the call, on the caller's thread, so
+    /// a single-threaded simulation stays deterministic. Set once a write failed.
+    Inline(Arc<AtomicBool>),
 }
 
 /// Rough memory weight of an entry in the tail: its keys and values, batches included.
@@ -183,8 +193,27 @@ impl LogStore {
         Self::with_database(db, purge_limit)
     }
 
-    /// Open over an already created redb database (for example one on a simulated disk).
+    /// Open over an already created redb database, with a writer thread.
     pub fn with_database(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
+        let shared = Self::load(db, purge_limit)?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer_loop(writer_shared, rx))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(LogStore { shared, writer: Writer::Thread(tx) })
+    }
+
+    /// Open over an already created redb database (the simulator's, on its simulated disk)
+    /// without a writer thread: every operation is written and synced inside the call that
+    /// submits it, so nothing runs outside the simulation's single thread.
+    pub fn with_database_inline(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
+        let shared = Self::load(db, purge_limit)?;
+        Ok(LogStore { shared, writer: Writer::Inline(Arc::new(AtomicBool::new(false))) })
+    }
+
+    fn load(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Arc<Shared>, StorageError> {
         let load = || -> Result<MemState, redb::Error> {
             let txn = db.begin_write()?;
             {
@@ -217,15 +246,7 @@ impl LogStore {
             })
         };
         let mem = load().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
-        let shared =
-            Arc::new(Shared { db, mem: Mutex::new(mem), stats: Arc::new(LogStoreStats::default()), purge_limit });
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
-        let writer_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || writer_loop(writer_shared, rx))
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(LogStore { shared, tx })
+        Ok(Arc::new(Shared { db, mem: Mutex::new(mem), stats: Arc::new(LogStoreStats::default()), purge_limit }))
     }
 
     pub fn stats(&self) -> Arc<LogStoreStats> {
@@ -233,7 +254,21 @@ impl LogStore {
     }
 
     async fn submit(&self, op: LogOp) -> Result<(), StorageError> {
-        self.tx.send(op).await.map_err(|_| StorageIOError::write_logs(&io_err("log writer thread has stopped")).into())
+        match &self.writer {
+            Writer::Thread(tx) => tx
+                .send(op)
+                .await
+                .map_err(|_| StorageIOError::write_logs(&io_err("log writer thread has stopped")).into()),
+            Writer::Inline(stopped) => {
+                if stopped.load(Ordering::Acquire) {
+                    return Err(StorageIOError::write_logs(&io_err("log writer has stopped")).into());
+                }
+                if !commit_group(&self.shared, vec![op]) {
+                    stopped.store(true, Ordering::Release);
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -247,35 +282,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
                 Err(_) => break,
             }
         }
-        let committed = shared.mem.lock().expect("log mem lock").committed;
-        let result = write_batch(&shared.db, &batch, committed);
-        if result.is_ok() {
-            let stats = &shared.stats;
-            stats.fsyncs_total.fetch_add(1, Ordering::Relaxed);
-            let mut mem = shared.mem.lock().expect("log mem lock");
-            for op in &batch {
-                if let LogOp::Append { entries, .. } = op {
-                    stats.entries_written_total.fetch_add(entries.len() as u64, Ordering::Relaxed);
-                    if let Some(last) = entries.last() {
-                        mem.durable_through = mem.durable_through.max(last.log_id.index);
-                    }
-                }
-            }
-            mem.trim_tail();
-        }
-        for op in batch {
-            let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
-            match op {
-                LogOp::Append { callback, .. } => callback.log_io_completed(r),
-                LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
-                    let _ = done.send(r);
-                }
-            }
-        }
-        if let Err(e) = result {
-            // A failed fsync leaves the file in an unknown state: stop taking writes rather
-            // than pretend (the "fsyncgate" lesson). Openraft sees the errors and stops.
-            tracing::error!(error = %e, "raft log write failed; the log writer stops");
+        if !commit_group(&shared, batch) {
             rx.close();
             while let Ok(op) = rx.try_recv() {
                 match op {
@@ -288,6 +295,42 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
             return;
         }
     }
+}
+
+/// Write a group of operations in one transaction with one fsync, record what became
+/// durable, and answer every operation. False when the write failed: a failed fsync leaves
+/// the file in an unknown state, so the writer then stops taking writes rather than pretend
+/// (the "fsyncgate" lesson); openraft sees the errors and stops.
+fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
+    let committed = shared.mem.lock().expect("log mem lock").committed;
+    let result = write_batch(&shared.db, &batch, committed);
+    if result.is_ok() {
+        let stats = &shared.stats;
+        stats.fsyncs_total.fetch_add(1, Ordering::Relaxed);
+        let mut mem = shared.mem.lock().expect("log mem lock");
+        for op in &batch {
+            if let LogOp::Append { entries, .. } = op {
+                stats.entries_written_total.fetch_add(entries.len() as u64, Ordering::Relaxed);
+                if let Some(last) = entries.last() {
+                    mem.durable_through = mem.durable_through.max(last.log_id.index);
+                }
+            }
+        }
+        mem.trim_tail();
+    }
+    for op in batch {
+        let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
+        match op {
+            LogOp::Append { callback, .. } => callback.log_io_completed(r),
+            LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
+                let _ = done.send(r);
+            }
+        }
+    }
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "raft log write failed; the log writer stops");
+    }
+    result.is_ok()
 }
 
 /// Write one batch in one transaction with one fsync. The committed pointer is not worth an
