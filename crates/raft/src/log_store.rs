@@ -37,9 +37,14 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_VOTE: &str = "vote";
 const META_COMMITTED: &str = "committed";
 const META_LAST_PURGED: &str = "last_purged";
+/// The purge openraft last asked for; ahead of `last_purged` while the file holds entries back
+/// for a state machine that had not yet made them durable.
+const META_PURGE_REQUESTED: &str = "purge_requested";
 
 /// Most queued operations folded into one transaction (one fsync).
 pub const GROUP_COMMIT_OPS_MAX: usize = 1024;
+/// Longest a purge waits for the state machine to make durable what the purge covers.
+pub const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most operations waiting for the writer thread; `append` waits when it is full.
 pub const WRITE_QUEUE_MAX: usize = 4096;
 
@@ -51,10 +56,25 @@ pub struct LogStoreStats {
 }
 
 enum LogOp {
-    Append { entries: Vec<Entry>, callback: LogFlushed<TypeConfig> },
-    SaveVote { vote: Vote, done: oneshot::Sender<io::Result<()>> },
-    Truncate { from_index: u64, done: oneshot::Sender<io::Result<()>> },
-    Purge { upto: LogId, done: oneshot::Sender<io::Result<()>> },
+    Append {
+        entries: Vec<Entry>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    SaveVote {
+        vote: Vote,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    Truncate {
+        from_index: u64,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    /// Drop entries through `upto` (if any) from the file; openraft asked for `requested`
+    /// (at or past `upto`), which is recorded so that an open can finish the purge.
+    Purge {
+        upto: Option<LogId>,
+        requested: LogId,
+        done: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 /// Most entries kept in the in-memory tail once they are durable.
@@ -214,11 +234,13 @@ impl LogStore {
     }
 
     fn load(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Arc<Shared>, StorageError> {
+        let durable = purge_limit.load(Ordering::SeqCst);
         let load = || -> Result<MemState, redb::Error> {
             let txn = db.begin_write()?;
             {
-                txn.open_table(LOG)?;
-                txn.open_table(META)?;
+                let mut log = txn.open_table(LOG)?;
+                let mut meta = txn.open_table(META)?;
+                finish_held_back_purge(&mut log, &mut meta, durable)?;
             }
             txn.commit()?;
             let r = db.begin_read()?;
@@ -229,6 +251,7 @@ impl LogStore {
             let committed: Option<LogId> = dec::<Option<LogId>>(get(META_COMMITTED)?)?.flatten();
             let last_purged: Option<LogId> = dec::<Option<LogId>>(get(META_LAST_PURGED)?)?.flatten();
             let log = r.open_table(LOG)?;
+            check_contiguous(&log, last_purged, durable)?;
             let last_entry: Option<Entry> = match log.last()? {
                 Some((_, v)) => Some(decode(v.value()).map_err(|e| redb::Error::Corrupted(e.to_string()))?),
                 None => None,
@@ -270,6 +293,51 @@ impl LogStore {
             }
         }
     }
+}
+
+/// Complete, at open, a purge the file held back while the state machine was not yet durable
+/// through it, if the state machine now is. This happens after a snapshot install: openraft
+/// asks to purge through the snapshot while the state machine is still installing it, then
+/// appends the entries after the snapshot; the file keeps its older entries until the install
+/// is durable, and a crash in between leaves stale entries below a hole. Once the state
+/// machine holds the snapshot, the entries below the hole are covered by it and are dropped.
+fn finish_held_back_purge(
+    log: &mut redb::Table<'_, u64, &[u8]>,
+    meta: &mut redb::Table<'_, &str, &[u8]>,
+    durable: u64,
+) -> Result<(), redb::Error> {
+    let read = |meta: &redb::Table<'_, &str, &[u8]>, k: &str| -> Result<Option<LogId>, redb::Error> {
+        dec::<Option<LogId>>(meta.get(k)?.map(|v| v.value().to_vec())).map(Option::flatten)
+    };
+    let (purged, requested) = (read(meta, META_LAST_PURGED)?, read(meta, META_PURGE_REQUESTED)?);
+    if let Some(req) = requested.filter(|r| Some(*r) > purged && r.index <= durable) {
+        log.retain_in(..=req.index, |_, _| false)?;
+        meta.insert(META_LAST_PURGED, encode(&Some(req)).as_slice())?;
+        tracing::info!(purged = req.index, "finished a purge held back for the state machine");
+    }
+    Ok(())
+}
+
+/// The entries after the purged point must be consecutive: openraft reads them as one run.
+/// A hole is reported with what is known, rather than as a missing entry deep in openraft.
+fn check_contiguous(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    purged: Option<LogId>,
+    durable: u64,
+) -> Result<(), redb::Error> {
+    let mut expected = purged.map(|p| p.index + 1);
+    for item in log.iter()? {
+        let index = item?.0.value();
+        if let Some(e) = expected.filter(|e| *e != index) {
+            return Err(redb::Error::Corrupted(format!(
+                "the Raft log has a hole: entry {e} is missing before entry {index} (purged through {:?}, \
+                 state machine durable through {durable})",
+                purged.map(|p| p.index)
+            )));
+        }
+        expected = Some(index + 1);
+    }
+    Ok(())
 }
 
 /// The writer thread: one transaction and one fsync for everything queued.
@@ -354,9 +422,12 @@ fn write_batch(db: &Database, batch: &[LogOp], committed: Option<LogId>) -> Resu
                 LogOp::Truncate { from_index, .. } => {
                     log.retain_in(*from_index.., |_, _| false)?;
                 }
-                LogOp::Purge { upto, .. } => {
-                    log.retain_in(..=upto.index, |_, _| false)?;
-                    meta.insert(META_LAST_PURGED, encode(&Some(*upto)).as_slice())?;
+                LogOp::Purge { upto, requested, .. } => {
+                    if let Some(upto) = upto {
+                        log.retain_in(..=upto.index, |_, _| false)?;
+                        meta.insert(META_LAST_PURGED, encode(&Some(*upto)).as_slice())?;
+                    }
+                    meta.insert(META_PURGE_REQUESTED, encode(&Some(*requested)).as_slice())?;
                 }
             }
         }
@@ -504,7 +575,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// durable point; openraft is told the purge is done (it never reads purged entries), and
     /// a later purge drops the rest.
     async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
-        let limit = self.shared.purge_limit.load(Ordering::SeqCst);
+        let mut limit = self.shared.purge_limit.load(Ordering::SeqCst);
+        // After a snapshot install openraft asks to purge through the snapshot while the state
+        // machine may still be installing it. Wait (bounded) for it to be durable, so that
+        // the file drops the older entries before openraft appends past the snapshot.
+        let deadline = tokio::time::Instant::now() + PURGE_WAIT_MAX;
+        while limit < upto.index && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            limit = self.shared.purge_limit.load(Ordering::SeqCst);
+        }
         let (on_disk, last) = {
             let mut mem = self.shared.mem.lock().expect("log mem lock");
             assert!(mem.last_purged <= Some(upto), "purge must move forward");
@@ -520,12 +599,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 _ => None,
             }
         };
-        if let Some(target) = target.filter(|t| Some(*t) > on_disk) {
+        let target = target.filter(|t| Some(*t) > on_disk);
+        if target.is_some() || Some(upto) > on_disk {
             let (done, wait) = oneshot::channel();
-            self.submit(LogOp::Purge { upto: target, done }).await?;
+            self.submit(LogOp::Purge { upto: target, requested: upto, done }).await?;
             let r = wait.await.unwrap_or_else(|_| Err(io_err("log writer stopped")));
             r.map_err(|e| StorageIOError::write_logs(&e))?;
-            self.shared.mem.lock().expect("log mem lock").purged_on_disk = Some(target);
+            if target.is_some() {
+                self.shared.mem.lock().expect("log mem lock").purged_on_disk = target;
+            }
         }
         let mut mem = self.shared.mem.lock().expect("log mem lock");
         mem.last_purged = Some(upto);

@@ -258,7 +258,8 @@ async fn reopen(path: &std::path::Path, limit: std::sync::Arc<std::sync::atomic:
     }
 }
 
-#[tokio::test]
+// Paused time: a purge past the durable point waits (bounded) for the state machine.
+#[tokio::test(start_paused = true)]
 async fn purge_never_drops_what_the_state_machine_may_have_to_reapply() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -289,6 +290,46 @@ async fn purge_never_drops_what_the_state_machine_may_have_to_reapply() {
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 9)));
     assert_eq!(state.last_log_id, Some(log_id(1, 10)));
+}
+
+/// After a snapshot install openraft asks to purge through the snapshot and appends past it.
+/// If the state machine was not yet durable, the file keeps its older entries below a hole;
+/// an open finishes the purge once the state machine holds the snapshot, and reports the hole
+/// plainly while it does not.
+#[tokio::test(start_paused = true)]
+async fn a_purge_held_back_past_a_snapshot_is_finished_at_open() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let limit = Arc::new(AtomicU64::new(4));
+    {
+        let mut log = LogStore::open_with_purge_limit(&path, limit.clone()).unwrap();
+        log.blocking_append((1..=10).map(|i| put(i, "k", "v", 1, Condition::Always)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        // A snapshot through 20 is being installed; the state machine is still at 4.
+        log.purge(log_id(1, 20)).await.unwrap();
+        log.blocking_append((21..=25).map(|i| put(i, "k", "v", 1, Condition::Always)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    }
+    // Crash before the install was durable: the hole is named, not left to openraft.
+    let err = loop {
+        match LogStore::open_with_purge_limit(&path, limit.clone()) {
+            Ok(_) => panic!("a log with a hole must not open"),
+            Err(e) if e.to_string().contains("hole") => break e.to_string(),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    };
+    assert!(err.contains("entry 11 is missing before entry 21"), "{err}");
+    // The install was durable: the open drops what the snapshot covers.
+    limit.store(20, Ordering::SeqCst);
+    let mut log = reopen(&path, limit).await;
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 20)));
+    let idx: Vec<u64> = log.try_get_log_entries(0..100).await.unwrap().iter().map(|e| e.log_id.index).collect();
+    assert_eq!(idx, (21..=25).collect::<Vec<_>>());
 }
 
 fn remote_entry(
