@@ -1,0 +1,76 @@
+//! How often each fault, and each path worth exercising, actually happened. Summed over a
+//! batch of seeds, it makes a silent loss of coverage visible: a fault that never fired fails
+//! the batch.
+
+use std::collections::BTreeMap;
+
+use crate::nemesis::FAULTS;
+
+/// Paths the invariants only mean something if runs take them.
+pub const PATHS: [&str; 5] =
+    ["leader elected", "leader changed", "crash lost unsynced writes", "snapshot built", "acknowledged write"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Coverage {
+    pub faults: BTreeMap<String, u64>,
+    pub paths: BTreeMap<String, u64>,
+}
+
+impl Coverage {
+    pub fn fault(&mut self, kind: &str) {
+        *self.faults.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    pub fn hit(&mut self, path: &str) {
+        self.hit_n(path, 1);
+    }
+
+    pub fn hit_n(&mut self, path: &str, n: u64) {
+        *self.paths.entry(path.to_owned()).or_default() += n;
+    }
+
+    pub fn merge(&mut self, other: &Coverage) {
+        for (k, v) in &other.faults {
+            *self.faults.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.paths {
+            *self.paths.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// Faults and paths that never happened.
+    pub fn missing(&self) -> Vec<String> {
+        let faults = FAULTS.iter().filter(|f| self.faults.get(**f).copied().unwrap_or(0) == 0);
+        let paths = PATHS.iter().filter(|p| self.paths.get(**p).copied().unwrap_or(0) == 0);
+        faults.chain(paths).map(|s| s.to_string()).collect()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::from("coverage (times, summed over the seeds):\n");
+        for f in FAULTS {
+            out.push_str(&format!("  fault  {f:<28} {:>8}\n", self.faults.get(f).copied().unwrap_or(0)));
+        }
+        for p in PATHS {
+            out.push_str(&format!("  path   {p:<28} {:>8}\n", self.paths.get(p).copied().unwrap_or(0)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_never_happened_is_named() {
+        let mut c = Coverage::default();
+        for f in FAULTS {
+            c.fault(f);
+        }
+        c.hit("leader elected");
+        let missing = c.missing();
+        assert!(missing.contains(&"leader changed".to_string()));
+        assert!(!missing.contains(&"leader elected".to_string()));
+        assert!(!missing.iter().any(|m| FAULTS.contains(&m.as_str())));
+    }
+}

@@ -1,0 +1,158 @@
+//! The nemesis: faults drawn from the run's seed, each undone after a while, and all undone
+//! at the heal.
+//!
+//! Faults: a node cut off from the others, a one-way cut between two nodes, slow links
+//! (latency with jitter), lost requests, lost replies, duplicated (and so reordered)
+//! requests, and a crash that loses every unsynced write, followed later by a restart.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::coverage::Coverage;
+use crate::net::host_name;
+use crate::world::World;
+
+/// No fault before the group has formed.
+pub const QUIET_START: Duration = Duration::from_secs(2);
+/// Link latency outside a slow-link fault: nodes of one region sit in nearby zones.
+pub const BASE_LATENCY_MAX: Duration = Duration::from_millis(5);
+
+/// Every kind of fault, in report order.
+pub const FAULTS: [&str; 7] =
+    ["partition-node", "one-way-cut", "slow-link", "request-loss", "reply-loss", "duplication", "crash-restart"];
+
+#[derive(Debug)]
+enum Undo {
+    Repair(String, String),
+    RepairOneWay(String, String),
+    Latency(String, String),
+    MessageFaults,
+    Restart(u64),
+}
+
+pub struct Nemesis {
+    rng: StdRng,
+    next_at: Duration,
+    active: Vec<(Duration, Undo)>,
+    down: BTreeSet<u64>,
+    nodes: Vec<u64>,
+}
+
+impl Nemesis {
+    pub fn new(seed: u64, nodes: Vec<u64>) -> Self {
+        Nemesis {
+            rng: StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_7300),
+            next_at: QUIET_START,
+            active: Vec::new(),
+            down: BTreeSet::new(),
+            nodes,
+        }
+    }
+
+    /// Undo what has run its course, then maybe start a new fault.
+    pub fn tick(&mut self, sim: &mut turmoil::Sim<'_>, world: &World, cov: &mut Coverage, now: Duration) {
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active).into_iter().partition(|(t, _)| *t <= now);
+        self.active = keep;
+        for (_, undo) in due {
+            self.undo(sim, world, now, undo);
+        }
+        if now < self.next_at {
+            return;
+        }
+        self.next_at = now + Duration::from_millis(self.rng.random_range(300..3_000));
+        let lasts = Duration::from_millis(self.rng.random_range(500..6_000));
+        let kind = FAULTS[self.rng.random_range(0..FAULTS.len())];
+        let a = self.nodes[self.rng.random_range(0..self.nodes.len())];
+        let b = loop {
+            let b = self.nodes[self.rng.random_range(0..self.nodes.len())];
+            if b != a {
+                break b;
+            }
+        };
+        let (ha, hb) = (host_name(a), host_name(b));
+        let undo = match kind {
+            "partition-node" => {
+                for &other in self.nodes.iter().filter(|&&o| o != a) {
+                    sim.partition(ha.as_str(), host_name(other).as_str());
+                }
+                world.event_at(now, format!("nemesis: node {a} cut off from the other nodes for {lasts:?}"));
+                self.nodes.iter().filter(|&&o| o != a).map(|&o| Undo::Repair(ha.clone(), host_name(o))).collect()
+            }
+            "one-way-cut" => {
+                sim.partition_oneway(ha.as_str(), hb.as_str());
+                world.event_at(now, format!("nemesis: messages from node {a} to node {b} dropped for {lasts:?}"));
+                vec![Undo::RepairOneWay(ha, hb)]
+            }
+            "slow-link" => {
+                let max = Duration::from_millis(self.rng.random_range(50..400));
+                sim.set_link_max_message_latency(ha.as_str(), hb.as_str(), max);
+                world.event_at(now, format!("nemesis: link {a}-{b} latency up to {max:?} for {lasts:?}"));
+                vec![Undo::Latency(ha, hb)]
+            }
+            "request-loss" | "reply-loss" | "duplication" => {
+                let p = self.rng.random_range(0.05..0.3);
+                let mut f = world.faults.lock().expect("faults lock");
+                match kind {
+                    "request-loss" => f.loss = p,
+                    "reply-loss" => f.reply_loss = p,
+                    _ => f.duplicate = p,
+                }
+                world.event_at(now, format!("nemesis: {kind} of {:.0}% of peer messages for {lasts:?}", p * 100.0));
+                vec![Undo::MessageFaults]
+            }
+            _ => {
+                if self.down.contains(&a) || self.down.len() + 1 >= self.nodes.len() {
+                    // Keep one node up: a crash of the last one proves nothing new.
+                    return;
+                }
+                let disks = world.disks(a);
+                let lost = disks.log.crash().operations + disks.state.crash().operations;
+                // Applied but not yet durable in the state machine: replayed from the log.
+                let replay = world.node_crashed(a).map_or(0, |live| {
+                    let applied = live.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+                    applied.saturating_sub(live.durable.load(std::sync::atomic::Ordering::SeqCst))
+                });
+                sim.crash(ha.as_str());
+                self.down.insert(a);
+                world.event_at(
+                    now,
+                    format!(
+                        "nemesis: node {a} crashed: {lost} unsynced disk writes lost, {replay} applied entries \
+                         not yet durable in its state machine; restart in {lasts:?}"
+                    ),
+                );
+                if lost > 0 || replay > 0 {
+                    cov.hit("crash lost unsynced writes");
+                }
+                vec![Undo::Restart(a)]
+            }
+        };
+        cov.fault(kind);
+        self.active.extend(undo.into_iter().map(|u| (now + lasts, u)));
+    }
+
+    fn undo(&mut self, sim: &mut turmoil::Sim<'_>, world: &World, now: Duration, undo: Undo) {
+        match undo {
+            Undo::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
+            Undo::RepairOneWay(a, b) => sim.repair_oneway(a.as_str(), b.as_str()),
+            Undo::Latency(a, b) => sim.set_link_max_message_latency(a.as_str(), b.as_str(), BASE_LATENCY_MAX),
+            Undo::MessageFaults => world.faults.lock().expect("faults lock").clear(),
+            Undo::Restart(id) => {
+                self.down.remove(&id);
+                world.event_at(now, format!("nemesis: node {id} restarting"));
+                sim.bounce(host_name(id).as_str());
+            }
+        }
+    }
+
+    /// End every fault now.
+    pub fn heal(&mut self, sim: &mut turmoil::Sim<'_>, world: &World, now: Duration) {
+        for (_, undo) in std::mem::take(&mut self.active) {
+            self.undo(sim, world, now, undo);
+        }
+        world.event_at(now, "nemesis: healed; no more faults".into());
+    }
+}
