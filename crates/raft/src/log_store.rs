@@ -247,7 +247,17 @@ impl LogStore {
             let meta = r.open_table(META)?;
             let get =
                 |k: &str| -> Result<Option<Vec<u8>>, redb::Error> { Ok(meta.get(k)?.map(|v| v.value().to_vec())) };
-            let vote: Option<Vote> = dec(get(META_VOTE)?)?;
+            // Never resume leadership from disk: openraft 0.9 restores a node whose stored vote
+            // is committed for itself as leader at once, reusing its old term's first entry as
+            // the read index floor. The commit index it restores is only as fresh as the last
+            // log write (it rides along, see `write_batch`), so such a leader could confirm a
+            // read with a quorum and serve it from before a write it had acknowledged. Loaded
+            // as not committed, the vote keeps its term and candidate (no double voting), and
+            // the node must win an election, with a new no-op entry, before it serves.
+            let vote: Option<Vote> = dec::<Vote>(get(META_VOTE)?)?.map(|mut v| {
+                v.committed = false;
+                v
+            });
             let committed: Option<LogId> = dec::<Option<LogId>>(get(META_COMMITTED)?)?.flatten();
             let last_purged: Option<LogId> = dec::<Option<LogId>>(get(META_LAST_PURGED)?)?.flatten();
             let log = r.open_table(LOG)?;

@@ -332,6 +332,26 @@ async fn a_purge_held_back_past_a_snapshot_is_finished_at_open() {
     assert_eq!(idx, (21..=25).collect::<Vec<_>>());
 }
 
+/// A node restarts as a follower even if it was the leader: its vote comes back with the same
+/// term and candidate but not committed (the simulator found a restarted leader serving a
+/// linearizable read from before a write it had acknowledged; seed 72).
+#[tokio::test]
+async fn a_committed_vote_comes_back_uncommitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let mut vote = openraft::Vote::new(3, 2);
+    vote.commit();
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        log.save_vote(&vote).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    }
+    let mut log = reopen(&path, std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX))).await;
+    let loaded = log.read_vote().await.unwrap().expect("a vote");
+    assert_eq!(loaded, openraft::Vote::new(3, 2));
+    assert!(!loaded.is_committed());
+}
+
 fn remote_entry(
     index: u64,
     source: &str,
