@@ -35,6 +35,8 @@ use world::World;
 pub const NODES: u64 = 3;
 /// After the heal, how long the nodes may take to apply the same log.
 pub const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
+/// Segments a simulated socket may queue (turmoil's limit; overflowing it fails the run).
+pub const TCP_QUEUE_MAX: usize = 1 << 16;
 /// Simulated time for the heal, the final reads and settling, beyond the faulty part.
 pub const TAIL_ALLOWANCE: Duration = Duration::from_secs(180);
 
@@ -130,12 +132,15 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_micros(200))
         .max_message_latency(nemesis::BASE_LATENCY_MAX)
+        // A pause releases every connection attempt made during it at once; turmoil fails
+        // the run if a listener's queue overflows.
+        .tcp_capacity(TCP_QUEUE_MAX)
         .build();
     for id in world.node_ids() {
         let w = world.clone();
         sim.host(host_name(id), move || node::run(id, w.clone()));
     }
-    sim.client("client", workload::run(world.clone()));
+    sim.client(net::CLIENT_HOST, workload::run(world.clone()));
 
     let mut cov = Coverage::default();
     let mut violations = Vec::new();

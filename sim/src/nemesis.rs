@@ -3,7 +3,12 @@
 //!
 //! Faults: a node cut off from the others, a one-way cut between two nodes, slow links
 //! (latency with jitter), lost requests, lost replies, duplicated (and so reordered)
-//! requests, and a crash that loses every unsynced write, followed later by a restart.
+//! requests, a pause, and a crash that loses every unsynced write, followed later by a
+//! restart.
+//!
+//! A pause holds every message to and from the node and delivers them all late, which is what
+//! its peers and clients see of a stopped process. Its own timers keep running: turmoil cannot
+//! stop one host's clock.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -21,14 +26,23 @@ pub const QUIET_START: Duration = Duration::from_secs(2);
 pub const BASE_LATENCY_MAX: Duration = Duration::from_millis(5);
 
 /// Every kind of fault, in report order.
-pub const FAULTS: [&str; 7] =
-    ["partition-node", "one-way-cut", "slow-link", "request-loss", "reply-loss", "duplication", "crash-restart"];
+pub const FAULTS: [&str; 8] = [
+    "partition-node",
+    "one-way-cut",
+    "slow-link",
+    "request-loss",
+    "reply-loss",
+    "duplication",
+    "pause",
+    "crash-restart",
+];
 
 #[derive(Debug)]
 enum Undo {
     Repair(String, String),
     RepairOneWay(String, String),
     Latency(String, String),
+    Release(String, String),
     MessageFaults,
     Restart(u64),
 }
@@ -92,6 +106,23 @@ impl Nemesis {
                 world.event_at(now, format!("nemesis: link {a}-{b} latency up to {max:?} for {lasts:?}"));
                 vec![Undo::Latency(ha, hb)]
             }
+            "pause" => {
+                let others: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|&&o| o != a)
+                    .map(|&o| host_name(o))
+                    .chain([crate::net::CLIENT_HOST.to_string()])
+                    .collect();
+                for o in &others {
+                    sim.hold(ha.as_str(), o.as_str());
+                }
+                world.event_at(
+                    now,
+                    format!("nemesis: node {a} paused (every message to or from it held) for {lasts:?}"),
+                );
+                others.into_iter().map(|o| Undo::Release(ha.clone(), o)).collect()
+            }
             "request-loss" | "reply-loss" | "duplication" => {
                 let p = self.rng.random_range(0.05..0.3);
                 let mut f = world.faults.lock().expect("faults lock");
@@ -139,6 +170,7 @@ impl Nemesis {
             Undo::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
             Undo::RepairOneWay(a, b) => sim.repair_oneway(a.as_str(), b.as_str()),
             Undo::Latency(a, b) => sim.set_link_max_message_latency(a.as_str(), b.as_str(), BASE_LATENCY_MAX),
+            Undo::Release(a, b) => sim.release(a.as_str(), b.as_str()),
             Undo::MessageFaults => world.faults.lock().expect("faults lock").clear(),
             Undo::Restart(id) => {
                 self.down.remove(&id);

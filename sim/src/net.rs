@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every node listens here.
 pub const PORT: u16 = 7000;
+/// The host the clients run on.
+pub const CLIENT_HOST: &str = "client";
 /// Largest frame either side accepts.
 pub const FRAME_BYTES_MAX: u32 = 16 << 20;
 

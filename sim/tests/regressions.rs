@@ -27,3 +27,12 @@ fn two_leaderships_of_one_term_still_apply_the_same_entries() {
         passes(seed);
     }
 }
+
+/// A leader crashed just after acknowledging a write whose commit its log had not yet recorded;
+/// openraft restored it as leader at restart and it served a linearizable read from before
+/// that write. A stored vote now loads as not committed, so a restarted node must win an
+/// election first.
+#[test]
+fn a_restarted_leader_serves_no_read_from_before_its_acknowledged_writes() {
+    passes(72);
+}
