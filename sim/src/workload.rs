@@ -78,23 +78,7 @@ async fn client(c: u64, world: Arc<World>) -> Result<(), String> {
             };
             world.history.lock().expect("history lock").push(op);
         } else {
-            let invoke = now_ns();
-            let reply =
-                net::call(target, &Request::Client(ClientRequest::Get { key: key.clone() }), CALL_TIMEOUT).await;
-            let complete = now_ns();
-            match reply {
-                Ok(Reply::Client(ClientReply::Value(v))) => {
-                    world.history.lock().expect("history lock").push(Op::read(
-                        c,
-                        &key,
-                        v.as_deref(),
-                        invoke,
-                        Some(complete),
-                    ));
-                }
-                Ok(Reply::Client(ClientReply::NotLeader(hint))) => leader = hint,
-                _ => leader = None,
-            }
+            read(c, &world, target, &key, &mut leader).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..40))).await;
     }
@@ -107,26 +91,29 @@ async fn client(c: u64, world: Arc<World>) -> Result<(), String> {
                 return Err(format!("client {c} could not read {key} within {FINAL_READS_DEADLINE:?} after the heal"));
             }
             let target = leader.unwrap_or_else(|| nodes[rng.random_range(0..nodes.len())]);
-            let invoke = now_ns();
-            let reply =
-                net::call(target, &Request::Client(ClientRequest::Get { key: key.clone() }), CALL_TIMEOUT).await;
-            let complete = now_ns();
-            match reply {
-                Ok(Reply::Client(ClientReply::Value(v))) => {
-                    world.history.lock().expect("history lock").push(Op::read(
-                        c,
-                        &key,
-                        v.as_deref(),
-                        invoke,
-                        Some(complete),
-                    ));
-                    break;
-                }
-                Ok(Reply::Client(ClientReply::NotLeader(hint))) => leader = hint,
-                _ => leader = None,
+            if read(c, &world, target, &key, &mut leader).await {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     Ok(())
+}
+
+/// One linearizable read by client `c`, recorded if it returned; follows a leader hint.
+/// True if it returned a value.
+async fn read(c: u64, world: &World, target: u64, key: &str, leader: &mut Option<u64>) -> bool {
+    let invoke = now_ns();
+    let reply = net::call(target, &Request::Client(ClientRequest::Get { key: key.to_owned() }), CALL_TIMEOUT).await;
+    let complete = now_ns();
+    match reply {
+        Ok(Reply::Client(ClientReply::Value(v))) => {
+            let op = Op::read(c, key, v.as_deref(), invoke, Some(complete));
+            world.history.lock().expect("history lock").push(op);
+            return true;
+        }
+        Ok(Reply::Client(ClientReply::NotLeader(hint))) => *leader = hint,
+        _ => *leader = None,
+    }
+    false
 }
