@@ -12,7 +12,10 @@ async fn a_voter_behind_the_compacted_log_catches_up_from_a_snapshot() {
     let mut region = Region::start("[raft]\nsnapshot_every_entries = 50\nlog_entries_kept_after_snapshot = 5\n");
     let leader = region.leader(Duration::from_secs(30)).await;
     let down = (1..=3).find(|&id| id != leader).unwrap();
-    let behind = region.client(down).health().await.unwrap().applied_index.unwrap();
+    // A follower may not have applied the first entries yet when the leader is known.
+    let first = region.client(leader).health().await.unwrap().applied_index.unwrap_or(1).max(1);
+    region.wait_applied(down, first, Duration::from_secs(30)).await;
+    let behind = region.client(down).health().await.unwrap().applied_index.unwrap_or(0);
     region.kill(down);
 
     let c = region.client(leader);
