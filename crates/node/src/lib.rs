@@ -24,7 +24,7 @@ pub mod transport;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_core::{Hlc, NodeId, NodeSpec, RegionId, Topology};
 use meridian_raft::command::CommandV1;
@@ -32,14 +32,15 @@ use meridian_raft::network::{serve_raft_rpc, NetworkFactory, RpcFailure};
 use meridian_raft::{Command, CommandResult, LogStore, Raft, StateMachineReader, StateMachineStore, StoredObject};
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState};
+use tokio::time::Instant;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::config::ClusterConfig;
 use crate::metrics::{KindLabels, Metrics};
 use crate::peer::{
     PeerError, PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteOp, WriteRequest,
 };
-use crate::transport::HttpTransport;
+use crate::transport::PeerTransport;
 
 /// How long a write or strong read may take end to end, forwarding included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,21 +125,42 @@ pub struct RegionView {
     pub report: Result<RegionReport, String>,
 }
 
-/// Where a node keeps its files, which node of the topology it is, and its clock.
+/// Which node of the topology this is, where it keeps its state, and its seams: the wall
+/// clock, the wire under the peer transport, the storage.
 pub struct NodeOptions {
     pub config: ClusterConfig,
     pub node_id: NodeId,
-    pub data_dir: PathBuf,
+    pub storage: NodeStorage,
     /// The wall clock the HLC reads (the simulator passes its own).
     pub clock: Arc<dyn Clock>,
+    /// What carries peer messages (production: HTTP; the simulator passes its own).
+    pub wire: Arc<dyn transport::Wire>,
     /// Record every cross-region message body under this directory (residency audits).
     pub wire_capture: Option<PathBuf>,
 }
 
+/// Where a node's state lives.
+pub enum NodeStorage {
+    /// Files under a data directory: `log.redb`, `state.redb` and the snapshot (production).
+    Dir(PathBuf),
+    /// Databases the caller opened (the simulator's disks), and the snapshot file's path.
+    /// The log is written inline, without a writer thread, so that a single-threaded
+    /// simulation stays deterministic.
+    Databases { log: redb::Database, state: redb::Database, snapshot_path: PathBuf },
+}
+
+#[cfg(feature = "http")]
 impl NodeOptions {
-    /// Options for a production node: the system clock.
+    /// Options for a production node: files under `data_dir`, the system clock, HTTP.
     pub fn new(config: ClusterConfig, node_id: NodeId, data_dir: PathBuf) -> Self {
-        NodeOptions { config, node_id, data_dir, clock: Arc::new(SystemClock), wire_capture: None }
+        NodeOptions {
+            config,
+            node_id,
+            storage: NodeStorage::Dir(data_dir),
+            clock: Arc::new(crate::clock::SystemClock),
+            wire: Arc::new(transport::HttpWire::new()),
+            wire_capture: None,
+        }
     }
 }
 
@@ -150,13 +172,15 @@ pub struct Node {
     reader: StateMachineReader,
     hlc: Mutex<Hlc>,
     clock: Arc<dyn Clock>,
-    transport: HttpTransport,
+    transport: PeerTransport,
     metrics: Arc<Metrics>,
     log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
     log_stats_seen: Mutex<(u64, u64)>,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     policy: policy::PolicyCache,
     link_signals: links::LinkSignals,
+    /// The log index through which the state machine is durable.
+    durable: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, Clone)]
@@ -265,19 +289,32 @@ impl Node {
     /// Open storage and start the Raft group. The caller serves the peer endpoint (so other
     /// voters can reach this one) and then calls [`Node::bootstrap`].
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
-        let NodeOptions { config, node_id, data_dir, clock, wire_capture } = opts;
+        let NodeOptions { config, node_id, storage, clock, wire, wire_capture } = opts;
         let topology = Arc::new(config.topology.clone());
         let spec =
             topology.node(node_id).cloned().ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
-        let mut sm = StateMachineStore::open(&data_dir, spec.region.clone())
-            .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
+        let (mut sm, log) = match storage {
+            NodeStorage::Dir(data_dir) => {
+                std::fs::create_dir_all(&data_dir)
+                    .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
+                let sm = StateMachineStore::open(&data_dir, spec.region.clone())
+                    .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
+                let log = LogStore::open_with_purge_limit(&data_dir.join("log.redb"), sm.durable_point())
+                    .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
+                (sm, log)
+            }
+            NodeStorage::Databases { log, state, snapshot_path } => {
+                let sm = StateMachineStore::with_database(state, snapshot_path, spec.region.clone())
+                    .map_err(|e| anyhow::anyhow!("open the state machine: {e}"))?;
+                let log = LogStore::with_database_inline(log, sm.durable_point())
+                    .map_err(|e| anyhow::anyhow!("open the Raft log: {e}"))?;
+                (sm, log)
+            }
+        };
         sm.set_outbox_limit(config.replication.outbox_entries_max);
-        let log = LogStore::open_with_purge_limit(&data_dir.join("log.redb"), sm.durable_point())
-            .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
         let log_stats = log.stats();
         let reader = sm.reader();
+        let durable = sm.durable_point();
         let metrics = Arc::new(Metrics::new());
         let capture = match &wire_capture {
             Some(dir) => Some(
@@ -286,7 +323,7 @@ impl Node {
             ),
             None => None,
         };
-        let transport = HttpTransport::with_capture(topology.clone(), spec.region.clone(), metrics.clone(), capture);
+        let transport = PeerTransport::new(wire, topology.clone(), spec.region.clone(), metrics.clone(), capture);
         let r = &config.raft;
         let raft_config = openraft::Config {
             cluster_name: format!("meridian-{}", spec.region),
@@ -318,6 +355,7 @@ impl Node {
             proposals,
             policy: policy::PolicyCache::default(),
             link_signals: links::LinkSignals::default(),
+            durable,
         });
         if let Err(e) = node.refresh_policy() {
             tracing::warn!(error = %e, "load the policy copy");
@@ -362,6 +400,19 @@ impl Node {
     }
     pub fn id(&self) -> NodeId {
         self.spec.id
+    }
+    /// The region's Raft handle (for tests and the simulator's invariants).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+    /// A reader of this node's state machine (for tests and the simulator's invariants).
+    pub fn reader(&self) -> &StateMachineReader {
+        &self.reader
+    }
+    /// The log index through which this node's state machine is durable (it commits without
+    /// fsync between syncs; the log is the write-ahead log).
+    pub fn durable_point(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.durable.clone()
     }
 
     /// This node's view of its own region's group.
@@ -998,11 +1049,8 @@ mod tests {
         assert!(matches!(write_error(e), LocalError::Other(NodeError::OutcomeUnknown(_))));
     }
 
-    /// Commands reach the log in the order they were queued, however many are in flight: a
-    /// destination queues pipelined link batches back to back and merges each only if it
-    /// joins up with the one before.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn proposals_reach_the_log_in_queue_order() {
+    /// A one-node region on loopback ports, elected leader.
+    async fn single_node_region() -> (Arc<Node>, tempfile::TempDir) {
         let ports: Vec<std::net::TcpListener> =
             (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
         let port = |i: usize| ports[i].local_addr().expect("addr").port();
@@ -1017,11 +1065,58 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = Node::start(NodeOptions::new(config, 1, dir.path().to_path_buf())).await.expect("start");
         node.bootstrap().await.expect("bootstrap");
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         while node.region_report().leader != Some(1) {
             assert!(start.elapsed() < Duration::from_secs(10), "a single voter did not become leader");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        (node, dir)
+    }
+
+    /// Every wire hands its bytes to `serve_peer_body`: bodies that do not decode get a 400
+    /// that says why, and a good body an encoded answer, compressed only when asked for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peer_bodies_are_decoded_once_for_every_wire() {
+        use crate::transport::{compress_body, decompress_body, serve_peer_body};
+        let (node, _dir) = single_node_region().await;
+        let garbage = serve_peer_body(&node, b"\xff\xff\xff not postcard", false, false).await;
+        assert_eq!(garbage.status, 400);
+        assert!(String::from_utf8_lossy(&garbage.body).contains("undecodable peer message"));
+        let not_zstd = serve_peer_body(&node, b"plain bytes", true, true).await;
+        assert_eq!(not_zstd.status, 400);
+        assert!(String::from_utf8_lossy(&not_zstd.body).contains("zstd"));
+
+        let status = postcard::to_stdvec(&PeerRequest::V1(PeerRequestV1::Status)).expect("encode");
+        let plain = serve_peer_body(&node, &status, false, false).await;
+        assert_eq!((plain.status, plain.compressed), (200, false));
+        let PeerResponse::V1(PeerResponseV1::Status(report)) = postcard::from_bytes(&plain.body).expect("decode")
+        else {
+            panic!("a status request answered with something else")
+        };
+        assert_eq!(report.node, 1);
+        // A compressed request is answered compressed only when the answer is large enough.
+        let sizes = postcard::to_stdvec(&PeerRequest::V1(PeerRequestV1::DatasetSizes)).expect("encode");
+        let packed = compress_body(&sizes).expect("compress");
+        let answer = serve_peer_body(&node, &packed, true, true).await;
+        assert_eq!(answer.status, 200);
+        let raw = if answer.compressed {
+            decompress_body(&answer.body, 1 << 20).expect("zstd")
+        } else {
+            answer.body.to_vec()
+        };
+        assert!(matches!(
+            postcard::from_bytes(&raw).expect("decode"),
+            PeerResponse::V1(PeerResponseV1::DatasetSizes(_))
+        ));
+        node.shutdown().await;
+    }
+
+    /// Commands reach the log in the order they were queued, however many are in flight: a
+    /// destination queues pipelined link batches back to back and merges each only if it
+    /// joins up with the one before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proposals_reach_the_log_in_queue_order() {
+        let (node, _dir) = single_node_region().await;
         const N: u64 = 2000;
         let mut answers = Vec::new();
         for seq in 1..=N {

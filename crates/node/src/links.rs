@@ -119,7 +119,7 @@ pub(crate) struct Pipeline {
     batches: u64,
     errors: u64,
     last_error: Option<String>,
-    last_departure: Option<std::time::Instant>,
+    last_departure: Option<tokio::time::Instant>,
     in_flight_bytes: u64,
     /// The cursor proposal in flight. The shipper does not wait for it: the destination's
     /// acknowledgement is what lets the next batch go, and a cursor persisted late only
@@ -152,7 +152,7 @@ impl Pipeline {
         let cap = LINK_BACKOFF_MAX.as_millis() as u64;
         let base = (LINK_TICK.as_millis() as u64) << self.failures.min(8);
         let ms = base.min(cap);
-        Duration::from_millis(ms / 2 + rand::random::<u64>() % (ms / 2 + 1))
+        Duration::from_millis(ms / 2 + meridian_raft::rt::random_u64() % (ms / 2 + 1))
     }
 }
 
@@ -321,11 +321,11 @@ impl Node {
                             pipe.sent_upto = Some(b.batch.upto_seq);
                             pipe.in_flight += 1;
                             pipe.in_flight_bytes += b.bytes;
-                            pipe.last_departure = Some(std::time::Instant::now());
+                            pipe.last_departure = Some(tokio::time::Instant::now());
                             immediate = b.more;
                             let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
                             tokio::spawn(async move {
-                                let started = std::time::Instant::now();
+                                let started = tokio::time::Instant::now();
                                 let result = node2.send_batch(&dest2, &b.batch).await;
                                 let rtt_ms = started.elapsed().as_secs_f64() * 1000.0;
                                 let _ = tx

@@ -142,7 +142,7 @@ pub struct PolicyCache {
     /// commit index (so its policy copy is at least as new as anything committed before).
     pub(crate) barrier_term: AtomicU64,
     /// When the authority last answered that it has no policy at all.
-    authority_empty_at: Mutex<Option<std::time::Instant>>,
+    authority_empty_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// What an apply or rollback did.
@@ -305,7 +305,7 @@ impl Node {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
-                let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+                let jitter = Duration::from_millis(meridian_raft::rt::random_u64() % 500);
                 tokio::time::sleep(SYNC_INTERVAL + jitter).await;
                 let Some(node) = weak.upgrade() else { return };
                 if node.policy.stopping.load(Ordering::Relaxed) {
@@ -826,7 +826,7 @@ impl Node {
             }
         }
         let empty = self.authority_active().await?.is_none();
-        *self.policy.authority_empty_at.lock().expect("policy lock") = empty.then(std::time::Instant::now);
+        *self.policy.authority_empty_at.lock().expect("policy lock") = empty.then(tokio::time::Instant::now);
         Ok(empty)
     }
 

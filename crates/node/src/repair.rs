@@ -22,13 +22,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_core::{RegionId, Version};
 use meridian_raft::command::{CommandV1, RemoteChange};
 use meridian_raft::{CommandResult, StoredObject};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
 
 use crate::links::{epoch_of, SCAN_PAGE};
 use crate::metrics::{DatasetLabels, LinkLabels};

@@ -1,5 +1,11 @@
-//! The production peer transport: HTTP/1.1 with postcard bodies, one connection pool per
-//! node, a deadline on every call, and the simulated WAN delay between regions.
+//! The peer transport: how one node calls another. Postcard bodies, a deadline on every
+//! call, zstd for large cross-region bodies, the simulated WAN delay between regions, fault
+//! injection, the wire capture and the cross-region byte counters, all here, over a [`Wire`]
+//! that only moves bytes.
+//!
+//! Production's wire is HTTP/1.1 with one connection pool per node ([`HttpWire`]); the
+//! simulator plugs in its own, so it runs this file (and everything above it) unchanged.
+//! [`serve_peer_body`] is the receiving half every wire shares.
 //!
 //! The WAN delay is applied here, in the sender, once on the way out and once on the way
 //! back, so a cross-region call costs one simulated round trip. Calls inside a region are
@@ -11,12 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_core::{NodeId, RegionId, Topology};
+use futures::future::BoxFuture;
+use meridian_core::{NodeId, NodeSpec, RegionId, Topology};
 use meridian_raft::network::{PeerRpc, RaftReply, RaftRequest, RpcFailure};
 
 use crate::chaos::{Fate, FaultTable};
 use crate::metrics::Metrics;
-use crate::peer::{PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, PEER_PATH};
+use crate::peer::{PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1};
 
 /// Cross-region message bodies at least this long are compressed (zstd, level 1: see
 /// ARCHITECTURE.md for the measurements behind the choice). Calls inside a region never are.
@@ -61,13 +68,128 @@ pub fn decompress_body(compressed: &[u8], max: usize) -> Result<Vec<u8>, String>
     Ok(out)
 }
 
+/// What a wire brings back from one exchange.
+#[derive(Debug, Clone)]
+pub struct WireReply {
+    /// The HTTP status code of the answer (a wire without HTTP uses the same codes: 200, or
+    /// 400/413/500 with a text body).
+    pub status: u16,
+    pub body: bytes::Bytes,
+    /// The body is a zstd frame ([`decompress_body`]).
+    pub compressed: bool,
+}
+
+/// The seam under the peer transport: deliver one encoded request body to a node and bring
+/// back its answer. It adds no deadline, fault or delay of its own (the transport does), and
+/// must report a connection that was never made as [`RpcFailure::Unreachable`] (the caller
+/// may then retry a write), anything later as [`RpcFailure::Interrupted`].
+pub trait Wire: Send + Sync + 'static {
+    /// `compressed`: the body is a zstd frame, and the answer may be one too.
+    fn exchange<'a>(
+        &'a self,
+        target: &'a NodeSpec,
+        body: Vec<u8>,
+        compressed: bool,
+    ) -> BoxFuture<'a, Result<WireReply, RpcFailure>>;
+}
+
+/// Production's wire: HTTP/1.1 to the target's peer address, with a connection pool.
+#[cfg(feature = "http")]
+pub struct HttpWire {
+    client: reqwest::Client,
+}
+
+#[cfg(feature = "http")]
+impl HttpWire {
+    pub fn new() -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()
+            .expect("build HTTP client");
+        HttpWire { client }
+    }
+}
+
+#[cfg(feature = "http")]
+impl Default for HttpWire {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "http")]
+impl Wire for HttpWire {
+    fn exchange<'a>(
+        &'a self,
+        target: &'a NodeSpec,
+        body: Vec<u8>,
+        compressed: bool,
+    ) -> BoxFuture<'a, Result<WireReply, RpcFailure>> {
+        Box::pin(async move {
+            let url = format!("http://{}{}", target.peer_addr, crate::peer::PEER_PATH);
+            let mut request = self.client.post(url).header("content-type", "application/x-meridian-peer");
+            if compressed {
+                // The answer may come back compressed too.
+                request = request.header("content-encoding", ZSTD).header("accept-encoding", ZSTD);
+            }
+            let resp = request.body(body).send().await.map_err(|e| {
+                if e.is_connect() {
+                    RpcFailure::Unreachable(e.to_string())
+                } else {
+                    RpcFailure::Interrupted(e.to_string())
+                }
+            })?;
+            let status = resp.status().as_u16();
+            let compressed = resp.headers().get("content-encoding").is_some_and(|v| v.as_bytes() == ZSTD.as_bytes());
+            let body = resp.bytes().await.map_err(|e| RpcFailure::Interrupted(e.to_string()))?;
+            Ok(WireReply { status, body, compressed })
+        })
+    }
+}
+
+/// Answer one peer request body as it came off a wire: decompress, decode, let the node
+/// handle it, encode the answer (compressed if the caller accepts it and it is large). Bad
+/// bodies get a 4xx answer with a text that says why; nothing is applied.
+pub async fn serve_peer_body(node: &crate::Node, body: &[u8], compressed: bool, accept_compressed: bool) -> WireReply {
+    let text = |status: u16, msg: String| WireReply { status, body: bytes::Bytes::from(msg), compressed: false };
+    let raw;
+    let body = if compressed {
+        match decompress_body(body, crate::peer::PEER_BODY_BYTES_MAX) {
+            Ok(r) => {
+                raw = r;
+                &raw[..]
+            }
+            Err(e) => return text(400, e),
+        }
+    } else {
+        body
+    };
+    let req: PeerRequest = match postcard::from_bytes(body) {
+        Ok(r) => r,
+        Err(e) => return text(400, format!("undecodable peer message (protocol version skew?): {e}")),
+    };
+    let reply = node.handle_peer(req).await;
+    match postcard::to_stdvec(&reply) {
+        Ok(b) if accept_compressed && b.len() >= COMPRESS_MIN_BYTES => match compress_body(&b) {
+            Ok(c) => WireReply { status: 200, body: c.into(), compressed: true },
+            Err(_) => WireReply { status: 200, body: b.into(), compressed: false },
+        },
+        Ok(b) => WireReply { status: 200, body: b.into(), compressed: false },
+        Err(e) => text(500, format!("encode peer reply: {e}")),
+    }
+}
+
 #[derive(Clone)]
-pub struct HttpTransport {
+pub struct PeerTransport {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    client: reqwest::Client,
+    wire: Arc<dyn Wire>,
     topology: Arc<Topology>,
     region: RegionId,
     metrics: Arc<Metrics>,
@@ -102,27 +224,16 @@ impl WireCapture {
     }
 }
 
-impl HttpTransport {
-    pub fn new(topology: Arc<Topology>, region: RegionId, metrics: Arc<Metrics>) -> Self {
-        Self::with_capture(topology, region, metrics, None)
-    }
-
-    pub fn with_capture(
+impl PeerTransport {
+    pub fn new(
+        wire: Arc<dyn Wire>,
         topology: Arc<Topology>,
         region: RegionId,
         metrics: Arc<Metrics>,
         capture: Option<WireCapture>,
     ) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .build()
-            .expect("build HTTP client");
         let faults = Arc::new(FaultTable::default());
-        HttpTransport { inner: Arc::new(Inner { client, topology, region, metrics, faults, capture }) }
+        PeerTransport { inner: Arc::new(Inner { wire, topology, region, metrics, faults, capture }) }
     }
 
     /// The fault table this transport obeys.
@@ -136,7 +247,7 @@ impl HttpTransport {
         if exempt {
             return Fate::Deliver { one_way: Duration::from_millis(configured) };
         }
-        self.inner.faults.fate(&self.inner.region, to, configured, rand::random::<f64>())
+        self.inner.faults.fate(&self.inner.region, to, configured, meridian_raft::rt::random_f64())
     }
 
     /// Send one request to `target` and wait for its answer, at most `timeout` in all.
@@ -209,40 +320,26 @@ impl HttpTransport {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let url = format!("http://{}{}", spec.peer_addr, PEER_PATH);
-        let mut request = inner.client.post(url).header("content-type", "application/x-meridian-peer");
-        if compressed {
-            // The answer may come back compressed too.
-            request = request.header("content-encoding", ZSTD).header("accept-encoding", ZSTD);
-        }
-        let resp = request.body(body).send().await.map_err(|e| {
-            if e.is_connect() {
-                RpcFailure::Unreachable(e.to_string())
-            } else {
-                RpcFailure::Interrupted(e.to_string())
-            }
-        })?;
-        let status = resp.status();
-        let reply_compressed = resp.headers().get("content-encoding").is_some_and(|v| v.as_bytes() == ZSTD.as_bytes());
-        let bytes = resp.bytes().await.map_err(|e| RpcFailure::Interrupted(e.to_string()))?;
-        let bytes = if reply_compressed && status.is_success() {
-            let raw = decompress_body(&bytes, crate::peer::PEER_BODY_BYTES_MAX).map_err(RpcFailure::Protocol)?;
+        let reply = inner.wire.exchange(spec, body, compressed).await?;
+        let status = reply.status;
+        let bytes = if reply.compressed && (200..300).contains(&status) {
+            let raw = decompress_body(&reply.body, crate::peer::PEER_BODY_BYTES_MAX).map_err(RpcFailure::Protocol)?;
             if crossing {
-                self.count_crossing(&spec.region, "received", kind, raw.len(), bytes.len());
+                self.count_crossing(&spec.region, "received", kind, raw.len(), reply.body.len());
             }
             bytes::Bytes::from(raw)
         } else {
             if crossing {
-                self.count_crossing(&spec.region, "received", kind, bytes.len(), bytes.len());
+                self.count_crossing(&spec.region, "received", kind, reply.body.len(), reply.body.len());
             }
-            bytes
+            reply.body
         };
         if crossing {
             if let Some(c) = &inner.capture {
                 c.record(&spec.region, &inner.region, "reply", &bytes);
             }
         }
-        if !status.is_success() {
+        if !(200..300).contains(&status) {
             return Err(RpcFailure::Protocol(format!(
                 "peer {target} answered {status}: {}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(256)])
@@ -265,7 +362,7 @@ impl HttpTransport {
     }
 }
 
-impl HttpTransport {
+impl PeerTransport {
     fn count_crossing(&self, peer: &RegionId, direction: &str, kind: &str, raw: usize, wire: usize) {
         let labels = |encoding: &str| crate::metrics::CrossRegionLabels {
             peer_region: peer.to_string(),
@@ -291,7 +388,7 @@ fn kind_of(req: &PeerRequestV1) -> &'static str {
     }
 }
 
-impl PeerRpc for HttpTransport {
+impl PeerRpc for PeerTransport {
     async fn raft_rpc(&self, target: u64, req: RaftRequest, timeout: Duration) -> Result<RaftReply, RpcFailure> {
         match self.call(target, PeerRequestV1::Raft(req), timeout).await? {
             PeerResponseV1::Raft(reply) => Ok(reply),

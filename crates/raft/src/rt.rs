@@ -26,6 +26,17 @@ fn with_rng<T>(f: impl FnOnce(&mut StdRng) -> T) -> T {
     RNG.with(|r| f(r.borrow_mut().get_or_insert_with(StdRng::from_entropy)))
 }
 
+/// A uniform `u64` from this thread's generator: the one source of randomness for the
+/// node's own jitter and fault draws too, so a seeded thread replays them all.
+pub fn random_u64() -> u64 {
+    with_rng(|r| r.next_u64())
+}
+
+/// A uniform `f64` in `[0, 1)` from this thread's generator.
+pub fn random_f64() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// A handle on this thread's generator (what openraft's `thread_rng()` returns).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ThreadRng;

@@ -25,7 +25,7 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use meridian_api::{ClusterResponse, ErrorCode, HealthResponse, NodeInfo, RegionStatus};
 use meridian_node::metrics::{HttpLabels, RouteLabels};
-use meridian_node::peer::{PeerRequest, PEER_BODY_BYTES_MAX};
+use meridian_node::peer::PEER_BODY_BYTES_MAX;
 use meridian_node::Node;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
@@ -376,7 +376,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn peer(State(state): State<AppState>, headers: axum::http::HeaderMap, body: Body) -> Response {
-    use meridian_node::transport::{compress_body, decompress_body, COMPRESS_MIN_BYTES, ZSTD};
+    use meridian_node::transport::{serve_peer_body, ZSTD};
     let bytes = match axum::body::to_bytes(body, PEER_BODY_BYTES_MAX).await {
         Ok(b) => b,
         Err(e) => {
@@ -384,28 +384,11 @@ async fn peer(State(state): State<AppState>, headers: axum::http::HeaderMap, bod
         }
     };
     let is = |name: &str| headers.get(name).is_some_and(|v| v.as_bytes() == ZSTD.as_bytes());
-    let bytes = if is("content-encoding") {
-        match decompress_body(&bytes, PEER_BODY_BYTES_MAX) {
-            Ok(raw) => bytes::Bytes::from(raw),
-            Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
-        }
+    let reply = serve_peer_body(&state.node, &bytes, is("content-encoding"), is("accept-encoding")).await;
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if reply.compressed {
+        (status, [("content-encoding", ZSTD)], reply.body).into_response()
     } else {
-        bytes
-    };
-    let req: PeerRequest = match postcard::from_bytes(&bytes) {
-        Ok(r) => r,
-        Err(e) => {
-            return (StatusCode::BAD_REQUEST, format!("undecodable peer message (protocol version skew?): {e}"))
-                .into_response()
-        }
-    };
-    let reply = state.node.handle_peer(req).await;
-    match postcard::to_stdvec(&reply) {
-        Ok(b) if is("accept-encoding") && b.len() >= COMPRESS_MIN_BYTES => match compress_body(&b) {
-            Ok(c) => ([("content-encoding", ZSTD)], c).into_response(),
-            Err(_) => b.into_response(),
-        },
-        Ok(b) => b.into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode peer reply: {e}")).into_response(),
+        (status, reply.body).into_response()
     }
 }
