@@ -7,8 +7,21 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 5] =
-    ["leader elected", "leader changed", "crash lost unsynced writes", "snapshot built", "acknowledged write"];
+pub const PATHS: [&str; 13] = [
+    "leader elected",
+    "leader changed",
+    "crash lost unsynced writes",
+    "snapshot built",
+    "acknowledged write",
+    "crossing: link batch",
+    "crossing: forwarded write",
+    "crossing: anti-entropy",
+    "crossing: repair",
+    "restricted read refused outside its region",
+    "link caught up by a scan",
+    "change backfilled or caught up",
+    "copy purged",
+];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Coverage {
@@ -27,6 +40,23 @@ impl Coverage {
 
     pub fn hit_n(&mut self, path: &str, n: u64) {
         *self.paths.entry(path.to_owned()).or_default() += n;
+    }
+
+    /// Count what one node's metrics say happened (read before it crashes, and at the end).
+    pub fn count_node(&mut self, node: &meridian_node::Node) {
+        let text = node.metrics().encode();
+        for (metric, path) in [
+            ("meridian_replication_catch_ups_total", "link caught up by a scan"),
+            ("meridian_replication_backfilled_changes_total", "change backfilled or caught up"),
+            ("meridian_replication_purged_copies_total", "copy purged"),
+        ] {
+            let n: f64 = text
+                .lines()
+                .filter(|l| l.starts_with(metric))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            self.hit_n(path, n as u64);
+        }
     }
 
     pub fn merge(&mut self, other: &Coverage) {
@@ -48,10 +78,13 @@ impl Coverage {
     pub fn render(&self) -> String {
         let mut out = String::from("coverage (times, summed over the seeds):\n");
         for f in FAULTS {
-            out.push_str(&format!("  fault  {f:<28} {:>8}\n", self.faults.get(f).copied().unwrap_or(0)));
+            out.push_str(&format!("  fault  {f:<44} {:>8}\n", self.faults.get(f).copied().unwrap_or(0)));
         }
         for p in PATHS {
-            out.push_str(&format!("  path   {p:<28} {:>8}\n", self.paths.get(p).copied().unwrap_or(0)));
+            out.push_str(&format!("  path   {p:<44} {:>8}\n", self.paths.get(p).copied().unwrap_or(0)));
+        }
+        for (p, n) in self.paths.iter().filter(|(p, _)| !PATHS.contains(&p.as_str())) {
+            out.push_str(&format!("  seen   {p:<44} {n:>8}\n"));
         }
         out
     }

@@ -99,6 +99,11 @@ impl Disk {
         self.len() == 0
     }
 
+    /// True if the disk's bytes (synced or not, live or freed) contain `needle` anywhere.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        !needle.is_empty() && self.state().data.windows(needle.len()).any(|w| w == needle)
+    }
+
     /// A backend for redb over this disk.
     pub fn backend(&self) -> Backend {
         Backend(self.clone())

@@ -1,11 +1,12 @@
 //! Meridian's deterministic simulator.
 //!
-//! One run is one seed: three nodes of one region run Meridian's real Raft group (openraft
-//! with Meridian's log store and state machine over redb) on turmoil's simulated hosts and
-//! network, with simulated disks that lose unsynced writes on a crash, while clients write and
-//! read and the nemesis injects faults. Everything that varies (election timeouts, the
-//! scheduler, message latencies, faults, the workload) is drawn from the seed, so a seed
-//! replays exactly. See `sim/README.md`.
+//! One run is one seed: three regions of three zones run Meridian's real node code (each
+//! region's Raft group, the links between regions, the policy, routing and anti-entropy) on
+//! turmoil's simulated hosts and network, with simulated clocks and simulated disks that lose
+//! unsynced writes on a crash, while clients write and read through any node and the nemesis
+//! injects faults. Everything that varies (election timeouts, the scheduler, message latencies,
+//! faults, clock skew, the workload) is drawn from the seed, so a seed replays exactly. See
+//! `sim/README.md`.
 
 pub mod coverage;
 pub mod disk;
@@ -31,14 +32,27 @@ use nemesis::Nemesis;
 use net::host_name;
 use world::World;
 
-/// Nodes in the simulated region (one per zone).
-pub const NODES: u64 = 3;
-/// After the heal, how long the nodes may take to apply the same log.
-pub const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
 /// Segments a simulated socket may queue (turmoil's limit; overflowing it fails the run).
 pub const TCP_QUEUE_MAX: usize = 1 << 16;
-/// Simulated time for the heal, the final reads and settling, beyond the faulty part.
-pub const TAIL_ALLOWANCE: Duration = Duration::from_secs(180);
+/// Simulated time for the heal, the final reads, settling and convergence, beyond the faulty
+/// part.
+pub const TAIL_ALLOWANCE: Duration = Duration::from_secs(300);
+
+/// The simulated cluster: the demo's topology (us-east, eu-west, ap-south, three zones each,
+/// 40 to 110 ms apart), with Raft's timers and snapshots scaled down so that runs elect,
+/// snapshot and purge often, and anti-entropy every few seconds.
+pub fn cluster_config() -> meridian_node::config::ClusterConfig {
+    let mut c = meridian_node::config::ClusterConfig::demo(net::PORT);
+    c.raft.heartbeat_ms = 50;
+    c.raft.election_timeout_min_ms = 200;
+    c.raft.election_timeout_max_ms = 400;
+    c.raft.snapshot_every_entries = 300;
+    c.raft.log_entries_kept_after_snapshot = 50;
+    c.replication.anti_entropy_interval_ms = 5_000;
+    // Small, so that a long partition overflows it and the link catches up by a scan.
+    c.replication.outbox_entries_max = 16;
+    c
+}
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -47,6 +61,8 @@ pub struct RunConfig {
     pub duration: Duration,
     /// Disks that acknowledge syncs without making anything durable (to prove the checks).
     pub lying_disks: bool,
+    /// A policy that mirrors the restricted dataset everywhere (to prove the residency check).
+    pub leaky_policy: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -57,6 +73,8 @@ pub struct RunReport {
     pub coverage: Coverage,
     pub violations: Vec<Violation>,
     pub trace: Vec<String>,
+    /// From the heal until every allowed copy of the mirrored dataset was identical.
+    pub converged_after: Option<Duration>,
     /// Client calls recorded, and how many the linearizability check placed.
     pub ops: usize,
     pub ops_checked: usize,
@@ -114,6 +132,7 @@ pub fn run_seed(cfg: &RunConfig) -> RunReport {
                     detail: format!("panicked: {why}"),
                 }],
                 trace: Vec::new(),
+                converged_after: None,
                 ops: 0,
                 ops_checked: 0,
                 fingerprint: 0,
@@ -125,7 +144,9 @@ pub fn run_seed(cfg: &RunConfig) -> RunReport {
 fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
     let started = Instant::now();
     meridian_raft::rt::seed_thread_rng(cfg.seed);
-    let world = World::new(cfg.seed, NODES, cfg.lying_disks).expect("a temporary directory for snapshots");
+    let allowed = [meridian_core::RegionId::new(workload::RESTRICTED_REGION).expect("a valid region")].into();
+    let world = World::new(cfg.seed, cluster_config(), allowed, cfg.lying_disks, cfg.leaky_policy)
+        .expect("a temporary directory for snapshots");
     let mut sim = turmoil::Builder::new()
         .rng_seed(cfg.seed)
         .simulation_duration(cfg.duration + TAIL_ALLOWANCE)
@@ -144,7 +165,7 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
 
     let mut cov = Coverage::default();
     let mut violations = Vec::new();
-    let mut nemesis = Nemesis::new(cfg.seed, world.node_ids());
+    let mut nemesis = Nemesis::new(cfg.seed, &world);
     let mut agree = invariants::applied_entries_agree::AppliedEntriesAgree::default();
     let mut healed_at: Option<Duration> = None;
     loop {
@@ -154,7 +175,7 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
             world.healed.store(true, Ordering::SeqCst);
             healed_at = Some(now);
         }
-        if healed_at.is_none() {
+        if healed_at.is_none() && world.policy_active.load(Ordering::SeqCst) {
             nemesis.tick(&mut sim, &world, &mut cov, now);
         }
         let finished = match sim.step() {
@@ -173,30 +194,66 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         }
     }
 
+    let mut converged_after = None;
     if violations.is_empty() {
-        // Let every node apply the same log, then compare them.
-        let deadline = sim.elapsed() + SETTLE_DEADLINE;
-        let settled = loop {
-            if let Some(index) = invariants::replicas_agree::settled(&world.live(), NODES as usize) {
-                break Some(index);
+        // Let every region apply one log on all its nodes and every allowed copy converge,
+        // then compare.
+        let keys = world.keys.lock().expect("keys lock").clone();
+        let regions: Vec<Vec<u64>> = world.regions().iter().map(|r| world.region_ids(r)).collect();
+        let all = world.node_ids();
+        let deadline = sim.elapsed() + invariants::convergence::CONVERGE_DEADLINE;
+        let outcome = loop {
+            let live = world.live();
+            let settled = regions.iter().all(|ids| invariants::replicas_agree::settled(&live, ids).is_some());
+            let difference = invariants::convergence::difference(&live, &all, workload::MIRRORED, &keys);
+            if settled && difference.is_none() {
+                break Ok(());
             }
             if sim.elapsed() > deadline || sim.step().is_err() {
-                break None;
+                break Err((settled, difference));
             }
         };
-        match settled {
-            None => violations.push(Violation {
+        match outcome {
+            Err((false, _)) => violations.push(Violation {
                 invariant: "replicas agree".into(),
-                detail: format!("the nodes did not apply the same log within {SETTLE_DEADLINE:?} of the final reads"),
+                detail: format!(
+                    "some region's nodes did not apply the same log within {:?} of the final reads",
+                    invariants::convergence::CONVERGE_DEADLINE
+                ),
             }),
-            Some(index) => {
-                world.event_at(sim.elapsed(), format!("every node applied the log through index {index}"));
-                let keys = world.keys.lock().expect("keys lock").clone();
-                if let Err(v) = invariants::replicas_agree::check(&world.live(), &keys) {
-                    violations.push(v);
+            Err((true, difference)) => violations.push(invariants::convergence::violation(format!(
+                "not identical within {:?} of the final reads: {}",
+                invariants::convergence::CONVERGE_DEADLINE,
+                difference.unwrap_or_default()
+            ))),
+            Ok(()) => {
+                let at = sim.elapsed();
+                converged_after = healed_at.map(|h| at.saturating_sub(h));
+                world.event_at(
+                    at,
+                    "every region applied one log on all its nodes; every allowed copy is identical".into(),
+                );
+                let live = world.live();
+                for ids in &regions {
+                    if let Err(v) = invariants::replicas_agree::check(&live, ids, &keys) {
+                        violations.push(v);
+                    }
                 }
             }
         }
+    }
+    if let Err(v) = invariants::residency::check_messages(&world) {
+        violations.push(v);
+    }
+    if let Err(v) = invariants::residency::check_stored(&world, &world.live()) {
+        violations.push(v);
+    }
+    {
+        let r = world.residency.lock().expect("residency lock");
+        for (kind, n) in &r.inspected {
+            cov.hit_n(&format!("crossing: {kind}"), *n);
+        }
+        cov.hit_n("restricted read refused outside its region", r.refused);
     }
 
     let history = world.history.lock().expect("history lock").clone();
@@ -219,7 +276,11 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         Ok(stats) => ops_checked = stats.ops_checked,
         Err(v) => violations.push(v),
     }
-    let snapshots: u64 = world.live().values().filter(|n| n.raft.metrics().borrow().snapshot.is_some()).count() as u64;
+    for live in world.live().values() {
+        cov.count_node(&live.node);
+    }
+    let snapshots: u64 =
+        world.live().values().filter(|n| n.node.raft().metrics().borrow().snapshot.is_some()).count() as u64;
     cov.hit_n("snapshot built", snapshots);
 
     let simulated = sim.elapsed();
@@ -239,6 +300,7 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         coverage: cov,
         violations,
         trace,
+        converged_after,
         ops,
         ops_checked,
         fingerprint,

@@ -13,9 +13,11 @@ const SEEDS_MAX: u64 = 100_000;
 /// Longest simulated run under faults.
 const DURATION_MAX_SECS: u64 = 3_600;
 
-/// Run Meridian's real Raft and storage code on a simulated network, clock and disks under
-/// seeded faults, and check its invariants: no two nodes apply different entries at one log
-/// index, no acknowledged write lost, per-key linearizability, and replicas that agree after
+/// Run Meridian's real node code (three regions of three zones: Raft, links, policy, routing,
+/// anti-entropy) on a simulated network, clocks and disks under seeded faults, and check its
+/// invariants: no restricted byte sent to or stored in a forbidden region, no two nodes of a
+/// region apply different entries at one log index, no acknowledged write lost, per-key
+/// linearizability, replicas of a region that agree, and allowed copies that converge after
 /// the heal.
 ///
 /// Each seed replays exactly: a failing seed prints the command that reproduces it with a
@@ -53,6 +55,12 @@ struct Args {
     #[arg(long)]
     lying_disks: bool,
 
+    /// Apply a policy that mirrors the restricted dataset to every region, while the residency
+    /// check still expects it in eu-west only. Runs should then fail: this proves the check
+    /// can.
+    #[arg(long)]
+    leaky_policy: bool,
+
     /// Write each seed's event trace to DIR/seed-N.trace (a batch prints none).
     #[arg(long, value_name = "DIR")]
     trace_dir: Option<std::path::PathBuf>,
@@ -79,7 +87,8 @@ fn main() -> ExitCode {
     }
     let duration = Duration::from_secs(args.duration_secs);
     if let Some(seed) = args.seed {
-        let report = run_seed(&RunConfig { seed, duration, lying_disks: args.lying_disks });
+        let report =
+            run_seed(&RunConfig { seed, duration, lying_disks: args.lying_disks, leaky_policy: args.leaky_policy });
         if args.child {
             return match serde_json::to_string(&report) {
                 Ok(json) => {
@@ -113,7 +122,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let reports = match run_batch(&seeds, args.duration_secs, args.lying_disks, jobs) {
+    let mut flags = Vec::new();
+    if args.lying_disks {
+        flags.push("--lying-disks");
+    }
+    if args.leaky_policy {
+        flags.push("--leaky-policy");
+    }
+    let reports = match run_batch(&seeds, args.duration_secs, &flags, jobs) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -152,14 +168,18 @@ fn main() -> ExitCode {
         wall.as_secs_f64(),
         simulated.as_secs_f64() / busy.as_secs_f64().max(1e-9),
     );
+    if let Some(slowest) = reports.iter().filter_map(|r| r.converged_after).max() {
+        println!("allowed copies converged at most {:.1} simulated s after the heal", slowest.as_secs_f64());
+    }
     print!("{}", coverage.render());
     for r in &failed {
         print_run(r);
         println!(
-            "  replay: (cd sim && cargo run --release -- --seed {} --duration-secs {}{})",
+            "  replay: (cd sim && cargo run --release -- --seed {} --duration-secs {}{}{})",
             r.seed,
             args.duration_secs,
-            if args.lying_disks { " --lying-disks" } else { "" }
+            if flags.is_empty() { "" } else { " " },
+            flags.join(" ")
         );
     }
     let missing = coverage.missing();
@@ -185,6 +205,9 @@ fn print_run(r: &RunReport) {
         r.ops_checked,
         r.fingerprint
     );
+    if let Some(c) = r.converged_after {
+        println!("  allowed copies converged {:.1} simulated s after the heal", c.as_secs_f64());
+    }
     for v in &r.violations {
         println!("  violated: {v}");
     }
@@ -192,7 +215,7 @@ fn print_run(r: &RunReport) {
 
 /// Run seeds `jobs` at a time, each in a child process of this binary (a seed's outcome is a
 /// function of the seed only in a fresh process); reports come back in seed order.
-fn run_batch(seeds: &[u64], duration_secs: u64, lying_disks: bool, jobs: usize) -> Result<Vec<RunReport>, String> {
+fn run_batch(seeds: &[u64], duration_secs: u64, flags: &[&str], jobs: usize) -> Result<Vec<RunReport>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("find this program: {e}"))?;
     let exe = exe.as_path();
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -202,13 +225,14 @@ fn run_batch(seeds: &[u64], duration_secs: u64, lying_disks: bool, jobs: usize) 
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Some(&seed) = seeds.get(i) else { break };
-                let r = run_child(exe, seed, duration_secs, lying_disks).unwrap_or_else(|why| RunReport {
+                let r = run_child(exe, seed, duration_secs, flags).unwrap_or_else(|why| RunReport {
                     seed,
                     simulated: Duration::ZERO,
                     real: Duration::ZERO,
                     coverage: Coverage::default(),
                     violations: vec![Violation { invariant: "the run completes".into(), detail: why }],
                     trace: Vec::new(),
+                    converged_after: None,
                     ops: 0,
                     ops_checked: 0,
                     fingerprint: 0,
@@ -228,12 +252,10 @@ fn run_batch(seeds: &[u64], duration_secs: u64, lying_disks: bool, jobs: usize) 
     Ok(results.into_iter().map(|(_, r)| r).collect())
 }
 
-fn run_child(exe: &std::path::Path, seed: u64, duration_secs: u64, lying_disks: bool) -> Result<RunReport, String> {
+fn run_child(exe: &std::path::Path, seed: u64, duration_secs: u64, flags: &[&str]) -> Result<RunReport, String> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--child", "--seed", &seed.to_string(), "--duration-secs", &duration_secs.to_string()]);
-    if lying_disks {
-        cmd.arg("--lying-disks");
-    }
+    cmd.args(flags);
     let out = cmd.stderr(std::process::Stdio::inherit()).output().map_err(|e| format!("run seed {seed}: {e}"))?;
     if !out.status.success() {
         return Err(format!("seed {seed}: the run's process exited with {}", out.status));

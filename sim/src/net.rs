@@ -1,60 +1,73 @@
-//! The simulated network: Raft's [`PeerRpc`] seam and the clients' calls over turmoil's TCP,
-//! one request per connection, a deadline on every call (simulated TCP never retransmits),
-//! and message loss and duplication drawn from the run's seed.
+//! The simulated network: the node's [`Wire`] seam and the clients' calls over turmoil's TCP,
+//! one request per connection (simulated TCP never retransmits; the node's transport puts a
+//! deadline on every call), and message loss and duplication drawn from the run's seed.
 //!
 //! Partitions, one-way cuts and latency come from turmoil itself; loss and duplication are
-//! applied here because turmoil's TCP is reliable.
+//! applied here because turmoil's TCP is reliable. Every cross-region message passes the
+//! residency check here, at the send (see `invariants/residency.rs`).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use meridian_raft::network::{PeerRpc, RaftReply, RaftRequest, RpcFailure};
+use futures::future::BoxFuture;
+use meridian_core::NodeSpec;
+use meridian_node::peer::{PeerRequest, PeerRequestV1};
+use meridian_node::transport::{decompress_body, Wire, WireReply};
+use meridian_raft::network::RpcFailure;
 use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::world::World;
 
 /// Every node listens here.
 pub const PORT: u16 = 7000;
 /// The host the clients run on.
 pub const CLIENT_HOST: &str = "client";
 /// Largest frame either side accepts.
-pub const FRAME_BYTES_MAX: u32 = 16 << 20;
+pub const FRAME_BYTES_MAX: u32 = 64 << 20;
 
-/// A client's call.
+/// A client's call, answered by the node it reaches as Meridian's HTTP API would: the node is
+/// the gateway, and routes the call to the key's home region.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ClientRequest {
-    Put {
-        key: String,
-        value: String,
-    },
-    /// A linearizable read (the leader confirms its leadership with a quorum first).
-    Get {
-        key: String,
-    },
+    /// Write a JSON value (as text).
+    Put { dataset: String, key: String, value: String },
+    /// A strong read (linearizable, served by the key's home region's leader).
+    Get { dataset: String, key: String },
+    /// Make a policy (TOML) the active one.
+    ApplyPolicy { text: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ClientReply {
     Written,
     Value(Option<String>),
-    /// Not the leader, and nothing was proposed; the hint names the leader if known.
-    NotLeader(Option<u64>),
-    /// Refused before anything was proposed.
+    Applied {
+        epoch: u64,
+    },
+    /// Refused, and nothing was applied; the text says why.
     Refused(String),
-    /// Proposed (or maybe proposed), outcome unknown.
+    /// Refused because serving it there would bring restricted bytes into a region its
+    /// policy keeps them out of.
+    ResidencyRefused(String),
+    /// Maybe applied, maybe not.
     Unknown(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    Raft(RaftRequest),
+    /// A peer message body as the node's transport encoded it.
+    Peer {
+        body: Vec<u8>,
+        compressed: bool,
+    },
     Client(ClientRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
-    Raft(RaftReply),
+    Peer { status: u16, body: Vec<u8>, compressed: bool },
     Client(ClientReply),
 }
 
@@ -66,7 +79,8 @@ pub struct MessageFaults {
     pub loss: f64,
     /// Chance that a request is delivered, its reply lost.
     pub reply_loss: f64,
-    /// Chance that a request is delivered twice.
+    /// Chance that a request is delivered twice (only requests the protocol declares safe to
+    /// repeat; see [`repeatable`]).
     pub duplicate: f64,
     pub lost: u64,
     pub replies_lost: u64,
@@ -108,8 +122,9 @@ async fn read_frame<R: AsyncReadExt + Unpin, T: for<'de> Deserialize<'de>>(r: &m
     postcard::from_bytes(&body).map_err(std::io::Error::other)
 }
 
-/// One call: connect, send, await the reply.
-async fn exchange(target: u64, req: &Request) -> Result<Reply, RpcFailure> {
+/// One call: connect, send, await the reply. A connection never made is `Unreachable` (the
+/// request was not delivered); anything after that is `Interrupted`.
+pub async fn exchange(target: u64, req: &Request) -> Result<Reply, RpcFailure> {
     let mut s = turmoil::net::TcpStream::connect((host_name(target), PORT))
         .await
         .map_err(|e| RpcFailure::Unreachable(format!("connect to node {target}: {e}")))?;
@@ -117,17 +132,27 @@ async fn exchange(target: u64, req: &Request) -> Result<Reply, RpcFailure> {
     read_frame(&mut s).await.map_err(|e| RpcFailure::Interrupted(format!("reply from node {target}: {e}")))
 }
 
-/// A call with a deadline.
-pub async fn call(target: u64, req: &Request, timeout: Duration) -> Result<Reply, RpcFailure> {
+/// A client call with a deadline.
+pub async fn call(target: u64, req: &Request, timeout: std::time::Duration) -> Result<Reply, RpcFailure> {
     match tokio::time::timeout(timeout, exchange(target, req)).await {
         Ok(r) => r,
         Err(_) => Err(RpcFailure::Timeout(timeout)),
     }
 }
 
-/// Raft's transport in the simulation.
-#[derive(Clone)]
-pub struct SimRpc {
+/// Requests a network may deliver twice without the protocol promising anything false:
+/// Raft's messages, links' batches and repairs (sequenced or newer-only merges), and reads.
+/// A client write forwarded to a leader is not: HTTP over TCP never repeats one, and the
+/// gateway never retries one whose outcome it does not know.
+pub fn repeatable(req: &PeerRequestV1) -> bool {
+    !matches!(req, PeerRequestV1::Write(_) | PeerRequestV1::WriteAtomic(_) | PeerRequestV1::SetFaults(_))
+}
+
+/// The node's wire in the simulation: loss, reply loss and duplication from the seed, and the
+/// residency check on every cross-region message.
+pub struct SimWire {
+    pub node: NodeSpec,
+    pub world: Arc<World>,
     pub faults: Arc<Mutex<MessageFaults>>,
 }
 
@@ -138,8 +163,8 @@ enum Fate {
     Duplicate,
 }
 
-impl SimRpc {
-    fn fate(&self) -> Fate {
+impl SimWire {
+    fn fate(&self, repeatable: bool) -> Fate {
         let mut f = self.faults.lock().expect("faults lock");
         let (loss, reply_loss, dup) = (f.loss, f.reply_loss, f.duplicate);
         let roll: f64 = f.rng.random();
@@ -149,7 +174,7 @@ impl SimRpc {
         } else if roll < loss + reply_loss {
             f.replies_lost += 1;
             Fate::LoseReply
-        } else if roll < loss + reply_loss + dup {
+        } else if roll < loss + reply_loss + dup && repeatable {
             f.duplicated += 1;
             Fate::Duplicate
         } else {
@@ -158,30 +183,56 @@ impl SimRpc {
     }
 }
 
-impl PeerRpc for SimRpc {
-    async fn raft_rpc(&self, target: u64, req: RaftRequest, timeout: Duration) -> Result<RaftReply, RpcFailure> {
-        let req = Request::Raft(req);
-        let result = match self.fate() {
-            Fate::Deliver => call(target, &req, timeout).await,
-            Fate::Lose => {
-                tokio::time::sleep(timeout).await;
-                Err(RpcFailure::Timeout(timeout))
+/// The bytes a body carries (decompressed), for inspection.
+fn plain(body: &[u8], compressed: bool) -> Result<Vec<u8>, RpcFailure> {
+    if compressed {
+        decompress_body(body, FRAME_BYTES_MAX as usize).map_err(RpcFailure::Protocol)
+    } else {
+        Ok(body.to_vec())
+    }
+}
+
+impl Wire for SimWire {
+    fn exchange<'a>(
+        &'a self,
+        target: &'a NodeSpec,
+        body: Vec<u8>,
+        compressed: bool,
+    ) -> BoxFuture<'a, Result<WireReply, RpcFailure>> {
+        Box::pin(async move {
+            let raw = plain(&body, compressed)?;
+            let PeerRequest::V1(decoded) =
+                postcard::from_bytes::<PeerRequest>(&raw).map_err(|e| RpcFailure::Protocol(e.to_string()))?;
+            let crossing = target.region != self.node.region;
+            if crossing {
+                self.world.inspect_crossing(&self.node, target, "request", &raw, Some(&decoded));
             }
-            Fate::LoseReply => {
-                let _ = call(target, &req, timeout).await;
-                Err(RpcFailure::Timeout(timeout))
+            let req = Request::Peer { body, compressed };
+            let result = match self.fate(repeatable(&decoded)) {
+                Fate::Deliver => exchange(target.id, &req).await,
+                Fate::Lose => std::future::pending().await,
+                Fate::LoseReply => {
+                    let _ = exchange(target.id, &req).await;
+                    std::future::pending().await
+                }
+                Fate::Duplicate => {
+                    let first = exchange(target.id, &req).await;
+                    // The copy arrives after the original was answered: late and repeated.
+                    let _ = exchange(target.id, &req).await;
+                    first
+                }
+            };
+            match result? {
+                Reply::Peer { status, body, compressed } => {
+                    if crossing {
+                        let raw = plain(&body, compressed)?;
+                        self.world.inspect_crossing(target, &self.node, "reply", &raw, None);
+                    }
+                    Ok(WireReply { status, body: body.into(), compressed })
+                }
+                Reply::Client(_) => Err(RpcFailure::Protocol("a client reply to a peer request".into())),
             }
-            Fate::Duplicate => {
-                let first = call(target, &req, timeout).await;
-                // The copy arrives after the original was answered: a late, repeated message.
-                let _ = call(target, &req, timeout).await;
-                first
-            }
-        };
-        match result? {
-            Reply::Raft(r) => Ok(r),
-            Reply::Client(_) => Err(RpcFailure::Protocol("a client reply to a Raft request".into())),
-        }
+        })
     }
 }
 

@@ -1,159 +1,125 @@
-//! One simulated node: the real Raft group (openraft with Meridian's log store and state
-//! machine) over simulated disks and the simulated network, serving peers and clients.
+//! One simulated node: Meridian's real node (`meridian_node::Node`: its region's Raft group,
+//! the links, the policy, routing, anti-entropy) over simulated disks, a simulated clock and
+//! the simulated network, serving its peers and the clients.
 //!
-//! It stands in for the node composition root (`crates/node`) until that takes its peer
-//! transport through a seam too; what it runs of Meridian is the consensus and storage code.
+//! Clients reach it as they would reach the HTTP API: the node is the gateway, and routes each
+//! call the way `crates/server` does (a write to the key's home region, a strong read to the
+//! home's leader, and never a restricted value into a region its policy keeps it out of).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use meridian_core::{Hlc, RegionId};
-use meridian_raft::command::{CommandV1, Condition};
-use meridian_raft::network::{serve_raft_rpc, NetworkFactory};
-use meridian_raft::{Command, CommandResult, LogStore, Raft, StateMachineStore};
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ServerState};
+use meridian_node::peer::{WriteOp, WriteRequest};
+use meridian_node::transport::serve_peer_body;
+use meridian_node::{Node, NodeError, NodeOptions, NodeStorage, ReadConsistency};
+use meridian_raft::{CommandResult, Condition};
 
-use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimRpc};
-use crate::world::World;
-
-/// The dataset every simulated client writes.
-pub const DATASET: &str = "sim";
-
-pub fn raft_config() -> openraft::Config {
-    openraft::Config {
-        cluster_name: "meridian-sim".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 200,
-        election_timeout_max: 400,
-        max_payload_entries: 64,
-        // Small enough that runs build snapshots, purge logs and send snapshots to nodes that
-        // were down.
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(300),
-        max_in_snapshot_log_to_keep: 50,
-        purge_batch_size: 16,
-        ..Default::default()
-    }
-    .validate()
-    .expect("a valid Raft configuration")
-}
+use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimWire};
+use crate::world::{Live, SimClock, World};
 
 /// Run node `id` until the simulation crashes it.
 pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
     let disks = world.disks(id);
     disks.log.power_on();
     disks.state.power_on();
-    let region = RegionId::new("sim").expect("a valid region name");
-    let sm_db = redb::Database::builder().create_with_backend(disks.state.backend())?;
-    let sm = StateMachineStore::with_database(sm_db, world.snapshot_path(id), region)?;
-    let reader = sm.reader();
-    let durable = sm.durable_point();
-    let log_db = redb::Database::builder().create_with_backend(disks.log.backend())?;
-    let mut log = LogStore::with_database_inline(log_db, sm.durable_point())?;
-    let mut sm = sm;
-    // What the node starts from, for the error if openraft refuses it.
-    let start_state = {
-        use openraft::storage::{RaftLogReader as _, RaftLogStorage as _, RaftStateMachine as _};
-        let state = log.get_log_state().await?;
-        let entries = log.try_get_log_entries(0..u64::MAX).await.unwrap_or_default();
-        let first = entries.first().map(|e| e.log_id.index);
-        let gaps: Vec<(u64, u64)> = entries
-            .windows(2)
-            .filter(|w| w[1].log_id.index != w[0].log_id.index + 1)
-            .map(|w| (w[0].log_id.index, w[1].log_id.index))
-            .collect();
-        let committed = log.read_committed().await?;
-        let (applied, _) = sm.applied_state().await?;
-        format!(
-            "log first index {first:?}, last {:?}, purged {:?}, gaps {gaps:?}; committed {:?}; state machine applied {:?}, durable through {}",
-            state.last_log_id.map(|l| l.index),
-            state.last_purged_log_id.map(|l| l.index),
-            committed.map(|l| l.index),
-            applied.map(|l| l.index),
-            durable.load(std::sync::atomic::Ordering::SeqCst)
-        )
+    let spec = world.spec(id);
+    let log = redb::Database::builder().create_with_backend(disks.log.backend())?;
+    let state = redb::Database::builder().create_with_backend(disks.state.backend())?;
+    let opts = NodeOptions {
+        config: world.config.clone(),
+        node_id: id,
+        storage: NodeStorage::Databases { log, state, snapshot_path: world.snapshot_path(id) },
+        clock: Arc::new(SimClock { id, world: world.clone() }),
+        wire: Arc::new(SimWire { node: spec.clone(), world: world.clone(), faults: world.faults.clone() }),
+        wire_capture: None,
     };
-    let rpc = SimRpc { faults: world.faults.clone() };
-    let raft = Raft::new(id, Arc::new(raft_config()), NetworkFactory::new(id, rpc), log, sm)
-        .await
-        .map_err(|e| format!("node {id} could not start from {start_state}: {e}"))?;
-    world.node_started(id, crate::world::Live { raft: raft.clone(), reader: reader.clone(), durable });
-    if id == 1 && !world.take_bootstrap() {
-        let members = world
-            .node_ids()
-            .into_iter()
-            .map(|n| (n, BasicNode::default()))
-            .collect::<std::collections::BTreeMap<_, _>>();
-        raft.initialize(members).await?;
-    }
+    let node = Node::start(opts).await.map_err(|e| format!("node {id} could not start: {e:#}"))?;
+    // Listen before the group forms, so that no first election knocks on a closed door.
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", net::PORT)).await?;
-    let hlc = Arc::new(std::sync::Mutex::new(Hlc::new(500)));
+    // One voter forms each region's group, once; the others learn the membership from it.
+    if world.region_ids(&spec.region).first() == Some(&id) && !world.take_bootstrap(&spec.region) {
+        node.bootstrap().await?;
+    }
+    world.node_started(id, Live { node: node.clone() });
     loop {
         let (stream, _) = listener.accept().await?;
-        let (raft, hlc) = (raft.clone(), hlc.clone());
-        let reader = reader.clone();
+        let node = node.clone();
+        let world = world.clone();
         tokio::spawn(net::serve_connection(stream, move |req| async move {
             match req {
-                Request::Raft(r) => Reply::Raft(serve_raft_rpc(&raft, r).await),
-                Request::Client(c) => Reply::Client(serve_client(&raft, &reader, &hlc, c).await),
+                Request::Peer { body, compressed } => {
+                    let r = serve_peer_body(&node, &body, compressed, compressed).await;
+                    Reply::Peer { status: r.status, body: r.body.to_vec(), compressed: r.compressed }
+                }
+                Request::Client(c) => Reply::Client(serve_client(&node, &world, c).await),
             }
         }));
     }
 }
 
-/// How long a leader may take to confirm a read or commit a write before the client is told
-/// the outcome is unknown.
-const CLIENT_OP_TIMEOUT: Duration = Duration::from_secs(2);
-
-async fn serve_client(
-    raft: &Raft,
-    reader: &meridian_raft::StateMachineReader,
-    hlc: &std::sync::Mutex<Hlc>,
-    req: ClientRequest,
-) -> ClientReply {
-    let metrics = raft.metrics().borrow().clone();
-    if metrics.state != ServerState::Leader {
-        return ClientReply::NotLeader(metrics.current_leader);
-    }
+/// A client call, routed as the HTTP API routes it.
+async fn serve_client(node: &Node, world: &World, req: ClientRequest) -> ClientReply {
     match req {
-        ClientRequest::Put { key, value } => {
-            let wall = crate::world::sim_now_ms();
-            let stamp = match hlc.lock().expect("hlc lock").now(wall) {
-                Ok(t) => t,
-                Err(e) => return ClientReply::Refused(e.to_string()),
+        ClientRequest::Put { dataset, key, value } => {
+            let region = match node.route_put(&dataset, &key, None).await {
+                Ok(r) => r,
+                Err(e) => return refusal(e),
             };
-            let cmd = Command::V1(CommandV1::Put {
-                dataset: DATASET.into(),
-                key,
-                value: value.into_bytes(),
-                hlc: stamp,
-                condition: Condition::Always,
-            });
-            match tokio::time::timeout(CLIENT_OP_TIMEOUT, raft.client_write(cmd)).await {
-                Ok(Ok(resp)) => match resp.data {
-                    CommandResult::Written { .. } => ClientReply::Written,
-                    other => ClientReply::Unknown(format!("unexpected result {other:?}")),
-                },
-                // Refused before anything was proposed.
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                    ClientReply::NotLeader(f.leader_id)
-                }
-                Ok(Err(e)) => ClientReply::Unknown(e.to_string()),
-                Err(_) => ClientReply::Unknown("no commit within the deadline".into()),
+            let req = WriteRequest { dataset, key, value: Some(value.into_bytes()), condition: Condition::Always };
+            match node.write_in(&region, WriteOp::One(req)).await {
+                Ok((CommandResult::Written { .. }, _)) => ClientReply::Written,
+                Ok((other, _)) => ClientReply::Unknown(format!("unexpected result {other:?}")),
+                Err(e) => refusal(e),
             }
         }
-        ClientRequest::Get { key } => {
-            match tokio::time::timeout(CLIENT_OP_TIMEOUT, raft.ensure_linearizable()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return ClientReply::Unknown(e.to_string()),
-                Err(_) => return ClientReply::Unknown("no read confirmation within the deadline".into()),
-            }
-            match reader.get(DATASET, &key) {
-                Ok(obj) => {
+        ClientRequest::Get { dataset, key } => {
+            let home = match node.home_region_for(&dataset, &key, None) {
+                Ok(r) => r,
+                Err(e) => return refusal(e),
+            };
+            let read = if home == node.spec().region {
+                node.read(&dataset, &key, ReadConsistency::Strong).await
+            } else {
+                match node.check_value_may_come_here(&dataset, &key, None) {
+                    Ok(()) => node.read_in(&home, &dataset, &key).await,
+                    Err(e) => Err(e),
+                }
+            };
+            match read {
+                Ok((obj, _)) => {
                     ClientReply::Value(obj.and_then(|o| o.value).map(|v| String::from_utf8_lossy(&v).into_owned()))
                 }
-                Err(e) => ClientReply::Unknown(format!("read: {e}")),
+                Err(e) => refusal(e),
             }
+        }
+        ClientRequest::ApplyPolicy { text } => {
+            let full = meridian_policy::Rollout {
+                mode: meridian_policy::Mode::Enforce,
+                percent: meridian_policy::Rollout::FULL,
+            };
+            let now = world.clock_ms(node.id());
+            match node.policy_apply(&text, meridian_policy::Format::Toml, "sim-policy.toml", full, "apply", now).await {
+                Ok(outcome) => ClientReply::Applied { epoch: outcome.entry.epoch },
+                // A policy applied twice (a retry after an unknown outcome) is refused as a
+                // conflict or a no-op; the client checks the active version either way.
+                Err(e) => ClientReply::Unknown(e.to_string()),
+            }
+        }
+    }
+}
+
+/// What a failed call tells the client: refused (nothing applied) or unknown.
+fn refusal(e: NodeError) -> ClientReply {
+    match e {
+        NodeError::ResidencyRefused(m, _) => ClientReply::ResidencyRefused(m),
+        NodeError::NoLeader
+        | NodeError::Unavailable { .. }
+        | NodeError::ClockSkew(_)
+        | NodeError::DatasetNotInPolicy(_)
+        | NodeError::HomeUnknown(_)
+        | NodeError::PolicyRefused(_)
+        | NodeError::HomeImmutable(_) => ClientReply::Refused(e.to_string()),
+        NodeError::OutcomeUnknown(_) | NodeError::Storage(_) | NodeError::Internal(_) => {
+            ClientReply::Unknown(e.to_string())
         }
     }
 }

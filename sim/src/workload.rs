@@ -1,119 +1,269 @@
-//! The simulated clients: concurrent writers and linearizable readers on a few keys, each
-//! call recorded in the history the invariants check. When the harness says the faults are
-//! over, every client's last act is a read of every key, retried until one succeeds.
+//! The simulated clients. One applies the policy; then concurrent clients write and read a few
+//! keys of two datasets through random gateways in every region, each call recorded in the
+//! history the invariants check. When the harness says the faults are over, every client's
+//! last act is a read of every key, retried until one succeeds.
+//!
+//! The datasets (see [`POLICY`]): `catalog`, written in us-east and mirrored everywhere;
+//! `vault`, restricted to eu-west, every value a fresh canary. Some reads of `vault` go to
+//! gateways outside eu-west on purpose: they must be refused, never answered.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meridian_core::RegionId;
 use meridian_testkit::{Op, Outcome};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::net::{self, ClientReply, ClientRequest, Reply, Request};
-use crate::world::{sim_elapsed, World};
+use crate::world::{sim_elapsed, World, CANARY_PREFIX};
+
+/// The policy the clients apply before anything else.
+pub const POLICY: &str = r#"format = 1
+
+[[dataset]]
+name = "catalog"
+description = "Written in us-east, mirrored to every region"
+locality = "global"
+classification = "public"
+home = ["us-east"]
+mirrors = "all-allowed"
+sync = { mode = "continuous", max_lag = "5s" }
+consistency = "strong"
+
+[[dataset]]
+name = "vault"
+description = "Restricted: its bytes never leave eu-west"
+locality = "regional"
+classification = "restricted"
+home = ["eu-west"]
+"#;
+/// The policy the nemesis switches to for a while: `catalog` mirrored to eu-west only, so
+/// ap-south must purge its copies, and backfill them when the first policy comes back.
+pub const NARROW_POLICY: &str = r#"format = 1
+
+[[dataset]]
+name = "catalog"
+description = "Written in us-east, mirrored to eu-west only"
+locality = "global"
+classification = "public"
+home = ["us-east"]
+mirrors = ["eu-west"]
+sync = { mode = "continuous", max_lag = "5s" }
+consistency = "strong"
+
+[[dataset]]
+name = "vault"
+description = "Restricted: its bytes never leave eu-west"
+locality = "regional"
+classification = "restricted"
+home = ["eu-west"]
+"#;
+/// The same datasets, except that `vault` is mirrored everywhere: a policy that lets the
+/// canaries out, to prove the residency check catches them (`--leaky-policy`).
+pub const LEAKY_POLICY: &str = r#"format = 1
+
+[[dataset]]
+name = "catalog"
+locality = "global"
+classification = "public"
+home = ["us-east"]
+mirrors = "all-allowed"
+sync = { mode = "continuous", max_lag = "5s" }
+
+[[dataset]]
+name = "vault"
+locality = "global"
+classification = "internal"
+home = ["eu-west"]
+mirrors = "all-allowed"
+sync = { mode = "continuous", max_lag = "5s" }
+"#;
+/// The mirrored dataset and the restricted one.
+pub const MIRRORED: &str = "catalog";
+pub const RESTRICTED: &str = "vault";
+/// The only region `vault` may reach.
+pub const RESTRICTED_REGION: &str = "eu-west";
 
 /// Concurrent clients.
 pub const CLIENTS: u64 = 4;
-/// Keys they share: few, so that calls on one key overlap.
-pub const KEYS: u64 = 6;
-/// A client's deadline for one call.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keys per dataset: few, so that calls on one key overlap.
+pub const KEYS: u64 = 4;
+/// A client's deadline for one call: past the gateway's own (10 s), so the gateway answers.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
+/// How long the policy may take to become active before the run fails.
+pub const POLICY_DEADLINE: Duration = Duration::from_secs(60);
 /// How long the final reads may keep retrying before the run fails.
-pub const FINAL_READS_DEADLINE: Duration = Duration::from_secs(60);
+pub const FINAL_READS_DEADLINE: Duration = Duration::from_secs(90);
 
 fn now_ns() -> u64 {
     sim_elapsed().as_nanos() as u64
 }
 
-/// Run every client until the harness heals the cluster, then read every key.
+/// Apply the policy, then run every client, and the operator who applies the policy the
+/// nemesis asks for, until the harness heals the cluster.
 pub async fn run(world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
+    let first = if world.leaky_policy { LEAKY_POLICY } else { POLICY };
+    let deadline = sim_elapsed() + POLICY_DEADLINE;
+    apply_policy(&world, first, deadline).await?;
+    world.policy_active.store(true, Ordering::SeqCst);
     let mut tasks = Vec::new();
     for c in 1..=CLIENTS {
         tasks.push(tokio::spawn(client(c, world.clone())));
     }
+    tasks.push(tokio::spawn(operator(world.clone(), first)));
     for t in tasks {
         t.await??;
     }
     Ok(())
 }
 
+/// Apply `text` through a us-east gateway, retrying until it is applied or `deadline`.
+async fn apply_policy(world: &World, text: &str, deadline: Duration) -> Result<(), String> {
+    let us = RegionId::new("us-east").expect("a valid region");
+    let gateways = world.region_ids(&us);
+    let mut attempt = 0usize;
+    loop {
+        if sim_elapsed() > deadline {
+            return Err("a policy was not applied in time".into());
+        }
+        let target = gateways[attempt % gateways.len()];
+        attempt += 1;
+        let req = Request::Client(ClientRequest::ApplyPolicy { text: text.into() });
+        match net::call(target, &req, CALL_TIMEOUT).await {
+            Ok(Reply::Client(ClientReply::Applied { epoch })) => {
+                world.event(format!("operator: policy applied at node {target}, epoch {epoch}"));
+                return Ok(());
+            }
+            other => world.event(format!("operator: policy apply at node {target}: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Apply whatever policy the nemesis wants (`World::policy_wanted`) whenever it differs from
+/// the last one applied; after the heal, apply the first policy again and stop.
+async fn operator(world: Arc<World>, first: &'static str) -> Result<(), String> {
+    let mut applied = first;
+    loop {
+        let healed = world.healed();
+        let wanted = if healed { first } else { world.policy_wanted.lock().expect("policy lock").unwrap_or(first) };
+        if wanted != applied {
+            // During the faults an attempt may fail; the next round tries again.
+            let deadline = sim_elapsed() + if healed { POLICY_DEADLINE } else { Duration::from_secs(5) };
+            match apply_policy(&world, wanted, deadline).await {
+                Ok(()) => applied = wanted,
+                Err(e) if healed => return Err(format!("after the heal: {e}")),
+                Err(_) => {}
+            }
+        } else if healed {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn client(c: u64, world: Arc<World>) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(world.seed.wrapping_mul(31).wrapping_add(c));
     let nodes = world.node_ids();
-    let mut leader: Option<u64> = None;
+    let allowed: Vec<u64> = world.region_ids(&RegionId::new(RESTRICTED_REGION).expect("a valid region"));
     let mut written = 0u64;
-    while !world.healed.load(Ordering::SeqCst) {
+    while !world.healed() {
+        let dataset = if rng.random_bool(0.5) { MIRRORED } else { RESTRICTED };
         let key = format!("k{}", rng.random_range(0..KEYS));
-        let target = leader.unwrap_or_else(|| nodes[rng.random_range(0..nodes.len())]);
+        let gateway = nodes[rng.random_range(0..nodes.len())];
         if rng.random_bool(0.6) {
             written += 1;
-            let value = format!("c{c}-{written}");
-            {
-                let mut keys = world.keys.lock().expect("keys lock");
-                if !keys.contains(&key) {
-                    keys.push(key.clone());
-                }
-            }
-            let invoke = now_ns();
-            let reply = net::call(
-                target,
-                &Request::Client(ClientRequest::Put { key: key.clone(), value: value.clone() }),
-                CALL_TIMEOUT,
-            )
-            .await;
-            let complete = now_ns();
-            let op = Op::write(c, &key, &value, invoke, Some(complete));
-            let op = match reply {
-                Ok(Reply::Client(ClientReply::Written)) => op,
-                Ok(Reply::Client(ClientReply::NotLeader(hint))) => {
-                    leader = hint;
-                    op.with_outcome(Outcome::Failed)
-                }
-                Ok(Reply::Client(ClientReply::Refused(_))) => op.with_outcome(Outcome::Failed),
-                _ => {
-                    leader = None;
-                    Op::write(c, &key, &value, invoke, None)
-                }
+            let value = if dataset == RESTRICTED {
+                format!("\"{CANARY_PREFIX}{:016x} c{c}-{written}\"", rng.random::<u64>())
+            } else {
+                format!("\"c{c}-{written}\"")
             };
-            world.history.lock().expect("history lock").push(op);
+            write(c, &world, gateway, dataset, &key, &value).await;
         } else {
-            read(c, &world, target, &key, &mut leader).await;
+            // Restricted reads go to eu-west, but one in five to a gateway anywhere: outside
+            // eu-west it must refuse.
+            let gateway = if dataset == RESTRICTED && !rng.random_bool(0.2) {
+                allowed[rng.random_range(0..allowed.len())]
+            } else {
+                gateway
+            };
+            read(c, &world, gateway, dataset, &key).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(1..40))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1..60))).await;
     }
-    // The faults are over: read every key once, from the leader, retrying until it answers.
+    // The faults are over: read every key once, retrying until it answers.
     let keys = world.keys.lock().expect("keys lock").clone();
     let started = sim_elapsed();
-    for key in keys {
+    for full in keys {
+        let (dataset, key) = full.split_once('/').expect("keys are dataset/key");
         loop {
             if sim_elapsed() - started > FINAL_READS_DEADLINE {
-                return Err(format!("client {c} could not read {key} within {FINAL_READS_DEADLINE:?} after the heal"));
+                return Err(format!("client {c} could not read {full} within {FINAL_READS_DEADLINE:?} after the heal"));
             }
-            let target = leader.unwrap_or_else(|| nodes[rng.random_range(0..nodes.len())]);
-            if read(c, &world, target, &key, &mut leader).await {
+            let pool = if dataset == RESTRICTED { &allowed } else { &nodes };
+            let gateway = pool[rng.random_range(0..pool.len())];
+            if read(c, &world, gateway, dataset, key).await {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     Ok(())
 }
 
-/// One linearizable read by client `c`, recorded if it returned; follows a leader hint.
-/// True if it returned a value.
-async fn read(c: u64, world: &World, target: u64, key: &str, leader: &mut Option<u64>) -> bool {
+async fn write(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, value: &str) {
+    let full = format!("{dataset}/{key}");
+    {
+        let mut keys = world.keys.lock().expect("keys lock");
+        if !keys.contains(&full) {
+            keys.push(full.clone());
+        }
+    }
+    let req = Request::Client(ClientRequest::Put { dataset: dataset.into(), key: key.into(), value: value.into() });
     let invoke = now_ns();
-    let reply = net::call(target, &Request::Client(ClientRequest::Get { key: key.to_owned() }), CALL_TIMEOUT).await;
+    let reply = net::call(gateway, &req, CALL_TIMEOUT).await;
     let complete = now_ns();
+    let op = Op::write(c, &full, value, invoke, Some(complete));
+    let op = match reply {
+        Ok(Reply::Client(ClientReply::Written)) => op,
+        Ok(Reply::Client(ClientReply::Refused(_) | ClientReply::ResidencyRefused(_))) => {
+            op.with_outcome(Outcome::Failed)
+        }
+        // Unknown, timed out, or interrupted: it may have been applied.
+        _ => Op::write(c, &full, value, invoke, None),
+    };
+    world.history.lock().expect("history lock").push(op);
+}
+
+/// One strong read by client `c` through `gateway`, recorded if it returned. True if it did.
+async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str) -> bool {
+    let full = format!("{dataset}/{key}");
+    let req = Request::Client(ClientRequest::Get { dataset: dataset.into(), key: key.into() });
+    let invoke = now_ns();
+    let reply = net::call(gateway, &req, CALL_TIMEOUT).await;
+    let complete = now_ns();
+    let spec = world.spec(gateway);
+    let forbidden = dataset == RESTRICTED && spec.region.as_str() != RESTRICTED_REGION;
     match reply {
         Ok(Reply::Client(ClientReply::Value(v))) => {
-            let op = Op::read(c, key, v.as_deref(), invoke, Some(complete));
+            if forbidden {
+                world
+                    .residency
+                    .lock()
+                    .expect("residency lock")
+                    .breaches
+                    .push(format!("gateway {gateway} in {} answered a read of {full} with {v:?}", spec.region));
+            }
+            let op = Op::read(c, &full, v.as_deref(), invoke, Some(complete));
             world.history.lock().expect("history lock").push(op);
-            return true;
+            true
         }
-        Ok(Reply::Client(ClientReply::NotLeader(hint))) => *leader = hint,
-        _ => *leader = None,
+        Ok(Reply::Client(ClientReply::ResidencyRefused(_))) if forbidden => {
+            world.residency.lock().expect("residency lock").refused += 1;
+            false
+        }
+        _ => false,
     }
-    false
 }

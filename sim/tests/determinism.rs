@@ -7,7 +7,7 @@ mod common;
 fn a_seed_replays_exactly_alone_and_in_a_batch() {
     let alone = common::run(20, 20, false);
     assert!(alone.passed(), "{:?}", alone.violations);
-    assert!(alone.ops_checked > 500, "only {} calls checked", alone.ops_checked);
+    assert!(alone.ops_checked > 200, "only {} calls checked", alone.ops_checked);
     assert_eq!(common::run(20, 20, false).fingerprint, alone.fingerprint);
     let out = std::process::Command::new(common::BIN)
         .args(["--seeds", "3", "--first-seed", "18", "--duration-secs", "20", "--jobs", "1"])

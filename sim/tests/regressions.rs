@@ -1,12 +1,14 @@
 //! Seeds that once failed, each named for what it found. They run as they failed: in a fresh
-//! process, for 60 simulated seconds.
+//! process, for 60 simulated seconds. The ones here failed in the simulator's first form (one
+//! region, Raft and storage only); the three-region world replays them differently, and each
+//! bug they found is pinned by a unit test in `crates/raft` as well.
 
 mod common;
 
 fn passes(seed: u64) {
     let report = common::run(seed, 60, false);
     assert!(report.passed(), "seed {seed}: {:?}", report.violations);
-    assert!(report.ops_checked > 1_000, "seed {seed} checked only {} calls", report.ops_checked);
+    assert!(report.ops_checked > 300, "seed {seed} checked only {} calls", report.ops_checked);
 }
 
 /// A crash between openraft's purge through an installed snapshot and the install becoming

@@ -1,5 +1,5 @@
-//! State-machine safety: no two nodes ever apply different entries at the same log index.
-//! Checked after every simulation step on every running node's last applied entry.
+//! State-machine safety: no two nodes of a region ever apply different entries at the same
+//! log index. Checked after every simulation step on every running node's last applied entry.
 //!
 //! This is what "at most one leader per term" exists to guarantee. Openraft, as Meridian
 //! configures it (DESIGN.md §16 rules out its `single-term-leader` feature), names a leadership
@@ -24,11 +24,13 @@ pub const REMEMBERED_MAX: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct AppliedEntriesAgree {
-    /// Log index -> the entry (leader id and index) first seen applied there, and by whom.
-    applied: BTreeMap<u64, (LogId, u64)>,
+    /// (Region, log index) -> the entry (leader id and index) first seen applied there, and by
+    /// whom.
+    applied: BTreeMap<(String, u64), (LogId, u64)>,
     /// Leaderships seen, as (term, node).
     leaderships: BTreeMap<(u64, u64), ()>,
-    last_leader: Option<u64>,
+    /// Each region's last leader seen.
+    last_leader: BTreeMap<String, u64>,
 }
 
 impl AppliedEntriesAgree {
@@ -40,29 +42,31 @@ impl AppliedEntriesAgree {
         cov: &mut Coverage,
     ) -> Result<(), Violation> {
         for (&id, node) in live {
-            let m = node.raft.metrics().borrow().clone();
+            let region = node.region().to_string();
+            let m = node.node.raft().metrics().borrow().clone();
             if m.state == ServerState::Leader && self.leaderships.insert((m.current_term, id), ()).is_none() {
-                world.event_at(now, format!("raft: node {id} leads term {}", m.current_term));
+                world.event_at(now, format!("raft: node {id} leads {region} in term {}", m.current_term));
                 cov.hit("leader elected");
-                if self.last_leader.is_some_and(|l| l != id) {
+                if self.last_leader.get(&region).is_some_and(|&l| l != id) {
                     cov.hit("leader changed");
                 }
-                self.last_leader = Some(id);
+                self.last_leader.insert(region.clone(), id);
             }
             let Some(applied) = m.last_applied else { continue };
-            match self.applied.get(&applied.index) {
+            let at = (region, applied.index);
+            match self.applied.get(&at) {
                 Some((seen, by)) if *seen != applied => {
                     return Err(Violation {
                         invariant: "applied entries agree".into(),
                         detail: format!(
-                            "at log index {}: node {by} applied {seen}, node {id} applied {applied}",
-                            applied.index
+                            "in {} at log index {}: node {by} applied {seen}, node {id} applied {applied}",
+                            at.0, applied.index
                         ),
                     });
                 }
                 Some(_) => {}
                 None => {
-                    self.applied.insert(applied.index, (applied, id));
+                    self.applied.insert(at, (applied, id));
                     if self.applied.len() > REMEMBERED_MAX {
                         self.applied.pop_first();
                     }

@@ -3,8 +3,10 @@
 
 pub mod acknowledged_writes;
 pub mod applied_entries_agree;
+pub mod convergence;
 pub mod linearizable;
 pub mod replicas_agree;
+pub mod residency;
 
 /// A broken invariant: which one, and what was seen.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
