@@ -148,7 +148,7 @@ impl Nemesis {
                 if wanted.is_some() || world.leaky_policy {
                     return;
                 }
-                *wanted = Some(crate::workload::NARROW_POLICY);
+                *wanted = Some(crate::workload::Policy::Narrow);
                 world
                     .event_at(now, format!("nemesis: the operator narrows catalog's mirrors to eu-west for {lasts:?}"));
                 vec![Undo::RestorePolicy]

@@ -3,7 +3,7 @@
 //! history the invariants check. When the harness says the faults are over, every client's
 //! last act is a read of every key, retried until one succeeds.
 //!
-//! The datasets (see [`POLICY`]): `catalog`, written in us-east and mirrored everywhere;
+//! The datasets (see [`Policy`]): `catalog`, written in us-east and mirrored everywhere;
 //! `vault`, restricted to eu-west, every value a fresh canary. Some reads of `vault` go to
 //! gateways outside eu-west on purpose: they must be refused, never answered.
 
@@ -19,67 +19,39 @@ use rand::{Rng, SeedableRng};
 use crate::net::{self, ClientReply, ClientRequest, Reply, Request};
 use crate::world::{sim_elapsed, World, CANARY_PREFIX};
 
-/// The policy the clients apply before anything else.
-pub const POLICY: &str = r#"format = 1
+/// The policies the operator applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Applied first: `catalog` written in us-east and mirrored everywhere; `vault`
+    /// restricted to eu-west.
+    First,
+    /// What the nemesis switches to for a while: `catalog` mirrored to eu-west only, so
+    /// ap-south must purge its copies, and backfill them when the first policy comes back.
+    Narrow,
+    /// `vault` mirrored everywhere: a policy that lets the canaries out, to prove the
+    /// residency check catches them (`--leaky-policy`).
+    Leaky,
+}
 
-[[dataset]]
-name = "catalog"
-description = "Written in us-east, mirrored to every region"
-locality = "global"
-classification = "public"
-home = ["us-east"]
-mirrors = "all-allowed"
-sync = { mode = "continuous", max_lag = "5s" }
-consistency = "strong"
+impl Policy {
+    pub fn text(self) -> String {
+        let mirrors = if self == Policy::Narrow { r#"["eu-west"]"# } else { r#""all-allowed""# };
+        let vault = if self == Policy::Leaky {
+            "locality = \"global\"\nclassification = \"internal\"\nmirrors = \"all-allowed\"\n\
+             sync = { mode = \"continuous\", max_lag = \"5s\" }"
+        } else {
+            "locality = \"regional\"\nclassification = \"restricted\""
+        };
+        format!(
+            "format = 1\n\n\
+             [[dataset]]\nname = \"catalog\"\nlocality = \"global\"\nclassification = \"public\"\n\
+             home = [\"us-east\"]\nmirrors = {mirrors}\nsync = {{ mode = \"continuous\", max_lag = \"5s\" }}\n\
+             consistency = \"strong\"\n\n\
+             [[dataset]]\nname = \"vault\"\nhome = [\"eu-west\"]\n{vault}\n"
+        )
+    }
+}
 
-[[dataset]]
-name = "vault"
-description = "Restricted: its bytes never leave eu-west"
-locality = "regional"
-classification = "restricted"
-home = ["eu-west"]
-"#;
-/// The policy the nemesis switches to for a while: `catalog` mirrored to eu-west only, so
-/// ap-south must purge its copies, and backfill them when the first policy comes back.
-pub const NARROW_POLICY: &str = r#"format = 1
-
-[[dataset]]
-name = "catalog"
-description = "Written in us-east, mirrored to eu-west only"
-locality = "global"
-classification = "public"
-home = ["us-east"]
-mirrors = ["eu-west"]
-sync = { mode = "continuous", max_lag = "5s" }
-consistency = "strong"
-
-[[dataset]]
-name = "vault"
-description = "Restricted: its bytes never leave eu-west"
-locality = "regional"
-classification = "restricted"
-home = ["eu-west"]
-"#;
-/// The same datasets, except that `vault` is mirrored everywhere: a policy that lets the
-/// canaries out, to prove the residency check catches them (`--leaky-policy`).
-pub const LEAKY_POLICY: &str = r#"format = 1
-
-[[dataset]]
-name = "catalog"
-locality = "global"
-classification = "public"
-home = ["us-east"]
-mirrors = "all-allowed"
-sync = { mode = "continuous", max_lag = "5s" }
-
-[[dataset]]
-name = "vault"
-locality = "global"
-classification = "internal"
-home = ["eu-west"]
-mirrors = "all-allowed"
-sync = { mode = "continuous", max_lag = "5s" }
-"#;
 /// The mirrored dataset and the restricted one.
 pub const MIRRORED: &str = "catalog";
 pub const RESTRICTED: &str = "vault";
@@ -104,7 +76,7 @@ fn now_ns() -> u64 {
 /// Apply the policy, then run every client, and the operator who applies the policy the
 /// nemesis asks for, until the harness heals the cluster.
 pub async fn run(world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
-    let first = if world.leaky_policy { LEAKY_POLICY } else { POLICY };
+    let first = if world.leaky_policy { Policy::Leaky } else { Policy::First };
     let deadline = sim_elapsed() + POLICY_DEADLINE;
     apply_policy(&world, first, deadline).await?;
     world.policy_active.store(true, Ordering::SeqCst);
@@ -119,8 +91,8 @@ pub async fn run(world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Apply `text` through a us-east gateway, retrying until it is applied or `deadline`.
-async fn apply_policy(world: &World, text: &str, deadline: Duration) -> Result<(), String> {
+/// Apply `policy` through a us-east gateway, retrying until it is applied or `deadline`.
+async fn apply_policy(world: &World, policy: Policy, deadline: Duration) -> Result<(), String> {
     let us = RegionId::new("us-east").expect("a valid region");
     let gateways = world.region_ids(&us);
     let mut attempt = 0usize;
@@ -130,10 +102,10 @@ async fn apply_policy(world: &World, text: &str, deadline: Duration) -> Result<(
         }
         let target = gateways[attempt % gateways.len()];
         attempt += 1;
-        let req = Request::Client(ClientRequest::ApplyPolicy { text: text.into() });
+        let req = Request::Client(ClientRequest::ApplyPolicy { text: policy.text() });
         match net::call(target, &req, CALL_TIMEOUT).await {
             Ok(Reply::Client(ClientReply::Applied { epoch })) => {
-                world.event(format!("operator: policy applied at node {target}, epoch {epoch}"));
+                world.event(format!("operator: policy {policy:?} applied at node {target}, epoch {epoch}"));
                 return Ok(());
             }
             other => world.event(format!("operator: policy apply at node {target}: {other:?}")),
@@ -144,7 +116,7 @@ async fn apply_policy(world: &World, text: &str, deadline: Duration) -> Result<(
 
 /// Apply whatever policy the nemesis wants (`World::policy_wanted`) whenever it differs from
 /// the last one applied; after the heal, apply the first policy again and stop.
-async fn operator(world: Arc<World>, first: &'static str) -> Result<(), String> {
+async fn operator(world: Arc<World>, first: Policy) -> Result<(), String> {
     let mut applied = first;
     loop {
         let healed = world.healed();
@@ -265,5 +237,20 @@ async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str) -> 
             false
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_the_operator_applies_is_valid_for_the_cluster() {
+        let topology = crate::cluster_config().topology;
+        for p in [Policy::First, Policy::Narrow, Policy::Leaky] {
+            let parsed =
+                meridian_policy::Policy::parse(&p.text(), meridian_policy::Format::Toml, "sim", Some(&topology));
+            assert!(parsed.is_ok(), "{p:?}: {:?}\n{}", parsed.err(), p.text());
+        }
     }
 }

@@ -105,7 +105,7 @@ pub struct World {
     /// Set once the clients' policy is active.
     pub policy_active: AtomicBool,
     /// The policy the nemesis wants applied now (`None`: the first one).
-    pub policy_wanted: Mutex<Option<&'static str>>,
+    pub policy_wanted: Mutex<Option<crate::workload::Policy>>,
     /// Set by the harness when the faults are over: clients then read every key once more.
     pub healed: AtomicBool,
     /// Every key any client wrote ("dataset/key"), in order of first write.
