@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 13] = [
+pub const PATHS: [&str; 14] = [
     "leader elected",
     "leader changed",
     "crash lost unsynced writes",
@@ -21,6 +21,7 @@ pub const PATHS: [&str; 13] = [
     "link caught up by a scan",
     "change backfilled or caught up",
     "copy purged",
+    "key linearizable for stateright too",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -266,16 +266,16 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         })
         .count();
     cov.hit_n("acknowledged write", acked as u64);
-    let mut ops_checked = 0;
     if let Some(healed) = healed_at {
         if let Err(v) = invariants::acknowledged_writes::check(&history, healed.as_nanos() as u64) {
             violations.push(v);
         }
     }
-    match invariants::linearizable::check_history(&history) {
-        Ok(stats) => ops_checked = stats.ops_checked,
-        Err(v) => violations.push(v),
-    }
+    let (verdicts, broken) = invariants::linearizable::check_history(&history);
+    let ops_checked = verdicts.stats.map_or(0, |s| s.ops_checked);
+    violations.extend(broken);
+    cov.hit_n("key linearizable for stateright too", verdicts.reference_agreed);
+    cov.hit_n("key stateright could not decide in its budget", verdicts.reference_undecided);
     for live in world.live().values() {
         cov.count_node(&live.node);
     }
