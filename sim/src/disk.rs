@@ -101,7 +101,7 @@ impl Disk {
 
     /// True if the disk's bytes (synced or not, live or freed) contain `needle` anywhere.
     pub fn contains(&self, needle: &[u8]) -> bool {
-        !needle.is_empty() && self.state().data.windows(needle.len()).any(|w| w == needle)
+        crate::world::find(&self.state().data, needle).is_some()
     }
 
     /// A backend for redb over this disk.
