@@ -144,9 +144,9 @@ pub enum NodeStorage {
     /// Files under a data directory: `log.redb`, `state.redb` and the snapshot (production).
     Dir(PathBuf),
     /// Databases the caller opened (the simulator's disks), and the snapshot file's path.
-    /// The log is written inline, without a writer thread, so that a single-threaded
-    /// simulation stays deterministic.
-    Databases { log: redb::Database, state: redb::Database, snapshot_path: PathBuf },
+    /// The log is written by a task, not a thread, so that a single-threaded simulation stays
+    /// deterministic; each of its group commits takes about `log_sync_time` (the fsync).
+    Databases { log: redb::Database, state: redb::Database, snapshot_path: PathBuf, log_sync_time: Duration },
 }
 
 #[cfg(feature = "http")]
@@ -175,7 +175,9 @@ pub struct Node {
     transport: PeerTransport,
     metrics: Arc<Metrics>,
     log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
-    log_stats_seen: Mutex<(u64, u64)>,
+    log_durability: meridian_raft::log_store::LogDurability,
+    /// Counter values already exported: fsyncs, entries, acked at submit, commits held back.
+    log_stats_seen: Mutex<[u64; 4]>,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     policy: policy::PolicyCache,
     link_signals: links::LinkSignals,
@@ -203,6 +205,18 @@ struct Proposal {
     cmd: CommandV1,
     bytes: usize,
     reply: tokio::sync::oneshot::Sender<Result<CommandResult, LocalError>>,
+}
+
+/// When the network held a commit back because the leader's own log was not yet on disk,
+/// send a heartbeat as soon as the disk catches up, so followers learn the commit (and apply,
+/// and serve local reads) without waiting for the next write or the heartbeat interval.
+async fn announce_held_back_commits(raft: Raft, durability: meridian_raft::log_store::LogDurability) {
+    let mut changes = durability.subscribe();
+    while changes.changed().await.is_ok() {
+        if durability.take_held_back() && raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The leader's proposer: it turns the writes that queue up while earlier proposals are in
@@ -303,15 +317,22 @@ impl Node {
                     .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
                 (sm, log)
             }
-            NodeStorage::Databases { log, state, snapshot_path } => {
+            NodeStorage::Databases { log, state, snapshot_path, log_sync_time } => {
                 let sm = StateMachineStore::with_database(state, snapshot_path, spec.region.clone())
                     .map_err(|e| anyhow::anyhow!("open the state machine: {e}"))?;
-                let log = LogStore::with_database_inline(log, sm.durable_point())
+                let log = LogStore::with_database_in_task(log, sm.durable_point(), log_sync_time)
                     .map_err(|e| anyhow::anyhow!("open the Raft log: {e}"))?;
                 (sm, log)
             }
         };
+        // The leader's fsync overlaps its replication: its own entries are reported written
+        // when queued (see `meridian_raft::log_store`). The two bounds below keep that safe.
+        let log = log.ack_own_entries_at_submit(node_id);
         sm.set_outbox_limit(config.replication.outbox_entries_max);
+        // Nothing is applied, and no follower is told of a commit, past what this node's log
+        // holds durably.
+        let log_durability = log.durability();
+        sm.wait_for_log(log_durability.clone());
         let log_stats = log.stats();
         let reader = sm.reader();
         let durable = sm.durable_point();
@@ -336,8 +357,9 @@ impl Node {
             ..Default::default()
         }
         .validate()?;
-        let network = NetworkFactory::new(node_id, transport.clone());
+        let network = NetworkFactory::new(node_id, transport.clone()).bound_commit_by(log_durability.clone());
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log, sm).await?;
+        tokio::spawn(announce_held_back_commits(raft.clone(), log_durability.clone()));
         let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
         tokio::spawn(run_proposer(raft.clone(), proposal_rx));
         let node = Arc::new(Node {
@@ -351,7 +373,8 @@ impl Node {
             transport,
             metrics,
             log_stats,
-            log_stats_seen: Mutex::new((0, 0)),
+            log_durability: log_durability.clone(),
+            log_stats_seen: Mutex::new([0; 4]),
             proposals,
             policy: policy::PolicyCache::default(),
             link_signals: links::LinkSignals::default(),
@@ -437,12 +460,22 @@ impl Node {
         self.metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
         self.metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
         use std::sync::atomic::Ordering::Relaxed;
-        let (fsyncs, entries) =
-            (self.log_stats.fsyncs_total.load(Relaxed), self.log_stats.entries_written_total.load(Relaxed));
+        let now = [
+            self.log_stats.fsyncs_total.load(Relaxed),
+            self.log_stats.entries_written_total.load(Relaxed),
+            self.log_stats.acked_at_submit_total.load(Relaxed),
+            self.log_durability.held_back_total(),
+        ];
         let mut seen = self.log_stats_seen.lock().expect("log stats lock");
-        self.metrics.raft_log_fsyncs.inc_by(fsyncs - seen.0);
-        self.metrics.raft_log_entries_written.inc_by(entries - seen.1);
-        *seen = (fsyncs, entries);
+        let m = &self.metrics;
+        for (i, counter) in
+            [&m.raft_log_fsyncs, &m.raft_log_entries_written, &m.raft_log_acked_at_submit, &m.raft_commits_held_back]
+                .into_iter()
+                .enumerate()
+        {
+            counter.inc_by(now[i] - seen[i]);
+        }
+        *seen = now;
     }
 
     fn leader_hint(&self) -> Option<NodeId> {

@@ -13,6 +13,18 @@
 //! only counts an entry towards a quorum once its callback reports it durable, so an
 //! acknowledged write is always on disk in a majority of zones.
 //!
+//! One exception, on the leader only ([`LogStore::ack_own_entries_at_submit`]): the entries a
+//! leader proposes itself are reported as written when they are queued, so its core sends them
+//! to the followers while its own fsync runs, instead of after it (Raft thesis §10.2.1; this
+//! is what openraft 0.10 does in its core). Three rules keep that safe, each enforced here or
+//! next to it, because until the leader's fsync ends the entry may exist on one disk only:
+//! - the state machine never applies an entry past [`LogDurability`] (so no client hears of a
+//!   write before the leader's own copy is on disk; with a follower's acknowledgement that is
+//!   a majority);
+//! - the network never tells a follower of a commit past it (so no follower applies such an
+//!   entry either: [`crate::network`]);
+//! - the commit pointer on disk never points past the entries on disk ([`write_batch`]).
+//!
 //! Architecture invariant: the log on disk has no holes, and the in-memory tail is always a
 //! contiguous suffix of the log (entries past `durable_through` exist only there, and are
 //! never evicted).
@@ -28,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{decode, encode, Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -53,12 +65,100 @@ pub const WRITE_QUEUE_MAX: usize = 4096;
 pub struct LogStoreStats {
     pub fsyncs_total: AtomicU64,
     pub entries_written_total: AtomicU64,
+    /// Appends of the leader's own entries reported written before their fsync ended.
+    pub acked_at_submit_total: AtomicU64,
+}
+
+/// How far this node's log is on disk: the id of the last entry such that it and every entry
+/// before it are durable. The state machine waits on it before applying, and the network
+/// bounds the commit it tells followers by it (see the module documentation). Cloning shares it.
+#[derive(Clone)]
+pub struct LogDurability {
+    state: Arc<watch::Sender<DurableState>>,
+    /// Set when the network held a commit back for it; the node then sends a heartbeat once
+    /// the disk catches up, so followers learn the commit without waiting for the next write.
+    held_back: Arc<AtomicBool>,
+    held_back_total: Arc<AtomicU64>,
+}
+
+/// What [`LogDurability`] publishes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DurableState {
+    pub through: Option<LogId>,
+    /// The log writer stopped after a failed write: nothing more will become durable.
+    pub failed: bool,
+}
+
+impl LogDurability {
+    fn new(through: Option<LogId>) -> Self {
+        LogDurability {
+            state: Arc::new(watch::Sender::new(DurableState { through, failed: false })),
+            held_back: Arc::new(AtomicBool::new(false)),
+            held_back_total: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The last entry durable with everything before it, if any.
+    pub fn through(&self) -> Option<LogId> {
+        self.state.borrow().through
+    }
+
+    /// Wait until the log is durable through `index`. Fails if the log writer stopped.
+    pub async fn wait_through(&self, index: u64) -> io::Result<()> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| s.failed || s.through.is_some_and(|t| t.index >= index))
+            .await
+            .map_err(|_| io_err("log writer stopped"))?;
+        if state.failed && state.through.is_none_or(|t| t.index < index) {
+            return Err(io_err("the Raft log writer stopped after a failed write"));
+        }
+        Ok(())
+    }
+
+    /// A receiver that sees every change (the node's heartbeat nudge waits on it).
+    pub fn subscribe(&self) -> watch::Receiver<DurableState> {
+        self.state.subscribe()
+    }
+
+    /// Record that a commit through `index` was held back for the disk. If the disk got there
+    /// meanwhile, wake the watchers again so that the hold is not missed.
+    pub fn note_held_back(&self, index: u64) {
+        self.held_back_total.fetch_add(1, Ordering::Relaxed);
+        self.held_back.store(true, Ordering::Release);
+        if self.through().is_some_and(|t| t.index >= index) {
+            self.state.send_modify(|_| {});
+        }
+    }
+
+    /// How many messages had their commit held back, ever.
+    pub fn held_back_total(&self) -> u64 {
+        self.held_back_total.load(Ordering::Relaxed)
+    }
+
+    /// Whether a commit was held back since the last call.
+    pub fn take_held_back(&self) -> bool {
+        self.held_back.swap(false, Ordering::AcqRel)
+    }
+
+    fn set(&self, through: Option<LogId>) {
+        self.state.send_if_modified(|s| {
+            let changed = s.through != through;
+            s.through = through;
+            changed
+        });
+    }
+
+    fn fail(&self) {
+        self.state.send_modify(|s| s.failed = true);
+    }
 }
 
 enum LogOp {
     Append {
         entries: Vec<Entry>,
-        callback: LogFlushed<TypeConfig>,
+        /// None when the append was acknowledged at submit (the leader's own entries).
+        callback: Option<LogFlushed<TypeConfig>>,
     },
     SaveVote {
         vote: Vote,
@@ -66,6 +166,8 @@ enum LogOp {
     },
     Truncate {
         from_index: u64,
+        /// The entry before `from_index`, which becomes the last one.
+        prev: Option<LogId>,
         done: oneshot::Sender<io::Result<()>>,
     },
     /// Drop entries through `upto` (if any) from the file; openraft asked for `requested`
@@ -90,6 +192,8 @@ struct MemState {
     tail_bytes: usize,
     /// Highest index known to be on disk.
     durable_through: u64,
+    /// The id of the entry at `durable_through` (what [`LogDurability`] publishes).
+    durable_id: Option<LogId>,
     last_log_id: Option<LogId>,
     last_purged: Option<LogId>,
     /// What the file has really dropped: at most `last_purged`, held back while the state
@@ -106,6 +210,7 @@ struct Shared {
     /// Highest log index whose effects the state machine holds durably; entries above it are
     /// never dropped from the file, so a crash can always re-apply them.
     purge_limit: Arc<AtomicU64>,
+    durability: LogDurability,
 }
 
 /// The log store handed to openraft. Cloning it shares the same log.
@@ -113,6 +218,8 @@ struct Shared {
 pub struct LogStore {
     shared: Arc<Shared>,
     writer: Writer,
+    /// This node's id when its own leader entries are acknowledged at submit.
+    ack_own_at_submit: Option<u64>,
 }
 
 /// Who writes the log file.
@@ -120,9 +227,10 @@ pub struct LogStore {
 enum Writer {
     /// Production: a dedicated thread group-commits whatever is queued (one fsync for all).
     Thread(mpsc::Sender<LogOp>),
-    /// The simulator: each operation is written inside the call, on the caller's thread, so
-    /// a single-threaded simulation stays deterministic. Set once a write failed.
-    Inline(Arc<AtomicBool>),
+    /// The simulator: a task on the caller's runtime does the same, after a simulated sync
+    /// time, so that a single-threaded simulation stays deterministic while writes still take
+    /// time and overlap the network as they do in production.
+    Task(mpsc::Sender<LogOp>),
 }
 
 /// Rough memory weight of an entry in the tail: its keys and values, batches included.
@@ -222,15 +330,38 @@ impl LogStore {
             .name("raft-log-writer".into())
             .spawn(move || writer_loop(writer_shared, rx))
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(LogStore { shared, writer: Writer::Thread(tx) })
+        Ok(LogStore { shared, writer: Writer::Thread(tx), ack_own_at_submit: None })
     }
 
-    /// Open over an already created redb database (the simulator's, on its simulated disk)
-    /// without a writer thread: every operation is written and synced inside the call that
-    /// submits it, so nothing runs outside the simulation's single thread.
-    pub fn with_database_inline(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
+    /// Open over an already created redb database (the simulator's, on its simulated disk),
+    /// written by a task on the current runtime instead of a thread: nothing runs outside the
+    /// simulation's single thread. Each group commit first sleeps about `sync_time` (one in
+    /// ten, 10 to 50 times as long) to stand for the fsync.
+    pub fn with_database_in_task(
+        db: Database,
+        purge_limit: Arc<AtomicU64>,
+        sync_time: std::time::Duration,
+    ) -> Result<Self, StorageError> {
         let shared = Self::load(db, purge_limit)?;
-        Ok(LogStore { shared, writer: Writer::Inline(Arc::new(AtomicBool::new(false))) })
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
+        tokio::spawn(writer_task(shared.clone(), rx, sync_time));
+        Ok(LogStore { shared, writer: Writer::Task(tx), ack_own_at_submit: None })
+    }
+
+    /// Report the entries this node proposes as leader written as soon as they are queued,
+    /// before their fsync, so that the leader's fsync overlaps the followers' (see the module
+    /// documentation for what keeps this safe: the state machine must be given
+    /// [`LogStore::durability`] and the network [`crate::network::NetworkFactory::bound_commit_by`]).
+    /// Every other append (a follower's, or entries of an earlier leader) still reports only
+    /// once durable.
+    pub fn ack_own_entries_at_submit(mut self, node_id: u64) -> Self {
+        self.ack_own_at_submit = Some(node_id);
+        self
+    }
+
+    /// How far the log is on disk.
+    pub fn durability(&self) -> LogDurability {
+        self.shared.durability.clone()
     }
 
     fn load(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Arc<Shared>, StorageError> {
@@ -271,6 +402,7 @@ impl LogStore {
                 tail: BTreeMap::new(),
                 tail_bytes: 0,
                 durable_through: last_log_id.map_or(0, |l| l.index),
+                durable_id: last_log_id,
                 last_log_id,
                 last_purged,
                 purged_on_disk: last_purged,
@@ -279,7 +411,14 @@ impl LogStore {
             })
         };
         let mem = load().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
-        Ok(Arc::new(Shared { db, mem: Mutex::new(mem), stats: Arc::new(LogStoreStats::default()), purge_limit }))
+        let durability = LogDurability::new(mem.durable_id);
+        Ok(Arc::new(Shared {
+            db,
+            mem: Mutex::new(mem),
+            stats: Arc::new(LogStoreStats::default()),
+            purge_limit,
+            durability,
+        }))
     }
 
     pub fn stats(&self) -> Arc<LogStoreStats> {
@@ -287,21 +426,8 @@ impl LogStore {
     }
 
     async fn submit(&self, op: LogOp) -> Result<(), StorageError> {
-        match &self.writer {
-            Writer::Thread(tx) => tx
-                .send(op)
-                .await
-                .map_err(|_| StorageIOError::write_logs(&io_err("log writer thread has stopped")).into()),
-            Writer::Inline(stopped) => {
-                if stopped.load(Ordering::Acquire) {
-                    return Err(StorageIOError::write_logs(&io_err("log writer has stopped")).into());
-                }
-                if !commit_group(&self.shared, vec![op]) {
-                    stopped.store(true, Ordering::Release);
-                }
-                Ok(())
-            }
-        }
+        let (Writer::Thread(tx) | Writer::Task(tx)) = &self.writer;
+        tx.send(op).await.map_err(|_| StorageIOError::write_logs(&io_err("log writer has stopped")).into())
     }
 }
 
@@ -353,24 +479,55 @@ fn check_contiguous(
 /// The writer thread: one transaction and one fsync for everything queued.
 fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
     while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_COMMIT_OPS_MAX {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
+        if !commit_group(&shared, take_group(first, &mut rx)) {
+            fail_queued(rx);
+            return;
         }
-        if !commit_group(&shared, batch) {
-            rx.close();
-            while let Ok(op) = rx.try_recv() {
-                match op {
-                    LogOp::Append { callback, .. } => callback.log_io_completed(Err(io_err("log writer stopped"))),
-                    LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
-                        let _ = done.send(Err(io_err("log writer stopped")));
-                    }
+    }
+}
+
+/// The simulator's writer: the same, as a task, with a simulated sync time.
+async fn writer_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>, sync_time: std::time::Duration) {
+    while let Some(first) = rx.recv().await {
+        if !sync_time.is_zero() {
+            // Most syncs take about `sync_time`; one in ten stalls for 10 to 50 times as long,
+            // as real disks do, long enough for a follower to answer first.
+            let draw = crate::rt::random_f64();
+            let factor = if draw < 0.1 { 10.0 + 400.0 * draw } else { 0.5 + draw };
+            tokio::time::sleep(sync_time.mul_f64(factor)).await;
+        }
+        if !commit_group(&shared, take_group(first, &mut rx)) {
+            fail_queued(rx);
+            return;
+        }
+    }
+}
+
+/// `first` and whatever else is queued, up to [`GROUP_COMMIT_OPS_MAX`].
+fn take_group(first: LogOp, rx: &mut mpsc::Receiver<LogOp>) -> Vec<LogOp> {
+    let mut batch = vec![first];
+    while batch.len() < GROUP_COMMIT_OPS_MAX {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// After a failed write: refuse everything still queued, and take nothing more.
+fn fail_queued(mut rx: mpsc::Receiver<LogOp>) {
+    rx.close();
+    while let Ok(op) = rx.try_recv() {
+        match op {
+            LogOp::Append { callback, .. } => {
+                if let Some(callback) = callback {
+                    callback.log_io_completed(Err(io_err("log writer stopped")))
                 }
             }
-            return;
+            LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
+                let _ = done.send(Err(io_err("log writer stopped")));
+            }
         }
     }
 }
@@ -380,7 +537,18 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
 /// the file in an unknown state, so the writer then stops taking writes rather than pretend
 /// (the "fsyncgate" lesson); openraft sees the errors and stops.
 fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
-    let committed = shared.mem.lock().expect("log mem lock").committed;
+    let (committed, durable_end) = {
+        let mem = shared.mem.lock().expect("log mem lock");
+        (mem.committed, durable_after(mem.durable_through, mem.durable_id, &batch))
+    };
+    // The commit pointer on disk never points past the entries on disk: a leader may learn
+    // of a commit before its own copy is written (see the module documentation), and a
+    // restart re-applies through the stored pointer. The last entry on disk is then below the
+    // commit point in the leader's log, so it is committed too.
+    let committed = match committed {
+        Some(c) if c.index > durable_end.0 => durable_end.1.map(Some),
+        c => Some(c),
+    };
     let result = write_batch(&shared.db, &batch, committed);
     if result.is_ok() {
         let stats = &shared.stats;
@@ -389,17 +557,22 @@ fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
         for op in &batch {
             if let LogOp::Append { entries, .. } = op {
                 stats.entries_written_total.fetch_add(entries.len() as u64, Ordering::Relaxed);
-                if let Some(last) = entries.last() {
-                    mem.durable_through = mem.durable_through.max(last.log_id.index);
-                }
             }
         }
+        (mem.durable_through, mem.durable_id) = durable_after(mem.durable_through, mem.durable_id, &batch);
+        shared.durability.set(mem.durable_id);
         mem.trim_tail();
+    } else {
+        shared.durability.fail();
     }
     for op in batch {
         let r = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
         match op {
-            LogOp::Append { callback, .. } => callback.log_io_completed(r),
+            LogOp::Append { callback, .. } => {
+                if let Some(callback) = callback {
+                    callback.log_io_completed(r)
+                }
+            }
             LogOp::SaveVote { done, .. } | LogOp::Truncate { done, .. } | LogOp::Purge { done, .. } => {
                 let _ = done.send(r);
             }
@@ -411,10 +584,31 @@ fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
     result.is_ok()
 }
 
+/// Where the durable end of the log stands once `batch` is on disk, from where it stood
+/// before: an append ends the log at its last entry (openraft appends consecutively, after
+/// truncating any conflict), a truncation cuts it back.
+fn durable_after(mut through: u64, mut id: Option<LogId>, batch: &[LogOp]) -> (u64, Option<LogId>) {
+    for op in batch {
+        match op {
+            LogOp::Append { entries, .. } => {
+                if let Some(last) = entries.last().filter(|l| l.log_id.index >= through) {
+                    (through, id) = (last.log_id.index, Some(last.log_id));
+                }
+            }
+            LogOp::Truncate { from_index, prev, .. } if through >= *from_index => {
+                (through, id) = (from_index.saturating_sub(1), *prev);
+            }
+            _ => {}
+        }
+    }
+    (through, id)
+}
+
 /// Write one batch in one transaction with one fsync. The committed pointer is not worth an
-/// fsync of its own: the latest one rides along with every batch (losing it only means
-/// re-applying from the last applied entry after a crash, as openraft does without one).
-fn write_batch(db: &Database, batch: &[LogOp], committed: Option<LogId>) -> Result<(), redb::Error> {
+/// fsync of its own: the latest one rides along with every batch (`None` only when the log
+/// on disk is empty, or it would point past it). A restart re-applies through it, so that a
+/// restarted node holds, among the rest, the policy before it serves.
+fn write_batch(db: &Database, batch: &[LogOp], committed: Option<Option<LogId>>) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     {
         let mut log = txn.open_table(LOG)?;
@@ -441,7 +635,9 @@ fn write_batch(db: &Database, batch: &[LogOp], committed: Option<LogId>) -> Resu
                 }
             }
         }
-        meta.insert(META_COMMITTED, encode(&committed).as_slice())?;
+        if let Some(committed) = committed {
+            meta.insert(META_COMMITTED, encode(&committed).as_slice())?;
+        }
     }
     txn.commit()?;
     Ok(())
@@ -545,7 +741,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        {
+        let own = {
             let mut mem = self.shared.mem.lock().expect("log mem lock");
             for e in &entries {
                 // Openraft appends consecutively after truncating any conflict; we do not
@@ -553,28 +749,48 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 mem.insert_tail(e.clone());
                 mem.last_log_id = Some(e.log_id);
             }
+            // Our own leadership's entries: the vote is ours and every entry carries it. Only
+            // this node, as leader of that term, creates entries with that leader id.
+            let vote = mem.vote;
+            self.ack_own_at_submit.is_some_and(|me| {
+                vote.is_some_and(|v| {
+                    v.leader_id.node_id == me && entries.iter().all(|e| e.log_id.leader_id == v.leader_id)
+                })
+            })
+        };
+        if !own {
+            return self.submit(LogOp::Append { entries, callback: Some(callback) }).await;
         }
-        self.submit(LogOp::Append { entries, callback }).await
+        // Queued in order behind every earlier operation; reported now, durable later.
+        self.submit(LogOp::Append { entries, callback: None }).await?;
+        self.shared.stats.acked_at_submit_total.fetch_add(1, Ordering::Relaxed);
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let from_index = log_id.index;
-        {
-            let mut mem = self.shared.mem.lock().expect("log mem lock");
-            mem.remove_tail_where(|i| i >= from_index);
-            mem.durable_through = mem.durable_through.min(from_index.saturating_sub(1));
-        }
-        let (done, wait) = oneshot::channel();
-        self.submit(LogOp::Truncate { from_index, done }).await?;
-        let r = wait.await.unwrap_or_else(|_| Err(io_err("log writer stopped")));
-        r.map_err(|e| StorageIOError::write_logs(&e))?;
         // The new last entry is the one before `from_index`, or the purge point.
         let prev = match from_index.checked_sub(1) {
             Some(p) => read_range(&self.shared, p, p)?.pop().map(|e| e.log_id),
             None => None,
         };
+        let prev = {
+            let mut mem = self.shared.mem.lock().expect("log mem lock");
+            let prev = prev.or(mem.last_purged);
+            mem.remove_tail_where(|i| i >= from_index);
+            if mem.durable_through >= from_index {
+                (mem.durable_through, mem.durable_id) = (from_index.saturating_sub(1), prev);
+                self.shared.durability.set(prev);
+            }
+            prev
+        };
+        let (done, wait) = oneshot::channel();
+        self.submit(LogOp::Truncate { from_index, prev, done }).await?;
+        let r = wait.await.unwrap_or_else(|_| Err(io_err("log writer stopped")));
+        r.map_err(|e| StorageIOError::write_logs(&e))?;
         let mut mem = self.shared.mem.lock().expect("log mem lock");
-        mem.last_log_id = prev.or(mem.last_purged);
+        mem.last_log_id = prev;
         Ok(())
     }
 

@@ -16,7 +16,8 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
-use crate::{Raft, TypeConfig};
+use crate::log_store::LogDurability;
+use crate::{LogId, Raft, TypeConfig};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRequest {
@@ -71,11 +72,23 @@ pub async fn serve_raft_rpc(raft: &Raft, req: RaftRequest) -> RaftReply {
 pub struct NetworkFactory<P> {
     self_id: u64,
     rpc: P,
+    commit_bound: Option<LogDurability>,
 }
 
 impl<P: PeerRpc> NetworkFactory<P> {
     pub fn new(self_id: u64, rpc: P) -> Self {
-        NetworkFactory { self_id, rpc }
+        NetworkFactory { self_id, rpc, commit_bound: None }
+    }
+
+    /// Never tell a follower of a commit past what this node's own log holds durably.
+    /// Required when the log store reports a leader's own entries written at submit
+    /// ([`crate::LogStore::ack_own_entries_at_submit`]): such an entry can commit in the
+    /// leader's view (its own copy counted, one follower's on disk) while it is on one disk
+    /// only, and a follower that applied it could see it overwritten by a new leader after the
+    /// old one crashed. Held back, it reaches followers once the leader's fsync ends.
+    pub fn bound_commit_by(mut self, durability: LogDurability) -> Self {
+        self.commit_bound = Some(durability);
+        self
     }
 }
 
@@ -83,7 +96,7 @@ impl<P: PeerRpc> RaftNetworkFactory<TypeConfig> for NetworkFactory<P> {
     type Network = Network<P>;
 
     async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
-        Network { self_id: self.self_id, target, rpc: self.rpc.clone() }
+        Network { self_id: self.self_id, target, rpc: self.rpc.clone(), commit_bound: self.commit_bound.clone() }
     }
 }
 
@@ -91,6 +104,17 @@ pub struct Network<P> {
     self_id: u64,
     target: u64,
     rpc: P,
+    commit_bound: Option<LogDurability>,
+}
+
+/// The commit to send: `leader_commit`, or the last entry durable here if that is earlier.
+/// That entry is in the leader's log before its commit point, so it is committed too; a
+/// follower only ever moves its commit forward, so an earlier one costs nothing but time.
+fn bounded_commit(leader_commit: Option<LogId>, durable: Option<LogId>) -> (Option<LogId>, bool) {
+    match leader_commit {
+        Some(c) if durable.is_none_or(|d| d.index < c.index) => (durable, true),
+        c => (c, false),
+    }
 }
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>;
@@ -118,9 +142,16 @@ impl<P: PeerRpc> Network<P> {
 impl<P: PeerRpc> RaftNetwork<TypeConfig> for Network<P> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>> {
+        if let Some(bound) = &self.commit_bound {
+            let (commit, held) = bounded_commit(rpc.leader_commit, bound.through());
+            if let (true, Some(wanted)) = (held, rpc.leader_commit) {
+                bound.note_held_back(wanted.index);
+                rpc.leader_commit = commit;
+            }
+        }
         match self.rpc.raft_rpc(self.target, RaftRequest::AppendEntries(rpc), option.hard_ttl()).await {
             Ok(RaftReply::AppendEntries(r)) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(_) => Err(self.mismatch()),
@@ -146,5 +177,23 @@ impl<P: PeerRpc> RaftNetwork<TypeConfig> for Network<P> {
             Ok(_) => Err(self.mismatch()),
             Err(f) => Err(self.failure(RPCTypes::Vote, f)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(term: u64, index: u64) -> LogId {
+        LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
+    }
+
+    #[test]
+    fn a_commit_past_the_durable_end_is_held_back_to_it() {
+        assert_eq!(bounded_commit(Some(id(2, 10)), Some(id(2, 7))), (Some(id(2, 7)), true));
+        assert_eq!(bounded_commit(Some(id(2, 10)), None), (None, true));
+        assert_eq!(bounded_commit(Some(id(2, 10)), Some(id(2, 10))), (Some(id(2, 10)), false));
+        assert_eq!(bounded_commit(Some(id(2, 10)), Some(id(2, 12))), (Some(id(2, 10)), false));
+        assert_eq!(bounded_commit(None, Some(id(2, 12))), (None, false));
     }
 }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{
     object_key, split_object_key, Command, CommandResult, CommandV1, Condition, OutboxEntry, RemoteChange, StoredObject,
 };
+use crate::log_store::LogDurability;
 use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
@@ -187,6 +188,9 @@ pub struct StateMachineStore {
     replication: ReplicationState,
     unsynced_entries: u64,
     outbox_max: u64,
+    /// When set, nothing is applied before the log holds it durably (see
+    /// [`crate::log_store`]: a leader's own entries may commit before its fsync ends).
+    log_durability: Option<LogDurability>,
 }
 
 fn index_of(l: Option<LogId>) -> u64 {
@@ -237,13 +241,26 @@ impl StateMachineStore {
         // What was loaded from disk is durable by definition.
         let durable = Arc::new(AtomicU64::new(index_of(applied.last_applied)));
         let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0), durable });
-        Ok(StateMachineStore { shared, applied, replication, unsynced_entries: 0, outbox_max: OUTBOX_ENTRIES_MAX })
+        Ok(StateMachineStore {
+            shared,
+            applied,
+            replication,
+            unsynced_entries: 0,
+            outbox_max: OUTBOX_ENTRIES_MAX,
+            log_durability: None,
+        })
     }
 
     /// Keep at most `entries` outbox entries (every voter of a region must use the same
     /// bound: the cluster configuration sets it). At least 1.
     pub fn set_outbox_limit(&mut self, entries: u64) {
         self.outbox_max = entries.max(1);
+    }
+
+    /// Apply nothing before the log holds it durably. Required when the log store reports a
+    /// leader's own entries written at submit ([`crate::LogStore::ack_own_entries_at_submit`]).
+    pub fn wait_for_log(&mut self, durability: LogDurability) {
+        self.log_durability = Some(durability);
     }
 
     /// The durable point to hand to [`crate::LogStore::open_with_purge_limit`].
@@ -753,6 +770,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let last = entries.last().map(|e| e.log_id);
+        if let (Some(durability), Some(last)) = (&self.log_durability, last) {
+            durability.wait_through(last.index).await.map_err(|e| StorageIOError::apply(last, &e))?;
+        }
         self.apply_batch(entries).map_err(|e| match last {
             Some(l) => StorageIOError::apply(l, &sm_err(e)).into(),
             None => StorageIOError::write_state_machine(&sm_err(e)).into(),

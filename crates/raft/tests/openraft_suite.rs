@@ -1,5 +1,5 @@
 //! Openraft's own storage conformance suite, run against our redb log store and state
-//! machine, with the production writer thread and with the simulator's inline writer. Every
+//! machine, with the production writer thread and with the simulator's writer task. Every
 //! storage implementation must pass it.
 
 use std::sync::atomic::AtomicU64;
@@ -11,15 +11,15 @@ use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;
 
 struct RedbBuilder {
-    inline: bool,
+    task: bool,
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("create temp dir");
-        let log = if self.inline {
+        let log = if self.task {
             let db = redb::Database::create(dir.path().join("log.redb")).expect("create the log file");
-            LogStore::with_database_inline(db, Arc::new(AtomicU64::new(u64::MAX)))?
+            LogStore::with_database_in_task(db, Arc::new(AtomicU64::new(u64::MAX)), std::time::Duration::ZERO)?
         } else {
             LogStore::open(&dir.path().join("log.redb"))?
         };
@@ -30,10 +30,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbBuil
 
 #[test]
 fn openraft_storage_suite() {
-    Suite::test_all(RedbBuilder { inline: false }).expect("openraft storage suite");
+    Suite::test_all(RedbBuilder { task: false }).expect("openraft storage suite");
 }
 
 #[test]
-fn openraft_storage_suite_with_the_inline_writer() {
-    Suite::test_all(RedbBuilder { inline: true }).expect("openraft storage suite, inline writer");
+fn openraft_storage_suite_with_the_writer_task() {
+    Suite::test_all(RedbBuilder { task: true }).expect("openraft storage suite, writer task");
 }

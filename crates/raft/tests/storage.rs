@@ -578,3 +578,95 @@ async fn ranges_carry_freshness_and_heartbeats_refresh_it_without_merging() {
     let (state, _) = sm.reader().replication().unwrap();
     assert_eq!((state.fresh.get("r2"), state.merged.get("r2")), (Some(&7_000), Some(&2)));
 }
+
+fn entry_of(term: u64, leader: u64, index: u64) -> Entry {
+    let mut e = put(index, "k", "v", index, Condition::Always);
+    e.log_id = LogId::new(CommittedLeaderId::new(term, leader), index);
+    e
+}
+
+fn acked_at_submit(log: &LogStore) -> u64 {
+    log.stats().acked_at_submit_total.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Only the entries a node proposes as leader are reported before their fsync; a follower's
+/// appends, and entries of another leader, are reported once durable.
+#[tokio::test]
+async fn only_a_leaders_own_entries_are_reported_before_they_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log.redb")).unwrap().ack_own_entries_at_submit(1);
+    let durability = log.durability();
+
+    // Leader of term 2: its own entries are reported at submit, and become durable after.
+    log.save_vote(&openraft::Vote::new_committed(2, 1)).await.unwrap();
+    log.blocking_append((1..=3).map(|i| entry_of(2, 1, i))).await.unwrap();
+    assert_eq!(acked_at_submit(&log), 1);
+    durability.wait_through(3).await.unwrap();
+    assert_eq!(durability.through(), Some(LogId::new(CommittedLeaderId::new(2, 1), 3)));
+
+    // Another leader's entries under our vote: reported only once durable.
+    log.blocking_append([entry_of(1, 3, 4)]).await.unwrap();
+    assert_eq!(acked_at_submit(&log), 1);
+    assert!(durability.through().is_some_and(|t| t.index >= 4), "reported before durable");
+
+    // A follower (its vote is for node 2): the same.
+    log.save_vote(&openraft::Vote::new_committed(3, 2)).await.unwrap();
+    log.blocking_append([entry_of(3, 2, 5)]).await.unwrap();
+    assert_eq!(acked_at_submit(&log), 1);
+    assert!(durability.through().is_some_and(|t| t.index >= 5), "reported before durable");
+
+    // A truncation lowers the durable end at once.
+    log.truncate(LogId::new(CommittedLeaderId::new(3, 2), 4)).await.unwrap();
+    assert_eq!(durability.through(), Some(LogId::new(CommittedLeaderId::new(2, 1), 3)));
+
+    // A store not told its id never reports early, even for entries of a vote it holds.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut plain = LogStore::open(&dir2.path().join("log.redb")).unwrap();
+    plain.save_vote(&openraft::Vote::new_committed(2, 1)).await.unwrap();
+    plain.blocking_append((1..=2).map(|i| entry_of(2, 1, i))).await.unwrap();
+    assert_eq!(acked_at_submit(&plain), 0);
+    assert!(plain.durability().through().is_some_and(|t| t.index >= 2));
+}
+
+/// A leader can learn of a commit before its own copy is on disk; the commit pointer written
+/// to disk never points past the entries there, or a restart would re-apply entries it does
+/// not have.
+#[tokio::test]
+async fn the_commit_pointer_on_disk_never_points_past_the_log_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    {
+        let mut log = LogStore::open(&path).unwrap();
+        log.blocking_append((1..=3).map(|i| put(i, "k", "v", i, Condition::Always))).await.unwrap();
+        log.save_committed(Some(log_id(1, 9))).await.unwrap();
+        // A batch that is not only appends carries the pointer.
+        log.save_vote(&openraft::Vote::new(2, 1)).await.unwrap();
+    }
+    let mut log = reopen(&path, std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX))).await;
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
+}
+
+/// The state machine applies nothing the log does not hold durably.
+#[tokio::test]
+async fn the_state_machine_waits_for_the_log_to_be_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = LogStore::open(&dir.path().join("log.redb")).unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    sm.wait_for_log(log.durability());
+    log.blocking_append((1..=2).map(|i| put(i, "k", "v", i, Condition::Always))).await.unwrap();
+    sm.apply([put(1, "a", "1", 1, Condition::Always), put(2, "b", "2", 2, Condition::Always)]).await.unwrap();
+
+    let reader = sm.reader();
+    let apply = tokio::spawn(async move {
+        sm.apply([put(3, "c", "3", 3, Condition::Always)]).await.unwrap();
+        sm
+    });
+    // Entry 3 is not in the log: however long this waits, nothing can be applied.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!apply.is_finished());
+    assert!(reader.get("d", "c").unwrap().is_none());
+
+    log.blocking_append([put(3, "k", "v", 3, Condition::Always)]).await.unwrap();
+    let _sm = apply.await.unwrap();
+    assert_eq!(reader.get("d", "c").unwrap().unwrap().value.as_deref(), Some(&b"3"[..]));
+}
