@@ -7,11 +7,13 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 14] = [
+pub const PATHS: [&str; 16] = [
     "leader elected",
     "leader changed",
     "crash lost unsynced writes",
     "snapshot built",
+    "leader's entry reported before its fsync",
+    "commit held back for the leader's fsync",
     "acknowledged write",
     "crossing: link batch",
     "crossing: forwarded write",
@@ -45,11 +47,14 @@ impl Coverage {
 
     /// Count what one node's metrics say happened (read before it crashes, and at the end).
     pub fn count_node(&mut self, node: &meridian_node::Node) {
+        node.refresh_metrics();
         let text = node.metrics().encode();
         for (metric, path) in [
             ("meridian_replication_catch_ups_total", "link caught up by a scan"),
             ("meridian_replication_backfilled_changes_total", "change backfilled or caught up"),
             ("meridian_replication_purged_copies_total", "copy purged"),
+            ("meridian_raft_log_acked_at_submit_total", "leader's entry reported before its fsync"),
+            ("meridian_raft_commits_held_back_total", "commit held back for the leader's fsync"),
         ] {
             let n: f64 = text
                 .lines()

@@ -17,6 +17,11 @@ use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimWire};
 use crate::world::{Live, SimClock, World};
 
 /// Run node `id` until the simulation crashes it.
+/// How long a group commit of the Raft log takes on a simulated disk (jittered, with stalls): about
+/// what an fsync costs on the machines we measure, so that a leader's own write overlaps its
+/// replication, and a crash can fall between the two, as in production.
+pub const LOG_SYNC_TIME: std::time::Duration = std::time::Duration::from_micros(400);
+
 pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
     let disks = world.disks(id);
     disks.log.power_on();
@@ -27,7 +32,12 @@ pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::E
     let opts = NodeOptions {
         config: world.config.clone(),
         node_id: id,
-        storage: NodeStorage::Databases { log, state, snapshot_path: world.snapshot_path(id) },
+        storage: NodeStorage::Databases {
+            log,
+            state,
+            snapshot_path: world.snapshot_path(id),
+            log_sync_time: LOG_SYNC_TIME,
+        },
         clock: Arc::new(SimClock { id, world: world.clone() }),
         wire: Arc::new(SimWire { node: spec.clone(), world: world.clone(), faults: world.faults.clone() }),
         wire_capture: None,

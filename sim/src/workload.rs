@@ -226,12 +226,11 @@ async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str) -> 
     match reply {
         Ok(Reply::Client(ClientReply::Value(v))) => {
             if forbidden {
-                world
-                    .residency
-                    .lock()
-                    .expect("residency lock")
-                    .breaches
-                    .push(format!("gateway {gateway} in {} answered a read of {full} with {v:?}", spec.region));
+                world.residency.lock().expect("residency lock").breaches.push(format!(
+                    "gateway {gateway} in {} answered a read of {full} with {v:?} (called at {:.3} s)",
+                    spec.region,
+                    invoke as f64 / 1e9
+                ));
             }
             let op = Op::read(c, &full, v.as_deref(), invoke, Some(complete));
             world.history.lock().expect("history lock").push(op);
