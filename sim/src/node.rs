@@ -17,10 +17,18 @@ use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimWire};
 use crate::world::{Live, SimClock, World};
 
 /// Run node `id` until the simulation crashes it.
-/// How long a group commit of the Raft log takes on a simulated disk (jittered, with stalls): about
-/// what an fsync costs on the machines we measure, so that a leader's own write overlaps its
-/// replication, and a crash can fall between the two, as in production.
+/// How long a group commit of the Raft log takes on a simulated disk: about what an fsync
+/// costs on the machines we measure, so that a leader's own write overlaps its replication, and
+/// a crash can fall between the two, as in production.
 pub const LOG_SYNC_TIME: std::time::Duration = std::time::Duration::from_micros(400);
+
+/// One sync's time: half to one and a half times [`LOG_SYNC_TIME`]; one in ten stalls for 10 to
+/// 50 times as long, as real disks do, long enough for a follower to answer first.
+fn log_sync_time() -> std::time::Duration {
+    let draw = meridian_raft::rt::random_f64();
+    let factor = if draw < 0.1 { 10.0 + 400.0 * draw } else { 0.5 + draw };
+    LOG_SYNC_TIME.mul_f64(factor)
+}
 
 pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
     let disks = world.disks(id);
@@ -36,7 +44,7 @@ pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::E
             log,
             state,
             snapshot_path: world.snapshot_path(id),
-            log_sync_time: LOG_SYNC_TIME,
+            log_sync_time: Arc::new(log_sync_time),
         },
         clock: Arc::new(SimClock { id, world: world.clone() }),
         wire: Arc::new(SimWire { node: spec.clone(), world: world.clone(), faults: world.faults.clone() }),

@@ -145,8 +145,13 @@ pub enum NodeStorage {
     Dir(PathBuf),
     /// Databases the caller opened (the simulator's disks), and the snapshot file's path.
     /// The log is written by a task, not a thread, so that a single-threaded simulation stays
-    /// deterministic; each of its group commits takes about `log_sync_time` (the fsync).
-    Databases { log: redb::Database, state: redb::Database, snapshot_path: PathBuf, log_sync_time: Duration },
+    /// deterministic; each of its group commits takes what `log_sync_time` returns (the fsync).
+    Databases {
+        log: redb::Database,
+        state: redb::Database,
+        snapshot_path: PathBuf,
+        log_sync_time: meridian_raft::log_store::SyncTime,
+    },
 }
 
 #[cfg(feature = "http")]
@@ -436,6 +441,11 @@ impl Node {
     /// fsync between syncs; the log is the write-ahead log).
     pub fn durable_point(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.durable.clone()
+    }
+
+    /// How far this node's Raft log is on disk (for tests and the simulator's invariants).
+    pub fn log_durability(&self) -> &meridian_raft::log_store::LogDurability {
+        &self.log_durability
     }
 
     /// This node's view of its own region's group.
@@ -1104,6 +1114,132 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         (node, dir)
+    }
+
+    /// A wire that hands each body straight to the target node, in this process.
+    struct LocalWire(std::sync::Mutex<BTreeMap<NodeId, Arc<Node>>>);
+
+    impl transport::Wire for LocalWire {
+        fn exchange<'a>(
+            &'a self,
+            target: &'a NodeSpec,
+            body: Vec<u8>,
+            compressed: bool,
+        ) -> futures::future::BoxFuture<'a, Result<transport::WireReply, RpcFailure>> {
+            Box::pin(async move {
+                let node = self.0.lock().expect("wire lock").get(&target.id).cloned();
+                match node {
+                    Some(n) => Ok(transport::serve_peer_body(&n, &body, compressed, compressed).await),
+                    None => Err(RpcFailure::Unreachable(format!("node {} not started", target.id))),
+                }
+            })
+        }
+    }
+
+    /// The leader's own entries go to the followers before its fsync ends, but nothing is
+    /// acknowledged, applied, or made known to a follower as committed before the leader's copy
+    /// is on disk. Node 1 leads with a log whose every sync then takes 1.5 s; the followers'
+    /// take none, so they hold the entry long before the leader does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_acknowledged_or_applied_before_the_leaders_copy_is_on_disk() {
+        let mut text = String::from("[[regions]]\nname = \"r\"\n");
+        for (id, zone) in [(1, "a"), (2, "b"), (3, "c")] {
+            text += &format!(
+                "[[nodes]]\nid = {id}\nregion = \"r\"\nzone = \"{zone}\"\n\
+                 api_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\n",
+                20_000 + id,
+                21_000 + id
+            );
+        }
+        let config = ClusterConfig::parse(&text, "test").expect("config");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wire = Arc::new(LocalWire(std::sync::Mutex::new(BTreeMap::new())));
+        // Node 1's syncs become slow once it leads (a slow vote would keep it from winning).
+        let leader_sync_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut nodes = BTreeMap::new();
+        for id in 1..=3u64 {
+            let db = || redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new());
+            let ms = leader_sync_ms.clone();
+            let sync = move || {
+                if id == 1 {
+                    Duration::from_millis(ms.load(std::sync::atomic::Ordering::Relaxed))
+                } else {
+                    Duration::ZERO
+                }
+            };
+            let opts = NodeOptions {
+                config: config.clone(),
+                node_id: id,
+                storage: NodeStorage::Databases {
+                    log: db().expect("log db"),
+                    state: db().expect("state db"),
+                    snapshot_path: dir.path().join(format!("snapshot-{id}.bin")),
+                    log_sync_time: Arc::new(sync),
+                },
+                clock: Arc::new(crate::clock::SystemClock),
+                wire: wire.clone(),
+                wire_capture: None,
+            };
+            let node = Node::start(opts).await.expect("start");
+            wire.0.lock().expect("wire lock").insert(id, node.clone());
+            nodes.insert(id, node);
+        }
+        let (leader, followers) = (&nodes[&1], [&nodes[&2], &nodes[&3]]);
+        leader.bootstrap().await.expect("bootstrap");
+        let start = std::time::Instant::now();
+        while leader.region_report().leader != Some(1) {
+            assert!(start.elapsed() < Duration::from_secs(60), "node 1 did not become leader");
+            let _ = leader.raft().trigger().elect().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        leader_sync_ms.store(1500, std::sync::atomic::Ordering::Relaxed);
+
+        // The write's entry is at `target` or later.
+        let index = |n: &Node| n.raft().metrics().borrow().last_log_index.unwrap_or(0);
+        let applied = |n: &Node| n.raft().metrics().borrow().last_applied.map_or(0, |l| l.index);
+        let target = index(leader) + 1;
+        let write = {
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                let req = WriteRequest {
+                    dataset: "d".into(),
+                    key: "k".into(),
+                    value: Some(b"v".to_vec()),
+                    condition: meridian_raft::Condition::Always,
+                };
+                let r = leader.write(req).await;
+                (r, leader.log_durability().through())
+            })
+        };
+        let mut saw_window = false;
+        while !write.is_finished() {
+            for f in followers {
+                let f_applied = applied(f);
+                let f_has = index(f) >= target;
+                let leader_durable = leader.log_durability().through().map_or(0, |l| l.index);
+                assert!(
+                    f_applied <= leader_durable,
+                    "follower {} applied {f_applied} while the leader's log is durable through {leader_durable}",
+                    f.id()
+                );
+                saw_window |= f_has && leader_durable < target;
+            }
+            assert!(applied(leader) <= leader.log_durability().through().map_or(0, |l| l.index));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (result, durable_at_ack) = write.await.expect("write task");
+        result.expect("the write succeeds");
+        assert!(durable_at_ack.is_some_and(|d| d.index >= target), "acknowledged before the leader's copy was durable");
+        assert!(saw_window, "the followers never held the entry before the leader did: nothing was overlapped");
+        // The followers learn the commit once the leader's disk catches up.
+        let start = std::time::Instant::now();
+        while followers.iter().any(|f| applied(f) < target) {
+            assert!(start.elapsed() < Duration::from_secs(30), "the followers never applied the write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for n in nodes.values() {
+            n.shutdown().await;
+        }
     }
 
     /// Every wire hands its bytes to `serve_peer_body`: bodies that do not decode get a 400

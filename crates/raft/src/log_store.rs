@@ -222,6 +222,9 @@ pub struct LogStore {
     ack_own_at_submit: Option<u64>,
 }
 
+/// How long each group commit of the writer task takes (the simulator draws it).
+pub type SyncTime = Arc<dyn Fn() -> std::time::Duration + Send + Sync>;
+
 /// Who writes the log file.
 #[derive(Clone)]
 enum Writer {
@@ -335,12 +338,12 @@ impl LogStore {
 
     /// Open over an already created redb database (the simulator's, on its simulated disk),
     /// written by a task on the current runtime instead of a thread: nothing runs outside the
-    /// simulation's single thread. Each group commit first sleeps about `sync_time` (one in
-    /// ten, 10 to 50 times as long) to stand for the fsync.
+    /// simulation's single thread. Each group commit first sleeps for what `sync_time`
+    /// returns, to stand for the fsync.
     pub fn with_database_in_task(
         db: Database,
         purge_limit: Arc<AtomicU64>,
-        sync_time: std::time::Duration,
+        sync_time: SyncTime,
     ) -> Result<Self, StorageError> {
         let shared = Self::load(db, purge_limit)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
@@ -487,14 +490,11 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
 }
 
 /// The simulator's writer: the same, as a task, with a simulated sync time.
-async fn writer_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>, sync_time: std::time::Duration) {
+async fn writer_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>, sync_time: SyncTime) {
     while let Some(first) = rx.recv().await {
-        if !sync_time.is_zero() {
-            // Most syncs take about `sync_time`; one in ten stalls for 10 to 50 times as long,
-            // as real disks do, long enough for a follower to answer first.
-            let draw = crate::rt::random_f64();
-            let factor = if draw < 0.1 { 10.0 + 400.0 * draw } else { 0.5 + draw };
-            tokio::time::sleep(sync_time.mul_f64(factor)).await;
+        let sync = sync_time();
+        if !sync.is_zero() {
+            tokio::time::sleep(sync).await;
         }
         if !commit_group(&shared, take_group(first, &mut rx)) {
             fail_queued(rx);

@@ -19,7 +19,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbBuil
         let dir = tempfile::tempdir().expect("create temp dir");
         let log = if self.task {
             let db = redb::Database::create(dir.path().join("log.redb")).expect("create the log file");
-            LogStore::with_database_in_task(db, Arc::new(AtomicU64::new(u64::MAX)), std::time::Duration::ZERO)?
+            LogStore::with_database_in_task(
+                db,
+                Arc::new(AtomicU64::new(u64::MAX)),
+                Arc::new(|| std::time::Duration::ZERO),
+            )?
         } else {
             LogStore::open(&dir.path().join("log.redb"))?
         };
