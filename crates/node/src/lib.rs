@@ -216,9 +216,9 @@ struct Proposal {
 /// send a heartbeat as soon as the disk catches up, so followers learn the commit (and apply,
 /// and serve local reads) without waiting for the next write or the heartbeat interval.
 async fn announce_held_back_commits(raft: Raft, durability: meridian_raft::log_store::LogDurability) {
-    let mut changes = durability.subscribe();
-    while changes.changed().await.is_ok() {
-        if durability.take_held_back() && raft.trigger().heartbeat().await.is_err() {
+    loop {
+        durability.held_back_commit_ready().await;
+        if raft.trigger().heartbeat().await.is_err() {
             return;
         }
     }

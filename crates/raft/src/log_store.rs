@@ -79,14 +79,17 @@ pub struct LogDurability {
     /// the disk catches up, so followers learn the commit without waiting for the next write.
     held_back: Arc<AtomicBool>,
     held_back_total: Arc<AtomicU64>,
+    /// Woken when the disk moves while a commit is held back (and only then: no wake-up per
+    /// fsync otherwise).
+    disk_caught_up: Arc<tokio::sync::Notify>,
 }
 
 /// What [`LogDurability`] publishes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DurableState {
-    pub through: Option<LogId>,
+struct DurableState {
+    through: Option<LogId>,
     /// The log writer stopped after a failed write: nothing more will become durable.
-    pub failed: bool,
+    failed: bool,
 }
 
 impl LogDurability {
@@ -95,6 +98,7 @@ impl LogDurability {
             state: Arc::new(watch::Sender::new(DurableState { through, failed: false })),
             held_back: Arc::new(AtomicBool::new(false)),
             held_back_total: Arc::new(AtomicU64::new(0)),
+            disk_caught_up: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -116,18 +120,24 @@ impl LogDurability {
         Ok(())
     }
 
-    /// A receiver that sees every change (the node's heartbeat nudge waits on it).
-    pub fn subscribe(&self) -> watch::Receiver<DurableState> {
-        self.state.subscribe()
-    }
-
     /// Record that a commit through `index` was held back for the disk. If the disk got there
-    /// meanwhile, wake the watchers again so that the hold is not missed.
+    /// meanwhile, wake [`LogDurability::held_back_commit_ready`] at once, so the hold is not missed.
     pub fn note_held_back(&self, index: u64) {
         self.held_back_total.fetch_add(1, Ordering::Relaxed);
-        self.held_back.store(true, Ordering::Release);
+        self.held_back.store(true, Ordering::SeqCst);
         if self.through().is_some_and(|t| t.index >= index) {
-            self.state.send_modify(|_| {});
+            self.disk_caught_up.notify_one();
+        }
+    }
+
+    /// Wait until a commit was held back and the disk has moved since; then the commit can be
+    /// announced (the node sends a heartbeat).
+    pub async fn held_back_commit_ready(&self) {
+        loop {
+            self.disk_caught_up.notified().await;
+            if self.held_back.swap(false, Ordering::SeqCst) {
+                return;
+            }
         }
     }
 
@@ -136,17 +146,15 @@ impl LogDurability {
         self.held_back_total.load(Ordering::Relaxed)
     }
 
-    /// Whether a commit was held back since the last call.
-    pub fn take_held_back(&self) -> bool {
-        self.held_back.swap(false, Ordering::AcqRel)
-    }
-
     fn set(&self, through: Option<LogId>) {
-        self.state.send_if_modified(|s| {
+        let moved = self.state.send_if_modified(|s| {
             let changed = s.through != through;
             s.through = through;
             changed
         });
+        if moved && self.held_back.load(Ordering::SeqCst) {
+            self.disk_caught_up.notify_one();
+        }
     }
 
     fn fail(&self) {
