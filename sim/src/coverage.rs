@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 16] = [
+pub const PATHS: [&str; 17] = [
     "leader elected",
     "leader changed",
     "crash lost unsynced writes",
     "snapshot built",
     "leader's entry reported before its fsync",
     "commit held back for the leader's fsync",
+    "Raft log compacted",
     "acknowledged write",
     "crossing: link batch",
     "crossing: forwarded write",
@@ -55,6 +56,7 @@ impl Coverage {
             ("meridian_replication_purged_copies_total", "copy purged"),
             ("meridian_raft_log_acked_at_submit_total", "leader's entry reported before its fsync"),
             ("meridian_raft_commits_held_back_total", "commit held back for the leader's fsync"),
+            ("meridian_raft_log_compactions_total", "Raft log compacted"),
         ] {
             let n: f64 = text
                 .lines()

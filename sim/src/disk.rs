@@ -1,4 +1,5 @@
-//! A simulated disk under redb's pluggable storage backend.
+//! A simulated disk under redb's pluggable storage backend (the state machine) and the Raft
+//! log's file seam.
 //!
 //! Every write lands in memory at once; what was written since the last `sync_data` is also
 //! kept in an undo log. A crash plays the undo log backwards, so the disk holds exactly what
@@ -107,6 +108,29 @@ impl Disk {
     /// A backend for redb over this disk.
     pub fn backend(&self) -> Backend {
         Backend(self.clone())
+    }
+}
+
+/// The Raft log's view of a [`Disk`]: the same bytes, crash and refusals as redb's.
+impl meridian_raft::wal::LogFile for Backend {
+    fn len(&self) -> io::Result<u64> {
+        redb::StorageBackend::len(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        redb::StorageBackend::read(self, offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        redb::StorageBackend::write(self, offset, data)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        redb::StorageBackend::sync_data(self)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        redb::StorageBackend::set_len(self, len)
     }
 }
 

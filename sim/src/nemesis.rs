@@ -222,7 +222,8 @@ impl Nemesis {
                     return;
                 }
                 let disks = world.disks(a);
-                let lost = disks.log.crash().operations + disks.state.crash().operations;
+                let lost =
+                    disks.log.iter().map(|d| d.crash().operations).sum::<usize>() + disks.state.crash().operations;
                 // Applied but not yet durable in the state machine: replayed from the log.
                 let replay = world.node_crashed(a).map_or(0, |live| {
                     cov.count_node(&live.node);

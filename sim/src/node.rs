@@ -11,8 +11,10 @@ use std::sync::Arc;
 use meridian_node::peer::{WriteOp, WriteRequest};
 use meridian_node::transport::serve_peer_body;
 use meridian_node::{Node, NodeError, NodeOptions, NodeStorage, ReadConsistency};
+use meridian_raft::wal::{LogFiles, WalOptions};
 use meridian_raft::{CommandResult, Condition};
 
+use crate::disk::Disk;
 use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimWire};
 use crate::world::{Live, SimClock, World};
 
@@ -30,18 +32,22 @@ fn log_sync_time() -> std::time::Duration {
     LOG_SYNC_TIME.mul_f64(factor)
 }
 
+/// Small files, so that runs compact the Raft log (and crash in the middle of doing so).
+const LOG_OPTIONS: WalOptions = WalOptions { compact_at_bytes: 32 << 10, preallocate_bytes: 16 << 10 };
+
 pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::Error>> {
     let disks = world.disks(id);
-    disks.log.power_on();
+    disks.log.iter().for_each(Disk::power_on);
     disks.state.power_on();
     let spec = world.spec(id);
-    let log = redb::Database::builder().create_with_backend(disks.log.backend())?;
+    let log: LogFiles = [Arc::new(disks.log[0].backend()), Arc::new(disks.log[1].backend())];
     let state = redb::Database::builder().create_with_backend(disks.state.backend())?;
     let opts = NodeOptions {
         config: world.config.clone(),
         node_id: id,
         storage: NodeStorage::Databases {
             log,
+            log_options: LOG_OPTIONS,
             state,
             snapshot_path: world.snapshot_path(id),
             log_sync_time: Arc::new(log_sync_time),

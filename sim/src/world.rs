@@ -41,7 +41,8 @@ pub fn sim_now_ms() -> u64 {
 
 #[derive(Debug, Clone, Default)]
 pub struct NodeDisks {
-    pub log: Disk,
+    /// The Raft log's two files.
+    pub log: [Disk; 2],
     pub state: Disk,
 }
 
@@ -121,7 +122,12 @@ impl World {
         leaky_policy: bool,
     ) -> std::io::Result<Arc<World>> {
         let disk = || if lying_disks { Disk::lying() } else { Disk::new() };
-        let disks = config.topology.nodes().iter().map(|n| (n.id, NodeDisks { log: disk(), state: disk() })).collect();
+        let disks = config
+            .topology
+            .nodes()
+            .iter()
+            .map(|n| (n.id, NodeDisks { log: [disk(), disk()], state: disk() }))
+            .collect();
         Ok(Arc::new(World {
             seed,
             config,

@@ -141,13 +141,15 @@ pub struct NodeOptions {
 
 /// Where a node's state lives.
 pub enum NodeStorage {
-    /// Files under a data directory: `log.redb`, `state.redb` and the snapshot (production).
+    /// Files under a data directory: the Raft log's `raft.wal.0` and `raft.wal.1`, the state
+    /// machine's `state.redb` and the snapshot (production).
     Dir(PathBuf),
-    /// Databases the caller opened (the simulator's disks), and the snapshot file's path.
+    /// Files the caller opened (the simulator's disks), and the snapshot file's path.
     /// The log is written by a task, not a thread, so that a single-threaded simulation stays
     /// deterministic; each of its group commits takes what `log_sync_time` returns (the fsync).
     Databases {
-        log: redb::Database,
+        log: meridian_raft::wal::LogFiles,
+        log_options: meridian_raft::wal::WalOptions,
         state: redb::Database,
         snapshot_path: PathBuf,
         log_sync_time: meridian_raft::log_store::SyncTime,
@@ -182,7 +184,7 @@ pub struct Node {
     log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
     log_durability: meridian_raft::log_store::LogDurability,
     /// Counter values already exported: fsyncs, entries, acked at submit, commits held back.
-    log_stats_seen: Mutex<[u64; 4]>,
+    log_stats_seen: Mutex<[u64; 5]>,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     policy: policy::PolicyCache,
     link_signals: links::LinkSignals,
@@ -316,16 +318,23 @@ impl Node {
             NodeStorage::Dir(data_dir) => {
                 std::fs::create_dir_all(&data_dir)
                     .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
+                if data_dir.join("log.redb").exists() {
+                    anyhow::bail!(
+                        "{} holds a Raft log in the earlier redb format (log.redb), which this build does not \
+                         read; start this node on an empty data directory and it will catch up from its region",
+                        data_dir.display()
+                    );
+                }
                 let sm = StateMachineStore::open(&data_dir, spec.region.clone())
                     .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
-                let log = LogStore::open_with_purge_limit(&data_dir.join("log.redb"), sm.durable_point())
+                let log = LogStore::open_with_purge_limit(&data_dir.join("raft.wal"), sm.durable_point())
                     .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
                 (sm, log)
             }
-            NodeStorage::Databases { log, state, snapshot_path, log_sync_time } => {
+            NodeStorage::Databases { log, log_options, state, snapshot_path, log_sync_time } => {
                 let sm = StateMachineStore::with_database(state, snapshot_path, spec.region.clone())
                     .map_err(|e| anyhow::anyhow!("open the state machine: {e}"))?;
-                let log = LogStore::with_database_in_task(log, sm.durable_point(), log_sync_time)
+                let log = LogStore::with_files_in_task(log, sm.durable_point(), log_options, log_sync_time)
                     .map_err(|e| anyhow::anyhow!("open the Raft log: {e}"))?;
                 (sm, log)
             }
@@ -379,7 +388,7 @@ impl Node {
             metrics,
             log_stats,
             log_durability: log_durability.clone(),
-            log_stats_seen: Mutex::new([0; 4]),
+            log_stats_seen: Mutex::new([0; 5]),
             proposals,
             policy: policy::PolicyCache::default(),
             link_signals: links::LinkSignals::default(),
@@ -475,13 +484,19 @@ impl Node {
             self.log_stats.entries_written_total.load(Relaxed),
             self.log_stats.acked_at_submit_total.load(Relaxed),
             self.log_durability.held_back_total(),
+            self.log_stats.compactions_total.load(Relaxed),
         ];
         let mut seen = self.log_stats_seen.lock().expect("log stats lock");
         let m = &self.metrics;
-        for (i, counter) in
-            [&m.raft_log_fsyncs, &m.raft_log_entries_written, &m.raft_log_acked_at_submit, &m.raft_commits_held_back]
-                .into_iter()
-                .enumerate()
+        for (i, counter) in [
+            &m.raft_log_fsyncs,
+            &m.raft_log_entries_written,
+            &m.raft_log_acked_at_submit,
+            &m.raft_commits_held_back,
+            &m.raft_log_compactions,
+        ]
+        .into_iter()
+        .enumerate()
         {
             counter.inc_by(now[i] - seen[i]);
         }
@@ -1171,7 +1186,8 @@ mod tests {
                 config: config.clone(),
                 node_id: id,
                 storage: NodeStorage::Databases {
-                    log: db().expect("log db"),
+                    log: meridian_raft::wal::MemLogFile::pair(),
+                    log_options: Default::default(),
                     state: db().expect("state db"),
                     snapshot_path: dir.path().join(format!("snapshot-{id}.bin")),
                     log_sync_time: Arc::new(sync),

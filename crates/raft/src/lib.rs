@@ -17,6 +17,7 @@ pub mod log_store;
 pub mod network;
 pub mod rt;
 pub mod state_machine;
+pub mod wal;
 
 use std::io::Cursor;
 

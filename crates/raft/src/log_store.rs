@@ -1,8 +1,8 @@
-//! The durable Raft log over redb, with group commit.
+//! The durable Raft log, with group commit, over the append-only files of [`crate::wal`].
 //!
 //! Writes (appends, votes, truncations, purges) go, in the order openraft issues them, to one
 //! writer thread. The thread takes everything queued (up to [`GROUP_COMMIT_OPS_MAX`]),
-//! writes it in one redb transaction and commits it with one fsync, then completes every
+//! appends it as one record and syncs it with one `fdatasync`, then completes every
 //! callback in the batch. Under load many clients' entries share one fsync; with one client
 //! nothing waits for a batch to fill.
 //!
@@ -35,23 +35,14 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{decode, encode, Entry, LogId, StorageError, TypeConfig, Vote};
-
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const META_VOTE: &str = "vote";
-const META_COMMITTED: &str = "committed";
-const META_LAST_PURGED: &str = "last_purged";
-/// The purge openraft last asked for; ahead of `last_purged` while the file holds entries back
-/// for a state machine that had not yet made them durable.
-const META_PURGE_REQUESTED: &str = "purge_requested";
+use crate::wal::{for_each_record, DiskIndex, FsLogFile, LogFiles, Opened, Wal, WalOptions};
+use crate::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Most queued operations folded into one transaction (one fsync).
 pub const GROUP_COMMIT_OPS_MAX: usize = 1024;
@@ -67,6 +58,8 @@ pub struct LogStoreStats {
     pub entries_written_total: AtomicU64,
     /// Appends of the leader's own entries reported written before their fsync ended.
     pub acked_at_submit_total: AtomicU64,
+    /// Times the log was compacted into its other file.
+    pub compactions_total: AtomicU64,
 }
 
 /// How far this node's log is on disk: the id of the last entry such that it and every entry
@@ -209,10 +202,16 @@ struct MemState {
     purged_on_disk: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
+    /// Where each entry on disk is, and what the file's operations left besides (written by
+    /// the writer only, after each sync).
+    disk: DiskIndex,
 }
 
 struct Shared {
-    db: Database,
+    files: LogFiles,
+    /// Held (shared) by a read from the files, and (exclusive) by a compaction while it
+    /// truncates the file it is about to reuse, so no read sees a file cut under it.
+    reuse: RwLock<()>,
     mem: Mutex<MemState>,
     stats: Arc<LogStoreStats>,
     /// Highest log index whose effects the state machine holds durably; entries above it are
@@ -310,17 +309,13 @@ impl MemState {
     }
 }
 
-fn dec<T: serde::de::DeserializeOwned>(b: Option<Vec<u8>>) -> Result<Option<T>, redb::Error> {
-    b.map(|b| decode(&b)).transpose().map_err(|e| redb::Error::Corrupted(e.to_string()))
-}
-
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
 impl LogStore {
-    /// Open (or create) the log at `path` and start its writer thread.
-    /// The log alone, purging whatever openraft asks (for tests of the log by itself).
+    /// Open (or create) the log in the files `path.0` and `path.1`, and start its writer
+    /// thread. The log alone, purging whatever openraft asks (for tests of the log by itself).
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         Self::open_with_purge_limit(path, Arc::new(AtomicU64::new(u64::MAX)))
     }
@@ -328,34 +323,35 @@ impl LogStore {
     /// Open (or create) the log, never dropping entries above `purge_limit` from the file: the
     /// state machine's durable point ([`crate::StateMachineStore::durable_point`]).
     pub fn open_with_purge_limit(path: &Path, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
-        let db = Database::create(path).map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
-        Self::with_database(db, purge_limit)
+        let files = FsLogFile::open_pair(path).map_err(|e| StorageIOError::read_logs(&e))?;
+        Self::with_files(files, purge_limit, WalOptions::default())
     }
 
-    /// Open over an already created redb database, with a writer thread.
-    pub fn with_database(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Self, StorageError> {
-        let shared = Self::load(db, purge_limit)?;
+    /// Open over files the caller opened, with a writer thread.
+    pub fn with_files(files: LogFiles, purge_limit: Arc<AtomicU64>, options: WalOptions) -> Result<Self, StorageError> {
+        let (shared, wal) = Self::load(files, purge_limit, options)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || writer_loop(writer_shared, rx))
+            .spawn(move || writer_loop(writer_shared, wal, rx))
             .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(LogStore { shared, writer: Writer::Thread(tx), ack_own_at_submit: None })
     }
 
-    /// Open over an already created redb database (the simulator's, on its simulated disk),
-    /// written by a task on the current runtime instead of a thread: nothing runs outside the
+    /// Open over files the caller opened (the simulator's, on its simulated disk), written by
+    /// a task on the current runtime instead of a thread: nothing runs outside the
     /// simulation's single thread. Each group commit first sleeps for what `sync_time`
     /// returns, to stand for the fsync.
-    pub fn with_database_in_task(
-        db: Database,
+    pub fn with_files_in_task(
+        files: LogFiles,
         purge_limit: Arc<AtomicU64>,
+        options: WalOptions,
         sync_time: SyncTime,
     ) -> Result<Self, StorageError> {
-        let shared = Self::load(db, purge_limit)?;
+        let (shared, wal) = Self::load(files, purge_limit, options)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
-        tokio::spawn(writer_task(shared.clone(), rx, sync_time));
+        tokio::spawn(writer_task(shared.clone(), wal, rx, sync_time));
         Ok(LogStore { shared, writer: Writer::Task(tx), ack_own_at_submit: None })
     }
 
@@ -375,20 +371,16 @@ impl LogStore {
         self.shared.durability.clone()
     }
 
-    fn load(db: Database, purge_limit: Arc<AtomicU64>) -> Result<Arc<Shared>, StorageError> {
+    fn load(
+        files: LogFiles,
+        purge_limit: Arc<AtomicU64>,
+        options: WalOptions,
+    ) -> Result<(Arc<Shared>, Wal), StorageError> {
         let durable = purge_limit.load(Ordering::SeqCst);
-        let load = || -> Result<MemState, redb::Error> {
-            let txn = db.begin_write()?;
-            {
-                let mut log = txn.open_table(LOG)?;
-                let mut meta = txn.open_table(META)?;
-                finish_held_back_purge(&mut log, &mut meta, durable)?;
-            }
-            txn.commit()?;
-            let r = db.begin_read()?;
-            let meta = r.open_table(META)?;
-            let get =
-                |k: &str| -> Result<Option<Vec<u8>>, redb::Error> { Ok(meta.get(k)?.map(|v| v.value().to_vec())) };
+        let load = || -> io::Result<(MemState, Wal)> {
+            let Opened { mut wal, mut index } = Wal::open(files.clone(), options)?;
+            finish_held_back_purge(&mut wal, &mut index, durable)?;
+            check_contiguous(&index, durable)?;
             // Never resume leadership from disk: openraft 0.9 restores a node whose stored vote
             // is committed for itself as leader at once, reusing its old term's first entry as
             // the read index floor. The commit index it restores is only as fresh as the last
@@ -396,40 +388,40 @@ impl LogStore {
             // read with a quorum and serve it from before a write it had acknowledged. Loaded
             // as not committed, the vote keeps its term and candidate (no double voting), and
             // the node must win an election, with a new no-op entry, before it serves.
-            let vote: Option<Vote> = dec::<Vote>(get(META_VOTE)?)?.map(|mut v| {
+            let vote: Option<Vote> = index.meta.vote.map(|mut v| {
                 v.committed = false;
                 v
             });
-            let committed: Option<LogId> = dec::<Option<LogId>>(get(META_COMMITTED)?)?.flatten();
-            let last_purged: Option<LogId> = dec::<Option<LogId>>(get(META_LAST_PURGED)?)?.flatten();
-            let log = r.open_table(LOG)?;
-            check_contiguous(&log, last_purged, durable)?;
-            let last_entry: Option<Entry> = match log.last()? {
-                Some((_, v)) => Some(decode(v.value()).map_err(|e| redb::Error::Corrupted(e.to_string()))?),
+            let last_entry = match index.entries.last_key_value() {
+                Some((_, &loc)) => Some(Wal::read(&files, loc)?),
                 None => None,
             };
-            let last_log_id = last_entry.map(|e| e.log_id).or(last_purged);
-            Ok(MemState {
+            let last_log_id = last_entry.map(|e| e.log_id).or(index.meta.last_purged);
+            let mem = MemState {
                 tail: BTreeMap::new(),
                 tail_bytes: 0,
                 durable_through: last_log_id.map_or(0, |l| l.index),
                 durable_id: last_log_id,
                 last_log_id,
-                last_purged,
-                purged_on_disk: last_purged,
+                last_purged: index.meta.last_purged,
+                purged_on_disk: index.meta.last_purged,
                 vote,
-                committed,
-            })
+                committed: index.meta.committed,
+                disk: index,
+            };
+            Ok((mem, wal))
         };
-        let mem = load().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
+        let (mem, wal) = load().map_err(|e| StorageIOError::read_logs(&e))?;
         let durability = LogDurability::new(mem.durable_id);
-        Ok(Arc::new(Shared {
-            db,
+        let shared = Arc::new(Shared {
+            files,
+            reuse: RwLock::new(()),
             mem: Mutex::new(mem),
             stats: Arc::new(LogStoreStats::default()),
             purge_limit,
             durability,
-        }))
+        });
+        Ok((shared, wal))
     }
 
     pub fn stats(&self) -> Arc<LogStoreStats> {
@@ -448,49 +440,51 @@ impl LogStore {
 /// appends the entries after the snapshot; the file keeps its older entries until the install
 /// is durable, and a crash in between leaves stale entries below a hole. Once the state
 /// machine holds the snapshot, the entries below the hole are covered by it and are dropped.
-fn finish_held_back_purge(
-    log: &mut redb::Table<'_, u64, &[u8]>,
-    meta: &mut redb::Table<'_, &str, &[u8]>,
-    durable: u64,
-) -> Result<(), redb::Error> {
-    let read = |meta: &redb::Table<'_, &str, &[u8]>, k: &str| -> Result<Option<LogId>, redb::Error> {
-        dec::<Option<LogId>>(meta.get(k)?.map(|v| v.value().to_vec())).map(Option::flatten)
-    };
-    let (purged, requested) = (read(meta, META_LAST_PURGED)?, read(meta, META_PURGE_REQUESTED)?);
+fn finish_held_back_purge(wal: &mut Wal, index: &mut DiskIndex, durable: u64) -> io::Result<()> {
+    let (purged, requested) = (index.meta.last_purged, index.meta.purge_requested);
     if let Some(req) = requested.filter(|r| Some(*r) > purged && r.index <= durable) {
-        log.retain_in(..=req.index, |_, _| false)?;
-        meta.insert(META_LAST_PURGED, encode(&Some(req)).as_slice())?;
+        let mut b = wal.builder();
+        b.purge(Some(req), req);
+        let (at, bytes) = wal.append(&mut b)?;
+        apply_written(index, wal.current, at, &bytes);
         tracing::info!(purged = req.index, "finished a purge held back for the state machine");
     }
     Ok(())
 }
 
+/// Bring the index up to records this writer just wrote, through the same code a replay runs.
+fn apply_written(index: &mut DiskIndex, file: u8, at: u64, bytes: &[u8]) {
+    let mut sealed = false;
+    for_each_record(bytes, at, |payload, offset| {
+        index.apply_record(payload, offset, file, &mut sealed).expect("records this writer built parse");
+    });
+}
+
 /// The entries after the purged point must be consecutive: openraft reads them as one run.
 /// A hole is reported with what is known, rather than as a missing entry deep in openraft.
-fn check_contiguous(
-    log: &impl ReadableTable<u64, &'static [u8]>,
-    purged: Option<LogId>,
-    durable: u64,
-) -> Result<(), redb::Error> {
+fn check_contiguous(index: &DiskIndex, durable: u64) -> io::Result<()> {
+    let purged = index.meta.last_purged;
     let mut expected = purged.map(|p| p.index + 1);
-    for item in log.iter()? {
-        let index = item?.0.value();
-        if let Some(e) = expected.filter(|e| *e != index) {
-            return Err(redb::Error::Corrupted(format!(
-                "the Raft log has a hole: entry {e} is missing before entry {index} (purged through {:?}, \
-                 state machine durable through {durable})",
-                purged.map(|p| p.index)
-            )));
+    for &i in index.entries.keys() {
+        if let Some(e) = expected.filter(|e| *e != i) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the Raft log has a hole: entry {e} is missing before entry {i} (purged through {:?}, \
+                     state machine durable through {durable})",
+                    purged.map(|p| p.index)
+                ),
+            ));
         }
-        expected = Some(index + 1);
+        expected = Some(i + 1);
     }
     Ok(())
 }
 
-/// The writer thread: one transaction and one fsync for everything queued.
-fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
+/// The writer thread: one record and one fsync for everything queued.
+fn writer_loop(shared: Arc<Shared>, mut wal: Wal, mut rx: mpsc::Receiver<LogOp>) {
     while let Some(first) = rx.blocking_recv() {
-        if !commit_group(&shared, take_group(first, &mut rx)) {
+        if !commit_group(&shared, &mut wal, take_group(first, &mut rx)) {
             fail_queued(rx);
             return;
         }
@@ -498,13 +492,13 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>) {
 }
 
 /// The simulator's writer: the same, as a task, with a simulated sync time.
-async fn writer_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<LogOp>, sync_time: SyncTime) {
+async fn writer_task(shared: Arc<Shared>, mut wal: Wal, mut rx: mpsc::Receiver<LogOp>, sync_time: SyncTime) {
     while let Some(first) = rx.recv().await {
         let sync = sync_time();
         if !sync.is_zero() {
             tokio::time::sleep(sync).await;
         }
-        if !commit_group(&shared, take_group(first, &mut rx)) {
+        if !commit_group(&shared, &mut wal, take_group(first, &mut rx)) {
             fail_queued(rx);
             return;
         }
@@ -540,11 +534,11 @@ fn fail_queued(mut rx: mpsc::Receiver<LogOp>) {
     }
 }
 
-/// Write a group of operations in one transaction with one fsync, record what became
-/// durable, and answer every operation. False when the write failed: a failed fsync leaves
-/// the file in an unknown state, so the writer then stops taking writes rather than pretend
-/// (the "fsyncgate" lesson); openraft sees the errors and stops.
-fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
+/// Write a group of operations as one record with one fsync, record what became durable, and
+/// answer every operation; then compact the log if it is due. False when a write failed: a
+/// failed fsync leaves the file in an unknown state, so the writer then stops taking writes
+/// rather than pretend (the "fsyncgate" lesson); openraft sees the errors and stops.
+fn commit_group(shared: &Shared, wal: &mut Wal, batch: Vec<LogOp>) -> bool {
     let (committed, durable_end) = {
         let mem = shared.mem.lock().expect("log mem lock");
         (mem.committed, durable_after(mem.durable_through, mem.durable_id, &batch))
@@ -557,7 +551,7 @@ fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
         Some(c) if c.index > durable_end.0 => durable_end.1.map(Some),
         c => Some(c),
     };
-    let result = write_batch(&shared.db, &batch, committed);
+    let result = write_batch(shared, wal, &batch, committed);
     if result.is_ok() {
         let stats = &shared.stats;
         stats.fsyncs_total.fetch_add(1, Ordering::Relaxed);
@@ -588,8 +582,34 @@ fn commit_group(shared: &Shared, batch: Vec<LogOp>) -> bool {
     }
     if let Err(e) = &result {
         tracing::error!(error = %e, "raft log write failed; the log writer stops");
+        return false;
     }
-    result.is_ok()
+    let live = shared.mem.lock().expect("log mem lock").disk.live_bytes;
+    if wal.wants_compaction(live) {
+        if let Err(e) = compact(shared, wal) {
+            tracing::error!(error = %e, "raft log compaction failed; the log writer stops");
+            shared.durability.fail();
+            return false;
+        }
+    }
+    true
+}
+
+/// Copy the live entries into the other file and continue there (see [`crate::wal`]).
+fn compact(shared: &Shared, wal: &mut Wal) -> io::Result<()> {
+    let index = shared.mem.lock().expect("log mem lock").disk.clone();
+    let before = wal.end;
+    let moved = wal.compact(&index, |target| {
+        let _no_readers = shared.reuse.write().expect("log reuse lock");
+        target.set_len(0)
+    })?;
+    let mut mem = shared.mem.lock().expect("log mem lock");
+    for (i, loc) in moved {
+        mem.disk.entries.insert(i, loc);
+    }
+    shared.stats.compactions_total.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(from_bytes = before, to_bytes = wal.end, entries = index.entries.len(), "compacted the Raft log");
+    Ok(())
 }
 
 /// Where the durable end of the log stands once `batch` is on disk, from where it stood
@@ -612,59 +632,41 @@ fn durable_after(mut through: u64, mut id: Option<LogId>, batch: &[LogOp]) -> (u
     (through, id)
 }
 
-/// Write one batch in one transaction with one fsync. The committed pointer is not worth an
-/// fsync of its own: the latest one rides along with every batch (`None` only when the log
-/// on disk is empty, or it would point past it). A restart re-applies through it, so that a
-/// restarted node holds, among the rest, the policy before it serves.
-fn write_batch(db: &Database, batch: &[LogOp], committed: Option<Option<LogId>>) -> Result<(), redb::Error> {
-    let txn = db.begin_write()?;
-    {
-        let mut log = txn.open_table(LOG)?;
-        let mut meta = txn.open_table(META)?;
-        for op in batch {
-            match op {
-                LogOp::Append { entries, .. } => {
-                    for e in entries {
-                        log.insert(e.log_id.index, encode(e).as_slice())?;
-                    }
-                }
-                LogOp::SaveVote { vote, .. } => {
-                    meta.insert(META_VOTE, encode(vote).as_slice())?;
-                }
-                LogOp::Truncate { from_index, .. } => {
-                    log.retain_in(*from_index.., |_, _| false)?;
-                }
-                LogOp::Purge { upto, requested, .. } => {
-                    if let Some(upto) = upto {
-                        log.retain_in(..=upto.index, |_, _| false)?;
-                        meta.insert(META_LAST_PURGED, encode(&Some(*upto)).as_slice())?;
-                    }
-                    meta.insert(META_PURGE_REQUESTED, encode(&Some(*requested)).as_slice())?;
-                }
-            }
-        }
-        if let Some(committed) = committed {
-            meta.insert(META_COMMITTED, encode(&committed).as_slice())?;
+/// Write one batch as one record with one fsync, and bring the index up to it. The committed
+/// pointer is not worth an fsync of its own: the latest one rides along with every batch
+/// (`None` only when the log on disk is empty, or it would point past it). A restart
+/// re-applies through it, so that a restarted node holds, among the rest, the policy before
+/// it serves.
+fn write_batch(shared: &Shared, wal: &mut Wal, batch: &[LogOp], committed: Option<Option<LogId>>) -> io::Result<()> {
+    let mut b = wal.builder();
+    for op in batch {
+        match op {
+            LogOp::Append { entries, .. } => entries.iter().for_each(|e| b.entry(e)),
+            LogOp::SaveVote { vote, .. } => b.vote(vote),
+            LogOp::Truncate { from_index, .. } => b.truncate(*from_index),
+            LogOp::Purge { upto, requested, .. } => b.purge(*upto, *requested),
         }
     }
-    txn.commit()?;
+    if let Some(committed) = committed {
+        b.committed(committed);
+    }
+    let (at, bytes) = wal.append(&mut b)?;
+    let mut mem = shared.mem.lock().expect("log mem lock");
+    apply_written(&mut mem.disk, wal.current, at, &bytes);
     Ok(())
 }
 
 fn read_range(shared: &Shared, start: u64, end_inclusive: u64) -> Result<Vec<Entry>, StorageError> {
-    let read = || -> Result<BTreeMap<u64, Entry>, redb::Error> {
-        let txn = shared.db.begin_read()?;
-        let log = txn.open_table(LOG)?;
-        let mut out = BTreeMap::new();
-        for item in log.range(start..=end_inclusive)? {
-            let (k, v) = item?;
-            let e: Entry = decode(v.value()).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-            out.insert(k.value(), e);
-        }
-        Ok(out)
+    let read = || -> io::Result<BTreeMap<u64, Entry>> {
+        let _no_reuse = shared.reuse.read().expect("log reuse lock");
+        let locs: Vec<_> = {
+            let mem = shared.mem.lock().expect("log mem lock");
+            mem.disk.entries.range(start..=end_inclusive).map(|(&i, &l)| (i, l)).collect()
+        };
+        locs.into_iter().map(|(i, loc)| Ok((i, Wal::read(&shared.files, loc)?))).collect()
     };
-    // Take the tail snapshot first: an entry leaves the tail only after it is committed to
-    // redb, so an entry missing from this tail copy is found by the read that follows.
+    // Take the tail snapshot first: an entry leaves the tail only after it is on disk and in
+    // the disk index, so an entry missing from this tail copy is found by the read that follows.
     let (tail, tail_first) = {
         let mem = shared.mem.lock().expect("log mem lock");
         let first = mem.tail.first_key_value().map(|(&i, _)| i);
@@ -675,7 +677,7 @@ fn read_range(shared: &Shared, start: u64, end_inclusive: u64) -> Result<Vec<Ent
         // range (whatever lies past its end does not exist).
         return Ok(tail);
     }
-    let mut entries = read().map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
+    let mut entries = read().map_err(|e| StorageIOError::read_logs(&e))?;
     for e in tail {
         entries.insert(e.log_id.index, e);
     }

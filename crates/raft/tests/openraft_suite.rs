@@ -1,4 +1,4 @@
-//! Openraft's own storage conformance suite, run against our redb log store and state
+//! Openraft's own storage conformance suite, run against our log store and state
 //! machine, with the production writer thread and with the simulator's writer task. Every
 //! storage implementation must pass it.
 
@@ -18,14 +18,16 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for RedbBuil
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("create temp dir");
         let log = if self.task {
-            let db = redb::Database::create(dir.path().join("log.redb")).expect("create the log file");
-            LogStore::with_database_in_task(
-                db,
+            let files =
+                meridian_raft::wal::FsLogFile::open_pair(&dir.path().join("log.wal")).expect("create the log files");
+            LogStore::with_files_in_task(
+                files,
                 Arc::new(AtomicU64::new(u64::MAX)),
+                meridian_raft::wal::WalOptions::default(),
                 Arc::new(|| std::time::Duration::ZERO),
             )?
         } else {
-            LogStore::open(&dir.path().join("log.redb"))?
+            LogStore::open(&dir.path().join("log.wal"))?
         };
         let sm = StateMachineStore::open(dir.path(), RegionId::new("test").unwrap())?;
         Ok((dir, log, sm))

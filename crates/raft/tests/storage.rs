@@ -32,7 +32,7 @@ fn region() -> RegionId {
 #[tokio::test]
 async fn log_survives_reopen_and_truncate_purge() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log.redb");
+    let path = dir.path().join("log.wal");
     {
         let mut log = LogStore::open(&path).unwrap();
         let entries: Vec<Entry> = (1..=10).map(|i| put(i, "k", "v", 1, Condition::Always)).collect();
@@ -156,7 +156,7 @@ async fn snapshot_round_trip_into_a_fresh_state_machine() {
 async fn reads_span_the_memory_tail_and_the_disk_after_eviction() {
     use meridian_raft::log_store::TAIL_ENTRIES_MAX;
     let dir = tempfile::tempdir().unwrap();
-    let mut log = LogStore::open(&dir.path().join("log.redb")).unwrap();
+    let mut log = LogStore::open(&dir.path().join("log.wal")).unwrap();
     let total = TAIL_ENTRIES_MAX as u64 + 500;
     for chunk in (1..=total).collect::<Vec<_>>().chunks(700) {
         let entries: Vec<Entry> = chunk.iter().map(|&i| put(i, &format!("k{i}"), "v", 1, Condition::Always)).collect();
@@ -264,7 +264,7 @@ async fn purge_never_drops_what_the_state_machine_may_have_to_reapply() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log.redb");
+    let path = dir.path().join("log.wal");
     // The state machine holds entries up to 4 durably.
     let limit = Arc::new(AtomicU64::new(4));
     {
@@ -301,7 +301,7 @@ async fn a_purge_held_back_past_a_snapshot_is_finished_at_open() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log.redb");
+    let path = dir.path().join("log.wal");
     let limit = Arc::new(AtomicU64::new(4));
     {
         let mut log = LogStore::open_with_purge_limit(&path, limit.clone()).unwrap();
@@ -338,7 +338,7 @@ async fn a_purge_held_back_past_a_snapshot_is_finished_at_open() {
 #[tokio::test]
 async fn a_committed_vote_comes_back_uncommitted() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log.redb");
+    let path = dir.path().join("log.wal");
     let mut vote = openraft::Vote::new(3, 2);
     vote.commit();
     {
@@ -594,7 +594,7 @@ fn acked_at_submit(log: &LogStore) -> u64 {
 #[tokio::test]
 async fn only_a_leaders_own_entries_are_reported_before_they_are_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = LogStore::open(&dir.path().join("log.redb")).unwrap().ack_own_entries_at_submit(1);
+    let mut log = LogStore::open(&dir.path().join("log.wal")).unwrap().ack_own_entries_at_submit(1);
     let durability = log.durability();
 
     // Leader of term 2: its own entries are reported at submit, and become durable after.
@@ -621,7 +621,7 @@ async fn only_a_leaders_own_entries_are_reported_before_they_are_durable() {
 
     // A store not told its id never reports early, even for entries of a vote it holds.
     let dir2 = tempfile::tempdir().unwrap();
-    let mut plain = LogStore::open(&dir2.path().join("log.redb")).unwrap();
+    let mut plain = LogStore::open(&dir2.path().join("log.wal")).unwrap();
     plain.save_vote(&openraft::Vote::new_committed(2, 1)).await.unwrap();
     plain.blocking_append((1..=2).map(|i| entry_of(2, 1, i))).await.unwrap();
     assert_eq!(acked_at_submit(&plain), 0);
@@ -634,7 +634,7 @@ async fn only_a_leaders_own_entries_are_reported_before_they_are_durable() {
 #[tokio::test]
 async fn the_commit_pointer_on_disk_never_points_past_the_log_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log.redb");
+    let path = dir.path().join("log.wal");
     {
         let mut log = LogStore::open(&path).unwrap();
         log.blocking_append((1..=3).map(|i| put(i, "k", "v", i, Condition::Always))).await.unwrap();
@@ -650,7 +650,7 @@ async fn the_commit_pointer_on_disk_never_points_past_the_log_on_disk() {
 #[tokio::test]
 async fn the_state_machine_waits_for_the_log_to_be_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = LogStore::open(&dir.path().join("log.redb")).unwrap();
+    let mut log = LogStore::open(&dir.path().join("log.wal")).unwrap();
     let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
     sm.wait_for_log(log.durability());
     log.blocking_append((1..=2).map(|i| put(i, "k", "v", i, Condition::Always))).await.unwrap();

@@ -35,7 +35,7 @@ pub fn check_stored(world: &World, live: &BTreeMap<u64, Live>) -> Result<(), Vio
             continue;
         }
         let disks = world.disks(id);
-        for (name, disk) in [("log", &disks.log), ("state", &disks.state)] {
+        for (name, disk) in [("log", &disks.log[0]), ("log", &disks.log[1]), ("state", &disks.state)] {
             if disk.contains(CANARY_PREFIX.as_bytes()) {
                 return Err(violation(format!("node {id} ({}) holds a canary on its {name} disk", spec.region)));
             }
