@@ -1131,6 +1131,22 @@ mod tests {
         (node, dir)
     }
 
+    #[tokio::test]
+    async fn a_data_directory_with_the_earlier_redb_log_is_refused_with_a_reason() {
+        let text = "[[regions]]\nname = \"r\"\n[[nodes]]\nid = 1\nregion = \"r\"\nzone = \"a\"\n\
+                    api_addr = \"127.0.0.1:1\"\npeer_addr = \"127.0.0.1:2\"\n";
+        let config = ClusterConfig::parse(text, "test").expect("config");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("log.redb"), b"old").expect("write");
+        let err = match Node::start(NodeOptions::new(config, 1, dir.path().to_path_buf())).await {
+            Ok(_) => panic!("a node started over a log it cannot read"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("earlier redb format") && err.contains("empty data directory"), "{err}");
+        assert!(!dir.path().join("raft.wal.0").exists(), "nothing is created beside the old log");
+        assert!(!dir.path().join("state.redb").exists(), "nothing is created beside the old log");
+    }
+
     /// A wire that hands each body straight to the target node, in this process.
     struct LocalWire(std::sync::Mutex<BTreeMap<NodeId, Arc<Node>>>);
 
