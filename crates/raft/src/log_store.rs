@@ -454,9 +454,9 @@ fn finish_held_back_purge(wal: &mut Wal, index: &mut DiskIndex, durable: u64) ->
 
 /// Bring the index up to records this writer just wrote, through the same code a replay runs.
 fn apply_written(index: &mut DiskIndex, file: u8, at: u64, bytes: &[u8]) {
-    let mut sealed = false;
+    let mut frame = crate::wal::Frame::default();
     for_each_record(bytes, at, |payload, offset| {
-        index.apply_record(payload, offset, file, &mut sealed).expect("records this writer built parse");
+        index.apply_record(payload, offset, file, &mut frame).expect("records this writer built parse");
     });
 }
 

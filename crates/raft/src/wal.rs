@@ -8,30 +8,43 @@
 //! A Raft log is only ever appended, cut back at its end, and dropped from its start; a file
 //! that is only appended to does all three.
 //!
-//! **Records.** A file is a run of records, each `len: u32, crc32: u32, gen: u64` then `len`
-//! bytes of operations. The checksum covers `gen` and the operations; `gen` is the file's
-//! generation, so a record can never be taken for one of an earlier life of the file. A group
-//! commit is one record (or several, past [`RECORD_TARGET_BYTES`]) and one `fdatasync`. The
-//! file is preallocated ahead of the writes, so an append needs no block allocation at sync
-//! time, and unwritten space reads as zeros: a zero length ends the log.
+//! **Records.** A file is a run of records, each `len: u32, crc32: u32, gen: u64, prev: u32,
+//! flags: u32` then `len` bytes of operations. The checksum covers everything after itself.
+//! `gen` is the file's generation; `prev` is the checksum of the record before (0 for a
+//! generation's first), so the records form a chain and a record left from an earlier write,
+//! or an earlier use of the file, can never join it. A group commit is one record (or
+//! several, past [`RECORD_TARGET_BYTES`]) and one `fdatasync`; its first record is flagged as
+//! starting a group. The file is preallocated ahead of the writes, so an append needs no
+//! block allocation at sync time, and unwritten space reads as zeros: a zero length ends the
+//! log.
 //!
 //! **Operations** inside a record: `kind: u8, len: u32` then the body: an entry (its index,
-//! then the encoded entry), a vote, a truncation, a purge, the commit pointer, and the two
-//! that frame a generation, a header (the vote, commit pointer and purge points the entries
-//! after it start from) and a seal.
+//! then the encoded entry), a vote, a truncation, a purge, the commit pointer, and the three
+//! that frame a generation: a header (the vote, commit pointer and purge points the entries
+//! after it start from), a seal, and the mark a compaction leaves in the file it left.
 //!
 //! **Two files.** Entries dropped from the start of the log stay in the file until it is
-//! compacted: the writer then copies the live entries, after a header, into the other file,
-//! ends them with a seal, syncs, and from then on appends there. At open, the file whose
-//! generation is the highest among those with a seal is the log; an unsealed generation (a
-//! compaction a crash cut short) is ignored, and the older file, untouched until the next
-//! compaction, is still whole.
+//! compacted: the writer then truncates the other file (and syncs that), copies the live
+//! entries into it after a header, ends them with a seal, syncs, marks the old file as
+//! superseded, and from then on appends to the new one. At open, the file whose generation is
+//! the highest among those with a seal is the log; an unsealed generation (a compaction a
+//! crash cut short) is ignored, and the older file, untouched until then, is still whole. A
+//! new generation's number is past every one either file has held, finished or not.
 //!
-//! **Recovery.** Records are replayed in order up to the first that is incomplete or fails
-//! its checksum. Only the last record can be torn, because the writer never starts a record
-//! before the one before it is synced; the torn tail is cut off before anything is appended.
-//! Replaying and writing share one function ([`DiskIndex::apply_record`]), so the index the
-//! writer keeps is the one a restart would rebuild.
+//! **Recovery.** Records are replayed in order up to the first that is incomplete, fails its
+//! checksum or does not follow the one before. The writer starts a group only after the one
+//! before it is synced, so a failure is a torn write if nothing after it proves otherwise; the
+//! open then cuts the file at the last whole record (and anything past it), before anything
+//! is appended. It refuses to open, rather than lose synced records, when the chain after the
+//! failed record leads to a record that starts a later group (the failed one had been
+//! synced: damage, not a crash), or when the newest sealed generation carries the mark of a
+//! newer one that does not open. Replaying and writing share one function
+//! ([`DiskIndex::apply_record`]), so the index the writer keeps is the one a restart would
+//! rebuild.
+//!
+//! What it cannot tell: a damaged record whose own header is damaged too hides where the
+//! chain goes on, and is cut like a torn one. The other voters of the region still hold every
+//! acknowledged entry; the node's vote is what a cut can lose.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -167,8 +180,11 @@ impl LogFile for FsLogFile {
     }
 }
 
-/// Bytes before a record's operations: length, checksum, generation.
-pub const RECORD_HEADER_BYTES: usize = 16;
+/// Bytes before a record's operations: length, checksum, generation, the previous record's
+/// checksum, flags.
+pub const RECORD_HEADER_BYTES: usize = 24;
+/// Past a record that fails, how far recovery looks for proof that it had been synced.
+const CHAIN_PROBE_RECORDS_MAX: usize = 4096;
 /// A group commit's operations are split into records of about this size (an operation is
 /// never split).
 pub const RECORD_TARGET_BYTES: usize = 4 << 20;
@@ -183,6 +199,7 @@ const OP_VOTE: u8 = 4;
 const OP_TRUNCATE: u8 = 5;
 const OP_PURGE: u8 = 6;
 const OP_COMMITTED: u8 = 7;
+const OP_SUPERSEDED: u8 = 8;
 
 /// Where an entry's encoded bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,15 +252,15 @@ impl DiskIndex {
         self.live_bytes -= gone.values().map(|l| u64::from(l.len)).sum::<u64>();
     }
 
-    /// Apply one record's operations, found at `payload_offset` of `file`. `sealed` is set by
-    /// a seal. An error means operations that passed their checksum but cannot be read: a
+    /// Apply one record's operations, found at `payload_offset` of `file`. `frame` notes a
+    /// seal, and a mark that a newer generation replaced this one. An error means operations that passed their checksum but cannot be read: a
     /// bug or a format this build does not know, never a torn write.
     pub fn apply_record(
         &mut self,
         payload: &[u8],
         payload_offset: u64,
         file: u8,
-        sealed: &mut bool,
+        frame: &mut Frame,
     ) -> Result<(), String> {
         let mut at = 0usize;
         while at < payload.len() {
@@ -258,7 +275,11 @@ impl DiskIndex {
                     self.live_bytes = 0;
                     self.meta = decode(body).map_err(|e| format!("header: {e}"))?;
                 }
-                OP_SEAL => *sealed = true,
+                OP_SEAL => frame.sealed = true,
+                OP_SUPERSEDED => {
+                    let by = u64::from_le_bytes(body.try_into().map_err(|_| "a superseded mark of the wrong size")?);
+                    frame.superseded_by = Some(by);
+                }
                 OP_ENTRY => {
                     let index = u64::from_le_bytes(body.get(..8).ok_or("a short entry")?.try_into().expect("8 bytes"));
                     let loc = Loc { file, offset: payload_offset + (body_at + 8) as u64, len: (len - 8) as u32 };
@@ -286,8 +307,21 @@ impl DiskIndex {
     }
 }
 
+/// What frames a generation, besides its operations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// The generation's seal was seen: it is complete.
+    pub sealed: bool,
+    /// A compaction wrote this generation, sealed and synced, and the log moved on to it.
+    pub superseded_by: Option<u64>,
+}
+
 /// Builds records in memory: operations go into the open record, and a record is closed (its
-/// length and checksum filled in) when it passes [`RECORD_TARGET_BYTES`] or at the end.
+/// length and checksum filled in) when it passes [`RECORD_TARGET_BYTES`] or at the end. Each
+/// record names the checksum of the one before it in the file (0 for a generation's first),
+/// so that a record left over from an earlier write can never join the chain; the first
+/// record a builder closes is flagged as starting a group, which the writer only writes after
+/// everything before it is synced.
 pub struct RecordBuilder {
     gen: u64,
     /// The file offset `buf` will be written at.
@@ -295,11 +329,15 @@ pub struct RecordBuilder {
     buf: Vec<u8>,
     /// Where the open record starts in `buf`.
     open: Option<usize>,
+    /// The checksum of the last record closed (or of the record before this builder's first).
+    prev: u32,
+    group_start: bool,
 }
 
 impl RecordBuilder {
-    pub fn new(gen: u64, base: u64) -> Self {
-        RecordBuilder { gen, base, buf: Vec::new(), open: None }
+    /// Records of generation `gen`, written at `base`, after a record whose checksum is `prev`.
+    pub fn new(gen: u64, base: u64, prev: u32) -> Self {
+        RecordBuilder { gen, base, buf: Vec::new(), open: None, prev, group_start: true }
     }
 
     fn op(&mut self, kind: u8, parts: &[&[u8]]) {
@@ -325,14 +363,16 @@ impl RecordBuilder {
     fn close(&mut self) {
         let Some(start) = self.open.take() else { return };
         let payload_len = self.buf.len() - start - RECORD_HEADER_BYTES;
-        let gen = self.gen.to_le_bytes();
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&gen);
-        crc.update(&self.buf[start + RECORD_HEADER_BYTES..]);
+        let flags = if std::mem::take(&mut self.group_start) { FLAG_GROUP_START } else { 0 };
         let head = &mut self.buf[start..start + RECORD_HEADER_BYTES];
         head[0..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
-        head[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
-        head[8..16].copy_from_slice(&gen);
+        head[8..16].copy_from_slice(&self.gen.to_le_bytes());
+        head[16..20].copy_from_slice(&self.prev.to_le_bytes());
+        head[20..24].copy_from_slice(&flags.to_le_bytes());
+        let crc =
+            record_crc(&self.buf[start + 8..start + RECORD_HEADER_BYTES], &self.buf[start + RECORD_HEADER_BYTES..]);
+        self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        self.prev = crc;
     }
 
     pub fn header(&mut self, meta: &Meta) {
@@ -341,6 +381,11 @@ impl RecordBuilder {
 
     pub fn seal(&mut self) {
         self.op(OP_SEAL, &[]);
+    }
+
+    /// The mark a compaction leaves in the file it moved away from.
+    pub fn superseded(&mut self, by_gen: u64) {
+        self.op(OP_SUPERSEDED, &[&by_gen.to_le_bytes()]);
     }
 
     /// An entry already encoded.
@@ -386,6 +431,24 @@ impl RecordBuilder {
         self.base += buf.len() as u64;
         (base, buf)
     }
+
+    /// The checksum of the last record closed.
+    pub fn last_crc(&self) -> u32 {
+        self.prev
+    }
+}
+
+/// Flag of the first record of a group commit: the writer writes it only once everything
+/// before it is synced.
+const FLAG_GROUP_START: u32 = 1;
+
+/// The checksum of a record: its generation, previous checksum and flags (`head_tail`, the
+/// header's bytes 8..24), and its operations.
+fn record_crc(head_tail: &[u8], payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head_tail);
+    h.update(payload);
+    h.finalize()
 }
 
 /// Visit each record of `bytes` (written at `base`): its payload and the payload's offset.
@@ -403,12 +466,17 @@ pub fn for_each_record(bytes: &[u8], base: u64, mut f: impl FnMut(&[u8], u64)) {
 #[derive(Debug)]
 pub struct Replay {
     pub gen: u64,
-    pub sealed: bool,
+    pub frame: Frame,
     pub index: DiskIndex,
     /// Where the last whole record ends.
     pub end: u64,
+    /// The checksum of the last whole record.
+    pub last_crc: u32,
     /// Why replay stopped before the file's end, if a record there was torn or corrupt.
     pub torn: Option<String>,
+    /// Where a record that starts a later group follows the failed one in the chain: proof
+    /// that the failed record had been synced, so it is damage, not a torn write.
+    pub synced_after_failure: Option<u64>,
 }
 
 /// Reads a file front to back in large chunks.
@@ -438,57 +506,120 @@ impl ChunkReader<'_> {
     }
 }
 
-/// Replay `file` (number `n`) up to its first incomplete or corrupt record. None if it holds
-/// no generation at all (empty, zeros, or a first record torn).
+/// A record's header as read.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    len: u64,
+    crc: u32,
+    gen: u64,
+    prev: u32,
+    flags: u32,
+}
+
+fn parse_head(b: &[u8]) -> Head {
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+    Head {
+        len: u64::from(u32_at(0)),
+        crc: u32_at(4),
+        gen: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        prev: u32_at(16),
+        flags: u32_at(20),
+    }
+}
+
+/// What reading one record found: `Ok(None)` at the end of the log, `Err(why)` if it is
+/// incomplete or fails its checksum.
+type ReadRecord = Result<Option<(Head, Vec<u8>)>, String>;
+
+/// The record at `at`: `Ok(None)` at the end of the log (a zero length, or no room for a
+/// header), `Err(why)` if it is incomplete or fails its checksum.
+fn read_record(r: &mut ChunkReader<'_>, at: u64) -> io::Result<ReadRecord> {
+    let Some(head) = r.get(at, RECORD_HEADER_BYTES)? else { return Ok(Ok(None)) };
+    let (h, head_tail) = (parse_head(head), head[8..].to_vec());
+    if h.len == 0 {
+        // Preallocated space.
+        return Ok(Ok(None));
+    }
+    if h.len > RECORD_MAX_BYTES {
+        return Ok(Err(format!("a record at {at} claims {} bytes", h.len)));
+    }
+    let Some(payload) = r.get(at + RECORD_HEADER_BYTES as u64, h.len as usize)? else {
+        return Ok(Err(format!("a record at {at} of {} bytes runs past the file's end", h.len)));
+    };
+    if record_crc(&head_tail, payload) != h.crc {
+        return Ok(Err(format!("a record at {at} fails its checksum")));
+    }
+    Ok(Ok(Some((h, payload.to_vec()))))
+}
+
+/// Follow the chain past a record that failed at `at`, as far as its header can be trusted
+/// for where the next one starts, looking for a record that starts a group: the writer wrote
+/// that one only after syncing the failed one.
+fn find_synced_after(r: &mut ChunkReader<'_>, at: u64, gen: u64) -> io::Result<Option<u64>> {
+    let Some(head) = r.get(at, RECORD_HEADER_BYTES)? else { return Ok(None) };
+    let failed = parse_head(head);
+    if failed.len == 0 || failed.len > RECORD_MAX_BYTES {
+        return Ok(None);
+    }
+    let (mut next, mut expected) = (at + RECORD_HEADER_BYTES as u64 + failed.len, failed.crc);
+    for _ in 0..CHAIN_PROBE_RECORDS_MAX {
+        match read_record(r, next)? {
+            Ok(Some((h, _))) if h.gen == gen && h.prev == expected => {
+                if h.flags & FLAG_GROUP_START != 0 {
+                    return Ok(Some(next));
+                }
+                expected = h.crc;
+                next += RECORD_HEADER_BYTES as u64 + h.len;
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// Replay `file` (number `n`) up to its first incomplete, corrupt or unchained record. None if
+/// it holds no generation at all (empty, zeros, or a first record torn).
 pub fn replay(file: &dyn LogFile, n: u8) -> io::Result<Option<Replay>> {
     let len = file.len()?;
     let mut r = ChunkReader { file, len, buf: Vec::new(), buf_at: 0 };
     let mut out: Option<Replay> = None;
     let mut at = 0u64;
-    let torn = loop {
-        let Some(head) = r.get(at, RECORD_HEADER_BYTES)? else { break None };
-        let plen = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
-        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-        let gen_bytes: [u8; 8] = head[8..16].try_into().expect("8 bytes");
-        let gen = u64::from_le_bytes(gen_bytes);
-        if plen == 0 {
-            // Preallocated space: the end of the log, unless something was written past it.
-            break None;
-        }
-        if plen > RECORD_MAX_BYTES {
-            break Some(format!("a record at {at} claims {plen} bytes"));
-        }
-        let start = at + RECORD_HEADER_BYTES as u64;
-        let Some(payload) = r.get(start, plen as usize)? else {
-            break Some(format!("a record at {at} of {plen} bytes runs past the file's end"));
+    let failed = loop {
+        let (h, payload) = match read_record(&mut r, at)? {
+            Ok(None) => break None,
+            Err(why) => break Some(why),
+            Ok(Some(rec)) => rec,
         };
-        let mut h = crc32fast::Hasher::new();
-        h.update(&gen_bytes);
-        h.update(payload);
-        if h.finalize() != crc {
-            break Some(format!("a record at {at} fails its checksum"));
-        }
-        let payload = payload.to_vec();
-        if out.is_none() {
-            if payload.first() != Some(&OP_HEADER) {
-                break Some(format!("the first record at {at} has no header"));
+        match &out {
+            None if payload.first() != Some(&OP_HEADER) || h.prev != 0 => {
+                break Some(format!("the first record at {at} does not start a generation"));
             }
-            out = Some(Replay { gen, sealed: false, index: DiskIndex::default(), end: 0, torn: None });
+            None => {}
+            Some(rep) if h.gen != rep.gen || h.prev != rep.last_crc => {
+                break Some(format!("a record at {at} does not follow the one before it"));
+            }
+            Some(_) => {}
         }
-        let rep = out.as_mut().expect("set above");
-        if rep.gen != gen {
-            break Some(format!("a record at {at} of generation {gen} in generation {}", rep.gen));
-        }
-        let mut sealed = rep.sealed;
+        let rep = out.get_or_insert_with(|| Replay {
+            gen: h.gen,
+            frame: Frame::default(),
+            index: DiskIndex::default(),
+            end: 0,
+            last_crc: 0,
+            torn: None,
+            synced_after_failure: None,
+        });
+        let start = at + RECORD_HEADER_BYTES as u64;
         rep.index
-            .apply_record(&payload, start, n, &mut sealed)
+            .apply_record(&payload, start, n, &mut rep.frame)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("Raft log record at {at}: {e}")))?;
-        rep.sealed = sealed;
-        at = start + plen;
+        at = start + h.len;
         rep.end = at;
+        rep.last_crc = h.crc;
     };
-    if let Some(rep) = &mut out {
-        rep.torn = torn;
+    if let (Some(rep), Some(why)) = (&mut out, failed) {
+        rep.synced_after_failure = find_synced_after(&mut r, rep.end, rep.gen)?;
+        rep.torn = Some(why);
     }
     Ok(out)
 }
@@ -506,13 +637,25 @@ fn written_past_init(file: &dyn LogFile) -> io::Result<bool> {
     Ok(buf.iter().any(|&b| b != 0))
 }
 
+fn damaged(what: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{what}: the Raft log is damaged and this node's copy cannot be trusted; restore the node from a peer"),
+    )
+}
+
 /// The log's files, with the one being appended to.
 pub struct Wal {
     pub files: LogFiles,
     pub current: u8,
     pub gen: u64,
+    /// The generation the next compaction writes: past every generation either file has held,
+    /// finished or not.
+    next_gen: u64,
     /// Where the next record goes.
     pub end: u64,
+    /// The checksum of the last record, which the next one names.
+    last_crc: u32,
     /// How far the current file is preallocated.
     allocated: u64,
     pub options: WalOptions,
@@ -541,47 +684,64 @@ pub struct Opened {
 
 impl Wal {
     /// Open the log: pick the newest sealed generation, cut off a torn tail, or start a new log
-    /// in empty files.
+    /// in empty files. Refuses, rather than roll back, when the evidence says a synced record
+    /// is damaged: a record fails but a later group follows it, or the newest sealed
+    /// generation says a newer one replaced it.
     pub fn open(files: LogFiles, options: WalOptions) -> io::Result<Opened> {
         let found = [replay(&*files[0], 0)?, replay(&*files[1], 1)?];
+        let newest = found.iter().flatten().map(|r| r.gen).max().unwrap_or(0);
         let pick = (0..2u8)
-            .filter(|&n| found[n as usize].as_ref().is_some_and(|r| r.sealed))
+            .filter(|&n| found[n as usize].as_ref().is_some_and(|r| r.frame.sealed))
             .max_by_key(|&n| found[n as usize].as_ref().map_or(0, |r| r.gen));
         let Some(current) = pick else {
             // No sealed generation. A new log, unless a file holds one that is not sealed
             // (only a compaction leaves those, and it leaves a sealed one in the other file).
             if found.iter().flatten().next().is_some() || !files[1].is_empty()? || written_past_init(&*files[0])? {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the Raft log files hold no complete generation: they are damaged, and this node's log \
-                     cannot be trusted; restore the node from a peer",
-                ));
+                return Err(damaged("the Raft log files hold no complete generation".into()));
             }
             return Self::create(files, options);
         };
         let rep = found.into_iter().nth(current as usize).flatten().expect("picked above");
+        if let Some(by) = rep.frame.superseded_by {
+            return Err(damaged(format!(
+                "generation {} of the Raft log was replaced by generation {by}, which does not open",
+                rep.gen
+            )));
+        }
         let file = &files[current as usize];
         if let Some(why) = &rep.torn {
+            if let Some(later) = rep.synced_after_failure {
+                return Err(damaged(format!("{why}, yet a record written after it was synced follows at {later}")));
+            }
             tracing::warn!(file = current, end = rep.end, "cutting a torn tail off the Raft log: {why}");
+        }
+        // Nothing past the last whole record may survive, torn or not: a later append could
+        // otherwise line up with it.
+        if file.len()? > rep.end {
             file.set_len(rep.end)?;
             file.sync()?;
         }
-        let mut wal = Wal { allocated: file.len()?, files, current, gen: rep.gen, end: rep.end, options };
+        let mut wal = Wal {
+            allocated: file.len()?,
+            files,
+            current,
+            gen: rep.gen,
+            next_gen: newest + 1,
+            end: rep.end,
+            last_crc: rep.last_crc,
+            options,
+        };
         wal.ensure_allocated(wal.end + 1)?;
         Ok(Opened { wal, index: rep.index })
     }
 
     fn create(files: LogFiles, options: WalOptions) -> io::Result<Opened> {
         files[0].set_len(0)?;
-        let mut wal = Wal { files, current: 0, gen: 1, end: 0, allocated: 0, options };
-        let mut b = RecordBuilder::new(1, 0);
+        let mut wal = Wal { files, current: 0, gen: 1, next_gen: 2, end: 0, last_crc: 0, allocated: 0, options };
+        let mut b = RecordBuilder::new(1, 0, 0);
         b.header(&Meta::default());
         b.seal();
-        let (_, bytes) = b.take();
-        wal.ensure_allocated(bytes.len() as u64)?;
-        wal.files[0].write_at(0, &bytes)?;
-        wal.files[0].sync()?;
-        wal.end = bytes.len() as u64;
+        wal.append(&mut b)?;
         Ok(Opened { wal, index: DiskIndex::default() })
     }
 
@@ -595,20 +755,21 @@ impl Wal {
         Ok(())
     }
 
-    /// A builder for records appended at the current end.
+    /// A builder for one group of records appended at the current end.
     pub fn builder(&self) -> RecordBuilder {
-        RecordBuilder::new(self.gen, self.end)
+        RecordBuilder::new(self.gen, self.end, self.last_crc)
     }
 
     /// Write what `b` built at the end of the current file and sync. Returns the bytes and
     /// where they went, to be applied to the index (see [`for_each_record`]).
     pub fn append(&mut self, b: &mut RecordBuilder) -> io::Result<(u64, Vec<u8>)> {
         let (at, bytes) = b.take();
-        debug_assert_eq!(at, self.end, "records are appended at the end");
+        assert_eq!(at, self.end, "records are appended at the end");
         self.ensure_allocated(at + bytes.len() as u64 + 1)?;
         self.files[self.current as usize].write_at(at, &bytes)?;
         self.files[self.current as usize].sync()?;
         self.end = at + bytes.len() as u64;
+        self.last_crc = b.last_crc();
         Ok((at, bytes))
     }
 
@@ -625,20 +786,31 @@ impl Wal {
     }
 
     /// Copy the live entries of `index` into the other file as a new generation, seal and sync
-    /// it, and switch to it. `reuse` is called, and must return, before the other file is
-    /// truncated (the caller takes its readers' lock there). Returns the entries' new places.
+    /// it, mark the old file as superseded, and switch to the new one. `reuse` is called, and
+    /// must return, before the other file is truncated (the caller takes its readers' lock
+    /// there). Returns the entries' new places.
     pub fn compact(
         &mut self,
         index: &DiskIndex,
         reuse: impl FnOnce(&dyn LogFile) -> io::Result<()>,
     ) -> io::Result<Vec<(u64, Loc)>> {
         let other = 1 - self.current;
-        let gen = self.gen + 1;
+        let gen = self.next_gen;
         let target = self.files[other as usize].clone();
         reuse(&*target)?;
-        let mut next =
-            Wal { files: self.files.clone(), current: other, gen, end: 0, allocated: 0, options: self.options };
-        let mut b = RecordBuilder::new(gen, 0);
+        // The truncation is durable before any record of the new generation is written.
+        target.sync()?;
+        let mut next = Wal {
+            files: self.files.clone(),
+            current: other,
+            gen,
+            next_gen: gen + 1,
+            end: 0,
+            last_crc: 0,
+            allocated: 0,
+            options: self.options,
+        };
+        let mut b = RecordBuilder::new(gen, 0, 0);
         b.header(&index.meta);
         let mut moved = Vec::with_capacity(index.entries.len());
         let flush =
@@ -650,11 +822,12 @@ impl Wal {
                     target.sync()?;
                 }
                 next.end = at + bytes.len() as u64;
+                next.last_crc = b.last_crc();
                 let mut scratch = DiskIndex::default();
-                let mut sealed = false;
+                let mut frame = Frame::default();
                 for_each_record(&bytes, at, |payload, off| {
                     // Our own bytes: they parse.
-                    scratch.apply_record(payload, off, other, &mut sealed).expect("records just built");
+                    scratch.apply_record(payload, off, other, &mut frame).expect("records just built");
                 });
                 moved.extend(scratch.entries);
                 Ok(())
@@ -669,6 +842,11 @@ impl Wal {
         }
         b.seal();
         flush(&mut b, &mut next, &mut moved, true)?;
+        // From here the new generation is the log. Mark the old one, so that an open which
+        // cannot read the new one refuses instead of rolling back to the old.
+        let mut mark = self.builder();
+        mark.superseded(gen);
+        self.append(&mut mark)?;
         *self = next;
         Ok(moved)
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use meridian_raft::wal::{
-    replay, FsLogFile, LogFiles, MemLogFile, Opened, Wal, WalOptions, RECORD_HEADER_BYTES, RECORD_TARGET_BYTES,
+    replay, FsLogFile, MemLogFile, Opened, RecordBuilder, Wal, WalOptions, RECORD_HEADER_BYTES, RECORD_TARGET_BYTES,
 };
 use meridian_raft::{Entry, LogStore};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -81,6 +81,60 @@ fn a_record_failing_its_checksum_ends_the_replay() {
     let r = replay(&*files[0], 0).unwrap().unwrap();
     assert!(r.torn.as_deref().is_some_and(|t| t.contains("checksum")), "{:?}", r.torn);
     assert_eq!(r.index.entries.keys().copied().collect::<Vec<_>>(), vec![1]);
+    // The third record was written after the second was synced: the second is damage, not a
+    // torn write, and cutting it would lose an acknowledged entry.
+    assert_eq!(r.synced_after_failure, Some(written[2].0));
+    let err = Wal::open(files, small()).err().expect("a damaged synced record must not be cut silently");
+    assert!(err.to_string().contains("restore the node from a peer"), "{err}");
+}
+
+/// A crash inside a group commit split into two records: the first record's header never
+/// reached the disk, the second did. The open cuts the second off, so a later append of the
+/// same length cannot bring it back (a record also names the checksum of the one before it).
+#[test]
+fn a_whole_record_past_a_lost_one_never_comes_back() {
+    let files = MemLogFile::pair();
+    let mut o = Wal::open(files.clone(), WalOptions::default()).unwrap();
+    append(&mut o.wal, 1, 1);
+    let big = vec![1u8; RECORD_TARGET_BYTES / 2 + 1];
+    let mut b = o.wal.builder();
+    b.entry_bytes(2, &big);
+    b.entry_bytes(3, &big);
+    b.vote(&openraft::Vote::new(3, 2));
+    let (at, bytes) = o.wal.append(&mut b).unwrap();
+    files[0].write_at(at, &[0u8; RECORD_HEADER_BYTES]).unwrap();
+    let mut o = Wal::open(files.clone(), WalOptions::default()).unwrap();
+    assert_eq!(indexes(&o), vec![1]);
+    assert_eq!(o.index.meta.vote, None);
+    assert!(
+        files[0].len().unwrap() < at + bytes.len() as u64 || {
+            let mut tail = vec![0u8; bytes.len()];
+            files[0].read_at(at, &mut tail).unwrap();
+            tail.iter().all(|&x| x == 0)
+        }
+    );
+    // An append of exactly the first record's length, where it was.
+    let mut b = o.wal.builder();
+    b.entry_bytes(2, &vec![2u8; RECORD_TARGET_BYTES / 2 + 1]);
+    o.wal.append(&mut b).unwrap();
+    let o = Wal::open(files, WalOptions::default()).unwrap();
+    assert_eq!(indexes(&o), vec![1, 2]);
+    assert_eq!(o.index.meta.vote, None, "the lost group's vote stays lost");
+}
+
+#[test]
+fn damage_to_the_newer_generation_is_refused_not_rolled_back() {
+    let files = MemLogFile::pair();
+    let mut o = Wal::open(files.clone(), small()).unwrap();
+    append(&mut o.wal, 1, 20);
+    o.wal.compact(&o.index, |f| f.set_len(0)).unwrap();
+    let mut b = o.wal.builder();
+    b.vote(&openraft::Vote::new(7, 1));
+    o.wal.append(&mut b).unwrap();
+    let newer = o.wal.current as usize;
+    files[newer].write_at(RECORD_HEADER_BYTES as u64 + 2, &[0xEE]).unwrap();
+    let err = Wal::open(files, small()).err().expect("must not fall back to the older generation");
+    assert!(err.to_string().contains("replaced by generation"), "{err}");
 }
 
 #[test]
@@ -124,20 +178,24 @@ fn a_compaction_cut_short_leaves_the_older_generation_in_charge() {
     let files = MemLogFile::pair();
     let mut o = Wal::open(files.clone(), small()).unwrap();
     append(&mut o.wal, 1, 50);
-    // A compaction that wrote its header and entries into the other file but crashed
-    // before the seal: simulate by compacting into a copy and stripping the seal record.
-    let scratch: LogFiles = [files[0].clone(), Arc::new(MemLogFile::default())];
-    let mut copy = Wal::open(scratch.clone(), small()).unwrap();
-    copy.wal.compact(&copy.index, |f| f.set_len(0)).unwrap();
-    let len = copy.wal.end;
-    let mut buf = vec![0u8; len as usize];
-    scratch[1].read_at(0, &mut buf).unwrap();
-    // The seal is the last record (an operation of 5 bytes after a record header).
-    let unsealed = &buf[..buf.len() - (RECORD_HEADER_BYTES + 5)];
-    files[1].write_at(0, unsealed).unwrap();
-    let o = Wal::open(files, small()).unwrap();
+    // A compaction that wrote its header and entries into the other file, whole, but
+    // crashed before its seal.
+    let mut b = RecordBuilder::new(o.wal.gen + 1, 0, 0);
+    b.header(&o.index.meta);
+    for i in 1..=10 {
+        b.entry(&blank(i));
+    }
+    let (_, bytes) = b.take();
+    files[1].write_at(0, &bytes).unwrap();
+    let mut o = Wal::open(files.clone(), small()).unwrap();
     assert_eq!(o.wal.current, 0, "an unsealed generation is ignored");
     assert_eq!(indexes(&o), (1..=50).collect::<Vec<_>>());
+    // The next compaction does not reuse the unfinished generation's number.
+    let unfinished = o.wal.gen + 1;
+    o.wal.compact(&o.index, |f| f.set_len(0)).unwrap();
+    assert!(o.wal.gen > unfinished, "generation {} after an unfinished {unfinished}", o.wal.gen);
+    let o = Wal::open(files, small()).unwrap();
+    assert_eq!((o.wal.current, indexes(&o).len()), (1, 50));
 }
 
 #[test]
