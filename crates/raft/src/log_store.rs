@@ -41,7 +41,7 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::wal::{for_each_record, DiskIndex, FsLogFile, LogFiles, Opened, Wal, WalOptions};
+use crate::wal::{DiskIndex, FsLogFile, LogFiles, Opened, Wal, WalOptions};
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// Most queued operations folded into one transaction (one fsync).
@@ -446,18 +446,10 @@ fn finish_held_back_purge(wal: &mut Wal, index: &mut DiskIndex, durable: u64) ->
         let mut b = wal.builder();
         b.purge(Some(req), req);
         let (at, bytes) = wal.append(&mut b)?;
-        apply_written(index, wal.current, at, &bytes);
+        index.apply_written(wal.current, at, &bytes);
         tracing::info!(purged = req.index, "finished a purge held back for the state machine");
     }
     Ok(())
-}
-
-/// Bring the index up to records this writer just wrote, through the same code a replay runs.
-fn apply_written(index: &mut DiskIndex, file: u8, at: u64, bytes: &[u8]) {
-    let mut frame = crate::wal::Frame::default();
-    for_each_record(bytes, at, |payload, offset| {
-        index.apply_record(payload, offset, file, &mut frame).expect("records this writer built parse");
-    });
 }
 
 /// The entries after the purged point must be consecutive: openraft reads them as one run.
@@ -551,11 +543,16 @@ fn commit_group(shared: &Shared, wal: &mut Wal, batch: Vec<LogOp>) -> bool {
         Some(c) if c.index > durable_end.0 => durable_end.1.map(Some),
         c => Some(c),
     };
-    let result = write_batch(shared, wal, &batch, committed);
-    if result.is_ok() {
+    let result = write_batch(wal, &batch, committed);
+    let mut live = 0;
+    if let Ok((at, bytes)) = &result {
         let stats = &shared.stats;
         stats.fsyncs_total.fetch_add(1, Ordering::Relaxed);
         let mut mem = shared.mem.lock().expect("log mem lock");
+        // Into the disk index before out of the tail, under one lock: a reader finds each
+        // entry in one or the other.
+        mem.disk.apply_written(wal.current, *at, bytes);
+        live = mem.disk.live_bytes;
         for op in &batch {
             if let LogOp::Append { entries, .. } = op {
                 stats.entries_written_total.fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -584,7 +581,6 @@ fn commit_group(shared: &Shared, wal: &mut Wal, batch: Vec<LogOp>) -> bool {
         tracing::error!(error = %e, "raft log write failed; the log writer stops");
         return false;
     }
-    let live = shared.mem.lock().expect("log mem lock").disk.live_bytes;
     if wal.wants_compaction(live) {
         if let Err(e) = compact(shared, wal) {
             tracing::error!(error = %e, "raft log compaction failed; the log writer stops");
@@ -603,10 +599,10 @@ fn compact(shared: &Shared, wal: &mut Wal) -> io::Result<()> {
         let _no_readers = shared.reuse.write().expect("log reuse lock");
         target.set_len(0)
     })?;
-    let mut mem = shared.mem.lock().expect("log mem lock");
-    for (i, loc) in moved {
-        mem.disk.entries.insert(i, loc);
-    }
+    // Only this writer changes the index, so it is still `index`, at new places.
+    debug_assert_eq!(moved.meta, index.meta);
+    debug_assert!(moved.entries.keys().eq(index.entries.keys()));
+    shared.mem.lock().expect("log mem lock").disk = moved;
     shared.stats.compactions_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(from_bytes = before, to_bytes = wal.end, entries = index.entries.len(), "compacted the Raft log");
     Ok(())
@@ -632,12 +628,12 @@ fn durable_after(mut through: u64, mut id: Option<LogId>, batch: &[LogOp]) -> (u
     (through, id)
 }
 
-/// Write one batch as one record with one fsync, and bring the index up to it. The committed
-/// pointer is not worth an fsync of its own: the latest one rides along with every batch
-/// (`None` only when the log on disk is empty, or it would point past it). A restart
+/// Write one batch as one record with one fsync; returns where it went, for the index. The
+/// committed pointer is not worth an fsync of its own: the latest one rides along with every
+/// batch (`None` only when the log on disk is empty, or it would point past it). A restart
 /// re-applies through it, so that a restarted node holds, among the rest, the policy before
 /// it serves.
-fn write_batch(shared: &Shared, wal: &mut Wal, batch: &[LogOp], committed: Option<Option<LogId>>) -> io::Result<()> {
+fn write_batch(wal: &mut Wal, batch: &[LogOp], committed: Option<Option<LogId>>) -> io::Result<(u64, Vec<u8>)> {
     let mut b = wal.builder();
     for op in batch {
         match op {
@@ -650,10 +646,7 @@ fn write_batch(shared: &Shared, wal: &mut Wal, batch: &[LogOp], committed: Optio
     if let Some(committed) = committed {
         b.committed(committed);
     }
-    let (at, bytes) = wal.append(&mut b)?;
-    let mut mem = shared.mem.lock().expect("log mem lock");
-    apply_written(&mut mem.disk, wal.current, at, &bytes);
-    Ok(())
+    wal.append(&mut b)
 }
 
 fn read_range(shared: &Shared, start: u64, end_inclusive: u64) -> Result<Vec<Entry>, StorageError> {

@@ -252,9 +252,19 @@ impl DiskIndex {
         self.live_bytes -= gone.values().map(|l| u64::from(l.len)).sum::<u64>();
     }
 
+    /// Bring the index up to records this writer just wrote at `at` of `file`, through the
+    /// same code a replay runs.
+    pub fn apply_written(&mut self, file: u8, at: u64, bytes: &[u8]) {
+        let mut frame = Frame::default();
+        for_each_record(bytes, at, |payload, offset| {
+            self.apply_record(payload, offset, file, &mut frame).expect("records this writer built parse");
+        });
+    }
+
     /// Apply one record's operations, found at `payload_offset` of `file`. `frame` notes a
-    /// seal, and a mark that a newer generation replaced this one. An error means operations that passed their checksum but cannot be read: a
-    /// bug or a format this build does not know, never a torn write.
+    /// seal, and a mark that a newer generation replaced this one. An error means operations
+    /// that passed their checksum but cannot be read: a bug or a format this build does not
+    /// know, never a torn write.
     pub fn apply_record(
         &mut self,
         payload: &[u8],
@@ -452,7 +462,7 @@ fn record_crc(head_tail: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Visit each record of `bytes` (written at `base`): its payload and the payload's offset.
-pub fn for_each_record(bytes: &[u8], base: u64, mut f: impl FnMut(&[u8], u64)) {
+fn for_each_record(bytes: &[u8], base: u64, mut f: impl FnMut(&[u8], u64)) {
     let mut at = 0;
     while at + RECORD_HEADER_BYTES <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
@@ -535,7 +545,8 @@ type ReadRecord = Result<Option<(Head, Vec<u8>)>, String>;
 /// header), `Err(why)` if it is incomplete or fails its checksum.
 fn read_record(r: &mut ChunkReader<'_>, at: u64) -> io::Result<ReadRecord> {
     let Some(head) = r.get(at, RECORD_HEADER_BYTES)? else { return Ok(Ok(None)) };
-    let (h, head_tail) = (parse_head(head), head[8..].to_vec());
+    let (h, head_tail): (Head, [u8; RECORD_HEADER_BYTES - 8]) =
+        (parse_head(head), head[8..].try_into().expect("16 bytes"));
     if h.len == 0 {
         // Preallocated space.
         return Ok(Ok(None));
@@ -761,13 +772,19 @@ impl Wal {
     }
 
     /// Write what `b` built at the end of the current file and sync. Returns the bytes and
-    /// where they went, to be applied to the index (see [`for_each_record`]).
+    /// where they went, to be applied to the index ([`DiskIndex::apply_written`]).
     pub fn append(&mut self, b: &mut RecordBuilder) -> io::Result<(u64, Vec<u8>)> {
+        let written = self.write(b)?;
+        self.files[self.current as usize].sync()?;
+        Ok(written)
+    }
+
+    /// [`Wal::append`] without the sync: a compaction syncs once, after its last record.
+    fn write(&mut self, b: &mut RecordBuilder) -> io::Result<(u64, Vec<u8>)> {
         let (at, bytes) = b.take();
         assert_eq!(at, self.end, "records are appended at the end");
         self.ensure_allocated(at + bytes.len() as u64 + 1)?;
         self.files[self.current as usize].write_at(at, &bytes)?;
-        self.files[self.current as usize].sync()?;
         self.end = at + bytes.len() as u64;
         self.last_crc = b.last_crc();
         Ok((at, bytes))
@@ -788,16 +805,16 @@ impl Wal {
     /// Copy the live entries of `index` into the other file as a new generation, seal and sync
     /// it, mark the old file as superseded, and switch to the new one. `reuse` is called, and
     /// must return, before the other file is truncated (the caller takes its readers' lock
-    /// there). Returns the entries' new places.
+    /// there). Returns the new generation's index: `index`'s entries at their new places.
     pub fn compact(
         &mut self,
         index: &DiskIndex,
         reuse: impl FnOnce(&dyn LogFile) -> io::Result<()>,
-    ) -> io::Result<Vec<(u64, Loc)>> {
+    ) -> io::Result<DiskIndex> {
         let other = 1 - self.current;
         let gen = self.next_gen;
-        let target = self.files[other as usize].clone();
-        reuse(&*target)?;
+        let target = &self.files[other as usize];
+        reuse(&**target)?;
         // The truncation is durable before any record of the new generation is written.
         target.sync()?;
         let mut next = Wal {
@@ -810,38 +827,21 @@ impl Wal {
             allocated: 0,
             options: self.options,
         };
-        let mut b = RecordBuilder::new(gen, 0, 0);
+        let mut b = next.builder();
         b.header(&index.meta);
-        let mut moved = Vec::with_capacity(index.entries.len());
-        let flush =
-            |b: &mut RecordBuilder, next: &mut Wal, moved: &mut Vec<(u64, Loc)>, sync: bool| -> io::Result<()> {
-                let (at, bytes) = b.take();
-                next.ensure_allocated(at + bytes.len() as u64 + 1)?;
-                target.write_at(at, &bytes)?;
-                if sync {
-                    target.sync()?;
-                }
-                next.end = at + bytes.len() as u64;
-                next.last_crc = b.last_crc();
-                let mut scratch = DiskIndex::default();
-                let mut frame = Frame::default();
-                for_each_record(&bytes, at, |payload, off| {
-                    // Our own bytes: they parse.
-                    scratch.apply_record(payload, off, other, &mut frame).expect("records just built");
-                });
-                moved.extend(scratch.entries);
-                Ok(())
-            };
+        let mut moved = DiskIndex::default();
         for (&i, &loc) in &index.entries {
             let mut bytes = vec![0u8; loc.len as usize];
             self.files[loc.file as usize].read_at(loc.offset, &mut bytes)?;
             b.entry_bytes(i, &bytes);
             if b.len() >= RECORD_TARGET_BYTES {
-                flush(&mut b, &mut next, &mut moved, false)?;
+                let (at, bytes) = next.write(&mut b)?;
+                moved.apply_written(other, at, &bytes);
             }
         }
         b.seal();
-        flush(&mut b, &mut next, &mut moved, true)?;
+        let (at, bytes) = next.append(&mut b)?;
+        moved.apply_written(other, at, &bytes);
         // From here the new generation is the log. Mark the old one, so that an open which
         // cannot read the new one refuses instead of rolling back to the old.
         let mut mark = self.builder();
