@@ -45,7 +45,7 @@ pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::E
     let opts = NodeOptions {
         config: world.config.clone(),
         node_id: id,
-        storage: NodeStorage::Databases {
+        storage: NodeStorage::Opened {
             log,
             log_options: LOG_OPTIONS,
             state,

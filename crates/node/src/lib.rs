@@ -147,7 +147,7 @@ pub enum NodeStorage {
     /// Files the caller opened (the simulator's disks), and the snapshot file's path.
     /// The log is written by a task, not a thread, so that a single-threaded simulation stays
     /// deterministic; each of its group commits takes what `log_sync_time` returns (the fsync).
-    Databases {
+    Opened {
         log: meridian_raft::wal::LogFiles,
         log_options: meridian_raft::wal::WalOptions,
         state: redb::Database,
@@ -331,7 +331,7 @@ impl Node {
                     .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
                 (sm, log)
             }
-            NodeStorage::Databases { log, log_options, state, snapshot_path, log_sync_time } => {
+            NodeStorage::Opened { log, log_options, state, snapshot_path, log_sync_time } => {
                 let sm = StateMachineStore::with_database(state, snapshot_path, spec.region.clone())
                     .map_err(|e| anyhow::anyhow!("open the state machine: {e}"))?;
                 let log = LogStore::with_files_in_task(log, sm.durable_point(), log_options, log_sync_time)
@@ -1201,7 +1201,7 @@ mod tests {
             let opts = NodeOptions {
                 config: config.clone(),
                 node_id: id,
-                storage: NodeStorage::Databases {
+                storage: NodeStorage::Opened {
                     log: meridian_raft::wal::MemLogFile::pair(),
                     log_options: Default::default(),
                     state: db().expect("state db"),
