@@ -1,5 +1,5 @@
 //! Benchmarks against etcd 3.4, each printing ratios against a baseline measured
-//! in the same run (DESIGN.md §15): the in-region write benchmark here, and the
+//! in the same run (docs/design.md#performance): the in-region write benchmark here, and the
 //! cross-region lag benchmark in [`lag`] (`meridian bench lag`).
 //!
 //! The in-region write benchmark behind `meridian bench`: it starts a fresh

@@ -3,7 +3,7 @@
 //!
 //! Pure and deterministic: no I/O, no clock, no randomness. Storing versions, the active pointer
 //! and the HTTP/CLI surface live in `node`, `server` and `cli`; replication, routing and
-//! remediation consume placements and never parse policy (DESIGN.md §5).
+//! remediation consume placements and never parse policy (docs/design.md#per-dataset-rules).
 //!
 //! The document language, its defaults and every rule code are in docs/policy.md.
 

@@ -1,4 +1,4 @@
-//! The meaning-level rules of a policy (DESIGN.md §5 and docs/policy.md), checked over a
+//! The meaning-level rules of a policy (docs/policy.md#validation-rules), checked over a
 //! decoded document, all at once. Each rule that fails adds one diagnostic at the value that
 //! breaks it; the resolved rules are returned either way and used only if nothing failed.
 

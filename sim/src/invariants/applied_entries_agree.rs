@@ -2,12 +2,12 @@
 //! log index. Checked after every simulation step on every running node's last applied entry.
 //!
 //! This is what "at most one leader per term" exists to guarantee. Openraft, as Meridian
-//! configures it (DESIGN.md §16 rules out its `single-term-leader` feature), names a leadership
-//! by (term, node id): a voter that granted (8, node 1) may later grant the greater (8, node 3),
-//! so two nodes can lead the same numeric term one after the other, and entries carry the
-//! leader's (term, node id). The simulator saw exactly that (seeds 38 and 89); what must never
-//! happen is two different entries applied at one index, and that is what is checked here.
-//! The leaderships seen are still traced and counted.
+//! configures it (without its `single-term-leader` feature; docs/design.md#dependencies says
+//! why), names a leadership by (term, node id): a voter that granted (8, node 1) may later
+//! grant the greater (8, node 3), so two nodes can lead the same numeric term one after the
+//! other, and entries carry the leader's (term, node id). The simulator saw exactly that
+//! (seeds 38 and 89); what must never happen is two different entries applied at one index,
+//! and that is what is checked here. The leaderships seen are still traced and counted.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

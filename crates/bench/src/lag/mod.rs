@@ -1,8 +1,9 @@
-//! The cross-region lag benchmark behind `meridian bench lag` (DESIGN.md §15): how long after
-//! a write is acknowledged in its source region it becomes visible in another region, minus
-//! the injected one-way delay. Meridian's continuous link is compared with
-//! `etcdctl make-mirror` between two single-member etcd 3.4 clusters through the same delay,
-//! and the comparison is printed as ratios measured in the same run.
+//! The cross-region lag benchmark behind `meridian bench lag`
+//! (docs/benchmarks.md#cross-region-lag-against-etcd-make-mirror): how long after a write is
+//! acknowledged in its source region it becomes visible in another region, minus the injected
+//! one-way delay. Meridian's continuous link is compared with `etcdctl make-mirror` between two
+//! single-member etcd 3.4 clusters through the same delay, and the comparison is printed as
+//! ratios measured in the same run.
 //!
 //! Per (write rate, delay, round) it starts fresh systems, etcd first, then Meridian:
 //! - Meridian: two regions of one node each, `[[wan]] one_way_ms` set to the delay (applied in
