@@ -1,122 +1,67 @@
-//! The composition root of one Meridian node: it opens storage, starts the region's Raft
-//! group, owns the HLC, the peer transport and the metrics registry, and routes every client
-//! request to the node that must serve it.
+//! The composition root of one Meridian node. [`Node::start`] opens storage, starts the
+//! region's Raft group, and builds and wires the node's components, each in its own module
+//! with a narrow interface:
 //!
-//! Any node takes any request (every node is a gateway). Writes and strong reads are served
-//! by the region's leader: a follower forwards them over the peer transport and retries
-//! only when the answer proves nothing was applied. Local reads are served from the node's
-//! own state machine.
+//! - [`region::RegionGroup`]: the Raft handle, the state machine's reader, leadership, the
+//!   read index;
+//! - [`proposer::Proposer`]: the leader's batching proposer;
+//! - [`policy::PolicyStore`]: the cached policy copy, placements, and the policy operations;
+//! - [`gateway::Gateway`]: the one client API (`put`/`get`/`delete`/`list`), routing and
+//!   forwarding;
+//! - [`links::Links`]: cross-region shippers and the receiver;
+//! - [`repair::Repair`]: anti-entropy, purge, verify;
+//! - [`transport::PeerTransport`]: every byte between nodes;
+//! - [`supervisor::Supervisor`]: every background task, by name, with its handle.
 //!
-//! It knows nothing of HTTP routes or JSON: the server crate maps requests onto [`Node`]'s
-//! methods and [`NodeError`] onto status codes.
+//! No component reads another's fields. The node dispatches each peer request to the
+//! component that owns it ([`Node::handle_peer`]) and stops them all ([`Node::shutdown`]).
+//! It knows nothing of HTTP routes or JSON: the server crate maps requests onto the gateway
+//! and the policy operations, and [`NodeError`] onto status codes.
 
 pub mod chaos;
 pub mod clock;
 pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod limits;
 pub mod links;
 pub mod metrics;
 pub mod peer;
 pub mod policy;
+pub(crate) mod proposer;
+pub mod region;
 pub mod repair;
+pub mod supervisor;
 pub mod traffic;
 pub mod transport;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_core::{Hlc, NodeId, NodeSpec, RegionId, Topology};
-use meridian_raft::command::CommandV1;
-use meridian_raft::network::{serve_raft_rpc, NetworkFactory, RpcFailure};
-use meridian_raft::{Command, CommandResult, LogStore, Raft, StateMachineReader, StateMachineStore, StoredObject};
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ServerState};
-use tokio::time::Instant;
+use meridian_core::{DatasetName, Key, NodeId, NodeSpec, RegionId, Topology};
+use meridian_policy::{Format, Rollout};
+use meridian_raft::network::{serve_raft_rpc, NetworkFactory};
+use meridian_raft::{LogStore, Raft, StateMachineReader, StateMachineStore};
 
 use crate::clock::Clock;
 use crate::config::ClusterConfig;
-use crate::metrics::{KindLabels, Metrics};
-use crate::peer::{
-    PeerError, PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteOp, WriteRequest,
+use crate::gateway::{Gateway, GatewayParts};
+use crate::links::{CommitBell, Links, LinksParts};
+use crate::metrics::Metrics;
+use crate::peer::{PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteOp};
+use crate::policy::{
+    ApplyOutcome, Explained, HistoryRecord, Plan, PolicyOpError, PolicyStore, RegionCopy, VersionRecord,
 };
+use crate::proposer::Proposer;
+use crate::region::{RegionGroup, RegionParts};
+use crate::repair::{PairVerdict, Repair, RepairParts};
+use crate::supervisor::Supervisor;
 use crate::transport::PeerTransport;
 
-/// How long a write or strong read may take end to end, forwarding included.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most attempts to reach a leader for one request (each after proof nothing was applied).
-pub const LEADER_ATTEMPTS_MAX: u32 = 20;
-/// Deadline of a status call to another node.
-pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Per-request failures, shaped by what the caller does next.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum NodeError {
-    #[error("the region has no leader right now")]
-    NoLeader,
-    #[error("node {node} could not be reached: {reason}")]
-    Unavailable { node: NodeId, reason: String },
-    #[error("the write reached the leader but its outcome is unknown: {0}")]
-    OutcomeUnknown(String),
-    #[error("{0}")]
-    ClockSkew(String),
-    #[error("storage failure: {0}")]
-    Storage(String),
-    /// The active policy neither names the dataset nor has a default.
-    #[error("{0}")]
-    DatasetNotInPolicy(String),
-    /// A user-homed key whose home cannot be found, or is not allowed.
-    #[error("{0}")]
-    HomeUnknown(String),
-    /// The region asked is not a home for the key under its own active policy.
-    #[error("{0}")]
-    PolicyRefused(String),
-    /// A user-homed key already lives in another region than the home asked for.
-    #[error("{0}")]
-    HomeImmutable(String),
-    /// Serving the request here would bring the key's bytes into a region its policy does not
-    /// allow: the first field explains, the second names the regions that may serve it.
-    #[error("{0}")]
-    ResidencyRefused(String, Vec<RegionId>),
-    #[error("internal failure: {0}")]
-    Internal(String),
-}
-
-/// Why a node served a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteReason {
-    Leader,
-    Local,
-    ForwardedToLeader,
-    /// Sent to a home region of the key (another region's leader).
-    ForwardedToHome,
-}
-
-impl RouteReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteReason::Leader => "leader",
-            RouteReason::Local => "local",
-            RouteReason::ForwardedToLeader => "forwarded-to-leader",
-            RouteReason::ForwardedToHome => "forwarded-to-home",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Served {
-    pub node: NodeId,
-    pub reason: RouteReason,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadConsistency {
-    /// Linearizable: the leader confirms its leadership with a quorum (read index), waits
-    /// until it has applied that far, then reads.
-    Strong,
-    /// Whatever this node has applied.
-    Local,
-}
+pub use crate::error::NodeError;
+pub use crate::gateway::{Consistency, Object, Page, Precondition, RouteReason, Served, WriteOutcome};
+pub use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT, STATUS_TIMEOUT};
 
 /// One region's status as seen from some node.
 #[derive(Debug, Clone)]
@@ -174,171 +119,30 @@ impl NodeOptions {
 pub struct Node {
     spec: NodeSpec,
     config: ClusterConfig,
-    topology: Arc<Topology>,
-    raft: Raft,
-    reader: StateMachineReader,
-    hlc: Mutex<Hlc>,
-    clock: Arc<dyn Clock>,
+    region: Arc<RegionGroup>,
+    /// Used by the node's own tests; every other user holds its own handle.
+    #[cfg_attr(not(test), allow(dead_code))]
+    proposer: Arc<Proposer>,
+    policy: Arc<PolicyStore>,
+    gateway: Arc<Gateway>,
+    links: Arc<Links>,
+    repair: Arc<Repair>,
     transport: PeerTransport,
     metrics: Arc<Metrics>,
-    log_stats: Arc<meridian_raft::log_store::LogStoreStats>,
-    log_durability: meridian_raft::log_store::LogDurability,
-    /// Counter values already exported: fsyncs, entries, acked at submit, commits held back.
-    log_stats_seen: Mutex<[u64; 5]>,
-    proposals: tokio::sync::mpsc::Sender<Proposal>,
-    policy: policy::PolicyCache,
-    link_signals: links::LinkSignals,
-    /// The log index through which the state machine is durable.
-    durable: Arc<std::sync::atomic::AtomicU64>,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum LocalError {
-    NotLeader(Option<NodeId>),
-    Other(NodeError),
-}
-
-/// Most proposals in flight at once (submitted to Raft, not yet applied). While they are,
-/// new writes wait in the queue and leave together as the next batch.
-pub const PROPOSALS_IN_FLIGHT_MAX: usize = 4;
-/// Most writes in one proposed batch.
-pub const BATCH_WRITES_MAX: usize = 256;
-/// A batch stops growing once it holds this many bytes of values (one large value may exceed it).
-pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Most writes waiting to be proposed; writers wait when it is full.
-pub const PROPOSAL_QUEUE_MAX: usize = 4096;
-
-struct Proposal {
-    cmd: CommandV1,
-    bytes: usize,
-    reply: tokio::sync::oneshot::Sender<Result<CommandResult, LocalError>>,
-}
-
-/// When the network held a commit back because the leader's own log was not yet on disk,
-/// send a heartbeat as soon as the disk catches up, so followers learn the commit (and apply,
-/// and serve local reads) without waiting for the next write or the heartbeat interval.
-async fn announce_held_back_commits(raft: Raft, durability: meridian_raft::log_store::LogDurability) {
-    loop {
-        durability.held_back_commit_ready().await;
-        if raft.trigger().heartbeat().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// The leader's proposer: it turns the writes that queue up while earlier proposals are in
-/// flight into one Raft entry, so that one log append (one fsync) and one replication round
-/// serve them all. Openraft 0.9's core waits for each append to be durable before taking the
-/// next message, so without this every client write would cost one fsync in sequence.
-///
-/// Commands reach the log in the order they were queued: each entry is handed to the core
-/// from this loop, and only the waits for outcomes run concurrently. (Handing entries over
-/// from concurrent tasks let them overtake each other, and a destination merging pipelined
-/// link batches then found a gap and made the source resend a round trip's worth.)
-async fn run_proposer(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        let Some(first) = rx.recv().await else { return };
-        let mut bytes = first.bytes;
-        let mut batch = vec![first];
-        while batch.len() < BATCH_WRITES_MAX && bytes < BATCH_BYTES_MAX {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.bytes;
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        let (mut cmds, replies): (Vec<CommandV1>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-        let single = cmds.len() == 1;
-        let cmd = if single { cmds.pop().expect("one command") } else { CommandV1::Batch(cmds) };
-        // Handed to the core here, in queue order (only the wait for the outcome runs
-        // concurrently): a destination relies on merges reaching the log in the order their
-        // batches were queued.
-        let submitted = raft.client_write_ff(Command::V1(cmd)).await;
-        tokio::spawn(async move {
-            let outcome = match submitted {
-                Ok(rx) => match rx.await {
-                    Ok(result) => result.map_err(|e| write_error(RaftError::APIError(e))),
-                    Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown(
-                        "the Raft core stopped before answering".into(),
-                    ))),
-                },
-                Err(fatal) => Err(write_error(RaftError::Fatal(fatal))),
-            };
-            drop(permit);
-            let results: Vec<Result<CommandResult, LocalError>> = match outcome {
-                Ok(resp) => match resp.data {
-                    CommandResult::Batch(results) if !single => {
-                        assert_eq!(results.len(), replies.len(), "a batch answers once per write");
-                        results.into_iter().map(Ok).collect()
-                    }
-                    result if single => vec![Ok(result)],
-                    other => {
-                        let e = LocalError::Other(NodeError::Internal(format!("unexpected result {other:?}")));
-                        vec![Err(e); replies.len()]
-                    }
-                },
-                Err(e) => vec![Err(e); replies.len()],
-            };
-            for (reply, result) in replies.into_iter().zip(results) {
-                // The writer may have given up (its request was cancelled); nothing to do.
-                let _ = reply.send(result);
-            }
-        });
-    }
-}
-
-fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> LocalError {
-    match e {
-        // Openraft answers ForwardToLeader when it refused the entry (not leader) but also when
-        // a new leader truncated it from this node's log; in a group of more than three voters
-        // a truncated entry can survive on another voter and commit later (Raft paper, figure
-        // 8). The two cannot be told apart here, so the outcome is unknown: never retried
-        // blindly. The gateway checks leadership before proposing, so this stays rare.
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => LocalError::Other(NodeError::OutcomeUnknown(
-            format!("leadership moved while the write was in flight (new leader: {:?})", f.leader_id),
-        )),
-        RaftError::APIError(e) => LocalError::Other(NodeError::Internal(e.to_string())),
-        RaftError::Fatal(e) => LocalError::Other(NodeError::OutcomeUnknown(e.to_string())),
-    }
+    supervisor: Arc<Supervisor>,
 }
 
 impl Node {
-    /// Open storage and start the Raft group. The caller serves the peer endpoint (so other
-    /// voters can reach this one) and then calls [`Node::bootstrap`].
+    /// Open storage, start the Raft group, and build and start the components. The caller
+    /// serves the peer endpoint (so other voters can reach this one) and then calls
+    /// [`Node::bootstrap`].
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Arc<Node>> {
         let NodeOptions { config, node_id, storage, clock, wire, wire_capture } = opts;
+        limits::check(&config).map_err(|e| anyhow::anyhow!("check the configuration's limits: {e}"))?;
         let topology = Arc::new(config.topology.clone());
         let spec =
             topology.node(node_id).cloned().ok_or_else(|| anyhow::anyhow!("node {node_id} is not in the topology"))?;
-        let (mut sm, log) = match storage {
-            NodeStorage::Dir(data_dir) => {
-                std::fs::create_dir_all(&data_dir)
-                    .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
-                if data_dir.join("log.redb").exists() {
-                    anyhow::bail!(
-                        "{} holds a Raft log in the earlier redb format (log.redb), which this build does not \
-                         read; start this node on an empty data directory and it will catch up from its region",
-                        data_dir.display()
-                    );
-                }
-                let sm = StateMachineStore::open(&data_dir, spec.region.clone())
-                    .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
-                let log = LogStore::open_with_purge_limit(&data_dir.join("raft.wal"), sm.durable_point())
-                    .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
-                (sm, log)
-            }
-            NodeStorage::Opened { log, log_options, state, snapshot_path, log_sync_time } => {
-                let sm = StateMachineStore::with_database(state, snapshot_path, spec.region.clone())
-                    .map_err(|e| anyhow::anyhow!("open the state machine: {e}"))?;
-                let log = LogStore::with_files_in_task(log, sm.durable_point(), log_options, log_sync_time)
-                    .map_err(|e| anyhow::anyhow!("open the Raft log: {e}"))?;
-                (sm, log)
-            }
-        };
+        let (mut sm, log) = open_storage(storage, &spec)?;
         // The leader's fsync overlaps its replication: its own entries are reported written
         // when queued (see `meridian_raft::log_store`). The two bounds below keep that safe.
         let log = log.ack_own_entries_at_submit(node_id);
@@ -365,7 +169,7 @@ impl Node {
             heartbeat_interval: r.heartbeat_ms,
             election_timeout_min: r.election_timeout_min_ms,
             election_timeout_max: r.election_timeout_max_ms,
-            max_payload_entries: 256,
+            max_payload_entries: limits::raft_payload_entries_max(config.limits.value_bytes_max),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
             max_in_snapshot_log_to_keep: r.log_entries_kept_after_snapshot,
             ..Default::default()
@@ -373,61 +177,93 @@ impl Node {
         .validate()?;
         let network = NetworkFactory::new(node_id, transport.clone()).bound_commit_by(log_durability.clone());
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log, sm).await?;
-        tokio::spawn(announce_held_back_commits(raft.clone(), log_durability.clone()));
-        let (proposals, proposal_rx) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE_MAX);
-        tokio::spawn(run_proposer(raft.clone(), proposal_rx));
-        let node = Arc::new(Node {
-            hlc: Mutex::new(Hlc::new(config.clock.max_offset_ms)),
-            spec,
-            config,
-            topology,
-            raft,
+
+        let supervisor = Arc::new(Supervisor::new());
+        let region = Arc::new(RegionGroup::new(RegionParts {
+            spec: spec.clone(),
+            topology: topology.clone(),
+            raft: raft.clone(),
             reader,
-            clock,
-            transport,
-            metrics,
+            metrics: metrics.clone(),
             log_stats,
             log_durability: log_durability.clone(),
-            log_stats_seen: Mutex::new([0; 5]),
-            proposals,
-            policy: policy::PolicyCache::default(),
-            link_signals: links::LinkSignals::default(),
             durable,
-        });
-        if let Err(e) = node.refresh_policy() {
+        }));
+        let (proposer, proposer_worker) = Proposer::new(region.clone());
+        let proposer = Arc::new(proposer);
+        let policy = Arc::new(PolicyStore::new(&region, metrics.clone()));
+        let commits = Arc::new(CommitBell::default());
+        let gateway = Arc::new(Gateway::new(GatewayParts {
+            region: region.clone(),
+            proposer: proposer.clone(),
+            policy: policy.clone(),
+            transport: transport.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            hlc_max_offset_ms: config.clock.max_offset_ms,
+            commits: commits.clone(),
+        }));
+        let links = Arc::new(Links::new(LinksParts {
+            region: region.clone(),
+            proposer: proposer.clone(),
+            policy: policy.clone(),
+            transport: transport.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            supervisor: supervisor.clone(),
+            commits,
+            link_rate: config.replication.link_rate_bytes_per_sec,
+        }));
+        let repair = Arc::new(Repair::new(RepairParts {
+            region: region.clone(),
+            proposer: proposer.clone(),
+            policy: policy.clone(),
+            links: links.clone(),
+            gateway: gateway.clone(),
+            transport: transport.clone(),
+            metrics: metrics.clone(),
+            clock,
+            interval: Duration::from_millis(config.replication.anti_entropy_interval_ms),
+        }));
+
+        if let Err(e) = policy.refresh() {
             tracing::warn!(error = %e, "load the policy copy");
         }
-        node.spawn_policy_sync();
-        node.spawn_links();
-        node.spawn_anti_entropy();
-        Ok(node)
+        let stop = supervisor.stop_signal();
+        supervisor
+            .spawn_worker("commit-announcer", region::announce_held_back_commits(raft, log_durability, stop.clone()));
+        supervisor.spawn_worker("proposer", proposer_worker.run(stop.clone()));
+        supervisor.spawn_worker("policy-sync", policy.clone().run_sync(region.clone(), gateway.clone(), stop.clone()));
+        links.start();
+        supervisor.spawn_worker("anti-entropy", repair.clone().run(stop));
+        Ok(Arc::new(Node {
+            spec,
+            config,
+            region,
+            proposer,
+            policy,
+            gateway,
+            links,
+            repair,
+            transport,
+            metrics,
+            supervisor,
+        }))
     }
 
-    /// Form the region's group on first start. Every voter calls this with the same
-    /// membership (the region's zone nodes), which openraft documents as safe; a node that
-    /// already holds a log skips it.
+    /// Form the region's group on first start (see [`RegionGroup::bootstrap`]).
     pub async fn bootstrap(&self) -> anyhow::Result<()> {
-        if self.raft.is_initialized().await? {
-            return Ok(());
-        }
-        let members: BTreeMap<u64, BasicNode> = self
-            .topology
-            .region_nodes(&self.spec.region)
-            .into_iter()
-            .map(|n| (n.id, BasicNode::new(n.peer_addr.to_string())))
-            .collect();
-        match self.raft.initialize(members).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(anyhow::anyhow!("initialize region {}: {e}", self.spec.region)),
-        }
+        self.region.bootstrap().await
     }
 
     pub fn spec(&self) -> &NodeSpec {
         &self.spec
     }
+    pub fn id(&self) -> NodeId {
+        self.spec.id
+    }
     pub fn topology(&self) -> &Topology {
-        &self.topology
+        self.region.topology()
     }
     pub fn config(&self) -> &ClusterConfig {
         &self.config
@@ -435,548 +271,131 @@ impl Node {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-    pub fn id(&self) -> NodeId {
-        self.spec.id
+
+    /// The client API: every read and write a client makes goes through it.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
     }
+    /// This node's seat in its region's Raft group (for status, tests and the simulator's
+    /// invariants).
+    pub fn region(&self) -> &RegionGroup {
+        &self.region
+    }
+    /// The cached policy copy and its placements.
+    pub fn policy(&self) -> &PolicyStore {
+        &self.policy
+    }
+
     /// The region's Raft handle (for tests and the simulator's invariants).
     pub fn raft(&self) -> &Raft {
-        &self.raft
+        self.region.raft()
     }
     /// A reader of this node's state machine (for tests and the simulator's invariants).
     pub fn reader(&self) -> &StateMachineReader {
-        &self.reader
+        self.region.reader()
     }
-    /// The log index through which this node's state machine is durable (it commits without
-    /// fsync between syncs; the log is the write-ahead log).
+    /// The log index through which this node's state machine is durable.
     pub fn durable_point(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.durable.clone()
+        self.region.durable_point()
     }
-
     /// How far this node's Raft log is on disk (for tests and the simulator's invariants).
     pub fn log_durability(&self) -> &meridian_raft::log_store::LogDurability {
-        &self.log_durability
+        self.region.log_durability()
     }
-
     /// This node's view of its own region's group.
     pub fn region_report(&self) -> RegionReport {
-        let m = self.raft.metrics().borrow().clone();
-        RegionReport {
-            node: self.spec.id,
-            leader: m.current_leader,
-            term: m.current_term,
-            last_log_index: m.last_log_index,
-            applied_index: m.last_applied.map(|l| l.index),
-            snapshot_index: m.snapshot.map(|l| l.index),
-            purged_index: m.purged.map(|l| l.index),
-        }
+        self.region.report()
     }
-
     /// Bring the Raft gauges and log counters up to date (called before each scrape).
     pub fn refresh_metrics(&self) {
-        let m = self.raft.metrics().borrow().clone();
-        self.metrics.raft_term.set(m.current_term as i64);
-        self.metrics.raft_is_leader.set(i64::from(m.state == ServerState::Leader));
-        self.metrics.raft_last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
-        self.metrics.raft_applied_index.set(m.last_applied.map_or(0, |l| l.index) as i64);
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = [
-            self.log_stats.fsyncs_total.load(Relaxed),
-            self.log_stats.entries_written_total.load(Relaxed),
-            self.log_stats.acked_at_submit_total.load(Relaxed),
-            self.log_durability.held_back_total(),
-            self.log_stats.compactions_total.load(Relaxed),
-        ];
-        let mut seen = self.log_stats_seen.lock().expect("log stats lock");
-        let m = &self.metrics;
-        for (i, counter) in [
-            &m.raft_log_fsyncs,
-            &m.raft_log_entries_written,
-            &m.raft_log_acked_at_submit,
-            &m.raft_commits_held_back,
-            &m.raft_log_compactions,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            counter.inc_by(now[i] - seen[i]);
-        }
-        *seen = now;
+        self.region.refresh_metrics()
     }
 
-    fn leader_hint(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+    // ---- policy operations (the policy store, reaching other regions through the gateway) --
+
+    pub fn policy_authority(&self) -> RegionId {
+        self.policy.authority()
     }
-
-    // ---- writes -------------------------------------------------------------------------
-
-    /// Apply a write in this node's region, forwarding it to the leader if this node is not it.
-    pub async fn write(&self, req: WriteRequest) -> Result<(CommandResult, Served), NodeError> {
-        self.write_local(WriteOp::One(req)).await
+    pub fn refresh_policy(&self) -> Result<(), NodeError> {
+        self.policy.refresh()
     }
-
-    /// Apply a write in `region`: here (through this region's leader), or at another region's
-    /// leader over the peer transport.
-    pub async fn write_in(&self, region: &RegionId, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
-        if *region == self.spec.region {
-            return self.write_local(op).await;
-        }
-        let request = || match &op {
-            WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
-            WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
-        };
-        let unpack = |r| match r {
-            PeerResponseV1::Write(r) => Some(r),
-            _ => None,
-        };
-        let (result, node) = self.call_region(region, request, unpack, false).await?;
-        Ok((result, Served { node, reason: RouteReason::ForwardedToHome }))
-    }
-
-    async fn write_local(&self, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let leader = match self.write_here(&op).await {
-                Ok(result) => return Ok((result, Served { node: self.spec.id, reason: RouteReason::Leader })),
-                Err(LocalError::Other(e)) => return Err(e),
-                Err(LocalError::NotLeader(leader)) => leader,
-            };
-            if let Some(leader) = leader.filter(|&l| l != self.spec.id) {
-                self.metrics.forwarded.get_or_create(&KindLabels { kind: "write".into() }).inc();
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                let request = match &op {
-                    WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
-                    WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
-                };
-                match self.transport.call(leader, request, remaining).await {
-                    Ok(PeerResponseV1::Write(Ok(result))) => {
-                        return Ok((result, Served { node: leader, reason: RouteReason::ForwardedToLeader }))
-                    }
-                    // Not applied: leadership moved. Retry below.
-                    Ok(PeerResponseV1::Write(Err(PeerError::NotLeader { .. }))) => {}
-                    Ok(PeerResponseV1::Write(Err(e))) => return Err(peer_error(leader, e)),
-                    Ok(other) => return Err(NodeError::Internal(format!("unexpected reply to a write: {other:?}"))),
-                    // Never delivered: safe to retry.
-                    Err(RpcFailure::Unreachable(_)) => {}
-                    Err(e @ (RpcFailure::Timeout(_) | RpcFailure::Interrupted(_) | RpcFailure::Protocol(_))) => {
-                        return Err(NodeError::OutcomeUnknown(e.to_string()))
-                    }
-                }
-            }
-            if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
-                return Err(NodeError::NoLeader);
-            }
-            tokio::time::sleep(backoff(attempt)).await;
-        }
-    }
-
-    /// Send a request to the leader of another region: any of its nodes first, then the
-    /// leader it names. A request that may have been applied is retried only if `idempotent`.
-    async fn call_region<T>(
+    pub async fn policy_apply(
         &self,
-        region: &RegionId,
-        request: impl Fn() -> PeerRequestV1,
-        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
-        idempotent: bool,
-    ) -> Result<(T, NodeId), NodeError> {
-        let nodes: Vec<NodeId> = self.topology.region_nodes(region).iter().map(|n| n.id).collect();
-        if nodes.is_empty() {
-            return Err(NodeError::Internal(format!("region {region} has no nodes")));
-        }
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
-        let mut next = 0usize;
-        let mut hint: Option<NodeId> = None;
-        let mut last_error = String::from("no answer");
-        for attempt in 1..=LEADER_ATTEMPTS_MAX {
-            let target = hint.take().filter(|h| nodes.contains(h)).unwrap_or_else(|| {
-                next += 1;
-                nodes[(next - 1) % nodes.len()]
-            });
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                break;
-            }
-            match self.transport.call(target, request(), remaining).await {
-                Ok(reply) => match unpack(reply) {
-                    Some(Ok(v)) => return Ok((v, target)),
-                    Some(Err(PeerError::NotLeader { leader })) => {
-                        last_error = format!("node {target} is not the leader");
-                        if leader.is_some() && leader != Some(target) {
-                            hint = leader;
-                            continue;
-                        }
-                    }
-                    Some(Err(e)) => return Err(peer_error(target, e)),
-                    None => return Err(NodeError::Internal(format!("node {target} sent an unexpected reply"))),
-                },
-                Err(RpcFailure::Unreachable(e)) => last_error = format!("node {target}: {e}"),
-                Err(e) if idempotent => last_error = format!("node {target}: {e}"),
-                Err(e) => return Err(NodeError::OutcomeUnknown(e.to_string())),
-            }
-            tokio::time::sleep(backoff(attempt)).await;
-        }
-        Err(NodeError::Unavailable { node: nodes[0], reason: format!("region {region}: {last_error}") })
+        text: &str,
+        format: Format,
+        file: &str,
+        rollout: Rollout,
+        action: &str,
+        now_ms: u64,
+    ) -> Result<ApplyOutcome, PolicyOpError> {
+        let doc = policy::Document { text, format, file };
+        self.policy.apply(&self.gateway, doc, rollout, action, now_ms).await
     }
-
-    /// Hand one command to the leader's proposer and wait for its result.
-    async fn propose(&self, cmd: CommandV1, bytes: usize) -> Result<CommandResult, LocalError> {
-        let answer = self.enqueue(cmd, bytes).await?;
-        Self::answer_of(answer).await
+    pub async fn policy_plan(&self, text: &str, format: Format, file: &str) -> Result<Plan, PolicyOpError> {
+        self.policy.plan(&self.gateway, text, format, file).await
     }
-
-    /// Queue one command for the proposer (commands reach the log in the order they are
-    /// queued); the returned receiver yields its result.
-    pub(crate) async fn enqueue(
+    pub async fn policy_rollback(&self, prefix: &str, now_ms: u64) -> Result<ApplyOutcome, PolicyOpError> {
+        self.policy.rollback(&self.gateway, prefix, now_ms).await
+    }
+    pub async fn policy_version(&self, prefix: &str) -> Result<VersionRecord, PolicyOpError> {
+        self.policy.version(&self.gateway, prefix).await
+    }
+    pub async fn policy_history(&self) -> Result<Vec<HistoryRecord>, NodeError> {
+        self.policy.history(&self.gateway).await
+    }
+    pub async fn policy_status(&self) -> (Result<Option<HistoryRecord>, NodeError>, Vec<RegionCopy>) {
+        self.policy.status(&self.gateway).await
+    }
+    pub fn policy_explain(
         &self,
-        cmd: CommandV1,
-        bytes: usize,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<CommandResult, LocalError>>, LocalError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.proposals.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
-            LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: "the proposer has stopped".into() })
-        })?;
-        Ok(answer)
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&str>,
+    ) -> Result<Explained, PolicyOpError> {
+        self.policy.explain(dataset, key, home)
     }
 
-    pub(crate) async fn answer_of(
-        answer: tokio::sync::oneshot::Receiver<Result<CommandResult, LocalError>>,
-    ) -> Result<CommandResult, LocalError> {
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => Err(LocalError::Other(NodeError::OutcomeUnknown("the proposal was dropped".into()))),
-        }
+    // ---- replication -----------------------------------------------------------------------
+
+    /// Every region's replication state (links, cursors, merged marks).
+    pub async fn replication_view(&self) -> Vec<(RegionId, Result<peer::RegionReplication, String>)> {
+        self.links.replication_view().await
+    }
+    /// Compare every pair of regions' copies by digest (optionally one dataset).
+    pub async fn verify(&self, dataset: Option<&str>) -> Vec<PairVerdict> {
+        self.repair.verify(dataset).await
     }
 
-    /// Propose a replication command (a merged batch, a cursor) if this node leads its region.
-    pub(crate) async fn propose_replication(&self, cmd: CommandV1) -> Result<CommandResult, LocalError> {
-        if self.raft.metrics().borrow().state != ServerState::Leader {
-            return Err(LocalError::NotLeader(self.leader_hint()));
-        }
-        self.propose(cmd, 0).await
-    }
+    // ---- peer endpoint ---------------------------------------------------------------------
 
-    /// Propose a write to the local Raft group if this node leads it.
-    async fn write_here(&self, op: &WriteOp) -> Result<CommandResult, LocalError> {
-        if self.raft.metrics().borrow().state != ServerState::Leader {
-            return Err(LocalError::NotLeader(self.leader_hint()));
-        }
-        let reqs = op.requests();
-        if let WriteOp::Atomic(rs) = op {
-            let mut keys = std::collections::BTreeSet::new();
-            if rs.is_empty() || !rs.iter().all(|r| keys.insert((&r.dataset, &r.key))) {
-                return Err(LocalError::Other(NodeError::Internal(
-                    "an atomic group is empty or names a key twice".into(),
-                )));
-            }
-        }
-        // The leader checks placement with its own copy of the policy, so a gateway holding
-        // an older one can never make this region store what its policy forbids here. Once
-        // per term it first catches its state machine up with the commit index: a leader
-        // fresh from a restart must not judge by a copy older than what was committed.
-        // Reserved namespaces (`_policy`, `_audit`) are the cluster's own records: no dataset
-        // policy governs them.
-        let guard = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
-            let term = self.raft.metrics().borrow().current_term;
-            if self.policy.barrier_term.load(std::sync::atomic::Ordering::Acquire) != term {
-                self.linearizable_barrier().await?;
-                self.policy.barrier_term.store(term, std::sync::atomic::Ordering::Release);
-            }
-            self.refresh_policy().map_err(LocalError::Other)?;
-            Some(self.policy_guard(reqs).await.map_err(LocalError::Other)?)
-        } else {
-            None
-        };
-        let hlc = {
-            let mut hlc = self.hlc.lock().expect("hlc lock");
-            match hlc.now(self.clock.now_ms()) {
-                Ok(t) => t,
-                Err(e) => {
-                    self.metrics.hlc_refusals.inc();
-                    return Err(LocalError::Other(NodeError::ClockSkew(e.to_string())));
-                }
-            }
-        };
-        let command = |req: &WriteRequest| match &req.value {
-            Some(value) => CommandV1::Put {
-                dataset: req.dataset.clone(),
-                key: req.key.clone(),
-                value: value.clone(),
-                hlc,
-                condition: req.condition.clone(),
-            },
-            None => CommandV1::Delete {
-                dataset: req.dataset.clone(),
-                key: req.key.clone(),
-                hlc,
-                condition: req.condition.clone(),
-            },
-        };
-        let mut cmds: Vec<CommandV1> = Vec::new();
-        if let Some(condition) = &guard {
-            cmds.push(CommandV1::Check {
-                dataset: policy::NAMESPACE.into(),
-                key: policy::ACTIVE_KEY.into(),
-                condition: condition.clone(),
-            });
-        }
-        let cmd = match (op, guard.is_some()) {
-            (WriteOp::One(r), false) => command(r),
-            (WriteOp::One(r), true) => {
-                cmds.push(command(r));
-                CommandV1::Atomic(cmds)
-            }
-            (WriteOp::Atomic(rs), _) => {
-                cmds.extend(rs.iter().map(command));
-                CommandV1::Atomic(cmds)
-            }
-        };
-        let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
-        let result = self.propose(cmd, bytes).await?;
-        // Committed and applied here: the links may have something to ship.
-        self.wake_links();
-        if guard.is_none() {
-            return Ok(result);
-        }
-        // Unwrap the guard: its own failure means the policy moved under the write.
-        let policy_moved = || {
-            LocalError::Other(NodeError::PolicyRefused(
-                "the policy changed while the write was in flight; nothing was written, retry".into(),
-            ))
-        };
-        match (op, result) {
-            (_, CommandResult::AtomicFailed { index: 0, .. }) => Err(policy_moved()),
-            (WriteOp::One(_), CommandResult::AtomicFailed { current, .. }) => {
-                Ok(CommandResult::PreconditionFailed { current })
-            }
-            (WriteOp::One(_), CommandResult::Batch(mut results)) if results.len() == 2 => Ok(results.remove(1)),
-            (WriteOp::Atomic(_), CommandResult::AtomicFailed { index, current }) => {
-                Ok(CommandResult::AtomicFailed { index: index - 1, current })
-            }
-            (WriteOp::Atomic(_), CommandResult::Batch(mut results)) if !results.is_empty() => {
-                results.remove(0);
-                Ok(CommandResult::Batch(results))
-            }
-            (_, other) => {
-                Err(LocalError::Other(NodeError::Internal(format!("unexpected guarded write result {other:?}"))))
-            }
-        }
-    }
-
-    // ---- reads --------------------------------------------------------------------------
-
-    pub async fn read(
-        &self,
-        dataset: &str,
-        key: &str,
-        consistency: ReadConsistency,
-    ) -> Result<(Option<StoredObject>, Served), NodeError> {
-        let local = || self.reader.get(dataset, key).map_err(|e| NodeError::Storage(e.to_string()));
-        self.route_read(
-            consistency,
-            local,
-            || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() },
-            |r| match r {
-                PeerResponseV1::Read(r) => Some(r),
-                _ => None,
-            },
-        )
-        .await
-    }
-
-    pub async fn list(
-        &self,
-        dataset: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-        consistency: ReadConsistency,
-    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
-        let local = || self.reader.list(dataset, prefix, after, limit).map_err(|e| NodeError::Storage(e.to_string()));
-        let req = || PeerRequestV1::List {
-            dataset: dataset.into(),
-            prefix: prefix.into(),
-            after: after.map(str::to_owned),
-            limit: limit as u32,
-        };
-        self.route_read(consistency, local, req, |r| match r {
-            PeerResponseV1::List(r) => Some(r),
-            _ => None,
-        })
-        .await
-    }
-
-    /// A strong read in `region`: this region's leader, or another region's.
-    pub async fn read_in(
-        &self,
-        region: &RegionId,
-        dataset: &str,
-        key: &str,
-    ) -> Result<(Option<StoredObject>, Served), NodeError> {
-        if *region == self.spec.region {
-            return self.read(dataset, key, ReadConsistency::Strong).await;
-        }
-        let request = || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() };
-        let unpack = |r| match r {
-            PeerResponseV1::Read(r) => Some(r),
-            _ => None,
-        };
-        let (v, node) = self.call_region(region, request, unpack, true).await?;
-        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
-    }
-
-    /// A strong listing in `region`.
-    pub async fn list_in(
-        &self,
-        region: &RegionId,
-        dataset: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
-        if *region == self.spec.region {
-            return self.list(dataset, prefix, after, limit, ReadConsistency::Strong).await;
-        }
-        let request = || PeerRequestV1::List {
-            dataset: dataset.into(),
-            prefix: prefix.into(),
-            after: after.map(str::to_owned),
-            limit: limit as u32,
-        };
-        let unpack = |r| match r {
-            PeerResponseV1::List(r) => Some(r),
-            _ => None,
-        };
-        let (v, node) = self.call_region(region, request, unpack, true).await?;
-        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
-    }
-
-    /// Live keys and bytes per dataset as one node of `region` holds them.
-    pub async fn dataset_sizes_in(&self, region: &RegionId) -> Result<Vec<(String, u64, u64)>, NodeError> {
-        if *region == self.spec.region {
-            return self.local_dataset_sizes();
-        }
-        let unpack = |r| match r {
-            PeerResponseV1::DatasetSizes(r) => Some(r),
-            _ => None,
-        };
-        Ok(self.call_region(region, || PeerRequestV1::DatasetSizes, unpack, true).await?.0)
-    }
-
-    fn local_dataset_sizes(&self) -> Result<Vec<(String, u64, u64)>, NodeError> {
-        let sizes = self.reader.dataset_sizes().map_err(|e| NodeError::Storage(e.to_string()))?;
-        Ok(sizes.into_iter().map(|(d, (k, b))| (d, k, b)).collect())
-    }
-
-    /// Serve a read here (local, or strong when this node leads), or forward it to the leader.
-    async fn route_read<T>(
-        &self,
-        consistency: ReadConsistency,
-        local: impl Fn() -> Result<T, NodeError>,
-        request: impl Fn() -> PeerRequestV1,
-        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
-    ) -> Result<(T, Served), NodeError> {
-        if consistency == ReadConsistency::Local {
-            return Ok((local()?, Served { node: self.spec.id, reason: RouteReason::Local }));
-        }
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let leader = match self.linearizable_barrier().await {
-                Ok(()) => return Ok((local()?, Served { node: self.spec.id, reason: RouteReason::Leader })),
-                Err(LocalError::Other(e)) => return Err(e),
-                Err(LocalError::NotLeader(l)) => l,
-            };
-            if let Some(leader) = leader.filter(|&l| l != self.spec.id) {
-                self.metrics.forwarded.get_or_create(&KindLabels { kind: "read".into() }).inc();
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                // Reads change nothing: any transport failure may be retried.
-                if let Ok(reply) = self.transport.call(leader, request(), remaining).await {
-                    match unpack(reply) {
-                        Some(Ok(v)) => return Ok((v, Served { node: leader, reason: RouteReason::ForwardedToLeader })),
-                        Some(Err(PeerError::NotLeader { .. })) => {}
-                        Some(Err(e)) => return Err(peer_error(leader, e)),
-                        None => return Err(NodeError::Internal("unexpected reply to a read".into())),
-                    }
-                }
-            }
-            if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
-                return Err(NodeError::NoLeader);
-            }
-            tokio::time::sleep(backoff(attempt)).await;
-        }
-    }
-
-    /// Raft read index (Raft thesis §6.4): confirm leadership with a quorum, then wait until
-    /// the state machine has applied up to the commit index seen at that moment.
-    async fn linearizable_barrier(&self) -> Result<(), LocalError> {
-        if self.raft.metrics().borrow().state != ServerState::Leader {
-            return Err(LocalError::NotLeader(self.leader_hint()));
-        }
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(LocalError::NotLeader(f.leader_id))
-            }
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
-                Err(LocalError::Other(NodeError::NoLeader))
-            }
-            Err(RaftError::Fatal(e)) => {
-                Err(LocalError::Other(NodeError::Unavailable { node: self.spec.id, reason: e.to_string() }))
-            }
-        }
-    }
-
-    // ---- peer endpoint ------------------------------------------------------------------
-
-    /// Answer a request from another node.
+    /// Answer a request from another node: each goes to the component that owns it.
     pub async fn handle_peer(&self, req: PeerRequest) -> PeerResponse {
         let PeerRequest::V1(req) = req;
         let reply = match req {
-            PeerRequestV1::Raft(r) => PeerResponseV1::Raft(serve_raft_rpc(&self.raft, r).await),
-            PeerRequestV1::Write(w) => PeerResponseV1::Write(match self.write_here(&WriteOp::One(w)).await {
-                Ok(r) => Ok(r),
-                Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
-                Err(LocalError::Other(e)) => Err(to_peer_error(e)),
-            }),
-            PeerRequestV1::Read { dataset, key } => PeerResponseV1::Read(
-                self.serve_strong(|| self.reader.get(&dataset, &key).map_err(|e| NodeError::Storage(e.to_string())))
-                    .await,
-            ),
-            PeerRequestV1::List { dataset, prefix, after, limit } => {
-                let limit = (limit as usize).min(meridian_core::limits::LIST_LIMIT_MAX);
-                PeerResponseV1::List(
-                    self.serve_strong(|| {
-                        self.reader
-                            .list(&dataset, &prefix, after.as_deref(), limit)
-                            .map_err(|e| NodeError::Storage(e.to_string()))
-                    })
-                    .await,
-                )
-            }
-            PeerRequestV1::Status => PeerResponseV1::Status(self.region_report()),
+            PeerRequestV1::Raft(r) => PeerResponseV1::Raft(serve_raft_rpc(self.region.raft(), r).await),
+            PeerRequestV1::Write(w) => PeerResponseV1::Write(self.gateway.serve_write(WriteOp::One(w)).await),
             PeerRequestV1::WriteAtomic(ws) => {
-                PeerResponseV1::Write(match self.write_here(&WriteOp::Atomic(ws)).await {
-                    Ok(r) => Ok(r),
-                    Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
-                    Err(LocalError::Other(e)) => Err(to_peer_error(e)),
-                })
+                PeerResponseV1::Write(self.gateway.serve_write(WriteOp::Atomic(ws)).await)
             }
+            PeerRequestV1::Read { dataset, key } => PeerResponseV1::Read(self.gateway.serve_read(&dataset, &key).await),
+            PeerRequestV1::List { dataset, prefix, after, limit } => {
+                PeerResponseV1::List(self.gateway.serve_list(&dataset, &prefix, after.as_deref(), limit).await)
+            }
+            PeerRequestV1::Status => PeerResponseV1::Status(self.region.report()),
             PeerRequestV1::DatasetSizes => {
-                PeerResponseV1::DatasetSizes(self.local_dataset_sizes().map_err(to_peer_error))
+                PeerResponseV1::DatasetSizes(self.gateway.local_dataset_sizes().map_err(error::to_peer_error))
             }
-            PeerRequestV1::ShipBatch(batch) => PeerResponseV1::Shipped(self.receive_batch(batch).await),
-            PeerRequestV1::Repair(batch) => PeerResponseV1::Repaired(self.receive_repair(batch).await),
-            PeerRequestV1::Digest { with } => PeerResponseV1::Digest(self.serve_digest(&with)),
+            PeerRequestV1::ShipBatch(batch) => PeerResponseV1::Shipped(self.links.receive_batch(batch).await),
+            PeerRequestV1::Repair(batch) => PeerResponseV1::Repaired(self.links.receive_repair(batch).await),
+            PeerRequestV1::Digest { with } => PeerResponseV1::Digest(self.repair.serve_digest(&with)),
             PeerRequestV1::DigestEntries { with, dataset, buckets, limit } => {
-                PeerResponseV1::DigestEntries(self.serve_digest_entries(&with, &dataset, &buckets, limit))
+                PeerResponseV1::DigestEntries(self.repair.serve_digest_entries(&with, &dataset, &buckets, limit))
             }
             PeerRequestV1::FetchObjects { with, dataset, keys } => {
-                PeerResponseV1::Objects(self.serve_fetch(&with, &dataset, &keys))
+                PeerResponseV1::Objects(self.repair.serve_fetch(&with, &dataset, &keys))
             }
             PeerRequestV1::ReplicationState => {
-                PeerResponseV1::ReplicationState(self.local_replication().map_err(to_peer_error))
+                PeerResponseV1::ReplicationState(self.links.local_replication().map_err(error::to_peer_error))
             }
             PeerRequestV1::SetFaults(entries) => {
                 self.transport.faults().replace(&entries);
@@ -985,14 +404,6 @@ impl Node {
             }
         };
         PeerResponse::V1(reply)
-    }
-
-    async fn serve_strong<T>(&self, read: impl Fn() -> Result<T, NodeError>) -> Result<T, PeerError> {
-        match self.linearizable_barrier().await {
-            Ok(()) => read().map_err(to_peer_error),
-            Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
-            Err(LocalError::Other(e)) => Err(to_peer_error(e)),
-        }
     }
 
     // ---- fault injection ----------------------------------------------------------------
@@ -1006,7 +417,8 @@ impl Node {
     /// Returns the nodes that could not be reached; they keep their previous table.
     pub async fn set_faults(&self, entries: Vec<chaos::FaultEntry>) -> Vec<NodeId> {
         self.transport.faults().replace(&entries);
-        let others: Vec<NodeId> = self.topology.nodes().iter().map(|n| n.id).filter(|&id| id != self.spec.id).collect();
+        let others: Vec<NodeId> =
+            self.topology().nodes().iter().map(|n| n.id).filter(|&id| id != self.spec.id).collect();
         let calls = others.iter().map(|&id| {
             let req = PeerRequestV1::SetFaults(entries.clone());
             async move { (id, self.transport.call(id, req, STATUS_TIMEOUT).await) }
@@ -1025,13 +437,13 @@ impl Node {
     /// the answer of the first of its nodes that replies.
     pub async fn cluster_view(&self) -> Vec<RegionView> {
         let mut views = Vec::new();
-        let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
+        let regions: Vec<RegionId> = self.topology().regions().iter().map(|r| r.name.clone()).collect();
         let futures = regions.into_iter().map(|region| async move {
             if region == self.spec.region {
-                return RegionView { region, report: Ok(self.region_report()) };
+                return RegionView { region, report: Ok(self.region.report()) };
             }
             let mut last_err = String::from("no nodes");
-            for n in self.topology.region_nodes(&region) {
+            for n in self.topology().region_nodes(&region) {
                 match self.transport.call(n.id, PeerRequestV1::Status, STATUS_TIMEOUT).await {
                     Ok(PeerResponseV1::Status(r)) => return RegionView { region, report: Ok(r) },
                     Ok(_) => last_err = format!("node {} sent an unexpected reply", n.id),
@@ -1044,68 +456,57 @@ impl Node {
         views
     }
 
-    /// Stop the Raft group (flushes nothing extra: the log is already durable).
+    /// Stop the node: signal every task it started and wait for them (at most
+    /// [`limits::SHUTDOWN_TIMEOUT`], then abort the rest), then stop the Raft core (flushes
+    /// nothing extra: the log is already durable). Once it returns, no task of the node runs.
     pub async fn shutdown(&self) {
-        self.stop_policy_sync();
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(error = %e, "raft shutdown");
+        self.supervisor.shutdown(limits::SHUTDOWN_TIMEOUT).await;
+        self.region.shutdown().await;
+    }
+
+    /// The node's tasks still running (for tests and status).
+    pub fn running(&self) -> supervisor::Running {
+        self.supervisor.running()
+    }
+}
+
+/// Open the Raft log and the state machine where `storage` says.
+fn open_storage(storage: NodeStorage, spec: &NodeSpec) -> anyhow::Result<(StateMachineStore, LogStore)> {
+    match storage {
+        NodeStorage::Dir(data_dir) => {
+            std::fs::create_dir_all(&data_dir)
+                .map_err(|e| anyhow::anyhow!("create data directory {}: {e}", data_dir.display()))?;
+            if data_dir.join("log.redb").exists() {
+                anyhow::bail!(
+                    "{} holds a Raft log in the earlier redb format (log.redb), which this build does not \
+                     read; start this node on an empty data directory and it will catch up from its region",
+                    data_dir.display()
+                );
+            }
+            let sm = StateMachineStore::open(&data_dir, spec.region.clone())
+                .map_err(|e| anyhow::anyhow!("open the state machine in {}: {e}", data_dir.display()))?;
+            let log = LogStore::open_with_purge_limit(&data_dir.join("raft.wal"), sm.durable_point())
+                .map_err(|e| anyhow::anyhow!("open the Raft log in {}: {e}", data_dir.display()))?;
+            Ok((sm, log))
         }
-    }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((25u64 << attempt.min(4)).min(400))
-}
-
-pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
-    match e {
-        NodeError::NoLeader => PeerError::NotLeader { leader: None },
-        NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
-        NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
-        NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
-        NodeError::PolicyRefused(m)
-        | NodeError::DatasetNotInPolicy(m)
-        | NodeError::HomeUnknown(m)
-        | NodeError::HomeImmutable(m)
-        | NodeError::ResidencyRefused(m, _) => PeerError::PolicyRefused(m),
-        NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
-    }
-}
-
-fn peer_error(node: NodeId, e: PeerError) -> NodeError {
-    match e {
-        PeerError::NotLeader { .. } => NodeError::NoLeader,
-        PeerError::ClockSkew(m) => NodeError::ClockSkew(m),
-        PeerError::OutcomeUnknown(m) => NodeError::OutcomeUnknown(m),
-        PeerError::Unavailable(reason) => NodeError::Unavailable { node, reason },
-        PeerError::PolicyRefused(m) => NodeError::PolicyRefused(m),
-        PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
+        NodeStorage::Opened { log, log_options, state, snapshot_path, log_sync_time } => {
+            let sm = StateMachineStore::with_database(state, snapshot_path, spec.region.clone())
+                .map_err(|e| anyhow::anyhow!("open the state machine: {e}"))?;
+            let log = LogStore::with_files_in_task(log, sm.durable_point(), log_options, log_sync_time)
+                .map_err(|e| anyhow::anyhow!("open the Raft log: {e}"))?;
+            Ok((sm, log))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An unknown outcome must survive the trip between nodes: turning it into anything a
-    /// client may retry blindly could apply a write twice.
-    #[test]
-    fn unknown_outcomes_stay_unknown_across_the_peer_protocol() {
-        let e = to_peer_error(NodeError::OutcomeUnknown("x".into()));
-        assert_eq!(e, PeerError::OutcomeUnknown("x".into()));
-        assert!(matches!(peer_error(3, e), NodeError::OutcomeUnknown(_)));
-        // Only a refusal before proposing is retryable.
-        assert!(matches!(peer_error(3, PeerError::NotLeader { leader: Some(2) }), NodeError::NoLeader));
-    }
-
-    #[test]
-    fn forward_to_leader_after_proposing_is_an_unknown_outcome() {
-        let e = RaftError::APIError(ClientWriteError::ForwardToLeader(openraft::error::ForwardToLeader {
-            leader_id: Some(2),
-            leader_node: None,
-        }));
-        assert!(matches!(write_error(e), LocalError::Other(NodeError::OutcomeUnknown(_))));
-    }
+    use crate::peer::WriteRequest;
+    use meridian_raft::command::CommandV1;
+    use meridian_raft::network::RpcFailure;
+    use meridian_raft::CommandResult;
+    use std::collections::BTreeMap;
 
     /// A one-node region on loopback ports, elected leader.
     async fn single_node_region() -> (Arc<Node>, tempfile::TempDir) {
@@ -1239,7 +640,7 @@ mod tests {
                     value: Some(b"v".to_vec()),
                     condition: meridian_raft::Condition::Always,
                 };
-                let r = leader.write(req).await;
+                let r = leader.gateway().write_local(WriteOp::One(req)).await;
                 (r, leader.log_durability().through())
             })
         };
@@ -1328,14 +729,14 @@ mod tests {
                 fresh_ms: 0,
                 changes: Vec::new(),
             };
-            answers.push(node.enqueue(cmd, 0).await.expect("queued"));
+            answers.push(node.proposer.enqueue(cmd, 0).await.expect("queued"));
             if seq % 64 == 0 {
                 // Let the proposer's in-flight tasks run between bursts.
                 tokio::task::yield_now().await;
             }
         }
         for (i, answer) in answers.into_iter().enumerate() {
-            let result = Node::answer_of(answer).await.expect("applied");
+            let result = answer.wait().await.expect("applied");
             assert!(
                 matches!(result, CommandResult::Remote { merged_upto, .. } if merged_upto == i as u64 + 1),
                 "range {} was applied out of queue order: {result:?}",
@@ -1343,5 +744,122 @@ mod tests {
             );
         }
         node.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod shutdown_tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A wire that hands each body straight to the target node, in this process.
+    #[derive(Default)]
+    struct LocalWire(std::sync::Mutex<BTreeMap<NodeId, std::sync::Weak<Node>>>);
+
+    impl transport::Wire for LocalWire {
+        fn exchange<'a>(
+            &'a self,
+            target: &'a NodeSpec,
+            body: Vec<u8>,
+            compressed: bool,
+        ) -> futures::future::BoxFuture<'a, Result<transport::WireReply, meridian_raft::network::RpcFailure>> {
+            Box::pin(async move {
+                let node = self.0.lock().expect("wire lock").get(&target.id).and_then(std::sync::Weak::upgrade);
+                match node {
+                    Some(n) => Ok(transport::serve_peer_body(&n, &body, compressed, compressed).await),
+                    None => Err(meridian_raft::network::RpcFailure::Unreachable(format!("node {} is down", target.id))),
+                }
+            })
+        }
+    }
+
+    /// Two regions of one node each, in memory, with a policy that mirrors a dataset between
+    /// them, so every kind of worker runs (the proposer, the policy sync, a link's shipper,
+    /// anti-entropy) and jobs run (batches in flight). After shutdown, none of the node's
+    /// tasks is left, and the runtime counts none alive at all.
+    #[test]
+    fn after_shutdown_no_task_of_the_node_is_alive() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let mut text = String::from("[[regions]]\nname = \"a\"\n[[regions]]\nname = \"b\"\n");
+            for (id, region) in [(1, "a"), (2, "b")] {
+                text += &format!(
+                    "[[nodes]]\nid = {id}\nregion = \"{region}\"\nzone = \"z\"\n\
+                     api_addr = \"127.0.0.1:{}\"\npeer_addr = \"127.0.0.1:{}\"\n",
+                    22_000 + id,
+                    23_000 + id
+                );
+            }
+            text += "[replication]\nanti_entropy_interval_ms = 200\n";
+            let config = ClusterConfig::parse(&text, "test").expect("config");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let wire = Arc::new(LocalWire::default());
+            let mut nodes = Vec::new();
+            for id in 1..=2u64 {
+                let db = redb::Database::builder()
+                    .create_with_backend(redb::backends::InMemoryBackend::new())
+                    .expect("state db");
+                let opts = NodeOptions {
+                    config: config.clone(),
+                    node_id: id,
+                    storage: NodeStorage::Opened {
+                        log: meridian_raft::wal::MemLogFile::pair(),
+                        log_options: Default::default(),
+                        state: db,
+                        snapshot_path: dir.path().join(format!("snapshot-{id}.bin")),
+                        log_sync_time: Arc::new(|| Duration::ZERO),
+                    },
+                    clock: Arc::new(crate::clock::SystemClock),
+                    wire: wire.clone(),
+                    wire_capture: None,
+                };
+                let node = Node::start(opts).await.expect("start");
+                wire.0.lock().expect("wire lock").insert(id, Arc::downgrade(&node));
+                node.bootstrap().await.expect("bootstrap");
+                nodes.push(node);
+            }
+            let start = std::time::Instant::now();
+            while nodes.iter().any(|n| n.region_report().leader != Some(n.id())) {
+                assert!(start.elapsed() < Duration::from_secs(30), "a single voter did not become leader");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let policy = "[[dataset]]\nname = \"d\"\nlocality = \"global\"\nclassification = \"public\"\n\
+                          home = [\"a\"]\nmirrors = [\"b\"]\n";
+            let full = Rollout { mode: meridian_policy::Mode::Enforce, percent: Rollout::FULL };
+            nodes[0].policy_apply(policy, Format::Toml, "p.toml", full, "apply", 1).await.expect("apply");
+            let (ds, key) = (DatasetName::new("d").expect("name"), Key::new("k").expect("key"));
+            nodes[0].gateway().put(&ds, &key, b"1".to_vec(), Precondition::None, None).await.expect("put");
+            // The mirror has it: the link shipped it.
+            let start = std::time::Instant::now();
+            loop {
+                let (obj, _) = nodes[1].gateway().get(&ds, &key, Consistency::Local, None).await.expect("get");
+                if obj.is_some() {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(30), "the mirror never received the write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for n in &nodes {
+                let running = n.running();
+                for worker in ["commit-announcer", "proposer", "policy-sync", "link-shipper", "anti-entropy"] {
+                    assert!(running.workers.contains(&worker), "{worker} is not running: {running:?}");
+                }
+            }
+            for n in &nodes {
+                n.shutdown().await;
+                assert_eq!(n.running(), supervisor::Running::default(), "node {} left tasks", n.id());
+            }
+            // Openraft's own tasks end with its core; give aborted ones a moment to be reaped.
+            let metrics = tokio::runtime::Handle::current().metrics();
+            let start = std::time::Instant::now();
+            while metrics.num_alive_tasks() > 0 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{} tasks are still alive after every node shut down",
+                    metrics.num_alive_tasks()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
     }
 }

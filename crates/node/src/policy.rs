@@ -8,7 +8,7 @@
 //! or rollback commits there as one atomic Raft command (version, history entry and a
 //! compare-and-set of `active`), so a failed or concurrent apply changes nothing. The other
 //! regions hold copies, written right after the commit and, if a region was unreachable,
-//! pulled from the authority by that region's leader every [`SYNC_INTERVAL`].
+//! pulled from the authority by that region's leader every [`crate::limits::POLICY_SYNC_INTERVAL`].
 //!
 //! Use. Every node caches the active entry of its own region's copy and parses the versions
 //! it names once. A client write is routed to a home region of its key under the version that
@@ -18,11 +18,10 @@
 //! in the region that takes them, as it did before policies existed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use meridian_core::{DatasetName, Key, RegionId, Version};
+use meridian_core::{DatasetName, Key, RegionId, Topology, Version};
 use meridian_policy::placement::Link;
 use meridian_policy::{
     evaluate, Format, Mode, ObjectAttributes, Placement, PlacementError, Policy, PolicyId, Report, Rollout,
@@ -30,22 +29,22 @@ use meridian_policy::{
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{LocalError, NodeError};
+use crate::gateway::Gateway;
+use crate::limits::{
+    HISTORY_ENTRIES_MAX, HISTORY_PAGES_MAX, HISTORY_PAGE_ENTRIES, PARSED_VERSIONS_MAX, POLICY_INSTALL_ATTEMPTS_MAX,
+    POLICY_INSTALL_TIMEOUT, POLICY_SYNC_INTERVAL, POLICY_SYNC_JITTER_MAX,
+};
+use crate::metrics::Metrics;
 use crate::peer::{WriteOp, WriteRequest};
-use crate::{Node, NodeError};
+use crate::region::RegionGroup;
+use crate::supervisor::StopSignal;
 
 /// The reserved namespace of policy metadata in every region.
 pub const NAMESPACE: &str = "_policy";
 pub(crate) const ACTIVE_KEY: &str = "active";
 const HISTORY_PREFIX: &str = "history/";
 const VERSION_PREFIX: &str = "version/";
-/// How often each region's leader compares its copy with the authority's.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
-/// Most history entries read back (the newest); older ones stay stored.
-pub const HISTORY_ENTRIES_MAX: usize = 10_000;
-/// Pages of 1000 entries read at most to find the newest ones.
-const HISTORY_PAGES_MAX: usize = 1_000;
-/// Parsed versions kept in memory per node.
-const PARSED_VERSIONS_MAX: usize = 64;
 
 /// A stored policy version: the document exactly as written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,17 +131,53 @@ impl ActivePolicy {
     }
 }
 
-/// The node's cached view of its region's policy copy.
-#[derive(Default)]
-pub struct PolicyCache {
+/// The policy store: this node's cached view of its region's policy copy, the placements it
+/// gives, and the admin operations on the cluster's policy. Operations that reach other
+/// regions take the [`Gateway`] they go through as an argument (the gateway routes by this
+/// store, so neither owns the other).
+pub struct PolicyStore {
+    here: RegionId,
+    topology: Arc<Topology>,
+    reader: meridian_raft::StateMachineReader,
+    metrics: Arc<Metrics>,
     active: RwLock<Option<Arc<ActivePolicy>>>,
     parsed: Mutex<BTreeMap<String, Arc<Policy>>>,
-    stopping: AtomicBool,
     /// The Raft term in which this node, as leader, last caught its state machine up with the
     /// commit index (so its policy copy is at least as new as anything committed before).
-    pub(crate) barrier_term: AtomicU64,
+    barrier_term: AtomicU64,
     /// When the authority last answered that it has no policy at all.
     authority_empty_at: Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The placement of (dataset, key) under `policy`: the one place the node turns a policy into
+/// a placement. `home` is the user-locality attribute (a key written without a region prefix
+/// lives where it was written, its `origin`).
+pub(crate) fn place(
+    policy: &Policy,
+    topology: &Topology,
+    dataset: &DatasetName,
+    key: &Key,
+    home: Option<&RegionId>,
+    origin: Option<&RegionId>,
+) -> Result<Placement, PlacementError> {
+    let attrs = ObjectAttributes { home: home.cloned(), origin: origin.cloned(), ..ObjectAttributes::default() };
+    evaluate(policy, topology, dataset, key, &attrs)
+}
+
+/// A placement refusal as the request path reports it.
+fn placement_error(e: PlacementError) -> NodeError {
+    match e {
+        e @ PlacementError::DatasetNotInPolicy { .. } => NodeError::DatasetNotInPolicy(e.to_string()),
+        e => NodeError::HomeUnknown(e.to_string()),
+    }
+}
+
+/// A policy document as the operator sent it: its text, format and file name.
+#[derive(Debug, Clone, Copy)]
+pub struct Document<'a> {
+    pub text: &'a str,
+    pub format: Format,
+    pub file: &'a str,
 }
 
 /// What an apply or rollback did.
@@ -216,19 +251,32 @@ fn format_name(format: Format) -> &'static str {
     }
 }
 
-impl Node {
+impl PolicyStore {
+    pub(crate) fn new(region: &RegionGroup, metrics: Arc<Metrics>) -> PolicyStore {
+        PolicyStore {
+            here: region.spec().region.clone(),
+            topology: region.topology().clone(),
+            reader: region.reader().clone(),
+            metrics,
+            active: RwLock::new(None),
+            parsed: Mutex::new(BTreeMap::new()),
+            barrier_term: AtomicU64::new(0),
+            authority_empty_at: Mutex::new(None),
+        }
+    }
+
     /// The region whose Raft group decides the policy history.
-    pub fn policy_authority(&self) -> RegionId {
+    pub fn authority(&self) -> RegionId {
         self.topology.regions()[0].name.clone()
     }
 
     /// This node's cached active policy, if its region holds one.
-    pub fn active_policy(&self) -> Option<Arc<ActivePolicy>> {
-        self.policy.active.read().expect("policy cache lock").clone()
+    pub fn active(&self) -> Option<Arc<ActivePolicy>> {
+        self.active.read().expect("policy cache lock").clone()
     }
 
     fn parse_record(&self, rec: &VersionRecord) -> Result<Arc<Policy>, NodeError> {
-        if let Some(p) = self.policy.parsed.lock().expect("parsed lock").get(&rec.version) {
+        if let Some(p) = self.parsed.lock().expect("parsed lock").get(&rec.version) {
             return Ok(p.clone());
         }
         let format = if rec.format == "yaml" { Format::Yaml } else { Format::Toml };
@@ -241,7 +289,7 @@ impl Node {
             return Err(NodeError::Storage(format!("stored policy version {} hashes differently", rec.version)));
         }
         let policy = Arc::new(policy);
-        let mut parsed = self.policy.parsed.lock().expect("parsed lock");
+        let mut parsed = self.parsed.lock().expect("parsed lock");
         if parsed.len() >= PARSED_VERSIONS_MAX {
             parsed.clear();
         }
@@ -258,22 +306,22 @@ impl Node {
 
     /// Reload the cache from this node's copy if the active entry changed. Cheap when it did
     /// not (one local read, no decoding), so the request path calls it every time.
-    pub fn refresh_policy(&self) -> Result<(), NodeError> {
+    pub fn refresh(&self) -> Result<(), NodeError> {
         let obj = self.reader.get(NAMESPACE, ACTIVE_KEY).map_err(|e| NodeError::Storage(e.to_string()))?;
         let Some(obj) = obj.filter(StoredObject::is_live) else {
-            *self.policy.active.write().expect("policy cache lock") = None;
+            *self.active.write().expect("policy cache lock") = None;
             self.metrics.policy_epoch.set(0);
             return Ok(());
         };
         // Only forward: a slower refresh that read an older record must not undo a newer one
         // (records in one region carry strictly increasing sequences).
-        if self.active_policy().is_some_and(|a| a.stored_as.seq >= obj.version.seq) {
+        if self.active().is_some_and(|a| a.stored_as.seq >= obj.version.seq) {
             return Ok(());
         }
         let entry: HistoryRecord = decode_record(&obj, ACTIVE_KEY)?;
         let active = self.load_entry(entry, obj.version)?;
         self.metrics.policy_epoch.set(active.entry.epoch as i64);
-        *self.policy.active.write().expect("policy cache lock") = Some(Arc::new(active));
+        *self.active.write().expect("policy cache lock") = Some(Arc::new(active));
         Ok(())
     }
 
@@ -300,42 +348,27 @@ impl Node {
     }
 
     /// Keep this node's cache fresh, and (on a region leader outside the authority) pull the
-    /// authority's newer entries into this region's copy.
-    pub fn spawn_policy_sync(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                let jitter = Duration::from_millis(meridian_raft::rt::random_u64() % 500);
-                tokio::time::sleep(SYNC_INTERVAL + jitter).await;
-                let Some(node) = weak.upgrade() else { return };
-                if node.policy.stopping.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Err(e) = node.refresh_policy() {
-                    tracing::warn!(error = %e, "refresh the policy cache");
-                }
-                let leads = node.raft.metrics().borrow().state == openraft::ServerState::Leader;
-                if leads && node.spec.region != node.policy_authority() {
-                    if let Err(e) = node.pull_policy_from_authority().await {
-                        tracing::debug!(error = %e, "policy copy not refreshed from the authority this round");
-                    }
+    /// authority's newer entries into this region's copy, until the node stops.
+    pub(crate) async fn run_sync(self: Arc<Self>, region: Arc<RegionGroup>, gw: Arc<Gateway>, stop: StopSignal) {
+        loop {
+            let jitter = POLICY_SYNC_JITTER_MAX.mul_f64(meridian_raft::rt::random_f64());
+            if stop.sleep(POLICY_SYNC_INTERVAL + jitter).await {
+                return;
+            }
+            if let Err(e) = self.refresh() {
+                tracing::warn!(error = %e, "refresh the policy cache");
+            }
+            if region.is_leader() && self.here != self.authority() {
+                if let Err(e) = self.pull_from_authority(&gw).await {
+                    tracing::debug!(error = %e, "policy copy not refreshed from the authority this round");
                 }
             }
-        });
+        }
     }
 
-    pub(crate) fn stop_policy_sync(&self) {
-        self.policy.stopping.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether background workers (policy sync, links) should stop: the node is shutting down.
-    pub(crate) fn links_stopped(&self) -> bool {
-        self.policy.stopping.load(Ordering::Relaxed)
-    }
-
-    async fn pull_policy_from_authority(&self) -> Result<(), NodeError> {
-        let authority = self.policy_authority();
-        let Some(obj) = self.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live) else {
+    async fn pull_from_authority(&self, gw: &Gateway) -> Result<(), NodeError> {
+        let authority = self.authority();
+        let Some(obj) = gw.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live) else {
             return Ok(());
         };
         let entry: HistoryRecord = decode_record(&obj, ACTIVE_KEY)?;
@@ -346,25 +379,26 @@ impl Node {
         let mut records = Vec::new();
         for id in std::iter::once(&entry.version).chain(entry.base.iter()) {
             let key = format!("{VERSION_PREFIX}{id}");
-            let rec = self.read_in(&authority, NAMESPACE, &key).await?.0.filter(StoredObject::is_live);
+            let rec = gw.read_in(&authority, NAMESPACE, &key).await?.0.filter(StoredObject::is_live);
             let rec = rec.ok_or_else(|| NodeError::Storage(format!("the authority lacks policy version {id}")))?;
             records.push(decode_record::<VersionRecord>(&rec, &key)?);
         }
-        let region = self.spec.region.clone();
-        self.install_copy(&region, &entry, &records).await?;
-        self.refresh_policy()
+        let region = self.here.clone();
+        self.install_copy(gw, &region, &entry, &records).await?;
+        self.refresh()
     }
 
     /// Write `entry` (and the versions it names) into `region`'s copy unless it already
     /// holds that epoch or a later one.
     async fn install_copy(
         &self,
+        gw: &Gateway,
         region: &RegionId,
         entry: &HistoryRecord,
         records: &[VersionRecord],
     ) -> Result<(), NodeError> {
-        for _ in 0..3 {
-            let current = self.read_in(region, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live);
+        for _ in 0..POLICY_INSTALL_ATTEMPTS_MAX {
+            let current = gw.read_in(region, NAMESPACE, ACTIVE_KEY).await?.0.filter(StoredObject::is_live);
             let condition = match &current {
                 Some(obj) => {
                     if decode_record::<HistoryRecord>(obj, ACTIVE_KEY)?.epoch >= entry.epoch {
@@ -378,7 +412,7 @@ impl Node {
                 records.iter().map(|r| put(format!("{VERSION_PREFIX}{}", r.version), r, Condition::Always)).collect();
             ops.push(put(history_key(entry.epoch), entry, Condition::Always));
             ops.push(put(ACTIVE_KEY.into(), entry, condition));
-            match self.write_in(region, WriteOp::Atomic(ops)).await?.0 {
+            match gw.write_in(region, WriteOp::Atomic(ops)).await?.0 {
                 CommandResult::Batch(_) => return Ok(()),
                 // Someone installed something meanwhile: look again.
                 CommandResult::AtomicFailed { .. } => continue,
@@ -389,9 +423,9 @@ impl Node {
     }
 
     /// The authority's active entry and the version of its record (for compare-and-set).
-    async fn authority_active(&self) -> Result<Option<(HistoryRecord, Version)>, NodeError> {
-        let authority = self.policy_authority();
-        match self.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0 {
+    async fn authority_active(&self, gw: &Gateway) -> Result<Option<(HistoryRecord, Version)>, NodeError> {
+        let authority = self.authority();
+        match gw.read_in(&authority, NAMESPACE, ACTIVE_KEY).await?.0 {
             Some(obj) if obj.is_live() => Ok(Some((decode_record(&obj, ACTIVE_KEY)?, obj.version))),
             _ => Ok(None),
         }
@@ -399,15 +433,15 @@ impl Node {
 
     /// Validate `text` and make it the active version (see the module docs for the commit
     /// point). Fails with nothing changed on any problem up to and including the commit.
-    pub async fn policy_apply(
+    pub async fn apply(
         &self,
-        text: &str,
-        format: Format,
-        file: &str,
+        gw: &Gateway,
+        doc: Document<'_>,
         rollout: Rollout,
         action: &str,
         now_ms: u64,
     ) -> Result<ApplyOutcome, PolicyOpError> {
+        let Document { text, format, file } = doc;
         let policy = Policy::parse(text, format, file, Some(&self.topology)).map_err(PolicyOpError::Invalid)?;
         let record = VersionRecord {
             version: policy.id().to_hex(),
@@ -415,7 +449,7 @@ impl Node {
             file: file.into(),
             text: text.into(),
         };
-        let previous = self.authority_active().await?;
+        let previous = self.authority_active(gw).await?;
         // A partial enforce governs some keys by its version and the rest by its base; a new
         // shadow or partial rollout of another version on top would silently hand the first
         // group back to the base. Finish (100%) or roll back the running rollout first.
@@ -448,11 +482,11 @@ impl Node {
             at_ms: now_ms,
             datasets: policy.datasets().map(|(n, _)| n.to_string()).collect(),
         };
-        let authority = self.policy_authority();
+        let authority = self.authority();
         // A version record is written once: re-applying the same content (in another file
         // name or format) keeps the text that was first stored under the id.
         let version_key = format!("{VERSION_PREFIX}{}", record.version);
-        let stored = self.read_in(&authority, NAMESPACE, &version_key).await?.0.filter(StoredObject::is_live);
+        let stored = gw.read_in(&authority, NAMESPACE, &version_key).await?.0.filter(StoredObject::is_live);
         let mut ops = Vec::new();
         if stored.is_none() {
             ops.push(put(version_key.clone(), &record, Condition::IfAbsent));
@@ -463,7 +497,7 @@ impl Node {
             Some(obj) => decode_record(obj, &version_key)?,
             None => record,
         };
-        match self.write_in(&authority, WriteOp::Atomic(ops)).await?.0 {
+        match gw.write_in(&authority, WriteOp::Atomic(ops)).await?.0 {
             CommandResult::Batch(_) => {}
             CommandResult::AtomicFailed { .. } => {
                 return Err(PolicyOpError::Conflict(
@@ -478,7 +512,7 @@ impl Node {
         let mut records = vec![record];
         if let Some(base) = &entry.base {
             let key = format!("{VERSION_PREFIX}{base}");
-            match self.read_in(&authority, NAMESPACE, &key).await {
+            match gw.read_in(&authority, NAMESPACE, &key).await {
                 Ok((Some(obj), _)) if obj.is_live() => match decode_record(&obj, &key) {
                     Ok(rec) => records.push(rec),
                     Err(e) => tracing::warn!(error = %e, "read the base version for the copies"),
@@ -489,7 +523,7 @@ impl Node {
         let others: Vec<RegionId> =
             self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != authority).collect();
         let installs = others.iter().map(|r| async {
-            let done = tokio::time::timeout(Duration::from_secs(5), self.install_copy(r, &entry, &records)).await;
+            let done = tokio::time::timeout(POLICY_INSTALL_TIMEOUT, self.install_copy(gw, r, &entry, &records)).await;
             (r.clone(), matches!(done, Ok(Ok(()))))
         });
         let mut propagated = vec![authority];
@@ -501,7 +535,7 @@ impl Node {
                 pending.push(region);
             }
         }
-        if let Err(e) = self.refresh_policy() {
+        if let Err(e) = self.refresh() {
             tracing::warn!(error = %e, "refresh the policy cache after an apply");
         }
         Ok(ApplyOutcome { entry, propagated, pending })
@@ -509,7 +543,7 @@ impl Node {
 
     /// Find a stored version by id or unique prefix (at least [`PolicyId::PREFIX_MIN`] hex
     /// characters), in the authority's copy.
-    pub async fn policy_version(&self, prefix: &str) -> Result<VersionRecord, PolicyOpError> {
+    pub async fn version(&self, gw: &Gateway, prefix: &str) -> Result<VersionRecord, PolicyOpError> {
         let ok = (PolicyId::PREFIX_MIN..=64).contains(&prefix.len())
             && prefix.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !ok {
@@ -518,8 +552,8 @@ impl Node {
                 PolicyId::PREFIX_MIN
             )));
         }
-        let authority = self.policy_authority();
-        let (found, _) = self.list_in(&authority, NAMESPACE, &format!("{VERSION_PREFIX}{prefix}"), None, 2).await?;
+        let authority = self.authority();
+        let (found, _) = gw.list_in(&authority, NAMESPACE, &format!("{VERSION_PREFIX}{prefix}"), None, 2).await?;
         match found.as_slice() {
             [(key, obj)] => Ok(decode_record(obj, key)?),
             [] => Err(PolicyOpError::VersionNotFound(format!("no stored policy version starts with {prefix}"))),
@@ -530,21 +564,23 @@ impl Node {
     }
 
     /// Re-activate an earlier version, fully enforced, as a new history entry.
-    pub async fn policy_rollback(&self, prefix: &str, now_ms: u64) -> Result<ApplyOutcome, PolicyOpError> {
-        let rec = self.policy_version(prefix).await?;
+    pub async fn rollback(&self, gw: &Gateway, prefix: &str, now_ms: u64) -> Result<ApplyOutcome, PolicyOpError> {
+        let rec = self.version(gw, prefix).await?;
         let format = if rec.format == "yaml" { Format::Yaml } else { Format::Toml };
         let full = Rollout { mode: Mode::Enforce, percent: Rollout::FULL };
-        self.policy_apply(&rec.text, format, &rec.file, full, "rollback", now_ms).await
+        let doc = Document { text: &rec.text, format, file: &rec.file };
+        self.apply(gw, doc, full, "rollback", now_ms).await
     }
 
     /// The authority's history, newest first.
-    pub async fn policy_history(&self) -> Result<Vec<HistoryRecord>, NodeError> {
-        let authority = self.policy_authority();
+    pub async fn history(&self, gw: &Gateway) -> Result<Vec<HistoryRecord>, NodeError> {
+        let authority = self.authority();
         // Pages come oldest first; keep the newest HISTORY_ENTRIES_MAX.
         let mut out: std::collections::VecDeque<HistoryRecord> = std::collections::VecDeque::new();
         let mut after: Option<String> = None;
         for _ in 0..HISTORY_PAGES_MAX {
-            let (page, _) = self.list_in(&authority, NAMESPACE, HISTORY_PREFIX, after.as_deref(), 1000).await?;
+            let (page, _) =
+                gw.list_in(&authority, NAMESPACE, HISTORY_PREFIX, after.as_deref(), HISTORY_PAGE_ENTRIES).await?;
             let last = page.last().map(|(k, _)| k.clone());
             for (key, obj) in &page {
                 out.push_back(decode_record::<HistoryRecord>(obj, key)?);
@@ -552,7 +588,7 @@ impl Node {
                     out.pop_front();
                 }
             }
-            if page.len() < 1000 {
+            if page.len() < HISTORY_PAGE_ENTRIES {
                 break;
             }
             after = last;
@@ -561,11 +597,11 @@ impl Node {
     }
 
     /// The authority's active entry, and where each region's copy stands.
-    pub async fn policy_status(&self) -> (Result<Option<HistoryRecord>, NodeError>, Vec<RegionCopy>) {
-        let active = self.authority_active().await.map(|a| a.map(|(e, _)| e));
+    pub async fn status(&self, gw: &Gateway) -> (Result<Option<HistoryRecord>, NodeError>, Vec<RegionCopy>) {
+        let active = self.authority_active(gw).await.map(|a| a.map(|(e, _)| e));
         let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
         let copies = regions.into_iter().map(|region| async move {
-            let epoch = match self.read_in(&region, NAMESPACE, ACTIVE_KEY).await {
+            let epoch = match gw.read_in(&region, NAMESPACE, ACTIVE_KEY).await {
                 Ok((Some(obj), _)) if obj.is_live() => {
                     decode_record::<HistoryRecord>(&obj, ACTIVE_KEY).map(|e| Some(e.epoch)).map_err(|e| e.to_string())
                 }
@@ -577,16 +613,18 @@ impl Node {
         (active, futures::future::join_all(copies).await)
     }
 
-    // ---- the request path ------------------------------------------------------------------
+    // ---- placements ------------------------------------------------------------------------
 
-    /// The placement of (dataset, key) under the version that governs it here, if any.
-    fn governing_placement(
+    /// The placement of (dataset, key) under the version that governs it here: `None` if no
+    /// version is enforced for it yet (before the first policy, or under a first shadow).
+    /// `home` is the user-locality attribute, if the request named one.
+    pub fn placement(
         &self,
-        dataset: &str,
-        key: &str,
+        dataset: &DatasetName,
+        key: &Key,
         home: Option<&RegionId>,
     ) -> Result<Option<Placement>, NodeError> {
-        match self.active_policy() {
+        match self.active() {
             None => Ok(None),
             Some(active) => self.placement_under(&active, dataset, key, home),
         }
@@ -595,191 +633,74 @@ impl Node {
     fn placement_under(
         &self,
         active: &ActivePolicy,
-        dataset: &str,
-        key: &str,
+        dataset: &DatasetName,
+        key: &Key,
         home: Option<&RegionId>,
     ) -> Result<Option<Placement>, NodeError> {
-        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else {
-            return Err(NodeError::Internal(format!("unchecked name {dataset:?}/{key:?} reached the policy")));
-        };
-        let Some((policy, _)) = active.governing(&ds, &k) else { return Ok(None) };
-        let attrs = ObjectAttributes { home: home.cloned(), ..ObjectAttributes::default() };
-        match evaluate(policy, &self.topology, &ds, &k, &attrs) {
-            Ok(p) => Ok(Some(p)),
-            Err(e @ PlacementError::DatasetNotInPolicy { .. }) => Err(NodeError::DatasetNotInPolicy(e.to_string())),
-            Err(e) => Err(NodeError::HomeUnknown(e.to_string())),
-        }
+        let Some((policy, _)) = active.governing(dataset, key) else { return Ok(None) };
+        place(policy, &self.topology, dataset, key, home, None).map(Some).map_err(placement_error)
     }
 
-    /// The region a client write (or strong read) of (dataset, key) must go to: this one if
-    /// it is a home, else the first home. `home` is the user-locality attribute, if given.
-    pub fn home_region_for(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
-        self.refresh_policy()?;
-        let routed = self.route_by_policy(dataset, key, home);
-        if let Err(e) = &routed {
-            let code = match e {
-                NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
-                NodeError::HomeUnknown(_) => "home_unknown",
-                _ => "other",
-            };
-            self.metrics.policy_refusals.get_or_create(&crate::metrics::KindLabels { kind: code.into() }).inc();
-        }
-        routed
-    }
-
-    fn route_by_policy(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
-        let home = match home {
-            None => None,
-            Some(h) => match RegionId::new(h) {
-                Ok(r) if self.topology.regions().iter().any(|s| s.name == r) => Some(r),
-                _ => return Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster"))),
-            },
-        };
-        let choose = |p: &Placement| {
-            if p.homes.contains(&self.spec.region) {
-                self.spec.region.clone()
-            } else {
-                p.homes[0].clone()
-            }
-        };
-        let region = match self.governing_placement(dataset, key, home.as_ref())? {
-            None => self.spec.region.clone(),
-            Some(p) => choose(&p),
-        };
-        // Shadow: where the shadow version would have sent it; counted, never acted on.
-        if let (Some(active), Ok(ds), Ok(k)) = (self.active_policy(), DatasetName::new(dataset), Key::new(key)) {
-            if let Some(shadow) = active.shadow(&ds, &k) {
-                let attrs = ObjectAttributes { home: home.clone(), ..ObjectAttributes::default() };
-                let would = evaluate(shadow, &self.topology, &ds, &k, &attrs).ok().map(|p| choose(&p));
-                if would.as_ref() != Some(&region) {
-                    self.metrics.policy_shadow_reroutes.inc();
-                }
-            }
-        }
-        Ok(region)
-    }
-
-    /// Whether this node's region holds a copy of (dataset, key) (a home or a mirror) under the
-    /// governing version: a `local` read may then be served here.
-    pub fn holds_copy_here(&self, dataset: &str, key: &str, home: Option<&str>) -> bool {
-        let home = home.and_then(|h| RegionId::new(h).ok());
-        matches!(self.governing_placement(dataset, key, home.as_ref()), Ok(Some(p)) if p.holds_copy(&self.spec.region))
-    }
-
-    /// For a bounded-staleness read here: `None` if this region holds no copy of the key;
-    /// otherwise how stale this node's copy may be, in milliseconds (0 in a home region,
-    /// where the node follows the region's own log; in a mirror, the time since the moment
-    /// as of which everything every home committed is merged here, `u64::MAX` if unknown),
-    /// and the dataset's own `max_staleness` in milliseconds, if it has one.
-    pub fn local_staleness(
+    /// Under a shadow rollout, the placement the shadow version would give (dataset, key);
+    /// `None` when no shadow covers it or the shadow refuses it.
+    pub(crate) fn shadow_placement(
         &self,
+        active: &ActivePolicy,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+        origin: Option<&RegionId>,
+    ) -> Option<Placement> {
+        let shadow = active.shadow(dataset, key)?;
+        place(shadow, &self.topology, dataset, key, home, origin).ok()
+    }
+
+    /// The placement of a stored object under the version of `active` that governs it. A
+    /// user-homed key without a region prefix lives where it was written: its origin region.
+    pub(crate) fn placement_of_object(
+        &self,
+        active: Option<&ActivePolicy>,
         dataset: &str,
         key: &str,
-        home: Option<&str>,
-    ) -> Result<Option<(u64, Option<u64>)>, NodeError> {
-        let home = home.and_then(|h| RegionId::new(h).ok());
-        let Some(p) = self.governing_placement(dataset, key, home.as_ref())? else { return Ok(None) };
-        if !p.holds_copy(&self.spec.region) {
-            return Ok(None);
-        }
-        let budget = p.max_staleness.map(|d| d.ms());
-        if p.homes.contains(&self.spec.region) {
-            return Ok(Some((0, budget)));
-        }
-        let (state, _) = self.reader.replication().map_err(|e| NodeError::Storage(e.to_string()))?;
-        let now = self.clock.now_ms();
-        let staleness = p
-            .homes
-            .iter()
-            .map(|h| state.fresh.get(h.as_str()).map_or(u64::MAX, |f| now.saturating_sub(*f)))
-            .max()
-            .unwrap_or(u64::MAX);
-        Ok(Some((staleness, budget)))
+        obj: &StoredObject,
+    ) -> Option<Placement> {
+        let active = active?;
+        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return None };
+        let (policy, _) = active.governing(&ds, &k)?;
+        let origin = &obj.version.region;
+        place(policy, &self.topology, &ds, &k, Some(origin), Some(origin)).ok()
     }
 
-    /// Refuse to bring the key's value into this region if its placement does not allow this
-    /// region to hold its bytes: a read served elsewhere would carry the value here. Writes
-    /// are not checked this way (relaying a write carries the client's bytes into an allowed
-    /// region, never out of one).
-    pub fn check_value_may_come_here(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<(), NodeError> {
-        let home = home.and_then(|h| RegionId::new(h).ok());
-        match self.governing_placement(dataset, key, home.as_ref())? {
-            Some(p) if !p.is_allowed(&self.spec.region) => {
-                self.metrics
-                    .policy_refusals
-                    .get_or_create(&crate::metrics::KindLabels { kind: "residency_refused".into() })
-                    .inc();
-                Err(NodeError::ResidencyRefused(
-                    format!(
-                        "{dataset}/{key} may not be read through {}: its policy keeps its bytes in {}",
-                        self.spec.region,
-                        p.allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
-                    ),
-                    p.allowed.clone(),
-                ))
-            }
-            _ => Ok(()),
-        }
+    /// May `region` hold this object under `active`? Without a policy, no region but the origin.
+    pub(crate) fn placement_allows(
+        &self,
+        active: Option<&ActivePolicy>,
+        region: &RegionId,
+        dataset: &str,
+        key: &str,
+        obj: &StoredObject,
+    ) -> bool {
+        self.placement_of_object(active, dataset, key, obj).is_some_and(|p| p.holds_copy(region))
     }
 
-    /// Where a client PUT of (dataset, key) goes: [`Node::home_region_for`], plus, for a
-    /// user-homed key whose home comes from the `home` attribute (no region prefix), a check
-    /// that the key does not already live in another region: its home never changes. The
-    /// check reads the home region and, if the key is new there, every other region; two
-    /// first writes racing from different regions with different homes can still both land
-    /// (a home directory is the fix).
-    pub async fn route_put(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
-        // One deadline for the whole check, not one per region asked.
-        match tokio::time::timeout(crate::REQUEST_TIMEOUT, self.route_put_checked(dataset, key, home)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(NodeError::Unavailable {
-                node: self.spec.id,
-                reason: format!("checking where {dataset}/{key} lives took longer than {:?}", crate::REQUEST_TIMEOUT),
-            }),
+    /// Before the leader judges a write by its copy of the policy: once per term, catch the
+    /// state machine up with the commit index, so that a leader fresh from a restart never
+    /// judges by a copy older than what was committed; then reload the copy if it changed.
+    pub(crate) async fn catch_up_for_writes(&self, region: &RegionGroup) -> Result<(), LocalError> {
+        let term = region.term();
+        if self.barrier_term.load(Ordering::Acquire) != term {
+            region.read_index().await?;
+            self.barrier_term.store(term, Ordering::Release);
         }
-    }
-
-    async fn route_put_checked(&self, dataset: &str, key: &str, home: Option<&str>) -> Result<RegionId, NodeError> {
-        let region = self.home_region_for(dataset, key, home)?;
-        let Some(home) = home else { return Ok(region) };
-        let home = RegionId::new(home).map_err(|e| NodeError::HomeUnknown(e.to_string()))?;
-        let Some(p) = self.governing_placement(dataset, key, Some(&home))? else { return Ok(region) };
-        let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
-        if !from_attribute {
-            return Ok(region);
-        }
-        if self.read_in(&region, dataset, key).await?.0.is_some_and(|o| o.is_live()) {
-            return Ok(region);
-        }
-        let others: Vec<RegionId> =
-            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
-        let found = futures::future::join_all(others.iter().map(|r| self.read_in(r, dataset, key))).await;
-        for (r, answer) in others.iter().zip(found) {
-            match answer {
-                Ok((Some(obj), _)) if obj.is_live() => {
-                    return Err(NodeError::HomeImmutable(format!(
-                    "{dataset}/{key} already lives in {r}; a user-homed key's home cannot change (asked for {region})"
-                )))
-                }
-                Ok(_) => {}
-                // Unknown is not absent: refuse rather than risk a second home.
-                Err(e) => {
-                    return Err(NodeError::Unavailable {
-                        node: 0,
-                        reason: format!("cannot check that {dataset}/{key} is not homed in {r}: {e}"),
-                    })
-                }
-            }
-        }
-        Ok(region)
+        self.refresh().map_err(LocalError::Other)
     }
 
     /// The leader's own check before proposing client writes: this region must be a home of
     /// each key under this region's copy of the policy. Returns the condition that pins that
     /// copy: the write is proposed in one atomic group with it, so a policy change committed
     /// between this check and the write makes the write fail instead of slipping through.
-    pub(crate) async fn policy_guard(&self, reqs: &[WriteRequest]) -> Result<Condition, NodeError> {
-        let here = self.spec.region.clone();
+    pub(crate) async fn guard(&self, gw: &Gateway, reqs: &[WriteRequest]) -> Result<Condition, NodeError> {
+        let here = self.here.clone();
         let refuse = |message: String| {
             self.metrics
                 .policy_refusals
@@ -787,11 +708,11 @@ impl Node {
                 .inc();
             NodeError::PolicyRefused(message)
         };
-        let Some(active) = self.active_policy() else {
+        let Some(active) = self.active() else {
             // No copy here. That is the truth only in the authority's region, or when the
             // authority says it has no policy either; a region that missed the first apply
             // must store nothing until its copy has caught up.
-            if here != self.policy_authority() && !self.authority_has_no_policy().await? {
+            if here != self.authority() && !self.authority_has_no_policy(gw).await? {
                 return Err(refuse(format!(
                     "region {here} holds no copy of the cluster's policy yet; it is catching up from the authority"
                 )));
@@ -799,7 +720,13 @@ impl Node {
             return Ok(Condition::IfAbsent);
         };
         for r in reqs {
-            match self.placement_under(&active, &r.dataset, &r.key, Some(&here)) {
+            let (Ok(ds), Ok(key)) = (DatasetName::new(r.dataset.as_str()), Key::new(r.key.as_str())) else {
+                return Err(NodeError::Internal(format!(
+                    "unchecked name {:?}/{:?} reached the policy",
+                    r.dataset, r.key
+                )));
+            };
+            match self.placement_under(&active, &ds, &key, Some(&here)) {
                 Ok(None) => {}
                 Ok(Some(p)) if p.homes.contains(&here) => {}
                 Ok(Some(p)) => {
@@ -818,29 +745,23 @@ impl Node {
         Ok(Condition::IfMatch(active.stored_as.clone()))
     }
 
-    /// Whether the authority has no policy, asked at most once per [`SYNC_INTERVAL`].
-    async fn authority_has_no_policy(&self) -> Result<bool, NodeError> {
-        if let Some(at) = *self.policy.authority_empty_at.lock().expect("policy lock") {
-            if at.elapsed() < SYNC_INTERVAL {
+    /// Whether the authority has no policy, asked at most once per [`POLICY_SYNC_INTERVAL`].
+    async fn authority_has_no_policy(&self, gw: &Gateway) -> Result<bool, NodeError> {
+        if let Some(at) = *self.authority_empty_at.lock().expect("policy lock") {
+            if at.elapsed() < POLICY_SYNC_INTERVAL {
                 return Ok(true);
             }
         }
-        let empty = self.authority_active().await?.is_none();
-        *self.policy.authority_empty_at.lock().expect("policy lock") = empty.then(tokio::time::Instant::now);
+        let empty = self.authority_active(gw).await?.is_none();
+        *self.authority_empty_at.lock().expect("policy lock") = empty.then(tokio::time::Instant::now);
         Ok(empty)
     }
 
     /// Where (dataset, key) lives under the active policy, and why.
-    pub fn policy_explain(
-        &self,
-        dataset: &DatasetName,
-        key: &Key,
-        home: Option<&str>,
-    ) -> Result<Explained, PolicyOpError> {
-        let active = self.active_policy().ok_or(PolicyOpError::NoPolicy)?;
+    pub fn explain(&self, dataset: &DatasetName, key: &Key, home: Option<&str>) -> Result<Explained, PolicyOpError> {
+        let active = self.active().ok_or(PolicyOpError::NoPolicy)?;
         let home =
             home.map(|h| RegionId::new(h).map_err(|e| PolicyOpError::BadRequest(format!("home: {e}")))).transpose()?;
-        let attrs = ObjectAttributes { home, ..ObjectAttributes::default() };
         let partial = active.entry.percent < Rollout::FULL;
         let (policy, governed_by) = match active.governing(dataset, key) {
             Some((p, true)) if partial => (p.clone(), "rollout"),
@@ -849,12 +770,8 @@ impl Node {
             None => (active.current.clone(), "nothing_enforced"),
         };
         let eval = |p: &Policy| {
-            evaluate(p, &self.topology, dataset, key, &attrs).map_err(|e| match e {
-                PlacementError::DatasetNotInPolicy { .. } => {
-                    PolicyOpError::Node(NodeError::DatasetNotInPolicy(e.to_string()))
-                }
-                other => PolicyOpError::Node(NodeError::HomeUnknown(other.to_string())),
-            })
+            place(p, &self.topology, dataset, key, home.as_ref(), None)
+                .map_err(|e| PolicyOpError::Node(placement_error(e)))
         };
         let placement = eval(&policy)?;
         let shadow = active.shadow(dataset, key).map(|p| eval(p)).transpose().ok().flatten();
@@ -865,17 +782,17 @@ impl Node {
 
     /// What applying `text` would change: datasets gaining or losing regions with the bytes to
     /// copy or purge, and links opened or closed. Changes nothing.
-    pub async fn policy_plan(&self, text: &str, format: Format, file: &str) -> Result<Plan, PolicyOpError> {
+    pub async fn plan(&self, gw: &Gateway, text: &str, format: Format, file: &str) -> Result<Plan, PolicyOpError> {
         let proposed = Policy::parse(text, format, file, Some(&self.topology)).map_err(PolicyOpError::Invalid)?;
-        let current = match self.authority_active().await? {
+        let current = match self.authority_active(gw).await? {
             None => None,
             Some((entry, _)) => {
-                let rec = self.policy_version(&entry.version).await?;
+                let rec = self.version(gw, &entry.version).await?;
                 Some(self.parse_record(&rec)?)
             }
         };
         let regions: Vec<RegionId> = self.topology.regions().iter().map(|r| r.name.clone()).collect();
-        let sizes = futures::future::join_all(regions.iter().map(|r| self.dataset_sizes_in(r))).await;
+        let sizes = futures::future::join_all(regions.iter().map(|r| gw.dataset_sizes_in(r))).await;
         let mut size_of: BTreeMap<(RegionId, String), (u64, u64)> = BTreeMap::new();
         let mut unreachable = Vec::new();
         for (region, s) in regions.iter().zip(sizes) {
@@ -960,8 +877,7 @@ impl Footprint {
         let homes: Vec<Option<RegionId>> =
             std::iter::once(None).chain(topology.regions().iter().map(|r| Some(r.name.clone()))).collect();
         for home in homes {
-            let attrs = ObjectAttributes { home, ..ObjectAttributes::default() };
-            let Ok(p) = evaluate(policy, topology, ds, &key, &attrs) else { continue };
+            let Ok(p) = place(policy, topology, ds, &key, home.as_ref(), None) else { continue };
             if f.refused {
                 f.rules = vec![
                     ("kind", p.kind.to_string()),
@@ -1005,6 +921,6 @@ pub fn schedule_text(l: &Link) -> String {
     }
 }
 
-fn join(regions: &[RegionId]) -> String {
+pub(crate) fn join(regions: &[RegionId]) -> String {
     format!("[{}]", regions.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "))
 }

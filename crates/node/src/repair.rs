@@ -1,4 +1,4 @@
-//! Anti-entropy, verification and purge (DESIGN.md §7): what keeps every allowed copy equal
+//! Anti-entropy, verification and purge (docs/replication.md#anti-entropy): what keeps every allowed copy equal
 //! even if a message or a bug lost a change, proves that it is, and removes copies a policy
 //! change no longer lets a region hold.
 //!
@@ -31,22 +31,21 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
-use crate::links::{epoch_of, SCAN_PAGE};
-use crate::metrics::{DatasetLabels, LinkLabels};
-use crate::peer::{DatasetDigest, PeerError, PeerRequestV1, PeerResponseV1, RegionDigest, WriteRequest};
-use crate::policy::ActivePolicy;
-use crate::{LocalError, Node, NodeError, WriteOp};
-
-/// Buckets per dataset digest.
-pub const DIGEST_BUCKETS: usize = 256;
-/// Most (key, version) pairs one digest-entries answer carries; a larger difference is
-/// repaired over several rounds.
-pub const DIGEST_ENTRIES_MAX: u32 = 10_000;
-/// Most keys one fetch asks for (and most copies one purge command removes).
-pub const FETCH_KEYS_MAX: usize = 256;
-/// How often the background worker wakes to see whether the policy entry changed (a purge
-/// pass follows a change at once) or a round is due.
-const WORKER_TICK: Duration = Duration::from_millis(500);
+use crate::clock::Clock;
+use crate::error::{to_peer_error, LocalError, NodeError};
+use crate::gateway::Gateway;
+use crate::limits::{
+    ANTI_ENTROPY_TICK, DIGEST_BUCKETS, DIGEST_ENTRIES_MAX, FETCH_BYTES_MAX, FETCH_KEYS_MAX, SCAN_PAGE,
+};
+use crate::links::{epoch_of, Links};
+use crate::metrics::{DatasetLabels, LinkLabels, Metrics};
+use crate::peer::{DatasetDigest, PeerError, PeerRequestV1, PeerResponseV1, RegionDigest, WriteOp, WriteRequest};
+use crate::policy::{ActivePolicy, PolicyStore};
+use crate::proposer::Proposer;
+use crate::region::RegionGroup;
+use crate::supervisor::StopSignal;
+use crate::transport::PeerTransport;
+use meridian_core::Topology;
 /// Namespace of the region's audit records.
 pub const AUDIT_NAMESPACE: &str = "_audit";
 
@@ -83,7 +82,52 @@ pub struct PairVerdict {
     pub result: Result<Vec<DatasetVerdict>, String>,
 }
 
-impl Node {
+/// The repair component: digests, anti-entropy rounds, purge passes and verification.
+pub struct Repair {
+    region: Arc<RegionGroup>,
+    proposer: Arc<Proposer>,
+    policy: Arc<PolicyStore>,
+    links: Arc<Links>,
+    gateway: Arc<Gateway>,
+    transport: PeerTransport,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    topology: Arc<Topology>,
+    here: RegionId,
+    interval: Duration,
+}
+
+/// What the repair component is built from.
+pub(crate) struct RepairParts {
+    pub region: Arc<RegionGroup>,
+    pub proposer: Arc<Proposer>,
+    pub policy: Arc<PolicyStore>,
+    pub links: Arc<Links>,
+    pub gateway: Arc<Gateway>,
+    pub transport: PeerTransport,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    /// How often a round runs on the leader.
+    pub interval: Duration,
+}
+
+impl Repair {
+    pub(crate) fn new(p: RepairParts) -> Repair {
+        Repair {
+            here: p.region.spec().region.clone(),
+            topology: p.region.topology().clone(),
+            region: p.region,
+            proposer: p.proposer,
+            policy: p.policy,
+            links: p.links,
+            gateway: p.gateway,
+            transport: p.transport,
+            metrics: p.metrics,
+            clock: p.clock,
+            interval: p.interval,
+        }
+    }
+
     /// Both regions may hold this object under `active`.
     fn shared_by(
         &self,
@@ -94,7 +138,7 @@ impl Node {
         key: &str,
         obj: &StoredObject,
     ) -> bool {
-        self.placement_allows(active, a, ds, key, obj) && self.placement_allows(active, b, ds, key, obj)
+        self.policy.placement_allows(active, a, ds, key, obj) && self.policy.placement_allows(active, b, ds, key, obj)
     }
 
     /// Visit every stored object (tombstones too) of `dataset`, or of every dataset.
@@ -106,7 +150,8 @@ impl Node {
         let mut after: Option<(String, String)> = None;
         loop {
             let page = self
-                .reader
+                .region
+                .reader()
                 .scan(dataset, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE)
                 .map_err(|e| NodeError::Storage(e.to_string()))?;
             let done = page.len() < SCAN_PAGE;
@@ -126,17 +171,14 @@ impl Node {
     }
 
     fn lead_or_refuse(&self) -> Result<(), PeerError> {
-        if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
-            return Err(PeerError::NotLeader { leader: self.leader_hint() });
-        }
-        Ok(())
+        self.region.lead_or_refuse().map_err(LocalError::into_peer_error)
     }
 
     /// This region's digests of what it and `with` may both hold.
     pub(crate) fn local_digest(&self, with: &RegionId) -> Result<RegionDigest, NodeError> {
-        self.refresh_policy()?;
-        let active = self.active_policy();
-        let here = self.spec.region.clone();
+        self.policy.refresh()?;
+        let active = self.policy.active();
+        let here = self.here.clone();
         let mut datasets: BTreeMap<String, DatasetDigest> = BTreeMap::new();
         self.for_each_object(None, |ds, key, obj| {
             if !self.shared_by(active.as_deref(), &here, with, ds, key, obj) {
@@ -158,7 +200,7 @@ impl Node {
     pub(crate) fn serve_digest(&self, with: &str) -> Result<RegionDigest, PeerError> {
         self.lead_or_refuse()?;
         let with = Self::peer_region(with, "a digest")?;
-        self.local_digest(&with).map_err(crate::to_peer_error)
+        self.local_digest(&with).map_err(to_peer_error)
     }
 
     /// Keys and versions of `dataset` in `buckets` that this region and `with` may both hold.
@@ -169,9 +211,9 @@ impl Node {
         buckets: &[u8],
         limit: usize,
     ) -> Result<BTreeMap<String, Version>, NodeError> {
-        self.refresh_policy()?;
-        let active = self.active_policy();
-        let here = self.spec.region.clone();
+        self.policy.refresh()?;
+        let active = self.policy.active();
+        let here = self.here.clone();
         let wanted: BTreeSet<u8> = buckets.iter().copied().collect();
         let mut out = BTreeMap::new();
         self.for_each_object(Some(dataset), |ds, key, obj| {
@@ -195,7 +237,7 @@ impl Node {
         self.lead_or_refuse()?;
         let with = Self::peer_region(with, "digest entries")?;
         let limit = limit.min(DIGEST_ENTRIES_MAX) as usize;
-        let entries = self.local_digest_entries(&with, dataset, buckets, limit).map_err(crate::to_peer_error)?;
+        let entries = self.local_digest_entries(&with, dataset, buckets, limit).map_err(to_peer_error)?;
         Ok(entries.into_iter().collect())
     }
 
@@ -212,12 +254,19 @@ impl Node {
         if keys.len() > FETCH_KEYS_MAX {
             return Err(PeerError::Protocol(format!("a fetch names {} keys; at most {FETCH_KEYS_MAX}", keys.len())));
         }
-        self.refresh_policy().map_err(crate::to_peer_error)?;
-        let active = self.active_policy();
+        self.policy.refresh().map_err(to_peer_error)?;
+        let active = self.policy.active();
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for key in keys {
-            let obj = self.reader.get(dataset, key).map_err(|e| PeerError::Internal(e.to_string()))?;
-            if let Some(obj) = obj.filter(|o| self.placement_allows(active.as_deref(), &with, dataset, key, o)) {
+            // The answer stays inside a peer body: the keys past the bound are fetched again
+            // next round (the asking side repairs what it got, and the digests still differ).
+            if bytes >= FETCH_BYTES_MAX {
+                break;
+            }
+            let obj = self.region.reader().get(dataset, key).map_err(|e| PeerError::Internal(e.to_string()))?;
+            if let Some(obj) = obj.filter(|o| self.policy.placement_allows(active.as_deref(), &with, dataset, key, o)) {
+                bytes += obj.value.as_ref().map_or(0, Vec::len);
                 out.push((key.clone(), obj));
             }
         }
@@ -231,7 +280,7 @@ impl Node {
             _ => None,
         };
         let req = || PeerRequestV1::Digest { with: with.to_string() };
-        Ok(self.call_region(region, req, unpack, true).await?.0)
+        Ok(self.transport.call_region(region, req, unpack, true).await?.0)
     }
 
     /// Compare every pair of regions' copies by digest (optionally one dataset).
@@ -258,54 +307,52 @@ impl Node {
         futures::future::join_all(checks).await
     }
 
-    /// Start the worker that runs anti-entropy rounds and purge passes on the region leader.
-    pub(crate) fn spawn_anti_entropy(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        let interval = Duration::from_millis(self.config.replication.anti_entropy_interval_ms);
-        tokio::spawn(async move {
-            let mut purged_epoch: Option<u64> = None;
-            let mut next_round = Instant::now() + interval;
-            loop {
-                tokio::time::sleep(WORKER_TICK).await;
-                let Some(node) = weak.upgrade() else { return };
-                if node.links_stopped() {
-                    return;
-                }
-                if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
-                    purged_epoch = None;
-                    continue;
-                }
-                let due = Instant::now() >= next_round;
-                let epoch = epoch_of(node.active_policy().as_deref());
-                if due || purged_epoch != Some(epoch) {
-                    match node.purge_pass().await {
-                        Ok(_) => purged_epoch = Some(epoch),
-                        Err(e) => tracing::warn!(error = %e, "purge pass"),
-                    }
-                }
-                if !due {
-                    continue;
-                }
-                next_round = Instant::now() + interval;
-                let others: Vec<RegionId> =
-                    node.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != node.spec.region).collect();
-                for peer in others {
-                    match node.anti_entropy_with(&peer).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::warn!(peer = %peer, repaired = n, "anti-entropy repaired copies"),
-                        Err(e) => tracing::debug!(peer = %peer, error = %e, "anti-entropy round"),
-                    }
+    /// The worker that runs anti-entropy rounds and purge passes on the region leader, until
+    /// the node stops.
+    pub(crate) async fn run(self: Arc<Self>, stop: StopSignal) {
+        let mut purged_epoch: Option<u64> = None;
+        let mut next_round = Instant::now() + self.interval;
+        loop {
+            if stop.sleep(ANTI_ENTROPY_TICK).await {
+                return;
+            }
+            if !self.region.is_leader() {
+                purged_epoch = None;
+                continue;
+            }
+            let due = Instant::now() >= next_round;
+            let epoch = epoch_of(self.policy.active().as_deref());
+            if due || purged_epoch != Some(epoch) {
+                match self.purge_pass().await {
+                    Ok(_) => purged_epoch = Some(epoch),
+                    Err(e) => tracing::warn!(error = %e, "purge pass"),
                 }
             }
-        });
+            if !due {
+                continue;
+            }
+            next_round = Instant::now() + self.interval;
+            let others: Vec<RegionId> =
+                self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.here).collect();
+            for peer in others {
+                if stop.is_raised() {
+                    return;
+                }
+                match self.anti_entropy_with(&peer).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(peer = %peer, repaired = n, "anti-entropy repaired copies"),
+                    Err(e) => tracing::debug!(peer = %peer, error = %e, "anti-entropy round"),
+                }
+            }
+        }
     }
 
     /// One anti-entropy round against `peer`: pull every object it holds newer than this
     /// region's copy (or that this region lacks) among those both may hold. Copies repaired.
     pub(crate) async fn anti_entropy_with(&self, peer: &RegionId) -> Result<u64, NodeError> {
-        let labels = LinkLabels { source: peer.to_string(), destination: self.spec.region.to_string() };
+        let labels = LinkLabels { source: peer.to_string(), destination: self.here.to_string() };
         let mine = self.local_digest(peer)?;
-        let theirs = self.digest_in(peer, &self.spec.region).await?;
+        let theirs = self.digest_in(peer, &self.here).await?;
         self.metrics.anti_entropy_rounds.get_or_create(&labels).inc();
         if mine.epoch != theirs.epoch {
             return Ok(0);
@@ -321,7 +368,7 @@ impl Node {
                 continue;
             }
             let req = || PeerRequestV1::DigestEntries {
-                with: self.spec.region.to_string(),
+                with: self.here.to_string(),
                 dataset: d.dataset.clone(),
                 buckets: differing.clone(),
                 limit: DIGEST_ENTRIES_MAX,
@@ -330,12 +377,12 @@ impl Node {
                 PeerResponseV1::DigestEntries(r) => Some(r),
                 _ => None,
             };
-            let (their_entries, _) = self.call_region(peer, req, unpack, true).await?;
+            let (their_entries, _) = self.transport.call_region(peer, req, unpack, true).await?;
             let local = self.local_digest_entries(peer, &d.dataset, &differing, usize::MAX)?;
             // Only what the origin's link has already passed is a divergence: a newer change
             // is still on its way (waiting for its schedule or rate limit, or in flight), and
             // pulling it here would bypass both.
-            let (state, _) = self.reader.replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+            let (state, _) = self.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
             let passed = |v: &Version| state.merged.get(v.region.as_str()).is_some_and(|m| v.seq <= *m);
             let needed: Vec<String> = their_entries
                 .into_iter()
@@ -353,7 +400,7 @@ impl Node {
     /// Fetch `keys` from `peer` and merge whatever is newer through this region's group.
     async fn pull_objects(&self, peer: &RegionId, dataset: &str, keys: &[String]) -> Result<u64, NodeError> {
         let req = || PeerRequestV1::FetchObjects {
-            with: self.spec.region.to_string(),
+            with: self.here.to_string(),
             dataset: dataset.to_owned(),
             keys: keys.to_vec(),
         };
@@ -361,34 +408,33 @@ impl Node {
             PeerResponseV1::Objects(r) => Some(r),
             _ => None,
         };
-        let (objects, _) = self.call_region(peer, req, unpack, true).await?;
-        let active = self.active_policy();
-        let here = self.spec.region.clone();
+        let (objects, _) = self.transport.call_region(peer, req, unpack, true).await?;
+        let active = self.policy.active();
+        let here = self.here.clone();
         let changes: Vec<RemoteChange> = objects
             .into_iter()
-            .filter(|(k, o)| self.placement_allows(active.as_deref(), &here, dataset, k, o))
+            .filter(|(k, o)| self.policy.placement_allows(active.as_deref(), &here, dataset, k, o))
             .map(|(key, o)| RemoteChange { dataset: dataset.to_owned(), key, version: o.version, value: o.value })
             .collect();
         if changes.is_empty() {
             return Ok(0);
         }
-        match self.propose_replication(CommandV1::Repair { source: peer.to_string(), changes }).await {
-            Ok(CommandResult::Repaired { applied }) => Ok(u64::from(applied)),
-            Ok(other) => Err(NodeError::Internal(format!("unexpected answer to a repair: {other:?}"))),
-            Err(LocalError::NotLeader(_)) => Err(NodeError::NoLeader),
-            Err(LocalError::Other(e)) => Err(e),
+        let cmd = CommandV1::Repair { source: peer.to_string(), changes };
+        match self.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
+            CommandResult::Repaired { applied } => Ok(u64::from(applied)),
+            other => Err(NodeError::Internal(format!("unexpected answer to a repair: {other:?}"))),
         }
     }
 
     /// Remove the copies the active placement no longer lets this region hold, each once a
     /// region that may hold it has it. Copies removed.
     pub(crate) async fn purge_pass(&self) -> Result<u64, NodeError> {
-        self.refresh_policy()?;
-        let Some(active) = self.active_policy() else { return Ok(0) };
-        let here = self.spec.region.clone();
+        self.policy.refresh()?;
+        let Some(active) = self.policy.active() else { return Ok(0) };
+        let here = self.here.clone();
         let mut candidates: Vec<(String, String, StoredObject)> = Vec::new();
         self.for_each_object(None, |ds, key, obj| {
-            if !self.placement_allows(Some(&active), &here, ds, key, obj) {
+            if !self.policy.placement_allows(Some(&active), &here, ds, key, obj) {
                 candidates.push((ds.to_owned(), key.to_owned(), obj.clone()));
             }
         })?;
@@ -398,7 +444,7 @@ impl Node {
         }
         // What every other region has merged from each origin.
         let mut merged: BTreeMap<RegionId, BTreeMap<String, u64>> = BTreeMap::new();
-        for (region, state) in self.replication_view().await {
+        for (region, state) in self.links.replication_view().await {
             if let (Ok(state), false) = (state, region == here) {
                 merged.insert(region, state.merged.into_iter().collect());
             }
@@ -408,7 +454,7 @@ impl Node {
         for (ds, key, obj) in candidates {
             let origin = &obj.version.region;
             let safe = self.topology.regions().iter().map(|r| &r.name).filter(|r| **r != here).any(|r| {
-                self.placement_allows(Some(&active), r, &ds, &key, &obj)
+                self.policy.placement_allows(Some(&active), r, &ds, &key, &obj)
                     && (r == origin
                         || merged.get(r).and_then(|m| m.get(origin.as_str())).is_some_and(|&m| m >= obj.version.seq))
             });
@@ -430,11 +476,9 @@ impl Node {
             let mut removed = 0u64;
             for chunk in keys.chunks(FETCH_KEYS_MAX) {
                 let cmd = CommandV1::Purge { dataset: dataset.clone(), keys: chunk.to_vec() };
-                match self.propose_replication(cmd).await {
-                    Ok(CommandResult::Purged { removed: n }) => removed += u64::from(n),
-                    Ok(other) => return Err(NodeError::Internal(format!("unexpected answer to a purge: {other:?}"))),
-                    Err(LocalError::NotLeader(_)) => return Err(NodeError::NoLeader),
-                    Err(LocalError::Other(e)) => return Err(e),
+                match self.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
+                    CommandResult::Purged { removed: n } => removed += u64::from(n),
+                    other => return Err(NodeError::Internal(format!("unexpected answer to a purge: {other:?}"))),
                 }
             }
             if removed == 0 {
@@ -457,7 +501,7 @@ impl Node {
         let at_ms = self.clock.now_ms();
         let record = serde_json::json!({
             "event": "purge",
-            "region": self.spec.region.as_str(),
+            "region": self.here.as_str(),
             "dataset": dataset,
             "removed": removed,
             "policy_epoch": active.entry.epoch,
@@ -470,7 +514,7 @@ impl Node {
             value: Some(record.to_string().into_bytes()),
             condition: meridian_raft::Condition::Always,
         };
-        if let Err(e) = self.write_in(&self.spec.region, WriteOp::One(req)).await {
+        if let Err(e) = self.gateway.write_local(WriteOp::One(req)).await {
             tracing::error!(error = %e, dataset, removed, "could not record a purge in the audit namespace");
         }
     }

@@ -1,4 +1,4 @@
-//! Traffic control for one link (DESIGN.md §7): when each dataset's changes are due
+//! Traffic control for one link (docs/replication.md#schedules-rate-limits-priorities): when each dataset's changes are due
 //! (schedules), how many bytes may leave (token buckets per link and per dataset), which
 //! changes go first when the link is constrained (priorities), and which wait while the link
 //! is congested (adaptive deferral within `max_lag` budgets).

@@ -22,11 +22,13 @@ use meridian_core::{NodeId, NodeSpec, RegionId, Topology};
 use meridian_raft::network::{PeerRpc, RaftReply, RaftRequest, RpcFailure};
 
 use crate::chaos::{Fate, FaultTable};
+use crate::error::{peer_error, NodeError};
+use crate::limits::{LEADER_ATTEMPTS_MAX, LEADER_BACKOFF_MAX, REQUEST_TIMEOUT};
 use crate::metrics::Metrics;
-use crate::peer::{PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1};
+use crate::peer::{PeerError, PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1};
 
 /// Cross-region message bodies at least this long are compressed (zstd, level 1: see
-/// ARCHITECTURE.md for the measurements behind the choice). Calls inside a region never are.
+/// docs/design.md#compression-zstd-level-1 for the measurements behind the choice). Calls inside a region never are.
 pub const COMPRESS_MIN_BYTES: usize = 256;
 /// The `content-encoding` of a compressed peer body.
 pub const ZSTD: &str = "zstd";
@@ -183,6 +185,12 @@ pub async fn serve_peer_body(node: &crate::Node, body: &[u8], compressed: bool, 
     }
 }
 
+/// The pause before attempt `attempt + 1` to reach a leader: doubling from 50 ms, at most
+/// [`LEADER_BACKOFF_MAX`].
+pub(crate) fn leader_backoff(attempt: u32) -> Duration {
+    Duration::from_millis((25u64 << attempt.min(4)).min(LEADER_BACKOFF_MAX.as_millis() as u64))
+}
+
 #[derive(Clone)]
 pub struct PeerTransport {
     inner: Arc<Inner>,
@@ -272,6 +280,56 @@ impl PeerTransport {
             self.inner.metrics.peer_rpc_errors(kind);
         }
         result
+    }
+
+    /// Send a request to the leader of `region`: any of its nodes first, then the leader it
+    /// names, with the attempt and deadline bounds of a client request. A request that may have
+    /// been applied is retried only if `idempotent`; otherwise a failure after sending is an
+    /// unknown outcome. Returns the answer and the node that gave it.
+    pub async fn call_region<T>(
+        &self,
+        region: &RegionId,
+        request: impl Fn() -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+        idempotent: bool,
+    ) -> Result<(T, NodeId), NodeError> {
+        let nodes: Vec<NodeId> = self.inner.topology.region_nodes(region).iter().map(|n| n.id).collect();
+        if nodes.is_empty() {
+            return Err(NodeError::Internal(format!("region {region} has no nodes")));
+        }
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut next = 0usize;
+        let mut hint: Option<NodeId> = None;
+        let mut last_error = String::from("no answer");
+        for attempt in 1..=LEADER_ATTEMPTS_MAX {
+            let target = hint.take().filter(|h| nodes.contains(h)).unwrap_or_else(|| {
+                next += 1;
+                nodes[(next - 1) % nodes.len()]
+            });
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            match self.call(target, request(), remaining).await {
+                Ok(reply) => match unpack(reply) {
+                    Some(Ok(v)) => return Ok((v, target)),
+                    Some(Err(PeerError::NotLeader { leader })) => {
+                        last_error = format!("node {target} is not the leader");
+                        if leader.is_some() && leader != Some(target) {
+                            hint = leader;
+                            continue;
+                        }
+                    }
+                    Some(Err(e)) => return Err(peer_error(target, e)),
+                    None => return Err(NodeError::Internal(format!("node {target} sent an unexpected reply"))),
+                },
+                Err(RpcFailure::Unreachable(e)) => last_error = format!("node {target}: {e}"),
+                Err(e) if idempotent => last_error = format!("node {target}: {e}"),
+                Err(e) => return Err(NodeError::OutcomeUnknown(e.to_string())),
+            }
+            tokio::time::sleep(leader_backoff(attempt)).await;
+        }
+        Err(NodeError::Unavailable { node: nodes[0], reason: format!("region {region}: {last_error}") })
     }
 
     async fn call_inner(&self, target: NodeId, req: PeerRequestV1) -> Result<PeerResponseV1, RpcFailure> {

@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meridian_core::{DatasetName, Key};
 use meridian_node::clock::Clock;
 use meridian_node::config::ClusterConfig;
-use meridian_node::peer::WriteRequest;
-use meridian_node::{Node, NodeError, NodeOptions};
-use meridian_raft::{CommandResult, Condition};
+use meridian_node::{Node, NodeError, NodeOptions, Precondition, WriteOutcome};
 
 struct ManualClock(AtomicU64);
 
@@ -45,26 +44,22 @@ async fn backwards_clock_is_refused_and_counted() {
         assert!(start.elapsed() < Duration::from_secs(10), "single voter did not become leader");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let write = || WriteRequest {
-        dataset: "d".into(),
-        key: "k".into(),
-        value: Some(b"1".to_vec()),
-        condition: Condition::Always,
-    };
+    let (dataset, key) = (DatasetName::new("d").unwrap(), Key::new("k").unwrap());
+    let write = || node.gateway().put(&dataset, &key, b"1".to_vec(), Precondition::None, None);
 
-    let (r, _) = node.write(write()).await.unwrap();
-    let CommandResult::Written { version, .. } = r else { panic!("{r:?}") };
+    let (r, _) = write().await.unwrap();
+    let WriteOutcome::Written { version, .. } = r else { panic!("{r:?}") };
     assert_eq!(version.hlc.wall_ms(), 1_000_000);
 
     clock.0.store(1_000_000 - 501, Ordering::SeqCst);
-    let err = node.write(write()).await.unwrap_err();
+    let err = write().await.unwrap_err();
     assert!(matches!(err, NodeError::ClockSkew(_)), "{err:?}");
     assert_eq!(node.metrics().hlc_refusals.get(), 1);
 
     // Within the offset the HLC keeps ticking logically ahead of the wall clock.
     clock.0.store(1_000_000 - 400, Ordering::SeqCst);
-    let (r, _) = node.write(write()).await.unwrap();
-    let CommandResult::Written { version: v2, .. } = r else { panic!("{r:?}") };
+    let (r, _) = write().await.unwrap();
+    let WriteOutcome::Written { version: v2, .. } = r else { panic!("{r:?}") };
     assert!(v2 > version);
     node.shutdown().await;
 }

@@ -69,6 +69,8 @@ impl From<NodeError> for ApiError {
                 .hint("check NTP on this node; meridian_hlc_refusals_total counts these refusals"),
             NodeError::DatasetNotInPolicy(_) => ApiError::new(ErrorCode::DatasetNotInPolicy, e.to_string())
                 .hint("add the dataset to the policy (or give the policy a [default]) and apply it"),
+            NodeError::NoStalenessBound(_) => ApiError::new(ErrorCode::InvalidQuery, e.to_string())
+                .hint("pass max_staleness (e.g. 2s), or set consistency.max_staleness in the policy"),
             NodeError::HomeUnknown(_) => ApiError::new(ErrorCode::HomeUnknown, e.to_string())
                 .hint("user-homed keys start with their home region (`eu-west/alice`) or pass ?home=REGION"),
             NodeError::HomeImmutable(_) => ApiError::new(ErrorCode::HomeImmutable, e.to_string())

@@ -12,9 +12,7 @@ use meridian_api::{
 };
 use meridian_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
 use meridian_core::{DatasetName, Key, Version};
-use meridian_node::peer::{WriteOp, WriteRequest};
-use meridian_node::{ReadConsistency, Served};
-use meridian_raft::{CommandResult, Condition};
+use meridian_node::{Consistency, Precondition, Served, WriteOutcome};
 
 use crate::error::{dataset_error, key_error, ApiError};
 use crate::AppState;
@@ -59,22 +57,12 @@ fn parse_names(dataset: String, key: String) -> Result<(DatasetName, Key), ApiEr
     Ok((dataset, key))
 }
 
-/// A read's consistency as asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadLevel {
-    Strong,
-    /// `local` and `eventual`: the nearest copy, which today is this region's if it holds one
-    /// (a home or a mirror), else a home.
-    Local,
-    /// At most this many milliseconds stale (`None`: the dataset's `max_staleness`).
-    Bounded(Option<u64>),
-}
-
-fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<ReadLevel, ApiError> {
+fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Consistency, ApiError> {
     let level = match c {
-        None | Some("strong") => ReadLevel::Strong,
-        Some("local" | "eventual") => ReadLevel::Local,
-        Some("bounded") => ReadLevel::Bounded(None),
+        None | Some("strong") => Consistency::Strong,
+        Some("local") => Consistency::Local,
+        Some("eventual") => Consistency::Eventual,
+        Some("bounded") => Consistency::Bounded(None),
         Some("session") => {
             return Err(ApiError::new(
                 ErrorCode::InvalidConsistency,
@@ -89,12 +77,12 @@ fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Rea
     };
     match (level, max_staleness) {
         (_, None) => Ok(level),
-        (ReadLevel::Bounded(_), Some(m)) => {
+        (Consistency::Bounded(_), Some(m)) => {
             let d = meridian_policy::units::Dur::parse(m).map_err(|e| {
                 ApiError::new(ErrorCode::InvalidQuery, format!("max_staleness={m:?}: {e}"))
                     .hint("write it like 500ms or 2s")
             })?;
-            Ok(ReadLevel::Bounded(Some(d.ms())))
+            Ok(Consistency::Bounded(Some(d.ms())))
         }
         (_, Some(_)) => {
             Err(ApiError::new(ErrorCode::InvalidQuery, "max_staleness applies only to consistency=bounded"))
@@ -102,44 +90,8 @@ fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Rea
     }
 }
 
-/// Whether to serve a read from this node's applied state (and at which level), given where
-/// the key's home is; otherwise it goes to a home.
-fn serve_here(
-    state: &AppState,
-    level: ReadLevel,
-    home_region: &meridian_core::RegionId,
-    dataset: &str,
-    key: &str,
-    home: Option<&str>,
-) -> Result<Option<ReadConsistency>, ApiError> {
-    let at_home = *home_region == state.node.spec().region;
-    Ok(match level {
-        ReadLevel::Strong => at_home.then_some(ReadConsistency::Strong),
-        ReadLevel::Local => {
-            (at_home || state.node.holds_copy_here(dataset, key, home)).then_some(ReadConsistency::Local)
-        }
-        ReadLevel::Bounded(max) => match state.node.local_staleness(dataset, key, home)? {
-            Some((staleness, budget)) => {
-                let max = max.or(budget).ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::InvalidQuery,
-                        format!("{dataset} has no max_staleness to bound the read by"),
-                    )
-                    .hint("pass max_staleness (e.g. 2s), or set consistency.max_staleness in the policy")
-                })?;
-                if staleness <= max {
-                    Some(ReadConsistency::Local)
-                } else {
-                    at_home.then_some(ReadConsistency::Strong)
-                }
-            }
-            None => at_home.then_some(ReadConsistency::Strong),
-        },
-    })
-}
-
-/// Read an `If-Match` / `If-None-Match` pair into a write condition.
-fn parse_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+/// Read an `If-Match` / `If-None-Match` pair into a write precondition.
+fn parse_condition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     let text = |name: &str| -> Result<Option<String>, ApiError> {
         match headers.get(name) {
             None => Ok(None),
@@ -157,13 +109,13 @@ fn parse_condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
             let version: Version = v.parse().map_err(|e: meridian_core::VersionParseError| {
                 ApiError::new(ErrorCode::InvalidVersion, e.to_string()).hint("send the ETag of a previous answer")
             })?;
-            Ok(Condition::IfMatch(version))
+            Ok(Precondition::IfMatch(version))
         }
-        (None, Some(v)) if v == "*" => Ok(Condition::IfAbsent),
+        (None, Some(v)) if v == "*" => Ok(Precondition::IfAbsent),
         (None, Some(_)) => {
             Err(ApiError::new(ErrorCode::InvalidPrecondition, "If-None-Match supports only \"*\" (create-only)"))
         }
-        (None, None) => Ok(Condition::Always),
+        (None, None) => Ok(Precondition::None),
     }
 }
 
@@ -225,12 +177,10 @@ pub async fn put_key(
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
     let value = read_json_body(state.node.config().limits.value_bytes_max, &headers, body).await?;
-    let region = state.node.route_put(dataset.as_str(), key.as_str(), q.home.as_deref()).await?;
-    let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: Some(value), condition };
-    let (result, served) = state.node.write_in(&region, WriteOp::One(req)).await?;
+    let (result, served) = state.node.gateway().put(&dataset, &key, value, condition, q.home.as_deref()).await?;
     let served = served_by(&state, served);
     match result {
-        CommandResult::Written { version, created } => {
+        WriteOutcome::Written { version, created } => {
             let info = VersionInfo::from(&version);
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             let body = PutResponse {
@@ -246,9 +196,9 @@ pub async fn put_key(
     }
 }
 
-fn write_refusal(result: CommandResult) -> ApiError {
+fn write_refusal(result: WriteOutcome) -> ApiError {
     match result {
-        CommandResult::PreconditionFailed { current } => {
+        WriteOutcome::PreconditionFailed { current } => {
             let mut e = ApiError::new(
                 ErrorCode::PreconditionFailed,
                 match &current {
@@ -259,7 +209,7 @@ fn write_refusal(result: CommandResult) -> ApiError {
             e.body.current_version = current.map(|v| v.to_string());
             e
         }
-        CommandResult::NotFound => ApiError::new(ErrorCode::KeyNotFound, "the key holds no value"),
+        WriteOutcome::NotFound => ApiError::new(ErrorCode::KeyNotFound, "the key holds no value"),
         other => ApiError::new(ErrorCode::Internal, format!("unexpected write result {other:?}")),
     }
 }
@@ -279,16 +229,7 @@ pub async fn get_key(
     let (dataset, key) = parse_names(dataset, key)?;
     let Query(q) = query.map_err(query_error)?;
     let level = parse_consistency(q.consistency.as_deref(), q.max_staleness.as_deref())?;
-    let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
-    // Served here when this region's copy satisfies the level; anything else goes to a home.
-    let here = serve_here(&state, level, &region, dataset.as_str(), key.as_str(), q.home.as_deref())?;
-    let (obj, served) = if let Some(consistency) = here {
-        state.node.read(dataset.as_str(), key.as_str(), consistency).await?
-    } else {
-        // Residency: never fetch a value into a region its policy keeps it out of.
-        state.node.check_value_may_come_here(dataset.as_str(), key.as_str(), q.home.as_deref())?;
-        state.node.read_in(&region, dataset.as_str(), key.as_str()).await?
-    };
+    let (obj, served) = state.node.gateway().get(&dataset, &key, level, q.home.as_deref()).await?;
     let served = served_by(&state, served);
     let (obj, value) = match obj {
         Some(o) => match o.value.clone() {
@@ -327,12 +268,10 @@ pub async fn delete_key(
     let (dataset, key) = parse_names(dataset, key)?;
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
-    let region = state.node.home_region_for(dataset.as_str(), key.as_str(), q.home.as_deref())?;
-    let req = WriteRequest { dataset: dataset.to_string(), key: key.to_string(), value: None, condition };
-    let (result, served) = state.node.write_in(&region, WriteOp::One(req)).await?;
+    let (result, served) = state.node.gateway().delete(&dataset, &key, condition, q.home.as_deref()).await?;
     let served = served_by(&state, served);
     match result {
-        CommandResult::Deleted { version } => {
+        WriteOutcome::Deleted { version } => {
             let info = VersionInfo::from(&version);
             let body = DeleteResponse {
                 dataset: dataset.to_string(),
@@ -397,25 +336,13 @@ pub async fn list_keys(
                 .hint("pass next_cursor back unchanged")
         })?),
     };
-    // Fixed-home datasets list at their home; user-homed ones at the home the `home`
-    // parameter or the prefix names, else here (the keys homed in this region).
-    let probe = if prefix.is_empty() { "_" } else { prefix.as_str() };
-    let region = match state.node.home_region_for(dataset.as_str(), probe, q.home.as_deref()) {
-        Ok(r) => r,
-        Err(meridian_node::NodeError::HomeUnknown(_)) if q.home.is_none() => state.node.spec().region.clone(),
-        Err(e) => return Err(e.into()),
-    };
-    let here = serve_here(&state, level, &region, dataset.as_str(), probe, q.home.as_deref())?;
-    let (items, served) = if let Some(consistency) = here {
-        state.node.list(dataset.as_str(), &prefix, after.as_deref(), limit, consistency).await?
-    } else {
-        // Keys are data too: a listing is not fetched into a region the policy keeps them out of.
-        state.node.check_value_may_come_here(dataset.as_str(), probe, q.home.as_deref())?;
-        state.node.list_in(&region, dataset.as_str(), &prefix, after.as_deref(), limit).await?
-    };
+    let (page, served) =
+        state.node.gateway().list(&dataset, &prefix, after.as_deref(), limit, level, q.home.as_deref()).await?;
     let served = served_by(&state, served);
+    let items = page.items;
     let next_cursor = if items.len() == limit { items.last().map(|(k, _)| hex_encode(k)) } else { None };
-    let items = items.into_iter().map(|(key, o)| ListItem { key, version: VersionInfo::from(&o.version) }).collect();
+    let items =
+        items.into_iter().map(|(key, version)| ListItem { key, version: VersionInfo::from(&version) }).collect();
     let body = ListResponse { dataset: dataset.to_string(), items, next_cursor, served_by: served.clone() };
     Ok(with_headers(Json(body).into_response(), &served, None))
 }

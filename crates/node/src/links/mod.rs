@@ -1,4 +1,4 @@
-//! Cross-region links (DESIGN.md §7, §17). On each region's leader, one shipper per destination
+//! Cross-region links (docs/replication.md#links). On each region's leader, one shipper per destination
 //! region reads the outbox after the destination's cursor, filters every change through the
 //! placement under the active policy, and sends the batch to the destination's leader, which
 //! filters again by its own policy copy and merges it through its own Raft group exactly once.
@@ -28,62 +28,99 @@
 //!
 //! Schedules, rate limits, priorities and congestion deferral are in [`crate::traffic`].
 
-use std::sync::Arc;
+pub(crate) mod receiver;
+pub(crate) mod shipper;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_core::{DatasetName, Key, RegionId};
-use meridian_policy::{evaluate, ObjectAttributes};
+use meridian_core::{DatasetName, Key, NodeId, RegionId, Topology};
 use meridian_raft::command::{CommandV1, RemoteChange};
 use meridian_raft::{CommandResult, StoredObject};
+use tokio::sync::{oneshot, Notify};
 
-use crate::metrics::{DatasetLinkLabels, DeferralLabels, LinkLabels, ShadowLabels};
+use self::receiver::Order;
+use self::shipper::{CursorStep, Departure, Pipeline, Returned};
+use crate::clock::Clock;
+use crate::error::{to_peer_error, LocalError, NodeError};
+use crate::limits::{
+    LINK_BATCH_BYTES_MAX, LINK_BATCH_ENTRIES_MAX, ORDER_POLL, ORDER_WAIT_MAX, PIPELINE_MAX, SCAN_PACE_SLEEP_MAX,
+    SCAN_PAGE, STATUS_TIMEOUT,
+};
+use crate::metrics::{DatasetLinkLabels, DeferralLabels, LinkLabels, Metrics, ShadowLabels};
 use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, RepairBatch, ShipBatch};
-use crate::policy::ActivePolicy;
+use crate::policy::{ActivePolicy, PolicyStore};
+use crate::proposer::Proposer;
+use crate::region::RegionGroup;
+use crate::supervisor::{StopSignal, Supervisor};
 use crate::traffic::{Candidate, Deferral, LinkTraffic};
-use crate::{LocalError, Node, NodeError};
+use crate::transport::PeerTransport;
 use meridian_policy::units::Dur;
-use meridian_policy::{Placement, Schedule};
+use meridian_policy::Schedule;
 
-/// How often an idle link looks at the outbox.
-pub const LINK_TICK: Duration = Duration::from_millis(50);
-/// Most outbox entries in one batch.
-pub const LINK_BATCH_ENTRIES_MAX: usize = 256;
-/// A batch stops growing past this many bytes of values.
-pub const LINK_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Longest pause after repeated failures (exponential backoff with jitter up to this).
-pub const LINK_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Objects read per page by catch-up and backfill scans.
-pub const SCAN_PAGE: usize = 1024;
-/// An idle link tells its destination it is current this often (for bounded-staleness reads).
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
-/// Batches one link keeps in flight at once. Departures are spaced by the link's round trip
-/// divided by this (but at least [`DEPARTURE_SPACING_MIN`]), so a change waits at most about
-/// that long for its batch to leave: about 2.4 ms on a 300 ms round trip. (At 32, that wait
-/// was the larger part of the lag excess on long links: p99 14.5 ms at 150 ms one way,
-/// against 6.8 ms at 10 ms.)
-pub const PIPELINE_MAX: usize = 128;
-/// The least time between two departures on one link while batches are in flight. Smaller
-/// batches cost bytes: every batch carries its own framing and compresses on its own, and at
-/// 128 in flight with no floor the cross-region bytes of `meridian bench bytes` grew by 8%.
-pub const DEPARTURE_SPACING_MIN: Duration = Duration::from_millis(2);
-/// Key and value bytes one link keeps in flight at most (batches wait beyond it).
-pub const PIPELINE_BYTES_MAX: u64 = 32 * 1024 * 1024;
-/// How long a destination holds a batch that arrived before the one ahead of it was merged.
-pub const ORDER_WAIT_MAX: Duration = Duration::from_secs(2);
-
-/// Signals between the write path, the receivers and the shippers.
+/// Rung when a local write commits: every shipper subscribed wakes and looks at the outbox.
 #[derive(Default)]
-pub(crate) struct LinkSignals {
-    /// One per shipper, notified when a local write commits.
-    pub(crate) wakes: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
+pub(crate) struct CommitBell {
+    wakes: Mutex<Vec<Arc<Notify>>>,
+}
+
+impl CommitBell {
+    pub(crate) fn subscribe(&self) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
+        self.wakes.lock().expect("bell lock").push(wake.clone());
+        wake
+    }
+
+    pub(crate) fn ring(&self) {
+        for w in self.wakes.lock().expect("bell lock").iter() {
+            w.notify_one();
+        }
+    }
+}
+
+/// The links component: this region's shippers (one per destination, on the leader) and the
+/// receiver of other regions' batches.
+pub struct Links {
+    region: Arc<RegionGroup>,
+    proposer: Arc<Proposer>,
+    policy: Arc<PolicyStore>,
+    transport: PeerTransport,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    supervisor: Arc<Supervisor>,
+    commits: Arc<CommitBell>,
+    topology: Arc<Topology>,
+    here: RegionId,
+    id: NodeId,
+    /// Bytes per second each link may send (0: no limit).
+    link_rate: u64,
+    signals: LinkSignals,
+}
+
+/// What the links component is built from.
+pub(crate) struct LinksParts {
+    pub region: Arc<RegionGroup>,
+    pub proposer: Arc<Proposer>,
+    pub policy: Arc<PolicyStore>,
+    pub transport: PeerTransport,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub supervisor: Arc<Supervisor>,
+    pub commits: Arc<CommitBell>,
+    pub link_rate: u64,
+}
+
+/// Signals between the receiver and the shippers.
+#[derive(Default)]
+struct LinkSignals {
     /// Notified when this node merged a batch from another region.
-    pub(crate) merged: tokio::sync::Notify,
+    merged: tokio::sync::Notify,
     /// Per source region: the highest range end queued for this node's log (the leader's).
-    pub(crate) queued: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    queued: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Held while a batch is queued and recorded, so batches queue in range order.
-    pub(crate) queue_lock: tokio::sync::Mutex<()>,
+    queue_lock: tokio::sync::Mutex<()>,
     /// Each shipper's latest report, by destination.
-    pub(crate) reports: std::sync::Mutex<std::collections::BTreeMap<String, crate::peer::LinkReport>>,
+    reports: std::sync::Mutex<std::collections::BTreeMap<String, crate::peer::LinkReport>>,
 }
 
 /// A batch ready to go, with what it carries.
@@ -103,69 +140,16 @@ pub(crate) enum Round {
     Batch(Prepared),
 }
 
-/// A batch that came back.
-pub(crate) struct Sent {
-    result: Result<CommandResult, NodeError>,
-    rtt_ms: f64,
-    bytes: u64,
-    shipped: u64,
-    withheld: u64,
-}
-
-/// One shipper's batches in flight.
+/// One shipper's pipeline and the I/O it waits on: the batches that came back, and the
+/// cursor proposal in flight. The shipper does not wait for that proposal: the destination's
+/// acknowledgement is what lets the next batch go, and a cursor persisted late only costs a
+/// resend after a leader change (the destination skips what it merged).
 #[derive(Default)]
-pub(crate) struct Pipeline {
-    /// The end of the last range sent; the next batch starts after it (`None`: after the
-    /// cursor).
-    sent_upto: Option<u64>,
-    in_flight: usize,
-    /// The highest range end the destination acknowledged.
-    acked: u64,
-    failures: u32,
-    completed: Vec<Sent>,
-    batches: u64,
-    errors: u64,
-    last_error: Option<String>,
-    last_departure: Option<tokio::time::Instant>,
-    in_flight_bytes: u64,
-    /// The cursor proposal in flight. The shipper does not wait for it: the destination's
-    /// acknowledgement is what lets the next batch go, and a cursor persisted late only
-    /// costs a resend after a leader change (the destination skips what it merged).
-    persisting: Option<tokio::task::JoinHandle<Result<CommandResult, NodeError>>>,
+struct InFlight {
+    pipe: Pipeline,
+    completed: Vec<Returned>,
+    persisting: Option<oneshot::Receiver<Result<CommandResult, NodeError>>>,
 }
-
-impl Pipeline {
-    /// Send the next batch from the cursor again.
-    fn restart(&mut self, node: &Node, dest: &RegionId) {
-        if self.sent_upto.take().is_some() {
-            node.metrics.replication_restarts.get_or_create(&node.link_labels(dest)).inc();
-        }
-    }
-
-    fn failed(&mut self, node: &Node, dest: &RegionId, e: &NodeError) {
-        self.failures = self.failures.saturating_add(1);
-        self.errors += 1;
-        self.last_error = Some(e.to_string());
-        self.restart(node, dest);
-        node.metrics.replication_errors.get_or_create(&node.link_labels(dest)).inc();
-        tracing::debug!(destination = %dest, error = %e, "link attempt failed");
-    }
-
-    /// How long to wait before the next round: the tick, or a backoff with jitter.
-    fn pause(&self) -> Duration {
-        if self.failures == 0 {
-            return LINK_TICK;
-        }
-        let cap = LINK_BACKOFF_MAX.as_millis() as u64;
-        let base = (LINK_TICK.as_millis() as u64) << self.failures.min(8);
-        let ms = base.min(cap);
-        Duration::from_millis(ms / 2 + meridian_raft::rt::random_u64() % (ms / 2 + 1))
-    }
-}
-
-/// Changes a link remembers having sent ahead of its range (so the range does not send them
-/// again); past this, changes behind a waiting one wait too.
-pub const EARLY_SENT_MAX: usize = 4096;
 
 /// What one link's shipper keeps between rounds (in memory: a new leader starts afresh, which
 /// costs at most some resends).
@@ -200,8 +184,8 @@ impl LinkState {
 
     /// Set the per-dataset queue gauges from the changes waiting in the window the link just
     /// looked at (at most one batch of outbox entries), and the per-reason deferral gauges.
-    fn report_queue(&mut self, node: &Node, dest: &RegionId, waiting: &[(&Candidate, Deferral)], now_ms: u64) {
-        let (source, destination) = (node.spec.region.to_string(), dest.to_string());
+    fn report_queue(&mut self, node: &Links, dest: &RegionId, waiting: &[(&Candidate, Deferral)], now_ms: u64) {
+        let (source, destination) = (node.here.to_string(), dest.to_string());
         let mut per_dataset: std::collections::BTreeMap<&str, (i64, i64, u64)> = Default::default();
         let mut per_reason: std::collections::HashMap<Deferral, i64> = Default::default();
         for (c, reason) in waiting {
@@ -259,98 +243,38 @@ pub(crate) fn epoch_of(active: Option<&ActivePolicy>) -> u64 {
     active.map_or(0, |a| a.entry.epoch)
 }
 
-impl Node {
+impl Links {
+    pub(crate) fn new(p: LinksParts) -> Links {
+        let (here, id) = (p.region.spec().region.clone(), p.region.spec().id);
+        Links {
+            topology: p.region.topology().clone(),
+            region: p.region,
+            proposer: p.proposer,
+            policy: p.policy,
+            transport: p.transport,
+            metrics: p.metrics,
+            clock: p.clock,
+            supervisor: p.supervisor,
+            commits: p.commits,
+            here,
+            id,
+            link_rate: p.link_rate,
+            signals: LinkSignals::default(),
+        }
+    }
+
     /// Start one shipper per destination region. Each runs only while this node leads its
     /// region, and stops with the node. A shipper keeps up to [`PIPELINE_MAX`] batches in
     /// flight (the destination merges them in range order), wakes as soon as a local write
     /// commits, and otherwise looks every [`LINK_TICK`].
-    pub(crate) fn spawn_links(self: &Arc<Self>) {
+    pub(crate) fn start(self: &Arc<Self>) {
         let destinations: Vec<RegionId> =
-            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.spec.region).collect();
-        let link_rate = self.config.replication.link_rate_bytes_per_sec;
+            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.here).collect();
         for dest in destinations {
-            let weak = Arc::downgrade(self);
-            let mut link = LinkState::new((link_rate > 0).then_some(link_rate), self.clock.now_ms());
-            let wake = Arc::new(tokio::sync::Notify::new());
-            self.link_signals.wakes.lock().expect("wakes lock").push(wake.clone());
-            tokio::spawn(async move {
-                let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Sent>(PIPELINE_MAX * 2);
-                let mut pipe = Pipeline::default();
-                let mut immediate = false;
-                loop {
-                    if !immediate {
-                        let pause = pipe.pause();
-                        tokio::select! {
-                            _ = wake.notified(), if pipe.failures == 0 => {}
-                            Some(sent) = done_rx.recv() => pipe.completed.push(sent),
-                            _ = tokio::time::sleep(pause) => {}
-                        }
-                    }
-                    immediate = false;
-                    while let Ok(sent) = done_rx.try_recv() {
-                        pipe.completed.push(sent);
-                    }
-                    let Some(node) = weak.upgrade() else { return };
-                    if node.links_stopped() {
-                        return;
-                    }
-                    node.settle(&dest, &mut link, &mut pipe).await;
-                    node.publish_link_report(&dest, &link, &pipe);
-                    if node.raft.metrics().borrow().state != openraft::ServerState::Leader {
-                        pipe.sent_upto = None;
-                        pipe.failures = 0;
-                        continue;
-                    }
-                    if pipe.in_flight >= PIPELINE_MAX || pipe.in_flight_bytes >= PIPELINE_BYTES_MAX {
-                        node.metrics.replication_window_full.get_or_create(&node.link_labels(&dest)).inc();
-                        continue;
-                    }
-                    // Spread departures over the round trip: sending every batch at once
-                    // and then waiting a whole round trip for room would make the changes
-                    // written meanwhile wait that long.
-                    if let (Some(rtt), Some(last)) = (link.traffic.health.rtt_ms, pipe.last_departure) {
-                        let spacing =
-                            Duration::from_secs_f64(rtt / 1000.0 / PIPELINE_MAX as f64).max(DEPARTURE_SPACING_MIN);
-                        let since = last.elapsed();
-                        if pipe.in_flight > 0 && since < spacing {
-                            tokio::time::sleep(spacing - since).await;
-                        }
-                    }
-                    match node.prepare_round(&dest, &mut link, &pipe).await {
-                        // Nothing to send and nothing outstanding: nothing is failing either.
-                        Ok(Round::Idle) if pipe.in_flight == 0 => pipe.failures = 0,
-                        Ok(Round::Idle) => {}
-                        Ok(Round::Scanned) => {
-                            pipe.sent_upto = None;
-                            pipe.failures = 0;
-                            immediate = true;
-                        }
-                        Ok(Round::Batch(b)) => {
-                            pipe.sent_upto = Some(b.batch.upto_seq);
-                            pipe.in_flight += 1;
-                            pipe.in_flight_bytes += b.bytes;
-                            pipe.last_departure = Some(tokio::time::Instant::now());
-                            immediate = b.more;
-                            let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
-                            tokio::spawn(async move {
-                                let started = tokio::time::Instant::now();
-                                let result = node2.send_batch(&dest2, &b.batch).await;
-                                let rtt_ms = started.elapsed().as_secs_f64() * 1000.0;
-                                let _ = tx
-                                    .send(Sent {
-                                        result,
-                                        rtt_ms,
-                                        bytes: b.bytes,
-                                        shipped: b.shipped,
-                                        withheld: b.withheld,
-                                    })
-                                    .await;
-                            });
-                        }
-                        Err(e) => pipe.failed(&node, &dest, &e),
-                    }
-                }
-            });
+            let link = LinkState::new((self.link_rate > 0).then_some(self.link_rate), self.clock.now_ms());
+            let wake = self.commits.subscribe();
+            let stop = self.supervisor.stop_signal();
+            self.supervisor.spawn_worker("link-shipper", ship(Arc::downgrade(self), dest, link, wake, stop));
         }
     }
 
@@ -402,87 +326,92 @@ impl Node {
             deferred: link.deferred.clone(),
             datasets,
         };
-        self.link_signals.reports.lock().expect("reports lock").insert(dest.to_string(), report);
+        self.signals.reports.lock().expect("reports lock").insert(dest.to_string(), report);
     }
 
-    /// Wake every link: a local write committed.
-    pub(crate) fn wake_links(&self) {
-        for w in self.link_signals.wakes.lock().expect("wakes lock").iter() {
-            w.notify_one();
+    /// A failed attempt: the pipeline backs off and goes back to the cursor; counted.
+    fn note_failure(&self, dest: &RegionId, pipe: &mut Pipeline, e: &NodeError) {
+        let restarted = pipe.fail(e.to_string());
+        self.count_failures(dest, u64::from(restarted), std::slice::from_ref(&e.to_string()));
+    }
+
+    fn count_failures(&self, dest: &RegionId, restarts: u64, errors: &[String]) {
+        let labels = self.link_labels(dest);
+        self.metrics.replication_restarts.get_or_create(&labels).inc_by(restarts);
+        self.metrics.replication_errors.get_or_create(&labels).inc_by(errors.len() as u64);
+        for e in errors {
+            tracing::debug!(destination = %dest, error = %e, "link attempt failed");
         }
     }
 
     /// Account for the batches that came back: move the cursor to the highest acknowledged
     /// range, or start again from the cursor after a failure or a gap.
-    async fn settle(self: &Arc<Self>, dest: &RegionId, link: &mut LinkState, pipe: &mut Pipeline) {
+    async fn settle(self: &Arc<Self>, dest: &RegionId, link: &mut LinkState, io: &mut InFlight) {
         let labels = self.link_labels(dest);
-        let mut gap: Option<u64> = None;
-        for sent in std::mem::take(&mut pipe.completed) {
-            pipe.in_flight -= 1;
-            pipe.in_flight_bytes = pipe.in_flight_bytes.saturating_sub(sent.bytes);
-            match sent.result {
-                Ok(CommandResult::Remote { merged_upto, .. }) => {
-                    pipe.acked = pipe.acked.max(merged_upto);
-                    pipe.failures = 0;
-                    pipe.batches += 1;
-                    link.traffic.health.observe(sent.rtt_ms, sent.bytes);
-                    self.metrics.replication_shipped.get_or_create(&labels).inc_by(sent.shipped);
-                    self.metrics.replication_withheld.get_or_create(&labels).inc_by(sent.withheld);
-                    self.metrics.replication_batches.get_or_create(&labels).inc();
-                }
-                // The destination has less than the cursor says (it lost state): resend from there.
-                Ok(CommandResult::RemoteGap { merged_upto }) => {
-                    gap = Some(gap.map_or(merged_upto, |g| g.min(merged_upto)));
-                    pipe.restart(self, dest);
-                }
-                Ok(other) => {
-                    pipe.failed(self, dest, &NodeError::Internal(format!("unexpected answer to a batch: {other:?}")))
-                }
-                Err(e) => pipe.failed(self, dest, &e),
-            }
+        let settled = io.pipe.settle(std::mem::take(&mut io.completed));
+        for &(rtt_ms, bytes, shipped, withheld) in &settled.merged {
+            link.traffic.health.observe(rtt_ms, bytes);
+            self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
+            self.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
+            self.metrics.replication_batches.get_or_create(&labels).inc();
         }
-        if pipe.persisting.as_ref().is_some_and(|h| h.is_finished()) {
-            let outcome = match pipe.persisting.take().expect("checked").await {
-                Ok(r) => r.map(|_| ()),
-                Err(e) => Err(NodeError::Internal(format!("cursor proposal: {e}"))),
+        self.count_failures(dest, settled.restarts, &settled.errors);
+        if let Some(rx) = io.persisting.as_mut() {
+            let outcome = match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Ok(r) => Some(r.map(|_| ())),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Some(Err(NodeError::Internal("the cursor proposal was dropped".into())))
+                }
             };
-            if let Err(e) = outcome {
-                pipe.failed(self, dest, &e);
+            if let Some(outcome) = outcome {
+                io.persisting = None;
+                if let Err(e) = outcome {
+                    self.note_failure(dest, &mut io.pipe, &e);
+                }
             }
         }
-        let cursor = match self.reader.replication() {
+        let cursor = match self.region.reader().replication() {
             Ok((state, _)) => state.cursors.get(dest.as_str()).copied().unwrap_or(0),
             Err(_) => return,
         };
-        if let Some(g) = gap.filter(|g| *g < cursor) {
-            // The destination lost what it acknowledged: move the cursor back, after any
-            // proposal in flight (which could otherwise land after this one).
-            if let Some(h) = pipe.persisting.take() {
-                let _ = h.await;
+        let step = io.pipe.cursor_step(settled.gap, cursor, io.persisting.is_some());
+        match step {
+            CursorStep::MoveBack(g) => {
+                if let Some(h) = io.persisting.take() {
+                    let _ = h.await;
+                }
+                let cmd = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: g };
+                if let Err(e) = self.propose_link_command(cmd).await {
+                    self.note_failure(dest, &mut io.pipe, &e);
+                    return;
+                }
+                io.pipe.moved_back(g);
             }
-            let cmd = CommandV1::SetCursor { destination: dest.to_string(), upto_seq: g };
-            if let Err(e) = self.propose_link_command(cmd).await {
-                pipe.failed(self, dest, &e);
-                return;
+            CursorStep::Persist(acked) => {
+                let (node, cmd) =
+                    (self.clone(), CommandV1::SetCursor { destination: dest.to_string(), upto_seq: acked });
+                let (tx, rx) = oneshot::channel();
+                if self.supervisor.spawn_job("link-cursor", async move {
+                    let _ = tx.send(node.propose_link_command(cmd).await);
+                }) {
+                    io.persisting = Some(rx);
+                }
             }
-            pipe.acked = g;
-        } else if pipe.acked > cursor && pipe.persisting.is_none() {
-            let (node, cmd) =
-                (self.clone(), CommandV1::SetCursor { destination: dest.to_string(), upto_seq: pipe.acked });
-            pipe.persisting = Some(tokio::spawn(async move { node.propose_link_command(cmd).await }));
+            CursorStep::Stay => {}
         }
-        let acked = if gap.is_some_and(|g| g < cursor) { pipe.acked } else { pipe.acked.max(cursor) };
+        let acked = io.pipe.acked_through(step, cursor);
         link.early_sent.retain(|seq, _| *seq > acked);
-        if let Ok((_, region_seq)) = self.reader.replication() {
+        if let Ok((_, region_seq)) = self.region.reader().replication() {
             self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(acked) as i64);
         }
     }
 
     /// This node's view of its region's replication state.
     pub(crate) fn local_replication(&self) -> Result<crate::peer::RegionReplication, NodeError> {
-        let (state, region_seq) = self.reader.replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+        let (state, region_seq) = self.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
         Ok(crate::peer::RegionReplication {
-            node: self.spec.id,
+            node: self.id,
             region_seq,
             cursors: state.cursors.into_iter().collect(),
             merged: state.merged.into_iter().collect(),
@@ -491,9 +420,9 @@ impl Node {
             backfilled: state.backfilled.into_iter().collect(),
             purged: state.purged,
             outbox_trimmed: state.outbox_trimmed,
-            epoch: epoch_of(self.active_policy().as_deref()),
-            links: if self.raft.metrics().borrow().state == openraft::ServerState::Leader {
-                self.link_signals.reports.lock().expect("reports lock").values().cloned().collect()
+            epoch: epoch_of(self.policy.active().as_deref()),
+            links: if self.region.is_leader() {
+                self.signals.reports.lock().expect("reports lock").values().cloned().collect()
             } else {
                 Vec::new()
             },
@@ -507,10 +436,10 @@ impl Node {
         let asks = regions.into_iter().map(|region| async move {
             let nodes = self.topology.region_nodes(&region);
             let answers = futures::future::join_all(nodes.iter().map(|n| async move {
-                if n.id == self.spec.id {
+                if n.id == self.id {
                     return self.local_replication().map_err(|e| format!("node {}: {e}", n.id));
                 }
-                match self.transport.call(n.id, PeerRequestV1::ReplicationState, crate::STATUS_TIMEOUT).await {
+                match self.transport.call(n.id, PeerRequestV1::ReplicationState, STATUS_TIMEOUT).await {
                     Ok(PeerResponseV1::ReplicationState(Ok(r))) => Ok(r),
                     Ok(PeerResponseV1::ReplicationState(Err(e))) => Err(format!("node {}: {e}", n.id)),
                     Ok(_) => Err(format!("node {} sent an unexpected reply", n.id)),
@@ -533,37 +462,7 @@ impl Node {
     }
 
     pub(crate) fn link_labels(&self, dest: &RegionId) -> LinkLabels {
-        LinkLabels { source: self.spec.region.to_string(), destination: dest.to_string() }
-    }
-
-    /// May `region` hold this object under `active`? Without a policy, no region but the origin.
-    pub(crate) fn placement_allows(
-        &self,
-        active: Option<&ActivePolicy>,
-        region: &RegionId,
-        dataset: &str,
-        key: &str,
-        obj: &StoredObject,
-    ) -> bool {
-        self.placement_of(active, dataset, key, obj).is_some_and(|p| p.holds_copy(region))
-    }
-
-    /// The placement of this object under the version of `active` that governs it.
-    pub(crate) fn placement_of(
-        &self,
-        active: Option<&ActivePolicy>,
-        dataset: &str,
-        key: &str,
-        obj: &StoredObject,
-    ) -> Option<Placement> {
-        let active = active?;
-        let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return None };
-        let (policy, _) = active.governing(&ds, &k)?;
-        // A user-homed key without a prefix lives where it was written: its origin region.
-        let origin = obj.version.region.clone();
-        let attrs =
-            ObjectAttributes { home: Some(origin.clone()), origin: Some(origin), ..ObjectAttributes::default() };
-        evaluate(policy, &self.topology, &ds, &k, &attrs).ok()
+        LinkLabels { source: self.here.to_string(), destination: dest.to_string() }
     }
 
     /// Decide this round for `dest`: a backfill or catch-up scan (run here, with nothing in
@@ -573,10 +472,10 @@ impl Node {
         // Taken before the region sequence is read: every write committed before this instant
         // is at or below that sequence, so a range reaching it is fresh as of this instant.
         let read_at = self.clock.now_ms();
-        let (state, region_seq) = self.reader.replication().map_err(storage)?;
+        let (state, region_seq) = self.region.reader().replication().map_err(storage)?;
         let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
-        self.refresh_policy()?;
-        let active = self.active_policy();
+        self.policy.refresh()?;
+        let active = self.policy.active();
         let epoch = epoch_of(active.as_deref());
         let idle = pipe.in_flight == 0;
         // A new policy entry may let `dest` hold what earlier ones withheld: backfill that
@@ -595,7 +494,7 @@ impl Node {
             }
         }
         // The destination acknowledged up to `acked` (the cursor may not be persisted yet).
-        let from = pipe.sent_upto.unwrap_or(cursor.max(pipe.acked)).max(cursor);
+        let from = pipe.next_from(cursor);
         if from < state.outbox_trimmed {
             if !idle {
                 return Ok(Round::Idle);
@@ -604,7 +503,7 @@ impl Node {
             return Ok(Round::Scanned);
         }
         let cursor = from;
-        let entries = self.reader.outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
+        let entries = self.region.reader().outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
         // Writes that never enter the outbox (reserved namespaces) still take sequences: an
         // empty batch carries the range past them, so the destination's "merged up to" and
         // this link's lag reach the region's last write.
@@ -613,19 +512,19 @@ impl Node {
             return Ok(self.heartbeat(link, idle, cursor, epoch, read_at, true));
         }
         // What may go: this region's own versions the placement lets `dest` hold.
-        let here = self.spec.region.clone();
+        let here = self.here.clone();
         let mut withheld = 0u64;
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut objects: Vec<RemoteChange> = Vec::new();
         for (seq, entry) in &entries {
-            let Some(obj) = self.reader.get(&entry.dataset, &entry.key).map_err(storage)? else { continue };
+            let Some(obj) = self.region.reader().get(&entry.dataset, &entry.key).map_err(storage)? else { continue };
             // Only this region's own versions, each under its own sequence: a key written
             // again later is shipped under the later entry, and a newer version merged from
             // elsewhere by its own origin's link.
             if obj.version.region != here || obj.version.seq != *seq {
                 continue;
             }
-            let placement = self.placement_of(active.as_deref(), &entry.dataset, &entry.key, &obj);
+            let placement = self.policy.placement_of_object(active.as_deref(), &entry.dataset, &entry.key, &obj);
             let allowed = placement.as_ref().is_some_and(|p| p.holds_copy(dest));
             self.count_shadow(active.as_deref(), dest, &entry.dataset, &entry.key, &obj, allowed);
             let Some(placement) = placement.filter(|_| allowed) else {
@@ -658,45 +557,14 @@ impl Node {
         }
         let now = self.clock.now_ms();
         let plan = link.traffic.plan(&candidates, now);
-        // The range stops before the first change that waits (it stays behind the cursor);
-        // changes admitted past it go at once, outside the range, and are not sent again when
-        // the range reaches them. A batch stops growing at its byte bound.
-        let last_read = entries.last().map_or(cursor, |(s, _)| *s);
-        let mut upto = candidates.iter().zip(&plan).find(|(_, p)| p.is_err()).map(|(c, _)| c.seq - 1);
-        let mut changes = Vec::new();
-        let mut early = Vec::new();
-        let mut bytes = 0u64;
-        let mut deferred: Vec<(usize, Deferral)> = Vec::new();
-        for (i, (c, p)) in candidates.iter().zip(&plan).enumerate() {
-            if let Err(reason) = p {
-                deferred.push((i, *reason));
-                continue;
-            }
-            let in_range = upto.is_none_or(|u| c.seq <= u);
-            let over = bytes >= LINK_BATCH_BYTES_MAX as u64;
-            if over || (!in_range && link.early_sent.len() >= EARLY_SENT_MAX) {
-                // Not this round: return its tokens, and end the range before it.
-                link.traffic.give_back(c);
-                upto = Some(upto.map_or(c.seq - 1, |u| u.min(c.seq - 1)));
-                continue;
-            }
-            let change = objects[i].clone();
-            if in_range {
-                bytes += c.bytes;
-                changes.push(change);
-            } else {
-                bytes += c.bytes;
-                link.early_sent.insert(c.seq, change.version.clone());
-                early.push(change);
-            }
+        let formed = shipper::form_batch(&candidates, &plan, &objects, &mut link.early_sent);
+        for &i in &formed.given_back {
+            link.traffic.give_back(&candidates[i]);
         }
-        // Changes past a range end that stopped short belong to the next round.
-        changes.retain(|ch| upto.is_none_or(|u| ch.version.seq <= u));
-        let full = entries.len() >= LINK_BATCH_ENTRIES_MAX || upto.is_some();
-        // Everything up to the region's last write was read when the outbox held no more
-        // (`region_seq` was read before the outbox, so no entry at or below it is missing).
-        let upto =
-            upto.unwrap_or(if entries.len() >= LINK_BATCH_ENTRIES_MAX { last_read } else { last_read.max(region_seq) });
+        let last_read = entries.last().map_or(cursor, |(s, _)| *s);
+        let full = shipper::more_after(formed.upto, entries.len());
+        let upto = shipper::range_end(formed.upto, entries.len(), last_read, region_seq);
+        let shipper::Formed { changes, early, bytes, deferred, .. } = formed;
         let queued: Vec<(&Candidate, Deferral)> = deferred.iter().map(|(i, r)| (&candidates[*i], *r)).collect();
         link.report_queue(self, dest, &queued, now);
         if upto <= cursor && early.is_empty() {
@@ -737,12 +605,12 @@ impl Node {
         read_at: u64,
         current: bool,
     ) -> Round {
-        if !idle || read_at.saturating_sub(link.last_heartbeat_ms) < HEARTBEAT_INTERVAL.as_millis() as u64 {
+        if !shipper::heartbeat_due(idle, read_at, link.last_heartbeat_ms) {
             return Round::Idle;
         }
         link.last_heartbeat_ms = read_at;
         let batch = ShipBatch {
-            source: self.spec.region.to_string(),
+            source: self.here.to_string(),
             from_seq: cursor + 1,
             upto_seq: cursor,
             epoch,
@@ -760,15 +628,12 @@ impl Node {
             PeerResponseV1::Shipped(r) => Some(r),
             _ => None,
         };
-        Ok(self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?.0)
+        Ok(self.transport.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?.0)
     }
 
     /// Propose a link's bookkeeping (cursor, backfill mark) to this region's group.
     async fn propose_link_command(&self, cmd: CommandV1) -> Result<CommandResult, NodeError> {
-        self.propose_replication(cmd).await.map_err(|e| match e {
-            LocalError::NotLeader(_) => NodeError::NoLeader,
-            LocalError::Other(e) => e,
-        })
+        self.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)
     }
 
     /// Under a shadow rollout, count the changes the shadow version would decide otherwise.
@@ -783,14 +648,17 @@ impl Node {
     ) {
         let Some(active) = active else { return };
         let (Ok(ds), Ok(k)) = (DatasetName::new(dataset), Key::new(key)) else { return };
-        let Some(shadow) = active.shadow(&ds, &k) else { return };
-        let origin = obj.version.region.clone();
-        let attrs =
-            ObjectAttributes { home: Some(origin.clone()), origin: Some(origin), ..ObjectAttributes::default() };
-        let would = evaluate(shadow, &self.topology, &ds, &k, &attrs).is_ok_and(|p| p.holds_copy(dest));
+        if active.shadow(&ds, &k).is_none() {
+            return;
+        }
+        let origin = &obj.version.region;
+        let would = self
+            .policy
+            .shadow_placement(active, &ds, &k, Some(origin), Some(origin))
+            .is_some_and(|p| p.holds_copy(dest));
         if would != allowed {
             let labels = ShadowLabels {
-                source: self.spec.region.to_string(),
+                source: self.here.to_string(),
                 destination: dest.to_string(),
                 outcome: if would { "would_ship" } else { "would_withhold" }.into(),
             };
@@ -818,21 +686,22 @@ impl Node {
         let mut bytes = 0usize;
         let mut sent = 0u64;
         loop {
-            let page = self.reader.scan(None, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE);
+            let page =
+                self.region.reader().scan(None, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE);
             let page = page.map_err(storage)?;
             let last_page = page.len() < SCAN_PAGE;
             for (dataset, key, obj) in page {
                 after = Some((dataset.clone(), key.clone()));
                 let seq = obj.version.seq;
-                if obj.version.region != self.spec.region || seq <= lo || hi.is_some_and(|h| seq > h) {
+                if obj.version.region != self.here || seq <= lo || hi.is_some_and(|h| seq > h) {
                     continue;
                 }
-                let allowed = self.placement_allows(active, dest, &dataset, &key, &obj);
+                let allowed = self.policy.placement_allows(active, dest, &dataset, &key, &obj);
                 if skip.is_none() {
                     // A catch-up decides for each change as the outbox path would.
                     self.count_shadow(active, dest, &dataset, &key, &obj, allowed);
                 }
-                if !allowed || self.placement_allows(skip, dest, &dataset, &key, &obj) {
+                if !allowed || self.policy.placement_allows(skip, dest, &dataset, &key, &obj) {
                     continue;
                 }
                 bytes += obj.value.as_ref().map_or(0, Vec::len) + key.len();
@@ -863,19 +732,19 @@ impl Node {
             if wait == 0 {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(wait.min(1_000))).await;
+            tokio::time::sleep(Duration::from_millis(wait).min(SCAN_PACE_SLEEP_MAX)).await;
         }
         link.traffic.scan_take(bytes);
     }
 
     async fn send_repair(&self, dest: &RegionId, epoch: u64, changes: Vec<RemoteChange>) -> Result<u64, NodeError> {
         let n = changes.len() as u64;
-        let batch = RepairBatch { source: self.spec.region.to_string(), epoch, changes };
+        let batch = RepairBatch { source: self.here.to_string(), epoch, changes };
         let unpack = |r| match r {
             PeerResponseV1::Repaired(r) => Some(r),
             _ => None,
         };
-        self.call_region(dest, || PeerRequestV1::Repair(batch.clone()), unpack, true).await?;
+        self.transport.call_region(dest, || PeerRequestV1::Repair(batch.clone()), unpack, true).await?;
         Ok(n)
     }
 
@@ -892,7 +761,7 @@ impl Node {
         link: &mut LinkState,
     ) -> Result<(), NodeError> {
         let previous = match done {
-            Some(epoch) => self.entry_at_epoch(epoch)?,
+            Some(epoch) => self.policy.entry_at_epoch(epoch)?,
             None => None,
         };
         let sent = self.scan_ship(dest, Some(active), 0, Some(passed), previous.as_ref(), link).await?;
@@ -924,7 +793,7 @@ impl Node {
         );
         let sent = self.scan_ship(dest, active, cursor, None, None, link).await?;
         let batch = ShipBatch {
-            source: self.spec.region.to_string(),
+            source: self.here.to_string(),
             from_seq: cursor + 1,
             upto_seq: region_seq,
             epoch: epoch_of(active),
@@ -936,7 +805,8 @@ impl Node {
             PeerResponseV1::Shipped(r) => Some(r),
             _ => None,
         };
-        let (answer, _) = self.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
+        let (answer, _) =
+            self.transport.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
         let acknowledged = match answer {
             CommandResult::Remote { merged_upto, .. } | CommandResult::RemoteGap { merged_upto } => merged_upto,
             other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
@@ -951,37 +821,17 @@ impl Node {
     /// this node leads, both ends under the same policy entry, and nothing this region's
     /// copy forbids it to hold (dropped and counted). The batch's source region.
     fn admit(&self, source: &str, epoch: u64, changes: &mut Vec<RemoteChange>) -> Result<RegionId, PeerError> {
-        if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
-            return Err(PeerError::NotLeader { leader: self.leader_hint() });
-        }
-        let Ok(source) = RegionId::new(source.to_owned()) else {
-            return Err(PeerError::Protocol(format!("batch from an invalid region name {source:?}")));
-        };
-        if self.topology.regions().iter().all(|r| r.name != source) || source == self.spec.region {
-            return Err(PeerError::Protocol(format!(
-                "batch from {source}, which is not another region of this cluster"
-            )));
-        }
-        if let Err(e) = self.refresh_policy() {
-            return Err(PeerError::Internal(e.to_string()));
-        }
-        let active = self.active_policy();
-        let ours = epoch_of(active.as_deref());
-        if ours != epoch {
-            return Err(PeerError::Unavailable(format!(
-                "the batch was filtered under policy epoch {epoch} and this region's copy has epoch {ours}; \
-                 retry once both copies agree"
-            )));
-        }
-        let here = self.spec.region.clone();
-        let before = changes.len();
-        changes.retain(|c| {
+        self.region.lead_or_refuse().map_err(LocalError::into_peer_error)?;
+        let source = receiver::check_source(source, &self.topology, &self.here)?;
+        self.policy.refresh().map_err(to_peer_error)?;
+        let active = self.policy.active();
+        receiver::check_epoch(epoch, epoch_of(active.as_deref()))?;
+        let refused = receiver::keep_allowed(changes, &source, |c| {
             let obj = StoredObject { version: c.version.clone(), value: None };
-            c.version.region == source && self.placement_allows(active.as_deref(), &here, &c.dataset, &c.key, &obj)
+            self.policy.placement_allows(active.as_deref(), &self.here, &c.dataset, &c.key, &obj)
         });
-        let refused = (before - changes.len()) as u64;
         if refused > 0 {
-            let labels = LinkLabels { source: source.to_string(), destination: here.to_string() };
+            let labels = LinkLabels { source: source.to_string(), destination: self.here.to_string() };
             self.metrics.replication_refused.get_or_create(&labels).inc_by(refused);
             tracing::warn!(source = %source, refused, "refused changes this region's policy does not let it hold");
         }
@@ -992,10 +842,10 @@ impl Node {
     pub(crate) async fn receive_repair(&self, mut batch: RepairBatch) -> Result<CommandResult, PeerError> {
         self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
         let cmd = CommandV1::Repair { source: batch.source, changes: batch.changes };
-        match self.propose_replication(cmd).await {
+        match self.proposer.propose_if_leader(cmd).await {
             Ok(r) => Ok(r),
             Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
-            Err(LocalError::Other(e)) => Err(crate::to_peer_error(e)),
+            Err(LocalError::Other(e)) => Err(to_peer_error(e)),
         }
     }
 
@@ -1007,13 +857,13 @@ impl Node {
         let stamps: Vec<u64> = batch.changes.iter().chain(&batch.early).map(|c| c.version.hlc.wall_ms()).collect();
         let to_peer = |e| match e {
             LocalError::NotLeader(leader) => PeerError::NotLeader { leader },
-            LocalError::Other(e) => crate::to_peer_error(e),
+            LocalError::Other(e) => to_peer_error(e),
         };
         // Changes sent ahead of the range first: they are newer-only merges, so applying
         // them before (or without) the range is harmless.
         if !batch.early.is_empty() {
             let cmd = CommandV1::Repair { source: batch.source.clone(), changes: batch.early };
-            self.propose_replication(cmd).await.map_err(to_peer)?;
+            self.proposer.propose_if_leader(cmd).await.map_err(to_peer)?;
         }
         // Pipelined batches may overtake each other on the way: hold one that starts past
         // what is merged or already queued for the log until the one ahead of it is queued
@@ -1024,33 +874,32 @@ impl Node {
         let source_name = batch.source.clone();
         let mut held = false;
         loop {
-            let notified = self.link_signals.merged.notified();
-            let merged = match self.reader.replication() {
+            let notified = self.signals.merged.notified();
+            let merged = match self.region.reader().replication() {
                 Ok((state, _)) => state.merged.get(source_name.as_str()).copied().unwrap_or(0),
                 Err(e) => return Err(PeerError::Internal(e.to_string())),
             };
-            let queued = self.link_signals.queued.lock().expect("queued lock").get(&source_name).copied().unwrap_or(0);
-            let in_order = batch.from_seq <= merged.max(queued) + 1;
-            if in_order || tokio::time::Instant::now() >= deadline {
-                if held {
-                    let labels = crate::metrics::HeldLabels {
-                        source: source_name.clone(),
-                        destination: self.spec.region.to_string(),
-                        outcome: if in_order { "in_order" } else { "timed_out" }.into(),
-                    };
-                    self.metrics.replication_order_held.get_or_create(&labels).inc();
+            let queued = self.signals.queued.lock().expect("queued lock").get(&source_name).copied().unwrap_or(0);
+            let out_of_time = tokio::time::Instant::now() >= deadline;
+            match receiver::order(batch.from_seq, merged, queued, held, out_of_time) {
+                Order::Go { held: outcome } => {
+                    if let Some(outcome) = outcome {
+                        let labels = crate::metrics::HeldLabels {
+                            source: source_name.clone(),
+                            destination: self.here.to_string(),
+                            outcome: outcome.into(),
+                        };
+                        self.metrics.replication_order_held.get_or_create(&labels).inc();
+                    }
+                    break;
                 }
-                break;
+                Order::Hold => {}
             }
             held = true;
-            let _ = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + Duration::from_millis(20)),
-                notified,
-            )
-            .await;
+            let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + ORDER_POLL), notified).await;
         }
-        if self.raft.metrics().borrow().state != openraft::ServerState::Leader {
-            return Err(PeerError::NotLeader { leader: self.leader_hint() });
+        if !self.region.is_leader() {
+            return Err(PeerError::NotLeader { leader: self.region.leader_hint() });
         }
         let upto = batch.upto_seq;
         let cmd = CommandV1::ApplyRemoteAt {
@@ -1062,28 +911,112 @@ impl Node {
         };
         let answer = {
             // Queue and record under one lock, so two batches cannot queue out of order.
-            let _order = self.link_signals.queue_lock.lock().await;
-            let answer = self.enqueue(cmd, 0).await.map_err(to_peer)?;
-            let mut q = self.link_signals.queued.lock().expect("queued lock");
+            let _order = self.signals.queue_lock.lock().await;
+            let answer = self.proposer.enqueue(cmd, 0).await.map_err(to_peer)?;
+            let mut q = self.signals.queued.lock().expect("queued lock");
             let e = q.entry(source_name.clone()).or_default();
             *e = (*e).max(upto);
             answer
         };
-        self.link_signals.merged.notify_waiters();
-        let result = Self::answer_of(answer).await.map_err(to_peer);
+        self.signals.merged.notify_waiters();
+        let result = answer.wait().await.map_err(to_peer);
         if !matches!(result, Ok(CommandResult::Remote { .. })) {
             // Not merged: what was queued is no guide any more; the merged mark is.
-            self.link_signals.queued.lock().expect("queued lock").remove(&source_name);
+            self.signals.queued.lock().expect("queued lock").remove(&source_name);
         }
-        self.link_signals.merged.notify_waiters();
+        self.signals.merged.notify_waiters();
         let result = result?;
         // Visible here now: how long after the source stamped each change.
         let now = self.clock.now_ms();
-        let labels = LinkLabels { source: source.to_string(), destination: self.spec.region.to_string() };
+        let labels = LinkLabels { source: source.to_string(), destination: self.here.to_string() };
         let h = self.metrics.replication_apply_lag.get_or_create(&labels);
         for stamp in stamps {
             h.observe(now.saturating_sub(stamp) as f64 / 1000.0);
         }
         Ok(result)
+    }
+}
+
+/// One link's shipper: rounds of settle, decide, send, until the node stops.
+async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState, wake: Arc<Notify>, stop: StopSignal) {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Returned>(PIPELINE_MAX * 2);
+    let mut io = InFlight::default();
+    let mut immediate = false;
+    loop {
+        if !immediate {
+            let pause = io.pipe.pause(meridian_raft::rt::random_u64());
+            tokio::select! {
+                biased;
+                _ = stop.raised() => return,
+                _ = wake.notified(), if io.pipe.failures == 0 => {}
+                Some(returned) = done_rx.recv() => io.completed.push(returned),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        immediate = false;
+        while let Ok(returned) = done_rx.try_recv() {
+            io.completed.push(returned);
+        }
+        let Some(node) = links.upgrade() else { return };
+        if stop.is_raised() {
+            return;
+        }
+        node.settle(&dest, &mut link, &mut io).await;
+        node.publish_link_report(&dest, &link, &io.pipe);
+        if !node.region.is_leader() {
+            io.pipe.not_leading();
+            continue;
+        }
+        match io.pipe.departure(link.traffic.health.rtt_ms, tokio::time::Instant::now()) {
+            Departure::Go => {}
+            Departure::WindowFull => {
+                node.metrics.replication_window_full.get_or_create(&node.link_labels(&dest)).inc();
+                continue;
+            }
+            Departure::After(wait) => tokio::time::sleep(wait).await,
+        }
+        match node.prepare_round(&dest, &mut link, &io.pipe).await {
+            // Nothing to send and nothing outstanding: nothing is failing either.
+            Ok(Round::Idle) if io.pipe.in_flight == 0 => io.pipe.quiet(),
+            Ok(Round::Idle) => {}
+            Ok(Round::Scanned) => {
+                io.pipe.not_leading();
+                immediate = true;
+            }
+            Ok(Round::Batch(b)) => {
+                let (upto, bytes, more) = (b.batch.upto_seq, b.bytes, b.more);
+                let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
+                let started = node.supervisor.spawn_job("link-batch", async move {
+                    let sent_at = tokio::time::Instant::now();
+                    let result = node2.send_batch(&dest2, &b.batch).await;
+                    let rtt_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
+                    let returned = match result {
+                        Ok(CommandResult::Remote { merged_upto, .. }) => Returned::Merged {
+                            upto: merged_upto,
+                            rtt_ms,
+                            bytes: b.bytes,
+                            shipped: b.shipped,
+                            withheld: b.withheld,
+                        },
+                        Ok(CommandResult::RemoteGap { merged_upto }) => Returned::Gap { merged_upto, bytes: b.bytes },
+                        Ok(other) => Returned::Failed {
+                            reason: format!("unexpected answer to a batch: {other:?}"),
+                            bytes: b.bytes,
+                        },
+                        Err(e) => Returned::Failed { reason: e.to_string(), bytes: b.bytes },
+                    };
+                    let _ = tx.send(returned).await;
+                });
+                if started {
+                    io.pipe.departed(upto, bytes, tokio::time::Instant::now());
+                    immediate = more;
+                } else {
+                    // Stopping, or too many jobs at once: the batch did not leave.
+                    let e = NodeError::Unavailable { node: node.id, reason: "no room to start a send".into() };
+                    node.note_failure(&dest, &mut io.pipe, &e);
+                }
+            }
+            Err(e) => node.note_failure(&dest, &mut io.pipe, &e),
+        }
     }
 }

@@ -1,0 +1,127 @@
+//! The node's per-request failures, and their mapping to and from the peer protocol.
+//!
+//! Errors cross the wire as typed variants ([`PeerError`]), never as strings to parse; the
+//! two mappings here are the only places that translate, and the property both keep is that
+//! an unknown outcome stays unknown on every hop (a client must never retry blindly a write
+//! that may have been applied).
+
+use meridian_core::{NodeId, RegionId};
+
+use crate::peer::PeerError;
+
+/// Per-request failures, shaped by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("the region has no leader right now")]
+    NoLeader,
+    #[error("node {node} could not be reached: {reason}")]
+    Unavailable { node: NodeId, reason: String },
+    #[error("the write reached the leader but its outcome is unknown: {0}")]
+    OutcomeUnknown(String),
+    #[error("{0}")]
+    ClockSkew(String),
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// The active policy neither names the dataset nor has a default.
+    #[error("{0}")]
+    DatasetNotInPolicy(String),
+    /// A user-homed key whose home cannot be found, or is not allowed.
+    #[error("{0}")]
+    HomeUnknown(String),
+    /// The region asked is not a home for the key under its own active policy.
+    #[error("{0}")]
+    PolicyRefused(String),
+    /// A user-homed key already lives in another region than the home asked for.
+    #[error("{0}")]
+    HomeImmutable(String),
+    /// Serving the request here would bring the key's bytes into a region its policy does not
+    /// allow: the first field explains, the second names the regions that may serve it.
+    #[error("{0}")]
+    ResidencyRefused(String, Vec<RegionId>),
+    /// A bounded-staleness read of a dataset that has no `max_staleness`, without one given.
+    #[error("{0} has no max_staleness to bound the read by")]
+    NoStalenessBound(String),
+    #[error("internal failure: {0}")]
+    Internal(String),
+}
+
+impl NodeError {
+    pub(crate) fn storage(e: impl std::fmt::Display) -> NodeError {
+        NodeError::Storage(e.to_string())
+    }
+}
+
+/// A failure on the leader's own path: not the leader (with a hint), or anything else.
+#[derive(Debug, Clone)]
+pub(crate) enum LocalError {
+    NotLeader(Option<NodeId>),
+    Other(NodeError),
+}
+
+impl LocalError {
+    /// For callers that do not forward: "not the leader" is simply "no leader here".
+    pub(crate) fn into_node_error(self) -> NodeError {
+        match self {
+            LocalError::NotLeader(_) => NodeError::NoLeader,
+            LocalError::Other(e) => e,
+        }
+    }
+
+    /// For answers to a peer: the leader hint travels with the refusal.
+    pub(crate) fn into_peer_error(self) -> PeerError {
+        match self {
+            LocalError::NotLeader(leader) => PeerError::NotLeader { leader },
+            LocalError::Other(e) => to_peer_error(e),
+        }
+    }
+}
+
+impl From<NodeError> for LocalError {
+    fn from(e: NodeError) -> Self {
+        LocalError::Other(e)
+    }
+}
+
+pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
+    match e {
+        NodeError::NoLeader => PeerError::NotLeader { leader: None },
+        NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
+        NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
+        NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
+        NodeError::PolicyRefused(m)
+        | NodeError::DatasetNotInPolicy(m)
+        | NodeError::HomeUnknown(m)
+        | NodeError::HomeImmutable(m)
+        | NodeError::ResidencyRefused(m, _) => PeerError::PolicyRefused(m),
+        e @ NodeError::NoStalenessBound(_) => PeerError::Protocol(e.to_string()),
+        NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
+    }
+}
+
+pub(crate) fn peer_error(node: NodeId, e: PeerError) -> NodeError {
+    match e {
+        PeerError::NotLeader { .. } => NodeError::NoLeader,
+        PeerError::ClockSkew(m) => NodeError::ClockSkew(m),
+        PeerError::OutcomeUnknown(m) => NodeError::OutcomeUnknown(m),
+        PeerError::Unavailable(reason) => NodeError::Unavailable { node, reason },
+        PeerError::PolicyRefused(m) => NodeError::PolicyRefused(m),
+        PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unknown outcome must survive the trip between nodes: turning it into anything a
+    /// client may retry blindly could apply a write twice.
+    #[test]
+    fn unknown_outcomes_stay_unknown_across_the_peer_protocol() {
+        let e = to_peer_error(NodeError::OutcomeUnknown("x".into()));
+        assert_eq!(e, PeerError::OutcomeUnknown("x".into()));
+        assert!(matches!(peer_error(3, e), NodeError::OutcomeUnknown(_)));
+        // Only a refusal before proposing is retryable.
+        assert!(matches!(peer_error(3, PeerError::NotLeader { leader: Some(2) }), NodeError::NoLeader));
+        assert!(matches!(LocalError::NotLeader(Some(2)).into_peer_error(), PeerError::NotLeader { leader: Some(2) }));
+    }
+}

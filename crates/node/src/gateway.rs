@@ -1,0 +1,845 @@
+//! The gateway: the node's one client API. Every node is a gateway: `put`, `get`, `delete`
+//! and `list` take typed names and a consistency, decide where the request must be served
+//! (this node, its region's leader, or a home region of the key), send it there, and answer
+//! with the node's own result types, the node that served it and why. The HTTP server and the
+//! simulator's clients both call it, so routing runs under simulation too.
+//!
+//! Routing, from the key's placement under the version of the policy that governs it:
+//! - writes go to a home region of the key: this one if it is a home, else the first home;
+//!   there the region's leader stamps and proposes them ([`Gateway::write_here`]);
+//! - `strong` reads go to a home's leader (read index);
+//! - `local` and `eventual` reads are served from this node's copy if its region holds one
+//!   (a home or a mirror), else at a home;
+//! - `bounded` reads are served here if this region's copy is fresh enough for the bound,
+//!   else at a home.
+//!
+//! A read is never fetched into a region the key's placement does not allow
+//! (`ResidencyRefused`): the value would have to come here. A write is relayed to a home from
+//! anywhere: that carries the client's bytes into an allowed region, never out of one.
+//!
+//! Invariant: a write is retried behind the client's back only when the answer proves it was
+//! never proposed (no leader or another leader before proposing, or no connection made).
+//! Anything else after proposing is `OutcomeUnknown`, across the peer protocol too.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use meridian_core::{DatasetName, Hlc, Key, NodeId, RegionId, Version};
+use meridian_policy::Placement;
+use meridian_raft::command::CommandV1;
+use meridian_raft::{CommandResult, Condition, StoredObject};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::error::{peer_error, to_peer_error, LocalError, NodeError};
+use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT};
+use crate::links::CommitBell;
+use crate::metrics::{KindLabels, Metrics};
+use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, WriteOp, WriteRequest};
+use crate::policy::{self, PolicyStore};
+use crate::proposer::Proposer;
+use crate::region::RegionGroup;
+use crate::transport::{leader_backoff, PeerTransport};
+use meridian_core::limits::LIST_LIMIT_MAX;
+use meridian_raft::network::RpcFailure;
+
+/// Why a node served a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteReason {
+    Leader,
+    Local,
+    ForwardedToLeader,
+    /// Sent to a home region of the key (another region's leader).
+    ForwardedToHome,
+}
+
+impl RouteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Leader => "leader",
+            RouteReason::Local => "local",
+            RouteReason::ForwardedToLeader => "forwarded-to-leader",
+            RouteReason::ForwardedToHome => "forwarded-to-home",
+        }
+    }
+}
+
+/// Who served a request, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    pub node: NodeId,
+    pub reason: RouteReason,
+}
+
+/// A read's consistency, as the client asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Linearizable: a home region's leader confirms its leadership with a quorum (read
+    /// index), waits until it has applied that far, then reads.
+    Strong,
+    /// The nearest copy: this node's if its region holds one, else a home's.
+    Local,
+    /// Routed as `Local` today: the nearest copy that converges.
+    Eventual,
+    /// At most this many milliseconds stale (`None`: the dataset's `max_staleness`).
+    Bounded(Option<u64>),
+}
+
+/// How a node serves a read in its own region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// Through the region's leader, after a read index.
+    Strong,
+    /// Whatever this node has applied.
+    Local,
+}
+
+/// A write's condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// Only if the key's current version is this one.
+    IfMatch(Version),
+    /// Only if the key holds no value (create-only).
+    IfAbsent,
+}
+
+impl Precondition {
+    fn condition(&self) -> Condition {
+        match self {
+            Precondition::None => Condition::Always,
+            Precondition::IfMatch(v) => Condition::IfMatch(v.clone()),
+            Precondition::IfAbsent => Condition::IfAbsent,
+        }
+    }
+}
+
+/// A stored object as a client sees it: a value, or a tombstone (`value: None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    pub value: Option<Vec<u8>>,
+    pub version: Version,
+}
+
+impl From<StoredObject> for Object {
+    fn from(o: StoredObject) -> Self {
+        Object { value: o.value, version: o.version }
+    }
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Written {
+        version: Version,
+        created: bool,
+    },
+    Deleted {
+        version: Version,
+    },
+    /// Nothing was written: the precondition did not hold (`current`: the key's version).
+    PreconditionFailed {
+        current: Option<Version>,
+    },
+    /// Nothing was deleted: the key holds no value.
+    NotFound,
+}
+
+impl WriteOutcome {
+    fn of(result: CommandResult) -> Result<WriteOutcome, NodeError> {
+        match result {
+            CommandResult::Written { version, created } => Ok(WriteOutcome::Written { version, created }),
+            CommandResult::Deleted { version } => Ok(WriteOutcome::Deleted { version }),
+            CommandResult::PreconditionFailed { current } => Ok(WriteOutcome::PreconditionFailed { current }),
+            CommandResult::NotFound => Ok(WriteOutcome::NotFound),
+            other => Err(NodeError::Internal(format!("unexpected write result {other:?}"))),
+        }
+    }
+}
+
+/// One page of a listing: keys and their versions, in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub items: Vec<(String, Version)>,
+}
+
+pub struct Gateway {
+    region: Arc<RegionGroup>,
+    proposer: Arc<Proposer>,
+    policy: Arc<PolicyStore>,
+    transport: PeerTransport,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    hlc: Mutex<Hlc>,
+    commits: Arc<CommitBell>,
+    here: RegionId,
+    id: NodeId,
+}
+
+/// What the gateway is built from.
+pub(crate) struct GatewayParts {
+    pub region: Arc<RegionGroup>,
+    pub proposer: Arc<Proposer>,
+    pub policy: Arc<PolicyStore>,
+    pub transport: PeerTransport,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+    pub hlc_max_offset_ms: u64,
+    pub commits: Arc<CommitBell>,
+}
+
+impl Gateway {
+    pub(crate) fn new(p: GatewayParts) -> Gateway {
+        let (here, id) = (p.region.spec().region.clone(), p.region.spec().id);
+        Gateway {
+            region: p.region,
+            proposer: p.proposer,
+            policy: p.policy,
+            transport: p.transport,
+            metrics: p.metrics,
+            clock: p.clock,
+            hlc: Mutex::new(Hlc::new(p.hlc_max_offset_ms)),
+            commits: p.commits,
+            here,
+            id,
+        }
+    }
+
+    // ---- the client API ------------------------------------------------------------------
+
+    /// Write `value` under (dataset, key) in a home region of the key. `home` is the
+    /// user-locality attribute, for a user-homed key without a region prefix.
+    pub async fn put(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        value: Vec<u8>,
+        precondition: Precondition,
+        home: Option<&str>,
+    ) -> Result<(WriteOutcome, Served), NodeError> {
+        let region = self.route_put(dataset, key, home).await?;
+        let req = WriteRequest {
+            dataset: dataset.to_string(),
+            key: key.to_string(),
+            value: Some(value),
+            condition: precondition.condition(),
+        };
+        let (result, served) = self.write_in(&region, WriteOp::One(req)).await?;
+        Ok((WriteOutcome::of(result)?, served))
+    }
+
+    /// Delete (dataset, key) in a home region of the key: a tombstone with a new version.
+    pub async fn delete(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        precondition: Precondition,
+        home: Option<&str>,
+    ) -> Result<(WriteOutcome, Served), NodeError> {
+        let home = self.parse_home(home)?;
+        let region = self.home_region_for(dataset, key, home.as_ref())?;
+        let req = WriteRequest {
+            dataset: dataset.to_string(),
+            key: key.to_string(),
+            value: None,
+            condition: precondition.condition(),
+        };
+        let (result, served) = self.write_in(&region, WriteOp::One(req)).await?;
+        Ok((WriteOutcome::of(result)?, served))
+    }
+
+    /// Read (dataset, key) at `consistency`. `None`: the key was never written (or purged);
+    /// a tombstone comes back as an object without a value.
+    pub async fn get(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        consistency: Consistency,
+        home: Option<&str>,
+    ) -> Result<(Option<Object>, Served), NodeError> {
+        let home = self.parse_home(home)?;
+        let region = self.home_region_for(dataset, key, home.as_ref())?;
+        let (obj, served) = match self.serve_here(consistency, &region, dataset, key, home.as_ref())? {
+            Some(c) => self.read(dataset.as_str(), key.as_str(), c).await?,
+            None => {
+                // Residency: never fetch a value into a region its policy keeps it out of.
+                self.check_value_may_come_here(dataset, key, home.as_ref())?;
+                self.read_in(&region, dataset.as_str(), key.as_str()).await?
+            }
+        };
+        Ok((obj.map(Object::from), served))
+    }
+
+    /// A page of (dataset)'s keys starting with `prefix`, after `after`, at most `limit`.
+    /// Fixed-home datasets list at a home; user-homed ones at the home that `home` or the
+    /// prefix names, else here (the keys homed in this region).
+    pub async fn list(
+        &self,
+        dataset: &DatasetName,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        consistency: Consistency,
+        home: Option<&str>,
+    ) -> Result<(Page, Served), NodeError> {
+        let limit = limit.clamp(1, LIST_LIMIT_MAX);
+        let home = self.parse_home(home)?;
+        let probe = if prefix.is_empty() { "_" } else { prefix };
+        let probe = Key::new(probe).map_err(|e| NodeError::Internal(format!("unchecked prefix: {e}")))?;
+        let region = match self.home_region_for(dataset, &probe, home.as_ref()) {
+            Ok(r) => r,
+            Err(NodeError::HomeUnknown(_)) if home.is_none() => self.here.clone(),
+            Err(e) => return Err(e),
+        };
+        let (items, served) = match self.serve_here(consistency, &region, dataset, &probe, home.as_ref())? {
+            Some(c) => self.list_local(dataset.as_str(), prefix, after, limit, c).await?,
+            None => {
+                // Keys are data too: a listing is not fetched into a region the policy keeps
+                // them out of.
+                self.check_value_may_come_here(dataset, &probe, home.as_ref())?;
+                self.list_in(&region, dataset.as_str(), prefix, after, limit).await?
+            }
+        };
+        Ok((Page { items: items.into_iter().map(|(k, o)| (k, o.version)).collect() }, served))
+    }
+
+    // ---- routing -------------------------------------------------------------------------
+
+    /// The `home` attribute as a region of this cluster.
+    fn parse_home(&self, home: Option<&str>) -> Result<Option<RegionId>, NodeError> {
+        match home {
+            None => Ok(None),
+            Some(h) => match RegionId::new(h) {
+                Ok(r) if self.region.topology().regions().iter().any(|s| s.name == r) => Ok(Some(r)),
+                _ => Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster"))),
+            },
+        }
+    }
+
+    /// The region a write (or strong read) of (dataset, key) must go to: this one if it is a
+    /// home, else the first home. Without a governing policy: this region.
+    fn home_region_for(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+    ) -> Result<RegionId, NodeError> {
+        let routed = self.policy.refresh().and_then(|()| self.route_by_policy(dataset, key, home));
+        if let Err(e) = &routed {
+            let code = match e {
+                NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
+                NodeError::HomeUnknown(_) => "home_unknown",
+                _ => "other",
+            };
+            self.metrics.policy_refusals.get_or_create(&KindLabels { kind: code.into() }).inc();
+        }
+        routed
+    }
+
+    fn route_by_policy(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+    ) -> Result<RegionId, NodeError> {
+        let choose = |p: &Placement| {
+            if p.homes.contains(&self.here) {
+                self.here.clone()
+            } else {
+                p.homes[0].clone()
+            }
+        };
+        let region = match self.policy.placement(dataset, key, home)? {
+            None => self.here.clone(),
+            Some(p) => choose(&p),
+        };
+        // Shadow: where the shadow version would have sent it; counted, never acted on.
+        if let Some(active) = self.policy.active() {
+            if let Some(p) = self.policy.shadow_placement(&active, dataset, key, home, None) {
+                if choose(&p) != region {
+                    self.metrics.policy_shadow_reroutes.inc();
+                }
+            } else if active.shadow(dataset, key).is_some() {
+                self.metrics.policy_shadow_reroutes.inc();
+            }
+        }
+        Ok(region)
+    }
+
+    /// Whether to serve a read from this node's applied state (and at which level), given the
+    /// region it would otherwise go to; `None`: it goes to that region.
+    fn serve_here(
+        &self,
+        consistency: Consistency,
+        home_region: &RegionId,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+    ) -> Result<Option<ReadConsistency>, NodeError> {
+        let at_home = *home_region == self.here;
+        Ok(match consistency {
+            Consistency::Strong => at_home.then_some(ReadConsistency::Strong),
+            Consistency::Local | Consistency::Eventual => {
+                let holds =
+                    matches!(self.policy.placement(dataset, key, home), Ok(Some(p)) if p.holds_copy(&self.here));
+                (at_home || holds).then_some(ReadConsistency::Local)
+            }
+            Consistency::Bounded(max) => match self.local_staleness(dataset, key, home)? {
+                Some((staleness, budget)) => {
+                    let max = max.or(budget).ok_or_else(|| NodeError::NoStalenessBound(dataset.to_string()))?;
+                    if staleness <= max {
+                        Some(ReadConsistency::Local)
+                    } else {
+                        at_home.then_some(ReadConsistency::Strong)
+                    }
+                }
+                None => at_home.then_some(ReadConsistency::Strong),
+            },
+        })
+    }
+
+    /// For a bounded-staleness read here: `None` if this region holds no copy of the key;
+    /// otherwise how stale this node's copy may be, in milliseconds (0 in a home region,
+    /// where the node follows the region's own log; in a mirror, the time since the moment
+    /// as of which everything every home committed is merged here, `u64::MAX` if unknown),
+    /// and the dataset's own `max_staleness` in milliseconds, if it has one.
+    fn local_staleness(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+    ) -> Result<Option<(u64, Option<u64>)>, NodeError> {
+        let Some(p) = self.policy.placement(dataset, key, home)? else { return Ok(None) };
+        if !p.holds_copy(&self.here) {
+            return Ok(None);
+        }
+        let budget = p.max_staleness.map(|d| d.ms());
+        if p.homes.contains(&self.here) {
+            return Ok(Some((0, budget)));
+        }
+        let (state, _) = self.region.reader().replication().map_err(NodeError::storage)?;
+        let now = self.clock.now_ms();
+        let staleness = p
+            .homes
+            .iter()
+            .map(|h| state.fresh.get(h.as_str()).map_or(u64::MAX, |f| now.saturating_sub(*f)))
+            .max()
+            .unwrap_or(u64::MAX);
+        Ok(Some((staleness, budget)))
+    }
+
+    /// Refuse to bring the key's value into this region if its placement does not allow this
+    /// region to hold its bytes: a read served elsewhere would carry the value here.
+    fn check_value_may_come_here(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+    ) -> Result<(), NodeError> {
+        match self.policy.placement(dataset, key, home)? {
+            Some(p) if !p.is_allowed(&self.here) => {
+                self.metrics.policy_refusals.get_or_create(&KindLabels { kind: "residency_refused".into() }).inc();
+                Err(NodeError::ResidencyRefused(
+                    format!(
+                        "{dataset}/{key} may not be read through {}: its policy keeps its bytes in {}",
+                        self.here,
+                        p.allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                    p.allowed.clone(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Where a PUT of (dataset, key) goes: [`Gateway::home_region_for`], plus, for a
+    /// user-homed key whose home comes from the `home` attribute (no region prefix), a check
+    /// that the key does not already live in another region: its home never changes. The
+    /// check reads the home region and, if the key is new there, every other region; two
+    /// first writes racing from different regions with different homes can still both land
+    /// (a home directory is the fix).
+    async fn route_put(&self, dataset: &DatasetName, key: &Key, home: Option<&str>) -> Result<RegionId, NodeError> {
+        let home = self.parse_home(home)?;
+        // One deadline for the whole check, not one per region asked.
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.route_put_checked(dataset, key, home.as_ref())).await {
+            Ok(answer) => answer,
+            Err(_) => Err(NodeError::Unavailable {
+                node: self.id,
+                reason: format!("checking where {dataset}/{key} lives took longer than {REQUEST_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    async fn route_put_checked(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&RegionId>,
+    ) -> Result<RegionId, NodeError> {
+        let region = self.home_region_for(dataset, key, home)?;
+        let Some(home) = home else { return Ok(region) };
+        let Some(p) = self.policy.placement(dataset, key, Some(home))? else { return Ok(region) };
+        let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
+        if !from_attribute {
+            return Ok(region);
+        }
+        let (ds, k) = (dataset.as_str(), key.as_str());
+        if self.read_in(&region, ds, k).await?.0.is_some_and(|o| o.is_live()) {
+            return Ok(region);
+        }
+        let others: Vec<RegionId> =
+            self.region.topology().regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
+        let found = futures::future::join_all(others.iter().map(|r| self.read_in(r, ds, k))).await;
+        for (r, answer) in others.iter().zip(found) {
+            match answer {
+                Ok((Some(obj), _)) if obj.is_live() => {
+                    return Err(NodeError::HomeImmutable(format!(
+                    "{dataset}/{key} already lives in {r}; a user-homed key's home cannot change (asked for {region})"
+                )))
+                }
+                Ok(_) => {}
+                // Unknown is not absent: refuse rather than risk a second home.
+                Err(e) => {
+                    return Err(NodeError::Unavailable {
+                        node: 0,
+                        reason: format!("cannot check that {dataset}/{key} is not homed in {r}: {e}"),
+                    })
+                }
+            }
+        }
+        Ok(region)
+    }
+
+    // ---- writes in a region --------------------------------------------------------------
+
+    /// Apply a write in `region`: here (through this region's leader), or at another region's
+    /// leader over the peer transport. Also the path of the node's own records (`_policy`,
+    /// `_audit`), which no dataset policy governs.
+    pub(crate) async fn write_in(&self, region: &RegionId, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
+        if *region == self.here {
+            return self.write_local(op).await;
+        }
+        let request = || match &op {
+            WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
+            WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
+        };
+        let unpack = |r| match r {
+            PeerResponseV1::Write(r) => Some(r),
+            _ => None,
+        };
+        let (result, node) = self.transport.call_region(region, request, unpack, false).await?;
+        Ok((result, Served { node, reason: RouteReason::ForwardedToHome }))
+    }
+
+    /// Apply a write in this node's region, forwarding it to the leader if this node is not it.
+    pub(crate) async fn write_local(&self, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let leader = match self.write_here(&op).await {
+                Ok(result) => return Ok((result, Served { node: self.id, reason: RouteReason::Leader })),
+                Err(LocalError::Other(e)) => return Err(e),
+                Err(LocalError::NotLeader(leader)) => leader,
+            };
+            if let Some(leader) = leader.filter(|&l| l != self.id) {
+                self.metrics.forwarded.get_or_create(&KindLabels { kind: "write".into() }).inc();
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let request = match &op {
+                    WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
+                    WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
+                };
+                match self.transport.call(leader, request, remaining).await {
+                    Ok(PeerResponseV1::Write(Ok(result))) => {
+                        return Ok((result, Served { node: leader, reason: RouteReason::ForwardedToLeader }))
+                    }
+                    // Not applied: leadership moved. Retry below.
+                    Ok(PeerResponseV1::Write(Err(PeerError::NotLeader { .. }))) => {}
+                    Ok(PeerResponseV1::Write(Err(e))) => return Err(peer_error(leader, e)),
+                    Ok(other) => return Err(NodeError::Internal(format!("unexpected reply to a write: {other:?}"))),
+                    // Never delivered: safe to retry.
+                    Err(RpcFailure::Unreachable(_)) => {}
+                    Err(e @ (RpcFailure::Timeout(_) | RpcFailure::Interrupted(_) | RpcFailure::Protocol(_))) => {
+                        return Err(NodeError::OutcomeUnknown(e.to_string()))
+                    }
+                }
+            }
+            if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(leader_backoff(attempt)).await;
+        }
+    }
+
+    /// Propose a write to the local Raft group if this node leads it: check the placement of
+    /// every key under this region's own copy of the policy, stamp the HLC, and propose the
+    /// write in one atomic group with a condition pinning that copy.
+    pub(crate) async fn write_here(&self, op: &WriteOp) -> Result<CommandResult, LocalError> {
+        self.region.lead_or_refuse()?;
+        let reqs = op.requests();
+        if let WriteOp::Atomic(rs) = op {
+            let mut keys = BTreeSet::new();
+            if rs.is_empty() || !rs.iter().all(|r| keys.insert((&r.dataset, &r.key))) {
+                return Err(LocalError::Other(NodeError::Internal(
+                    "an atomic group is empty or names a key twice".into(),
+                )));
+            }
+        }
+        // The leader checks placement with its own copy of the policy, so a gateway holding
+        // an older one can never make this region store what its policy forbids here.
+        // Reserved namespaces (`_policy`, `_audit`) are the cluster's own records: no dataset
+        // policy governs them.
+        let guard = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
+            self.policy.catch_up_for_writes(&self.region).await?;
+            Some(self.policy.guard(self, reqs).await.map_err(LocalError::Other)?)
+        } else {
+            None
+        };
+        let hlc = {
+            let mut hlc = self.hlc.lock().expect("hlc lock");
+            match hlc.now(self.clock.now_ms()) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.metrics.hlc_refusals.inc();
+                    return Err(LocalError::Other(NodeError::ClockSkew(e.to_string())));
+                }
+            }
+        };
+        let command = |req: &WriteRequest| match &req.value {
+            Some(value) => CommandV1::Put {
+                dataset: req.dataset.clone(),
+                key: req.key.clone(),
+                value: value.clone(),
+                hlc,
+                condition: req.condition.clone(),
+            },
+            None => CommandV1::Delete {
+                dataset: req.dataset.clone(),
+                key: req.key.clone(),
+                hlc,
+                condition: req.condition.clone(),
+            },
+        };
+        let mut cmds: Vec<CommandV1> = Vec::new();
+        if let Some(condition) = &guard {
+            cmds.push(CommandV1::Check {
+                dataset: policy::NAMESPACE.into(),
+                key: policy::ACTIVE_KEY.into(),
+                condition: condition.clone(),
+            });
+        }
+        let cmd = match (op, guard.is_some()) {
+            (WriteOp::One(r), false) => command(r),
+            (WriteOp::One(r), true) => {
+                cmds.push(command(r));
+                CommandV1::Atomic(cmds)
+            }
+            (WriteOp::Atomic(rs), _) => {
+                cmds.extend(rs.iter().map(command));
+                CommandV1::Atomic(cmds)
+            }
+        };
+        let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
+        let result = self.proposer.propose(cmd, bytes).await?;
+        // Committed and applied here: the links may have something to ship.
+        self.commits.ring();
+        if guard.is_none() {
+            return Ok(result);
+        }
+        // Unwrap the guard: its own failure means the policy moved under the write.
+        let policy_moved = || {
+            LocalError::Other(NodeError::PolicyRefused(
+                "the policy changed while the write was in flight; nothing was written, retry".into(),
+            ))
+        };
+        match (op, result) {
+            (_, CommandResult::AtomicFailed { index: 0, .. }) => Err(policy_moved()),
+            (WriteOp::One(_), CommandResult::AtomicFailed { current, .. }) => {
+                Ok(CommandResult::PreconditionFailed { current })
+            }
+            (WriteOp::One(_), CommandResult::Batch(mut results)) if results.len() == 2 => Ok(results.remove(1)),
+            (WriteOp::Atomic(_), CommandResult::AtomicFailed { index, current }) => {
+                Ok(CommandResult::AtomicFailed { index: index - 1, current })
+            }
+            (WriteOp::Atomic(_), CommandResult::Batch(mut results)) if !results.is_empty() => {
+                results.remove(0);
+                Ok(CommandResult::Batch(results))
+            }
+            (_, other) => {
+                Err(LocalError::Other(NodeError::Internal(format!("unexpected guarded write result {other:?}"))))
+            }
+        }
+    }
+
+    // ---- reads in a region ---------------------------------------------------------------
+
+    /// Read in this node's region: from this node's state (`Local`), or through the leader.
+    pub(crate) async fn read(
+        &self,
+        dataset: &str,
+        key: &str,
+        consistency: ReadConsistency,
+    ) -> Result<(Option<StoredObject>, Served), NodeError> {
+        let reader = self.region.reader();
+        let local = || reader.get(dataset, key).map_err(NodeError::storage);
+        let request = || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() };
+        self.route_read(consistency, local, request, |r| match r {
+            PeerResponseV1::Read(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn list_local(
+        &self,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        consistency: ReadConsistency,
+    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
+        let reader = self.region.reader();
+        let local = || reader.list(dataset, prefix, after, limit).map_err(NodeError::storage);
+        let req = || list_request(dataset, prefix, after, limit);
+        self.route_read(consistency, local, req, |r| match r {
+            PeerResponseV1::List(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// A strong read in `region`: this region's leader, or another region's.
+    pub(crate) async fn read_in(
+        &self,
+        region: &RegionId,
+        dataset: &str,
+        key: &str,
+    ) -> Result<(Option<StoredObject>, Served), NodeError> {
+        if *region == self.here {
+            return self.read(dataset, key, ReadConsistency::Strong).await;
+        }
+        let request = || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() };
+        let unpack = |r| match r {
+            PeerResponseV1::Read(r) => Some(r),
+            _ => None,
+        };
+        let (v, node) = self.transport.call_region(region, request, unpack, true).await?;
+        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
+    }
+
+    /// A strong listing in `region`.
+    pub(crate) async fn list_in(
+        &self,
+        region: &RegionId,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
+        if *region == self.here {
+            return self.list_local(dataset, prefix, after, limit, ReadConsistency::Strong).await;
+        }
+        let request = || list_request(dataset, prefix, after, limit);
+        let unpack = |r| match r {
+            PeerResponseV1::List(r) => Some(r),
+            _ => None,
+        };
+        let (v, node) = self.transport.call_region(region, request, unpack, true).await?;
+        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
+    }
+
+    /// Live keys and bytes per dataset as one node of `region` holds them.
+    pub(crate) async fn dataset_sizes_in(&self, region: &RegionId) -> Result<Vec<(String, u64, u64)>, NodeError> {
+        if *region == self.here {
+            return self.local_dataset_sizes();
+        }
+        let unpack = |r| match r {
+            PeerResponseV1::DatasetSizes(r) => Some(r),
+            _ => None,
+        };
+        Ok(self.transport.call_region(region, || PeerRequestV1::DatasetSizes, unpack, true).await?.0)
+    }
+
+    pub(crate) fn local_dataset_sizes(&self) -> Result<Vec<(String, u64, u64)>, NodeError> {
+        let sizes = self.region.reader().dataset_sizes().map_err(NodeError::storage)?;
+        Ok(sizes.into_iter().map(|(d, (k, b))| (d, k, b)).collect())
+    }
+
+    /// Serve a read here (local, or strong when this node leads), or forward it to the leader.
+    async fn route_read<T>(
+        &self,
+        consistency: ReadConsistency,
+        local: impl Fn() -> Result<T, NodeError>,
+        request: impl Fn() -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+    ) -> Result<(T, Served), NodeError> {
+        if consistency == ReadConsistency::Local {
+            return Ok((local()?, Served { node: self.id, reason: RouteReason::Local }));
+        }
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let leader = match self.region.read_index().await {
+                Ok(()) => return Ok((local()?, Served { node: self.id, reason: RouteReason::Leader })),
+                Err(LocalError::Other(e)) => return Err(e),
+                Err(LocalError::NotLeader(l)) => l,
+            };
+            if let Some(leader) = leader.filter(|&l| l != self.id) {
+                self.metrics.forwarded.get_or_create(&KindLabels { kind: "read".into() }).inc();
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                // Reads change nothing: any transport failure may be retried.
+                if let Ok(reply) = self.transport.call(leader, request(), remaining).await {
+                    match unpack(reply) {
+                        Some(Ok(v)) => return Ok((v, Served { node: leader, reason: RouteReason::ForwardedToLeader })),
+                        Some(Err(PeerError::NotLeader { .. })) => {}
+                        Some(Err(e)) => return Err(peer_error(leader, e)),
+                        None => return Err(NodeError::Internal("unexpected reply to a read".into())),
+                    }
+                }
+            }
+            if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
+                return Err(NodeError::NoLeader);
+            }
+            tokio::time::sleep(leader_backoff(attempt)).await;
+        }
+    }
+
+    // ---- the peer side -------------------------------------------------------------------
+
+    /// A write forwarded by another node: applied here if this node leads.
+    pub(crate) async fn serve_write(&self, op: WriteOp) -> Result<CommandResult, PeerError> {
+        self.write_here(&op).await.map_err(LocalError::into_peer_error)
+    }
+
+    /// A strong read forwarded by another node: served here if this node leads.
+    pub(crate) async fn serve_read(&self, dataset: &str, key: &str) -> Result<Option<StoredObject>, PeerError> {
+        self.serve_strong(|| self.region.reader().get(dataset, key).map_err(NodeError::storage)).await
+    }
+
+    /// A strong listing forwarded by another node.
+    pub(crate) async fn serve_list(
+        &self,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, StoredObject)>, PeerError> {
+        let limit = (limit as usize).min(LIST_LIMIT_MAX);
+        self.serve_strong(|| self.region.reader().list(dataset, prefix, after, limit).map_err(NodeError::storage)).await
+    }
+
+    async fn serve_strong<T>(&self, read: impl Fn() -> Result<T, NodeError>) -> Result<T, PeerError> {
+        self.region.read_index().await.map_err(LocalError::into_peer_error)?;
+        read().map_err(to_peer_error)
+    }
+}
+
+fn list_request(dataset: &str, prefix: &str, after: Option<&str>, limit: usize) -> PeerRequestV1 {
+    PeerRequestV1::List {
+        dataset: dataset.into(),
+        prefix: prefix.into(),
+        after: after.map(str::to_owned),
+        limit: limit as u32,
+    }
+}
