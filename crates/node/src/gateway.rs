@@ -40,6 +40,7 @@ use crate::policy::{self, PolicyStore};
 use crate::proposer::Proposer;
 use crate::region::RegionGroup;
 use crate::transport::{leader_backoff, PeerTransport};
+use crate::Deps;
 use meridian_core::limits::LIST_LIMIT_MAX;
 use meridian_raft::network::RpcFailure;
 
@@ -176,33 +177,12 @@ pub struct Gateway {
     id: NodeId,
 }
 
-/// What the gateway is built from.
-pub(crate) struct GatewayParts {
-    pub region: Arc<RegionGroup>,
-    pub proposer: Arc<Proposer>,
-    pub policy: Arc<PolicyStore>,
-    pub transport: PeerTransport,
-    pub metrics: Arc<Metrics>,
-    pub clock: Arc<dyn Clock>,
-    pub hlc_max_offset_ms: u64,
-    pub commits: Arc<CommitBell>,
-}
-
 impl Gateway {
-    pub(crate) fn new(p: GatewayParts) -> Gateway {
-        let (here, id) = (p.region.spec().region.clone(), p.region.spec().id);
-        Gateway {
-            region: p.region,
-            proposer: p.proposer,
-            policy: p.policy,
-            transport: p.transport,
-            metrics: p.metrics,
-            clock: p.clock,
-            hlc: Mutex::new(Hlc::new(p.hlc_max_offset_ms)),
-            commits: p.commits,
-            here,
-            id,
-        }
+    pub(crate) fn new(deps: Deps, hlc_max_offset_ms: u64, commits: Arc<CommitBell>) -> Gateway {
+        let Deps { region, proposer, policy, transport, metrics, clock } = deps;
+        let (here, id) = (region.spec().region.clone(), region.spec().id);
+        let hlc = Mutex::new(Hlc::new(hlc_max_offset_ms));
+        Gateway { region, proposer, policy, transport, metrics, clock, hlc, commits, here, id }
     }
 
     // ---- the client API ------------------------------------------------------------------
@@ -218,14 +198,7 @@ impl Gateway {
         home: Option<&str>,
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let region = self.route_put(dataset, key, home).await?;
-        let req = WriteRequest {
-            dataset: dataset.to_string(),
-            key: key.to_string(),
-            value: Some(value),
-            condition: precondition.condition(),
-        };
-        let (result, served) = self.write_in(&region, WriteOp::One(req)).await?;
-        Ok((WriteOutcome::of(result)?, served))
+        self.write_one(&region, dataset, key, Some(value), precondition).await
     }
 
     /// Delete (dataset, key) in a home region of the key: a tombstone with a new version.
@@ -238,13 +211,25 @@ impl Gateway {
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let home = self.parse_home(home)?;
         let region = self.home_region_for(dataset, key, home.as_ref())?;
+        self.write_one(&region, dataset, key, None, precondition).await
+    }
+
+    /// One client write (a value, or a tombstone with `None`) in `region`.
+    async fn write_one(
+        &self,
+        region: &RegionId,
+        dataset: &DatasetName,
+        key: &Key,
+        value: Option<Vec<u8>>,
+        precondition: Precondition,
+    ) -> Result<(WriteOutcome, Served), NodeError> {
         let req = WriteRequest {
             dataset: dataset.to_string(),
             key: key.to_string(),
-            value: None,
+            value,
             condition: precondition.condition(),
         };
-        let (result, served) = self.write_in(&region, WriteOp::One(req)).await?;
+        let (result, served) = self.write_in(region, WriteOp::One(req)).await?;
         Ok((WriteOutcome::of(result)?, served))
     }
 

@@ -46,8 +46,8 @@ use meridian_raft::{LogStore, Raft, StateMachineReader, StateMachineStore};
 
 use crate::clock::Clock;
 use crate::config::ClusterConfig;
-use crate::gateway::{Gateway, GatewayParts};
-use crate::links::{CommitBell, Links, LinksParts};
+use crate::gateway::Gateway;
+use crate::links::{CommitBell, Links};
 use crate::metrics::Metrics;
 use crate::peer::{PeerRequest, PeerRequestV1, PeerResponse, PeerResponseV1, RegionReport, WriteOp};
 use crate::policy::{
@@ -55,7 +55,7 @@ use crate::policy::{
 };
 use crate::proposer::Proposer;
 use crate::region::{RegionGroup, RegionParts};
-use crate::repair::{PairVerdict, Repair, RepairParts};
+use crate::repair::{PairVerdict, Repair};
 use crate::supervisor::Supervisor;
 use crate::transport::PeerTransport;
 
@@ -114,6 +114,18 @@ impl NodeOptions {
             wire_capture: None,
         }
     }
+}
+
+/// The handles every component that acts on the region is built from: shared, cloned, and
+/// holding no state of their own.
+#[derive(Clone)]
+pub(crate) struct Deps {
+    pub(crate) region: Arc<RegionGroup>,
+    pub(crate) proposer: Arc<Proposer>,
+    pub(crate) policy: Arc<PolicyStore>,
+    pub(crate) transport: PeerTransport,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 pub struct Node {
@@ -192,39 +204,20 @@ impl Node {
         let (proposer, proposer_worker) = Proposer::new(region.clone());
         let proposer = Arc::new(proposer);
         let policy = Arc::new(PolicyStore::new(&region, metrics.clone()));
-        let commits = Arc::new(CommitBell::default());
-        let gateway = Arc::new(Gateway::new(GatewayParts {
+        let deps = Deps {
             region: region.clone(),
             proposer: proposer.clone(),
             policy: policy.clone(),
-            transport: transport.clone(),
-            metrics: metrics.clone(),
-            clock: clock.clone(),
-            hlc_max_offset_ms: config.clock.max_offset_ms,
-            commits: commits.clone(),
-        }));
-        let links = Arc::new(Links::new(LinksParts {
-            region: region.clone(),
-            proposer: proposer.clone(),
-            policy: policy.clone(),
-            transport: transport.clone(),
-            metrics: metrics.clone(),
-            clock: clock.clone(),
-            supervisor: supervisor.clone(),
-            commits,
-            link_rate: config.replication.link_rate_bytes_per_sec,
-        }));
-        let repair = Arc::new(Repair::new(RepairParts {
-            region: region.clone(),
-            proposer: proposer.clone(),
-            policy: policy.clone(),
-            links: links.clone(),
-            gateway: gateway.clone(),
             transport: transport.clone(),
             metrics: metrics.clone(),
             clock,
-            interval: Duration::from_millis(config.replication.anti_entropy_interval_ms),
-        }));
+        };
+        let commits = Arc::new(CommitBell::default());
+        let gateway = Arc::new(Gateway::new(deps.clone(), config.clock.max_offset_ms, commits.clone()));
+        let link_rate = config.replication.link_rate_bytes_per_sec;
+        let links = Arc::new(Links::new(deps.clone(), supervisor.clone(), commits, link_rate));
+        let interval = Duration::from_millis(config.replication.anti_entropy_interval_ms);
+        let repair = Arc::new(Repair::new(deps, links.clone(), gateway.clone(), interval));
 
         if let Err(e) = policy.refresh() {
             tracing::warn!(error = %e, "load the policy copy");
@@ -548,8 +541,35 @@ mod tests {
         assert!(!dir.path().join("state.redb").exists(), "nothing is created beside the old log");
     }
 
+    /// Options for node `id` on in-memory disks, over `wire`, whose log syncs take `sync`.
+    fn in_memory(
+        config: &ClusterConfig,
+        id: NodeId,
+        dir: &std::path::Path,
+        wire: Arc<LocalWire>,
+        sync: meridian_raft::log_store::SyncTime,
+    ) -> NodeOptions {
+        let state =
+            redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).expect("state db");
+        NodeOptions {
+            config: config.clone(),
+            node_id: id,
+            storage: NodeStorage::Opened {
+                log: meridian_raft::wal::MemLogFile::pair(),
+                log_options: Default::default(),
+                state,
+                snapshot_path: dir.join(format!("snapshot-{id}.bin")),
+                log_sync_time: sync,
+            },
+            clock: Arc::new(crate::clock::SystemClock),
+            wire,
+            wire_capture: None,
+        }
+    }
+
     /// A wire that hands each body straight to the target node, in this process.
-    struct LocalWire(std::sync::Mutex<BTreeMap<NodeId, Arc<Node>>>);
+    #[derive(Default)]
+    struct LocalWire(std::sync::Mutex<BTreeMap<NodeId, std::sync::Weak<Node>>>);
 
     impl transport::Wire for LocalWire {
         fn exchange<'a>(
@@ -559,7 +579,7 @@ mod tests {
             compressed: bool,
         ) -> futures::future::BoxFuture<'a, Result<transport::WireReply, RpcFailure>> {
             Box::pin(async move {
-                let node = self.0.lock().expect("wire lock").get(&target.id).cloned();
+                let node = self.0.lock().expect("wire lock").get(&target.id).and_then(std::sync::Weak::upgrade);
                 match node {
                     Some(n) => Ok(transport::serve_peer_body(&n, &body, compressed, compressed).await),
                     None => Err(RpcFailure::Unreachable(format!("node {} not started", target.id))),
@@ -590,7 +610,6 @@ mod tests {
         let leader_sync_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut nodes = BTreeMap::new();
         for id in 1..=3u64 {
-            let db = || redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new());
             let ms = leader_sync_ms.clone();
             let sync = move || {
                 if id == 1 {
@@ -599,22 +618,9 @@ mod tests {
                     Duration::ZERO
                 }
             };
-            let opts = NodeOptions {
-                config: config.clone(),
-                node_id: id,
-                storage: NodeStorage::Opened {
-                    log: meridian_raft::wal::MemLogFile::pair(),
-                    log_options: Default::default(),
-                    state: db().expect("state db"),
-                    snapshot_path: dir.path().join(format!("snapshot-{id}.bin")),
-                    log_sync_time: Arc::new(sync),
-                },
-                clock: Arc::new(crate::clock::SystemClock),
-                wire: wire.clone(),
-                wire_capture: None,
-            };
+            let opts = in_memory(&config, id, dir.path(), wire.clone(), Arc::new(sync));
             let node = Node::start(opts).await.expect("start");
-            wire.0.lock().expect("wire lock").insert(id, node.clone());
+            wire.0.lock().expect("wire lock").insert(id, Arc::downgrade(&node));
             nodes.insert(id, node);
         }
         let (leader, followers) = (&nodes[&1], [&nodes[&2], &nodes[&3]]);
@@ -745,33 +751,6 @@ mod tests {
         }
         node.shutdown().await;
     }
-}
-
-#[cfg(test)]
-mod shutdown_tests {
-    use super::*;
-    use std::collections::BTreeMap;
-
-    /// A wire that hands each body straight to the target node, in this process.
-    #[derive(Default)]
-    struct LocalWire(std::sync::Mutex<BTreeMap<NodeId, std::sync::Weak<Node>>>);
-
-    impl transport::Wire for LocalWire {
-        fn exchange<'a>(
-            &'a self,
-            target: &'a NodeSpec,
-            body: Vec<u8>,
-            compressed: bool,
-        ) -> futures::future::BoxFuture<'a, Result<transport::WireReply, meridian_raft::network::RpcFailure>> {
-            Box::pin(async move {
-                let node = self.0.lock().expect("wire lock").get(&target.id).and_then(std::sync::Weak::upgrade);
-                match node {
-                    Some(n) => Ok(transport::serve_peer_body(&n, &body, compressed, compressed).await),
-                    None => Err(meridian_raft::network::RpcFailure::Unreachable(format!("node {} is down", target.id))),
-                }
-            })
-        }
-    }
 
     /// Two regions of one node each, in memory, with a policy that mirrors a dataset between
     /// them, so every kind of worker runs (the proposer, the policy sync, a link's shipper,
@@ -796,23 +775,7 @@ mod shutdown_tests {
             let wire = Arc::new(LocalWire::default());
             let mut nodes = Vec::new();
             for id in 1..=2u64 {
-                let db = redb::Database::builder()
-                    .create_with_backend(redb::backends::InMemoryBackend::new())
-                    .expect("state db");
-                let opts = NodeOptions {
-                    config: config.clone(),
-                    node_id: id,
-                    storage: NodeStorage::Opened {
-                        log: meridian_raft::wal::MemLogFile::pair(),
-                        log_options: Default::default(),
-                        state: db,
-                        snapshot_path: dir.path().join(format!("snapshot-{id}.bin")),
-                        log_sync_time: Arc::new(|| Duration::ZERO),
-                    },
-                    clock: Arc::new(crate::clock::SystemClock),
-                    wire: wire.clone(),
-                    wire_capture: None,
-                };
+                let opts = in_memory(&config, id, dir.path(), wire.clone(), Arc::new(|| Duration::ZERO));
                 let node = Node::start(opts).await.expect("start");
                 wire.0.lock().expect("wire lock").insert(id, Arc::downgrade(&node));
                 node.bootstrap().await.expect("bootstrap");

@@ -45,6 +45,7 @@ use crate::proposer::Proposer;
 use crate::region::RegionGroup;
 use crate::supervisor::StopSignal;
 use crate::transport::PeerTransport;
+use crate::Deps;
 use meridian_core::Topology;
 /// Namespace of the region's audit records.
 pub const AUDIT_NAMESPACE: &str = "_audit";
@@ -97,35 +98,12 @@ pub struct Repair {
     interval: Duration,
 }
 
-/// What the repair component is built from.
-pub(crate) struct RepairParts {
-    pub region: Arc<RegionGroup>,
-    pub proposer: Arc<Proposer>,
-    pub policy: Arc<PolicyStore>,
-    pub links: Arc<Links>,
-    pub gateway: Arc<Gateway>,
-    pub transport: PeerTransport,
-    pub metrics: Arc<Metrics>,
-    pub clock: Arc<dyn Clock>,
-    /// How often a round runs on the leader.
-    pub interval: Duration,
-}
-
 impl Repair {
-    pub(crate) fn new(p: RepairParts) -> Repair {
-        Repair {
-            here: p.region.spec().region.clone(),
-            topology: p.region.topology().clone(),
-            region: p.region,
-            proposer: p.proposer,
-            policy: p.policy,
-            links: p.links,
-            gateway: p.gateway,
-            transport: p.transport,
-            metrics: p.metrics,
-            clock: p.clock,
-            interval: p.interval,
-        }
+    /// `interval`: how often a round runs on the leader.
+    pub(crate) fn new(deps: Deps, links: Arc<Links>, gateway: Arc<Gateway>, interval: Duration) -> Repair {
+        let Deps { region, proposer, policy, transport, metrics, clock } = deps;
+        let (here, topology) = (region.spec().region.clone(), region.topology().clone());
+        Repair { region, proposer, policy, links, gateway, transport, metrics, clock, topology, here, interval }
     }
 
     /// Both regions may hold this object under `active`.

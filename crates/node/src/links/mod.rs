@@ -55,6 +55,7 @@ use crate::region::RegionGroup;
 use crate::supervisor::{StopSignal, Supervisor};
 use crate::traffic::{Candidate, Deferral, LinkTraffic};
 use crate::transport::PeerTransport;
+use crate::Deps;
 use meridian_policy::units::Dur;
 use meridian_policy::Schedule;
 
@@ -95,19 +96,6 @@ pub struct Links {
     /// Bytes per second each link may send (0: no limit).
     link_rate: u64,
     signals: LinkSignals,
-}
-
-/// What the links component is built from.
-pub(crate) struct LinksParts {
-    pub region: Arc<RegionGroup>,
-    pub proposer: Arc<Proposer>,
-    pub policy: Arc<PolicyStore>,
-    pub transport: PeerTransport,
-    pub metrics: Arc<Metrics>,
-    pub clock: Arc<dyn Clock>,
-    pub supervisor: Arc<Supervisor>,
-    pub commits: Arc<CommitBell>,
-    pub link_rate: u64,
 }
 
 /// Signals between the receiver and the shippers.
@@ -244,22 +232,24 @@ pub(crate) fn epoch_of(active: Option<&ActivePolicy>) -> u64 {
 }
 
 impl Links {
-    pub(crate) fn new(p: LinksParts) -> Links {
-        let (here, id) = (p.region.spec().region.clone(), p.region.spec().id);
+    pub(crate) fn new(deps: Deps, supervisor: Arc<Supervisor>, commits: Arc<CommitBell>, link_rate: u64) -> Links {
+        let Deps { region, proposer, policy, transport, metrics, clock } = deps;
+        let (here, id, topology) = (region.spec().region.clone(), region.spec().id, region.topology().clone());
+        let signals = LinkSignals::default();
         Links {
-            topology: p.region.topology().clone(),
-            region: p.region,
-            proposer: p.proposer,
-            policy: p.policy,
-            transport: p.transport,
-            metrics: p.metrics,
-            clock: p.clock,
-            supervisor: p.supervisor,
-            commits: p.commits,
+            region,
+            proposer,
+            policy,
+            transport,
+            metrics,
+            clock,
+            supervisor,
+            commits,
+            topology,
             here,
             id,
-            link_rate: p.link_rate,
-            signals: LinkSignals::default(),
+            link_rate,
+            signals,
         }
     }
 
