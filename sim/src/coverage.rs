@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 17] = [
+pub const PATHS: [&str; 18] = [
     "leader elected",
     "leader changed",
     "crash lost unsynced writes",
@@ -21,6 +21,7 @@ pub const PATHS: [&str; 17] = [
     "crossing: anti-entropy",
     "crossing: repair",
     "restricted read refused outside its region",
+    "local read answered by the gateway",
     "link caught up by a scan",
     "change backfilled or caught up",
     "copy purged",

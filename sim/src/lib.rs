@@ -255,6 +255,7 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         }
         cov.hit_n("restricted read refused outside its region", r.refused);
     }
+    cov.hit_n("local read answered by the gateway", world.local_reads.load(std::sync::atomic::Ordering::Relaxed));
 
     let history = world.history.lock().expect("history lock").clone();
     let ops = history.len();

@@ -33,8 +33,9 @@ pub const FRAME_BYTES_MAX: u32 = 64 << 20;
 pub enum ClientRequest {
     /// Write a JSON value (as text).
     Put { dataset: String, key: String, value: String },
-    /// A strong read (linearizable, served by the key's home region's leader).
-    Get { dataset: String, key: String },
+    /// A strong read (linearizable, served by the key's home region's leader), or with
+    /// `local` a read of the nearest copy the policy allows.
+    Get { dataset: String, key: String, local: bool },
     /// Make a policy (TOML) the active one.
     ApplyPolicy { text: String },
 }

@@ -2,17 +2,17 @@
 //! the links, the policy, routing, anti-entropy) over simulated disks, a simulated clock and
 //! the simulated network, serving its peers and the clients.
 //!
-//! Clients reach it as they would reach the HTTP API: the node is the gateway, and routes each
-//! call the way `crates/server` does (a write to the key's home region, a strong read to the
-//! home's leader, and never a restricted value into a region its policy keeps it out of).
+//! Clients reach it as they would reach the HTTP API: through the node's gateway, the same
+//! `put`/`get` the server calls, so routing (a write to the key's home region, a strong read to
+//! the home's leader, a local read from this region's copy, and never a restricted value into a
+//! region its policy keeps it out of) runs under simulation.
 
 use std::sync::Arc;
 
-use meridian_node::peer::{WriteOp, WriteRequest};
+use meridian_core::{DatasetName, Key};
 use meridian_node::transport::serve_peer_body;
-use meridian_node::{Node, NodeError, NodeOptions, NodeStorage, ReadConsistency};
+use meridian_node::{Consistency, Node, NodeError, NodeOptions, NodeStorage, Precondition, WriteOutcome};
 use meridian_raft::wal::{LogFiles, WalOptions};
-use meridian_raft::{CommandResult, Condition};
 
 use crate::disk::Disk;
 use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimWire};
@@ -84,31 +84,23 @@ pub async fn run(id: u64, world: Arc<World>) -> Result<(), Box<dyn std::error::E
 async fn serve_client(node: &Node, world: &World, req: ClientRequest) -> ClientReply {
     match req {
         ClientRequest::Put { dataset, key, value } => {
-            let region = match node.route_put(&dataset, &key, None).await {
-                Ok(r) => r,
-                Err(e) => return refusal(e),
+            let (dataset, key) = match names(&dataset, &key) {
+                Ok(n) => n,
+                Err(reply) => return reply,
             };
-            let req = WriteRequest { dataset, key, value: Some(value.into_bytes()), condition: Condition::Always };
-            match node.write_in(&region, WriteOp::One(req)).await {
-                Ok((CommandResult::Written { .. }, _)) => ClientReply::Written,
+            match node.gateway().put(&dataset, &key, value.into_bytes(), Precondition::None, None).await {
+                Ok((WriteOutcome::Written { .. }, _)) => ClientReply::Written,
                 Ok((other, _)) => ClientReply::Unknown(format!("unexpected result {other:?}")),
                 Err(e) => refusal(e),
             }
         }
-        ClientRequest::Get { dataset, key } => {
-            let home = match node.home_region_for(&dataset, &key, None) {
-                Ok(r) => r,
-                Err(e) => return refusal(e),
+        ClientRequest::Get { dataset, key, local } => {
+            let (dataset, key) = match names(&dataset, &key) {
+                Ok(n) => n,
+                Err(reply) => return reply,
             };
-            let read = if home == node.spec().region {
-                node.read(&dataset, &key, ReadConsistency::Strong).await
-            } else {
-                match node.check_value_may_come_here(&dataset, &key, None) {
-                    Ok(()) => node.read_in(&home, &dataset, &key).await,
-                    Err(e) => Err(e),
-                }
-            };
-            match read {
+            let consistency = if local { Consistency::Local } else { Consistency::Strong };
+            match node.gateway().get(&dataset, &key, consistency, None).await {
                 Ok((obj, _)) => {
                     ClientReply::Value(obj.and_then(|o| o.value).map(|v| String::from_utf8_lossy(&v).into_owned()))
                 }
@@ -131,6 +123,15 @@ async fn serve_client(node: &Node, world: &World, req: ClientRequest) -> ClientR
     }
 }
 
+/// Names checked at the boundary, as the server checks them.
+fn names(dataset: &str, key: &str) -> Result<(DatasetName, Key), ClientReply> {
+    match (DatasetName::new(dataset), Key::new(key)) {
+        (Ok(d), Ok(k)) => Ok((d, k)),
+        (Err(e), _) => Err(ClientReply::Refused(e.to_string())),
+        (_, Err(e)) => Err(ClientReply::Refused(e.to_string())),
+    }
+}
+
 /// What a failed call tells the client: refused (nothing applied) or unknown.
 fn refusal(e: NodeError) -> ClientReply {
     match e {
@@ -141,7 +142,8 @@ fn refusal(e: NodeError) -> ClientReply {
         | NodeError::DatasetNotInPolicy(_)
         | NodeError::HomeUnknown(_)
         | NodeError::PolicyRefused(_)
-        | NodeError::HomeImmutable(_) => ClientReply::Refused(e.to_string()),
+        | NodeError::HomeImmutable(_)
+        | NodeError::NoStalenessBound(_) => ClientReply::Refused(e.to_string()),
         NodeError::OutcomeUnknown(_) | NodeError::Storage(_) | NodeError::Internal(_) => {
             ClientReply::Unknown(e.to_string())
         }

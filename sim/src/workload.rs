@@ -166,7 +166,11 @@ async fn client(c: u64, world: Arc<World>) -> Result<(), String> {
             } else {
                 gateway
             };
-            read(c, &world, gateway, dataset, &key).await;
+            // One read in four asks for a local copy: routed by the gateway like a client's
+            // `consistency=local`, checked for residency, and not part of the linearizable
+            // history (a mirror may be behind).
+            let local = rng.random_bool(0.25);
+            read(c, &world, gateway, dataset, &key, local).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..60))).await;
     }
@@ -181,7 +185,7 @@ async fn client(c: u64, world: Arc<World>) -> Result<(), String> {
             }
             let pool = if dataset == RESTRICTED { &allowed } else { &nodes };
             let gateway = pool[rng.random_range(0..pool.len())];
-            if read(c, &world, gateway, dataset, key).await {
+            if read(c, &world, gateway, dataset, key, false).await {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -214,10 +218,11 @@ async fn write(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, va
     world.history.lock().expect("history lock").push(op);
 }
 
-/// One strong read by client `c` through `gateway`, recorded if it returned. True if it did.
-async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str) -> bool {
+/// One read by client `c` through `gateway`: strong, recorded in the history if it returned,
+/// or `local` (not recorded: not linearizable). True if it returned a value.
+async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, local: bool) -> bool {
     let full = format!("{dataset}/{key}");
-    let req = Request::Client(ClientRequest::Get { dataset: dataset.into(), key: key.into() });
+    let req = Request::Client(ClientRequest::Get { dataset: dataset.into(), key: key.into(), local });
     let invoke = now_ns();
     let reply = net::call(gateway, &req, CALL_TIMEOUT).await;
     let complete = now_ns();
@@ -232,8 +237,12 @@ async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str) -> 
                     invoke as f64 / 1e9
                 ));
             }
-            let op = Op::read(c, &full, v.as_deref(), invoke, Some(complete));
-            world.history.lock().expect("history lock").push(op);
+            if local {
+                world.local_reads.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let op = Op::read(c, &full, v.as_deref(), invoke, Some(complete));
+                world.history.lock().expect("history lock").push(op);
+            }
             true
         }
         Ok(Reply::Client(ClientReply::ResidencyRefused(_))) if forbidden => {

@@ -111,6 +111,8 @@ pub struct World {
     pub healed: AtomicBool,
     /// Every key any client wrote ("dataset/key"), in order of first write.
     pub keys: Mutex<Vec<String>>,
+    /// Reads at `consistency=local` that the gateway answered with a value.
+    pub local_reads: std::sync::atomic::AtomicU64,
 }
 
 impl World {
@@ -146,6 +148,7 @@ impl World {
             policy_wanted: Mutex::new(None),
             healed: AtomicBool::new(false),
             keys: Mutex::new(Vec::new()),
+            local_reads: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
