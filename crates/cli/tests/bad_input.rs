@@ -106,6 +106,8 @@ async fn every_endpoint_refuses_bad_input_cleanly() {
         expect(&send(http.get(format!("{list}?{bad}"))).await, 400, "invalid_query");
     }
     expect(&send(http.get(format!("{list}?cursor=zz"))).await, 400, "invalid_cursor");
+    // A prefix no key could begin with (a control character).
+    expect(&send(http.get(format!("{list}?prefix=a%07b"))).await, 400, "invalid_key");
     expect(&send(http.get(format!("{base}/v1/datasets/D/keys"))).await, 400, "invalid_dataset_name");
 
     // Nothing half-written: the dataset holds exactly the one good key, unchanged.

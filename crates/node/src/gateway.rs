@@ -270,6 +270,8 @@ impl Gateway {
         let limit = limit.clamp(1, LIST_LIMIT_MAX);
         let home = self.parse_home(home)?;
         let probe = if prefix.is_empty() { "_" } else { prefix };
+        // The server checks that a prefix could begin a key; one that reaches here anyway is a
+        // caller's bug, not the client's.
         let probe = Key::new(probe).map_err(|e| NodeError::Internal(format!("unchecked prefix: {e}")))?;
         let region = match self.home_region_for(dataset, &probe, home.as_ref()) {
             Ok(r) => r,
@@ -296,9 +298,16 @@ impl Gateway {
             None => Ok(None),
             Some(h) => match RegionId::new(h) {
                 Ok(r) if self.region.topology().regions().iter().any(|s| s.name == r) => Ok(Some(r)),
-                _ => Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster"))),
+                _ => {
+                    self.count_refusal("home_unknown");
+                    Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster")))
+                }
             },
         }
+    }
+
+    fn count_refusal(&self, kind: &str) {
+        self.metrics.policy_refusals.get_or_create(&KindLabels { kind: kind.into() }).inc();
     }
 
     /// The region a write (or strong read) of (dataset, key) must go to: this one if it is a
@@ -309,14 +318,14 @@ impl Gateway {
         key: &Key,
         home: Option<&RegionId>,
     ) -> Result<RegionId, NodeError> {
-        let routed = self.policy.refresh().and_then(|()| self.route_by_policy(dataset, key, home));
+        self.policy.refresh()?;
+        let routed = self.route_by_policy(dataset, key, home);
         if let Err(e) = &routed {
-            let code = match e {
+            self.count_refusal(match e {
                 NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
                 NodeError::HomeUnknown(_) => "home_unknown",
                 _ => "other",
-            };
-            self.metrics.policy_refusals.get_or_create(&KindLabels { kind: code.into() }).inc();
+            });
         }
         routed
     }
@@ -423,7 +432,7 @@ impl Gateway {
     ) -> Result<(), NodeError> {
         match self.policy.placement(dataset, key, home)? {
             Some(p) if !p.is_allowed(&self.here) => {
-                self.metrics.policy_refusals.get_or_create(&KindLabels { kind: "residency_refused".into() }).inc();
+                self.count_refusal("residency_refused");
                 Err(NodeError::ResidencyRefused(
                     format!(
                         "{dataset}/{key} may not be read through {}: its policy keeps its bytes in {}",
@@ -624,8 +633,7 @@ impl Gateway {
                 CommandV1::Atomic(cmds)
             }
         };
-        let bytes = reqs.iter().map(|r| r.value.as_ref().map_or(0, Vec::len) + r.key.len()).sum();
-        let result = self.proposer.propose(cmd, bytes).await?;
+        let result = self.proposer.propose(cmd).await?;
         // Committed and applied here: the links may have something to ship.
         self.commits.ring();
         if guard.is_none() {

@@ -222,13 +222,12 @@ impl Node {
         if let Err(e) = policy.refresh() {
             tracing::warn!(error = %e, "load the policy copy");
         }
-        let stop = supervisor.stop_signal();
-        supervisor
-            .spawn_worker("commit-announcer", region::announce_held_back_commits(raft, log_durability, stop.clone()));
-        supervisor.spawn_worker("proposer", proposer_worker.run(stop.clone()));
-        supervisor.spawn_worker("policy-sync", policy.clone().run_sync(region.clone(), gateway.clone(), stop.clone()));
+        let announcer = |stop| region::announce_held_back_commits(raft, log_durability, stop);
+        supervisor.spawn_late_worker("commit-announcer", announcer);
+        supervisor.spawn_late_worker("proposer", |stop| proposer_worker.run(stop));
+        supervisor.spawn_worker("policy-sync", policy.clone().run_sync(region.clone(), gateway.clone()));
         links.start();
-        supervisor.spawn_worker("anti-entropy", repair.clone().run(stop));
+        supervisor.spawn_worker("anti-entropy", repair.clone().run());
         Ok(Arc::new(Node {
             spec,
             config,
@@ -464,6 +463,14 @@ impl Node {
 }
 
 /// Open the Raft log and the state machine where `storage` says.
+impl Drop for Node {
+    /// A node dropped without [`Node::shutdown`] still stops its tasks (unwaited); the Raft
+    /// core stops when its last handle goes.
+    fn drop(&mut self) {
+        self.supervisor.abandon();
+    }
+}
+
 fn open_storage(storage: NodeStorage, spec: &NodeSpec) -> anyhow::Result<(StateMachineStore, LogStore)> {
     match storage {
         NodeStorage::Dir(data_dir) => {
@@ -735,7 +742,7 @@ mod tests {
                 fresh_ms: 0,
                 changes: Vec::new(),
             };
-            answers.push(node.proposer.enqueue(cmd, 0).await.expect("queued"));
+            answers.push(node.proposer.enqueue(cmd).await.expect("queued"));
             if seq % 64 == 0 {
                 // Let the proposer's in-flight tasks run between bursts.
                 tokio::task::yield_now().await;

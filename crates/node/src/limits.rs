@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use meridian_core::limits::{KEY_BYTES_MAX, VALUE_BYTES_HARD_MAX};
+use meridian_core::limits::{DATASET_NAME_BYTES_MAX, KEY_BYTES_MAX, REGIONS_MAX, VALUE_BYTES_HARD_MAX};
 
 use crate::peer::PEER_BODY_BYTES_MAX;
 
@@ -43,22 +43,41 @@ pub const PROPOSAL_QUEUE_MAX: usize = 4096;
 
 // ---- Raft ----------------------------------------------------------------------------------
 
-/// Bytes one Raft entry carries beyond its keys and values (command framing, HLC stamps,
-/// conditions), bounded generously per write.
+/// Framing one record of a command costs beyond its names, keys and values (versions, HLC
+/// stamps, conditions, lengths), bounded generously: `proposer::command_bytes` counts it per
+/// record, and a test checks that bound against postcard's real encoding.
 pub const ENTRY_OVERHEAD_PER_WRITE_BYTES: usize = 256;
-/// The largest Raft entry the node proposes with values of at most `value_bytes_max`: a
-/// proposer batch (it stops growing at [`BATCH_BYTES_MAX`], so its last write may take it
-/// past by one value) or a link's merge (bounded by [`LINK_BATCH_BYTES_MAX`] the same way).
-pub const fn entry_bytes_max(value_bytes_max: usize) -> usize {
-    let batch = BATCH_BYTES_MAX + value_bytes_max + BATCH_WRITES_MAX * (KEY_BYTES_MAX + ENTRY_OVERHEAD_PER_WRITE_BYTES);
-    let link = LINK_BATCH_BYTES_MAX
-        + value_bytes_max
-        + 2 * LINK_BATCH_ENTRIES_MAX * (KEY_BYTES_MAX + ENTRY_OVERHEAD_PER_WRITE_BYTES);
-    if batch > link {
-        batch
-    } else {
-        link
+/// Framing of one entry in an AppendEntries (its log id and payload tag), bounded generously.
+pub const RAFT_ENTRY_FRAMING_BYTES: usize = 256;
+/// The policy records one atomic install carries at most: two versions (the new one and its
+/// base) as JSON, whose escaping can grow text up to six times, and the history entries.
+pub const POLICY_RECORDS_BYTES_MAX: usize = 2 * 6 * meridian_policy::limits::POLICY_BYTES_MAX + 64 * 1024;
+
+/// The largest single command the node proposes, with values of at most `value_bytes_max`
+/// (as `proposer::command_bytes` counts it): a link's merge or a repair scan's batch (each
+/// stops growing past [`LINK_BATCH_BYTES_MAX`], by at most one value), a repair fetch (past
+/// [`FETCH_BYTES_MAX`]), or a policy install; plus the framing of every record in it.
+pub const fn command_bytes_max(value_bytes_max: usize) -> usize {
+    let mut payload = LINK_BATCH_BYTES_MAX;
+    if FETCH_BYTES_MAX > payload {
+        payload = FETCH_BYTES_MAX;
     }
+    if POLICY_RECORDS_BYTES_MAX > payload {
+        payload = POLICY_RECORDS_BYTES_MAX;
+    }
+    let mut records = LINK_BATCH_ENTRIES_MAX;
+    if FETCH_KEYS_MAX > records {
+        records = FETCH_KEYS_MAX;
+    }
+    let per_record = KEY_BYTES_MAX + DATASET_NAME_BYTES_MAX + ENTRY_OVERHEAD_PER_WRITE_BYTES;
+    payload + value_bytes_max + (records + 1) * per_record + ENTRY_OVERHEAD_PER_WRITE_BYTES
+}
+
+/// The largest Raft entry: the proposer stops a batch growing once it holds
+/// [`BATCH_BYTES_MAX`] (as `proposer::command_bytes` counts), so the last command may take it
+/// past by at most one command.
+pub const fn entry_bytes_max(value_bytes_max: usize) -> usize {
+    BATCH_BYTES_MAX + command_bytes_max(value_bytes_max) + RAFT_ENTRY_FRAMING_BYTES
 }
 /// The largest entry at the hard value limit.
 pub const ENTRY_BYTES_MAX: usize = entry_bytes_max(VALUE_BYTES_HARD_MAX);
@@ -83,7 +102,7 @@ pub const fn raft_payload_entries_max(value_bytes_max: usize) -> u64 {
 /// How long shutdown waits for the node's tasks before aborting them.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most tasks of either kind the supervisor keeps (workers, and short jobs running at once).
-pub const SUPERVISED_TASKS_MAX: usize = 4096;
+pub const SUPERVISED_TASKS_MAX: usize = 8192;
 
 // ---- links ---------------------------------------------------------------------------------
 
@@ -147,8 +166,9 @@ pub const DIGEST_BUCKETS: usize = 256;
 pub const DIGEST_ENTRIES_MAX: u32 = 10_000;
 /// Most keys one fetch asks for (and most copies one purge command removes).
 pub const FETCH_KEYS_MAX: usize = 256;
-/// Value bytes one fetch answer carries at most; the keys past it are fetched next round.
-pub const FETCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Value bytes one fetch answer carries at most (past it by one value); the keys past it are
+/// fetched next round.
+pub const FETCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// How often the anti-entropy worker wakes to see whether the policy entry changed (a purge
 /// pass follows a change at once) or a round is due.
 pub const ANTI_ENTROPY_TICK: Duration = Duration::from_millis(500);
@@ -156,28 +176,30 @@ pub const ANTI_ENTROPY_TICK: Duration = Duration::from_millis(500);
 // ---- the relations the code relies on -----------------------------------------------------
 
 const _: () = {
-    // The largest AppendEntries fits a peer body, at the hard value limit: a follower that
-    // refused one could never catch up.
-    assert!(raft_payload_entries_max(VALUE_BYTES_HARD_MAX) >= 1);
-    assert!(
-        raft_payload_entries_max(VALUE_BYTES_HARD_MAX) as usize * ENTRY_BYTES_MAX + RAFT_PAYLOAD_FRAMING_BYTES
-            <= PEER_BODY_BYTES_MAX
-    );
-    // A link batch (its range and the changes sent ahead of it) and a fetch answer fit too.
-    assert!(entry_bytes_max(VALUE_BYTES_HARD_MAX) <= PEER_BODY_BYTES_MAX);
-    assert!(FETCH_BYTES_MAX + VALUE_BYTES_HARD_MAX + FETCH_KEYS_MAX * 2 * KEY_BYTES_MAX <= PEER_BODY_BYTES_MAX);
+    // The largest AppendEntries fits a peer body even at the hard value limit: a follower
+    // that refused one could never catch up. (`raft_payload_entries_max` picks the count; this
+    // checks that at least one entry always fits.)
+    assert!(RAFT_PAYLOAD_FRAMING_BYTES + ENTRY_BYTES_MAX <= PEER_BODY_BYTES_MAX);
+    // A link batch, a fetch answer and a digest-entries answer fit a peer body.
+    assert!(command_bytes_max(VALUE_BYTES_HARD_MAX) <= PEER_BODY_BYTES_MAX);
     assert!(DIGEST_ENTRIES_MAX as usize * (KEY_BYTES_MAX + ENTRY_OVERHEAD_PER_WRITE_BYTES) <= PEER_BODY_BYTES_MAX);
-    // A purge command removes at most one fetch's worth of keys; digests bucket by one byte.
-    assert!(DIGEST_BUCKETS == 256);
+    // Every link of the largest topology can fill its pipeline, and still leave room for
+    // other jobs.
+    assert!(REGIONS_MAX * (PIPELINE_MAX + 1) < SUPERVISED_TASKS_MAX);
     // The proposer's window is smaller than its queue, and a batch fits in the queue.
     assert!(PROPOSALS_IN_FLIGHT_MAX < PROPOSAL_QUEUE_MAX && BATCH_WRITES_MAX <= PROPOSAL_QUEUE_MAX);
-    // A link's in-flight byte bound admits at least one full batch; the early set outlives a window.
+    // A link's in-flight byte bound admits at least one full batch; the early set outlives a
+    // window of the outbox.
     assert!(PIPELINE_BYTES_MAX as usize >= LINK_BATCH_BYTES_MAX);
     assert!(EARLY_SENT_MAX >= LINK_BATCH_ENTRIES_MAX);
-    // Retries stay inside the request's deadline budget.
-    assert!(LEADER_BACKOFF_MAX.as_millis() * LEADER_ATTEMPTS_MAX as u128 <= 2 * REQUEST_TIMEOUT.as_millis());
+    // A purge removes at most one fetch's keys, and one batch's worth of them fits a command.
+    assert!(FETCH_KEYS_MAX <= LINK_BATCH_ENTRIES_MAX);
+    // A forwarded request's retries pause in all for less than its deadline.
+    assert!(LEADER_BACKOFF_MAX.as_millis() * (LEADER_ATTEMPTS_MAX as u128) / 2 < REQUEST_TIMEOUT.as_millis());
     assert!(LINK_TICK.as_millis() < LINK_BACKOFF_MAX.as_millis());
     assert!(STATUS_TIMEOUT.as_millis() < REQUEST_TIMEOUT.as_millis());
+    // A shutdown waits less for its tasks than a request may take.
+    assert!(SHUTDOWN_TIMEOUT.as_millis() <= REQUEST_TIMEOUT.as_millis());
 };
 
 /// Check the relations that depend on the configuration, when the node starts.
@@ -187,7 +209,9 @@ pub fn check(config: &crate::config::ClusterConfig) -> Result<(), String> {
         return Err(format!("limits.value_bytes_max {value} is over the hard limit {VALUE_BYTES_HARD_MAX}"));
     }
     let entries = raft_payload_entries_max(value);
-    assert!(entries as usize * entry_bytes_max(value) + RAFT_PAYLOAD_FRAMING_BYTES <= PEER_BODY_BYTES_MAX);
+    if entries == 0 {
+        return Err(format!("limits.value_bytes_max {value} leaves no room for a Raft entry in a peer body"));
+    }
     Ok(())
 }
 
@@ -203,12 +227,12 @@ mod tests {
         for value in [1, 1024, 1 << 20, 4 << 20, VALUE_BYTES_HARD_MAX] {
             let n = raft_payload_entries_max(value) as usize;
             assert!(n >= 1);
-            assert!(n * entry_bytes_max(value) <= PEER_BODY_BYTES_MAX, "value limit {value}");
-            // And one more entry would not (unless the count is at its own maximum).
             assert!(
-                n as u64 == RAFT_PAYLOAD_ENTRIES_MAX
-                    || (n + 1) * entry_bytes_max(value) > PEER_BODY_BYTES_MAX - RAFT_PAYLOAD_FRAMING_BYTES
+                n * entry_bytes_max(value) + RAFT_PAYLOAD_FRAMING_BYTES <= PEER_BODY_BYTES_MAX,
+                "value limit {value}"
             );
         }
+        // The configuration check refuses nothing the hard limit allows.
+        assert!(entry_bytes_max(VALUE_BYTES_HARD_MAX) >= command_bytes_max(VALUE_BYTES_HARD_MAX) + BATCH_BYTES_MAX);
     }
 }

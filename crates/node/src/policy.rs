@@ -38,7 +38,6 @@ use crate::limits::{
 use crate::metrics::Metrics;
 use crate::peer::{WriteOp, WriteRequest};
 use crate::region::RegionGroup;
-use crate::supervisor::StopSignal;
 
 /// The reserved namespace of policy metadata in every region.
 pub const NAMESPACE: &str = "_policy";
@@ -348,13 +347,12 @@ impl PolicyStore {
     }
 
     /// Keep this node's cache fresh, and (on a region leader outside the authority) pull the
-    /// authority's newer entries into this region's copy, until the node stops.
-    pub(crate) async fn run_sync(self: Arc<Self>, region: Arc<RegionGroup>, gw: Arc<Gateway>, stop: StopSignal) {
+    /// authority's newer entries into this region's copy (the supervisor cancels it when the
+    /// node stops).
+    pub(crate) async fn run_sync(self: Arc<Self>, region: Arc<RegionGroup>, gw: Arc<Gateway>) {
         loop {
             let jitter = POLICY_SYNC_JITTER_MAX.mul_f64(meridian_raft::rt::random_f64());
-            if stop.sleep(POLICY_SYNC_INTERVAL + jitter).await {
-                return;
-            }
+            tokio::time::sleep(POLICY_SYNC_INTERVAL + jitter).await;
             if let Err(e) = self.refresh() {
                 tracing::warn!(error = %e, "refresh the policy cache");
             }

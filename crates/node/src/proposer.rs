@@ -14,14 +14,16 @@
 
 use std::sync::Arc;
 
-use meridian_raft::command::CommandV1;
+use meridian_raft::command::{CommandV1, RemoteChange};
 use meridian_raft::{Command, CommandResult, Raft};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{LocalError, NodeError};
-use crate::limits::{BATCH_BYTES_MAX, BATCH_WRITES_MAX, PROPOSALS_IN_FLIGHT_MAX, PROPOSAL_QUEUE_MAX};
+use crate::limits::{
+    BATCH_BYTES_MAX, BATCH_WRITES_MAX, ENTRY_OVERHEAD_PER_WRITE_BYTES, PROPOSALS_IN_FLIGHT_MAX, PROPOSAL_QUEUE_MAX,
+};
 use crate::region::RegionGroup;
 use crate::supervisor::StopSignal;
 
@@ -51,19 +53,21 @@ pub struct Proposer {
 /// The proposer's loop, for the supervisor to run.
 pub(crate) struct ProposerWorker {
     raft: Raft,
+    node: meridian_core::NodeId,
     rx: mpsc::Receiver<Proposal>,
 }
 
 impl Proposer {
     pub(crate) fn new(region: Arc<RegionGroup>) -> (Proposer, ProposerWorker) {
         let (queue, rx) = mpsc::channel(PROPOSAL_QUEUE_MAX);
-        let worker = ProposerWorker { raft: region.raft().clone(), rx };
+        let worker = ProposerWorker { raft: region.raft().clone(), node: region.spec().id, rx };
         (Proposer { region, queue }, worker)
     }
 
     /// Queue one command (commands reach the log in the order they are queued); the answer
     /// yields its result.
-    pub(crate) async fn enqueue(&self, cmd: CommandV1, bytes: usize) -> Result<Answer, LocalError> {
+    pub(crate) async fn enqueue(&self, cmd: CommandV1) -> Result<Answer, LocalError> {
+        let bytes = command_bytes(&cmd);
         let (reply, answer) = oneshot::channel();
         self.queue.send(Proposal { cmd, bytes, reply }).await.map_err(|_| {
             LocalError::Other(NodeError::Unavailable {
@@ -75,19 +79,20 @@ impl Proposer {
     }
 
     /// Queue one command and wait for its result.
-    pub(crate) async fn propose(&self, cmd: CommandV1, bytes: usize) -> Result<CommandResult, LocalError> {
-        self.enqueue(cmd, bytes).await?.wait().await
+    pub(crate) async fn propose(&self, cmd: CommandV1) -> Result<CommandResult, LocalError> {
+        self.enqueue(cmd).await?.wait().await
     }
 
     /// Propose the node's own bookkeeping (a merged batch, a cursor, a repair, a purge) if
     /// this node leads its region.
     pub(crate) async fn propose_if_leader(&self, cmd: CommandV1) -> Result<CommandResult, LocalError> {
         self.region.lead_or_refuse()?;
-        self.propose(cmd, 0).await
+        self.propose(cmd).await
     }
 }
 
 impl ProposerWorker {
+    /// Propose until `stop` is raised (after every other task of the node has stopped).
     pub(crate) async fn run(mut self, stop: StopSignal) {
         let permits = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
         let mut outcomes = tokio::task::JoinSet::new();
@@ -153,12 +158,44 @@ impl ProposerWorker {
                 }
             });
         }
-        // Stopping: the waits still running are aborted with the set, and their writers hear
-        // an unknown outcome (the entry may yet commit). A command still queued is dropped the
-        // same way: it was never proposed, but its writer is already gone or going.
+        // Stopping (every other task of the node is gone; the Raft core still runs): commands
+        // still queued were never proposed, and say so (their writers may retry); the entries
+        // in flight get their outcomes from the core.
         self.rx.close();
-        outcomes.shutdown().await;
+        while let Some(p) = self.rx.recv().await {
+            let _ = p.reply.send(Err(LocalError::Other(NodeError::Unavailable {
+                node: self.node,
+                reason: "the node is shutting down; the command was not proposed".into(),
+            })));
+        }
+        while outcomes.join_next().await.is_some() {}
     }
+}
+
+/// An upper bound on the encoded size of `cmd` in a Raft entry: its names, keys and values,
+/// plus [`ENTRY_OVERHEAD_PER_WRITE_BYTES`] for each record's framing (versions, stamps,
+/// conditions). The proposer stops a batch growing at [`BATCH_BYTES_MAX`] of these, which is
+/// what bounds an entry (see `limits::entry_bytes_max`); a test checks the bound against
+/// postcard's real encoding.
+pub(crate) fn command_bytes(cmd: &CommandV1) -> usize {
+    let change = |c: &RemoteChange| {
+        c.dataset.len() + c.key.len() + c.value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_PER_WRITE_BYTES
+    };
+    ENTRY_OVERHEAD_PER_WRITE_BYTES
+        + match cmd {
+            CommandV1::Put { dataset, key, value, .. } => dataset.len() + key.len() + value.len(),
+            CommandV1::Delete { dataset, key, .. } | CommandV1::Check { dataset, key, .. } => dataset.len() + key.len(),
+            CommandV1::Batch(cmds) | CommandV1::Atomic(cmds) => cmds.iter().map(command_bytes).sum(),
+            CommandV1::ApplyRemote { source, changes, .. }
+            | CommandV1::ApplyRemoteAt { source, changes, .. }
+            | CommandV1::Repair { source, changes } => source.len() + changes.iter().map(change).sum::<usize>(),
+            CommandV1::SetCursor { destination, .. } | CommandV1::SetBackfilled { destination, .. } => {
+                destination.len()
+            }
+            CommandV1::Purge { dataset, keys } => {
+                dataset.len() + keys.iter().map(|(k, _)| k.len() + ENTRY_OVERHEAD_PER_WRITE_BYTES).sum::<usize>()
+            }
+        }
 }
 
 fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> LocalError {
@@ -179,6 +216,69 @@ fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> LocalErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn version(seq: u64) -> meridian_core::Version {
+        meridian_core::Version {
+            hlc: meridian_core::HlcTimestamp::new(u64::MAX >> 20, u16::MAX),
+            region: meridian_core::RegionId::new("x".repeat(meridian_core::limits::PLACE_NAME_BYTES_MAX))
+                .expect("region"),
+            seq: u64::MAX - seq,
+        }
+    }
+
+    /// The bound the proposer batches by is never below what the entry really costs: every
+    /// command, at its largest framing (longest names, largest numbers), encodes smaller.
+    #[test]
+    fn command_bytes_bound_the_encoded_entry() {
+        use meridian_core::limits::{DATASET_NAME_BYTES_MAX, KEY_BYTES_MAX};
+        use meridian_raft::Condition;
+        let ds = "d".repeat(DATASET_NAME_BYTES_MAX);
+        let key = |i: usize| format!("{i:0>width$}", width = KEY_BYTES_MAX);
+        let hlc = meridian_core::HlcTimestamp::new(u64::MAX >> 20, u16::MAX);
+        let change = |i: usize, value: usize| RemoteChange {
+            dataset: ds.clone(),
+            key: key(i),
+            version: version(i as u64),
+            value: (value > 0).then(|| vec![0xff; value]),
+        };
+        let changes: Vec<RemoteChange> = (0..512).map(|i| change(i, i % 3)).collect();
+        let put = |i: usize| CommandV1::Put {
+            dataset: ds.clone(),
+            key: key(i),
+            value: vec![b'7'; 100],
+            hlc,
+            condition: Condition::IfMatch(version(i as u64)),
+        };
+        let cmds = vec![
+            put(1),
+            CommandV1::Delete { dataset: ds.clone(), key: key(2), hlc, condition: Condition::IfMatch(version(2)) },
+            CommandV1::Batch((0..256).map(put).collect()),
+            CommandV1::Atomic(vec![
+                CommandV1::Check { dataset: ds.clone(), key: key(3), condition: Condition::IfMatch(version(3)) },
+                put(4),
+            ]),
+            CommandV1::ApplyRemoteAt {
+                source: ds.clone(),
+                from_seq: u64::MAX,
+                upto_seq: u64::MAX,
+                fresh_ms: u64::MAX,
+                changes: changes.clone(),
+            },
+            CommandV1::Repair { source: ds.clone(), changes },
+            CommandV1::Purge { dataset: ds.clone(), keys: (0..256).map(|i| (key(i), version(i as u64))).collect() },
+            CommandV1::SetCursor { destination: ds.clone(), upto_seq: u64::MAX },
+            CommandV1::SetBackfilled { destination: ds.clone(), epoch: u64::MAX },
+        ];
+        for cmd in cmds {
+            let encoded = postcard::to_stdvec(&meridian_raft::Command::V1(cmd.clone())).expect("encode").len();
+            assert!(
+                encoded <= command_bytes(&cmd),
+                "{encoded} > {} for {:?}",
+                command_bytes(&cmd),
+                std::mem::discriminant(&cmd)
+            );
+        }
+    }
 
     #[test]
     fn forward_to_leader_after_proposing_is_an_unknown_outcome() {

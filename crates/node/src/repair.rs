@@ -43,7 +43,6 @@ use crate::peer::{DatasetDigest, PeerError, PeerRequestV1, PeerResponseV1, Regio
 use crate::policy::{ActivePolicy, PolicyStore};
 use crate::proposer::Proposer;
 use crate::region::RegionGroup;
-use crate::supervisor::StopSignal;
 use crate::transport::PeerTransport;
 use crate::Deps;
 use meridian_core::Topology;
@@ -285,15 +284,13 @@ impl Repair {
         futures::future::join_all(checks).await
     }
 
-    /// The worker that runs anti-entropy rounds and purge passes on the region leader, until
-    /// the node stops.
-    pub(crate) async fn run(self: Arc<Self>, stop: StopSignal) {
+    /// The worker that runs anti-entropy rounds and purge passes on the region leader (the
+    /// supervisor cancels it when the node stops).
+    pub(crate) async fn run(self: Arc<Self>) {
         let mut purged_epoch: Option<u64> = None;
         let mut next_round = Instant::now() + self.interval;
         loop {
-            if stop.sleep(ANTI_ENTROPY_TICK).await {
-                return;
-            }
+            tokio::time::sleep(ANTI_ENTROPY_TICK).await;
             if !self.region.is_leader() {
                 purged_epoch = None;
                 continue;
@@ -313,9 +310,6 @@ impl Repair {
             let others: Vec<RegionId> =
                 self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.here).collect();
             for peer in others {
-                if stop.is_raised() {
-                    return;
-                }
                 match self.anti_entropy_with(&peer).await {
                     Ok(0) => {}
                     Ok(n) => tracing::warn!(peer = %peer, repaired = n, "anti-entropy repaired copies"),

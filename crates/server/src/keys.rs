@@ -329,6 +329,13 @@ pub async fn list_keys(
     if prefix.len() > meridian_core::limits::KEY_BYTES_MAX {
         return Err(ApiError::new(ErrorCode::KeyTooLong, "the prefix is longer than the longest key"));
     }
+    // A prefix no key could start with (control characters, say) is refused, not searched for.
+    if !prefix.is_empty() {
+        Key::new(prefix.as_str()).map_err(|e| {
+            ApiError::new(ErrorCode::InvalidKey, format!("the prefix could not begin a key: {e}"))
+                .hint("a prefix is the start of a key: UTF-8 without control characters")
+        })?;
+    }
     let after = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(hex_decode(c).ok_or_else(|| {

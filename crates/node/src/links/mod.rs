@@ -339,6 +339,9 @@ impl Links {
     async fn settle(self: &Arc<Self>, dest: &RegionId, link: &mut LinkState, io: &mut InFlight) {
         let labels = self.link_labels(dest);
         let settled = io.pipe.settle(std::mem::take(&mut io.completed));
+        for seq in &settled.unsent_early {
+            link.early_sent.remove(seq);
+        }
         for &(rtt_ms, bytes, shipped, withheld) in &settled.merged {
             link.traffic.health.observe(rtt_ms, bytes);
             self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
@@ -902,7 +905,7 @@ impl Links {
         let answer = {
             // Queue and record under one lock, so two batches cannot queue out of order.
             let _order = self.signals.queue_lock.lock().await;
-            let answer = self.proposer.enqueue(cmd, 0).await.map_err(to_peer)?;
+            let answer = self.proposer.enqueue(cmd).await.map_err(to_peer)?;
             let mut q = self.signals.queued.lock().expect("queued lock");
             let e = q.entry(source_name.clone()).or_default();
             *e = (*e).max(upto);
@@ -934,7 +937,7 @@ async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState
     let mut immediate = false;
     loop {
         if !immediate {
-            let pause = io.pipe.pause(meridian_raft::rt::random_u64());
+            let pause = io.pipe.pause(meridian_raft::rt::random_u64);
             tokio::select! {
                 biased;
                 _ = stop.raised() => return,
@@ -965,6 +968,14 @@ async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState
             }
             Departure::After(wait) => tokio::time::sleep(wait).await,
         }
+        // Room for the send is reserved before the batch is formed: forming it takes tokens
+        // and marks changes as sent ahead of the range, which a batch that never left would
+        // leave stranded.
+        let Some(slot) = node.supervisor.reserve_job() else {
+            let e = NodeError::Unavailable { node: node.id, reason: "no room to start a send".into() };
+            node.note_failure(&dest, &mut io.pipe, &e);
+            continue;
+        };
         match node.prepare_round(&dest, &mut link, &io.pipe).await {
             // Nothing to send and nothing outstanding: nothing is failing either.
             Ok(Round::Idle) if io.pipe.in_flight == 0 => io.pipe.quiet(),
@@ -976,7 +987,8 @@ async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState
             Ok(Round::Batch(b)) => {
                 let (upto, bytes, more) = (b.batch.upto_seq, b.bytes, b.more);
                 let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
-                let started = node.supervisor.spawn_job("link-batch", async move {
+                let early: Vec<u64> = b.batch.early.iter().map(|c| c.version.seq).collect();
+                node.supervisor.spawn_reserved(slot, "link-batch", async move {
                     let sent_at = tokio::time::Instant::now();
                     let result = node2.send_batch(&dest2, &b.batch).await;
                     let rtt_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
@@ -988,23 +1000,20 @@ async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState
                             shipped: b.shipped,
                             withheld: b.withheld,
                         },
-                        Ok(CommandResult::RemoteGap { merged_upto }) => Returned::Gap { merged_upto, bytes: b.bytes },
+                        Ok(CommandResult::RemoteGap { merged_upto }) => {
+                            Returned::Gap { merged_upto, bytes: b.bytes, early }
+                        }
                         Ok(other) => Returned::Failed {
                             reason: format!("unexpected answer to a batch: {other:?}"),
                             bytes: b.bytes,
+                            early,
                         },
-                        Err(e) => Returned::Failed { reason: e.to_string(), bytes: b.bytes },
+                        Err(e) => Returned::Failed { reason: e.to_string(), bytes: b.bytes, early },
                     };
                     let _ = tx.send(returned).await;
                 });
-                if started {
-                    io.pipe.departed(upto, bytes, tokio::time::Instant::now());
-                    immediate = more;
-                } else {
-                    // Stopping, or too many jobs at once: the batch did not leave.
-                    let e = NodeError::Unavailable { node: node.id, reason: "no room to start a send".into() };
-                    node.note_failure(&dest, &mut io.pipe, &e);
-                }
+                io.pipe.departed(upto, bytes, tokio::time::Instant::now());
+                immediate = more;
             }
             Err(e) => node.note_failure(&dest, &mut io.pipe, &e),
         }

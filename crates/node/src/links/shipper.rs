@@ -40,9 +40,10 @@ pub(crate) enum Returned {
     /// Merged up to `upto` (the destination's mark for this source).
     Merged { upto: u64, rtt_ms: f64, bytes: u64, shipped: u64, withheld: u64 },
     /// The destination has less than the cursor says (it lost state): it holds `merged_upto`.
-    Gap { merged_upto: u64, bytes: u64 },
+    /// `early`: the sequences of the changes the batch carried ahead of its range.
+    Gap { merged_upto: u64, bytes: u64, early: Vec<u64> },
     /// Not merged, for this reason; the range is sent again from the cursor.
-    Failed { reason: String, bytes: u64 },
+    Failed { reason: String, bytes: u64, early: Vec<u64> },
 }
 
 /// What settling the returned batches found.
@@ -56,6 +57,9 @@ pub(crate) struct Settled {
     pub(crate) restarts: u64,
     /// Why batches failed.
     pub(crate) errors: Vec<String>,
+    /// Changes sent ahead of a range in batches that were not merged: they may not have
+    /// arrived, so the range must carry them again (forget them in the early set).
+    pub(crate) unsent_early: Vec<u64>,
 }
 
 /// What to do about the persisted cursor.
@@ -88,11 +92,13 @@ impl Pipeline {
     }
 
     /// How long to wait before the next round: the tick, or after failures an exponential
-    /// backoff (capped at [`LINK_BACKOFF_MAX`]) with jitter from `draw`, in its upper half.
-    pub(crate) fn pause(&self, draw: u64) -> Duration {
+    /// backoff (capped at [`LINK_BACKOFF_MAX`]) with jitter in its upper half, from `draw`
+    /// (called only after failures, so a healthy link draws no randomness).
+    pub(crate) fn pause(&self, draw: impl FnOnce() -> u64) -> Duration {
         if self.failures == 0 {
             return LINK_TICK;
         }
+        let draw = draw();
         let cap = LINK_BACKOFF_MAX.as_millis() as u64;
         let base = (LINK_TICK.as_millis() as u64) << self.failures.min(LINK_BACKOFF_DOUBLINGS_MAX);
         let ms = base.min(cap);
@@ -163,13 +169,15 @@ impl Pipeline {
                     self.batches += 1;
                     s.merged.push((rtt_ms, bytes, shipped, withheld));
                 }
-                Returned::Gap { merged_upto, bytes } => {
+                Returned::Gap { merged_upto, bytes, early } => {
                     self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+                    s.unsent_early.extend(early);
                     s.gap = Some(s.gap.map_or(merged_upto, |g| g.min(merged_upto)));
                     s.restarts += u64::from(self.restart());
                 }
-                Returned::Failed { reason, bytes } => {
+                Returned::Failed { reason, bytes, early } => {
                     self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+                    s.unsent_early.extend(early);
                     s.restarts += u64::from(self.fail(reason.clone()));
                     s.errors.push(reason);
                 }
@@ -389,12 +397,12 @@ mod tests {
     #[test]
     fn failures_back_off_exponentially_with_jitter_up_to_the_cap() {
         let mut p = Pipeline::default();
-        assert_eq!(p.pause(12345), LINK_TICK);
+        assert_eq!(p.pause(|| panic!("a healthy link draws no randomness")), LINK_TICK);
         let mut last_max = Duration::ZERO;
         for n in 1..=12 {
             p.fail(format!("failure {n}"));
             // Every jitter the draw can give (ms / 2 + 1 values, at most 2501).
-            let (lo, hi) = (p.pause(0), (0..=2600).map(|d| p.pause(d)).max().expect("draws"));
+            let (lo, hi) = (p.pause(|| 0), (0..=2600).map(|d| p.pause(|| d)).max().expect("draws"));
             assert!(lo <= hi && hi <= LINK_BACKOFF_MAX, "{n}: {lo:?}..{hi:?}");
             assert!(hi >= last_max, "the backoff never shrinks while failures go on");
             assert!(lo >= hi / 2 - Duration::from_millis(1), "jitter stays in the upper half");
@@ -402,7 +410,7 @@ mod tests {
         }
         assert!(last_max >= LINK_BACKOFF_MAX / 2);
         p.quiet();
-        assert_eq!(p.pause(7), LINK_TICK);
+        assert_eq!(p.pause(|| 7), LINK_TICK);
     }
 
     #[test]
@@ -439,9 +447,10 @@ mod tests {
         assert_eq!(p.next_from(5), 30);
         let s = p.settle(vec![
             Returned::Merged { upto: 20, rtt_ms: 10.0, bytes: 1, shipped: 3, withheld: 1 },
-            Returned::Failed { reason: "timeout".into(), bytes: 1 },
+            Returned::Failed { reason: "timeout".into(), bytes: 1, early: vec![31, 33] },
         ]);
         assert_eq!((s.restarts, s.errors.len(), s.merged.len()), (1, 1, 1));
+        assert_eq!(s.unsent_early, vec![31, 33], "what the failed batch carried early must go again");
         assert_eq!((p.in_flight, p.in_flight_bytes, p.acked, p.failures), (0, 0, 20, 1));
         assert_eq!(p.next_from(5), 20, "after a failure: from what was acknowledged");
         assert_eq!(p.cursor_step(s.gap, 5, false), CursorStep::Persist(20));
@@ -455,9 +464,12 @@ mod tests {
         let mut p = Pipeline { acked: 50, ..Pipeline::default() };
         p.departed(60, 1, now);
         p.departed(70, 1, now);
-        let s =
-            p.settle(vec![Returned::Gap { merged_upto: 40, bytes: 1 }, Returned::Gap { merged_upto: 35, bytes: 1 }]);
+        let s = p.settle(vec![
+            Returned::Gap { merged_upto: 40, bytes: 1, early: vec![] },
+            Returned::Gap { merged_upto: 35, bytes: 1, early: vec![71] },
+        ]);
         assert_eq!(s.gap, Some(35), "the lowest mark wins");
+        assert_eq!(s.unsent_early, vec![71]);
         assert_eq!(s.restarts, 1, "one restart: the second found nothing sent past the cursor");
         let step = p.cursor_step(s.gap, 50, true);
         assert_eq!(step, CursorStep::MoveBack(35), "even with a proposal in flight");
