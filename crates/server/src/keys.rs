@@ -331,8 +331,8 @@ pub async fn list_keys(
     }
     // A prefix no key could start with (control characters, say) is refused, not searched for.
     if !prefix.is_empty() {
-        Key::new(prefix.as_str()).map_err(|e| {
-            ApiError::new(ErrorCode::InvalidKey, format!("the prefix could not begin a key: {e}"))
+        Key::new(prefix.as_str()).map_err(|_| {
+            ApiError::new(ErrorCode::InvalidKey, "the prefix holds a control character, which no key may hold")
                 .hint("a prefix is the start of a key: UTF-8 without control characters")
         })?;
     }
