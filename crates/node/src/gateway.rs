@@ -30,16 +30,13 @@ use meridian_raft::command::CommandV1;
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use tokio::time::Instant;
 
-use crate::clock::Clock;
 use crate::error::{peer_error, to_peer_error, LocalError, NodeError};
 use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT};
 use crate::links::CommitBell;
-use crate::metrics::{KindLabels, Metrics};
+use crate::metrics::KindLabels;
 use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, WriteOp, WriteRequest};
-use crate::policy::{self, PolicyStore};
-use crate::proposer::Proposer;
-use crate::region::RegionGroup;
-use crate::transport::{leader_backoff, PeerTransport};
+use crate::policy::{self};
+use crate::transport::leader_backoff;
 use crate::Deps;
 use meridian_core::limits::LIST_LIMIT_MAX;
 use meridian_raft::network::RpcFailure;
@@ -165,12 +162,7 @@ pub struct Page {
 }
 
 pub struct Gateway {
-    region: Arc<RegionGroup>,
-    proposer: Arc<Proposer>,
-    policy: Arc<PolicyStore>,
-    transport: PeerTransport,
-    metrics: Arc<Metrics>,
-    clock: Arc<dyn Clock>,
+    deps: Deps,
     hlc: Mutex<Hlc>,
     commits: Arc<CommitBell>,
     here: RegionId,
@@ -179,10 +171,9 @@ pub struct Gateway {
 
 impl Gateway {
     pub(crate) fn new(deps: Deps, hlc_max_offset_ms: u64, commits: Arc<CommitBell>) -> Gateway {
-        let Deps { region, proposer, policy, transport, metrics, clock } = deps;
-        let (here, id) = (region.spec().region.clone(), region.spec().id);
+        let (here, id) = (deps.region.spec().region.clone(), deps.region.spec().id);
         let hlc = Mutex::new(Hlc::new(hlc_max_offset_ms));
-        Gateway { region, proposer, policy, transport, metrics, clock, hlc, commits, here, id }
+        Gateway { deps, hlc, commits, here, id }
     }
 
     // ---- the client API ------------------------------------------------------------------
@@ -297,7 +288,7 @@ impl Gateway {
         match home {
             None => Ok(None),
             Some(h) => match RegionId::new(h) {
-                Ok(r) if self.region.topology().regions().iter().any(|s| s.name == r) => Ok(Some(r)),
+                Ok(r) if self.deps.region.topology().regions().iter().any(|s| s.name == r) => Ok(Some(r)),
                 _ => {
                     self.count_refusal("home_unknown");
                     Err(NodeError::HomeUnknown(format!("home {h:?} is not a region of this cluster")))
@@ -307,7 +298,7 @@ impl Gateway {
     }
 
     fn count_refusal(&self, kind: &str) {
-        self.metrics.policy_refusals.get_or_create(&KindLabels { kind: kind.into() }).inc();
+        self.deps.metrics.policy_refusals.get_or_create(&KindLabels { kind: kind.into() }).inc();
     }
 
     /// The region a write (or strong read) of (dataset, key) must go to: this one if it is a
@@ -318,7 +309,7 @@ impl Gateway {
         key: &Key,
         home: Option<&RegionId>,
     ) -> Result<RegionId, NodeError> {
-        self.policy.refresh()?;
+        self.deps.policy.refresh()?;
         let routed = self.route_by_policy(dataset, key, home);
         if let Err(e) = &routed {
             self.count_refusal(match e {
@@ -343,18 +334,18 @@ impl Gateway {
                 p.homes[0].clone()
             }
         };
-        let region = match self.policy.placement(dataset, key, home)? {
+        let region = match self.deps.policy.placement(dataset, key, home)? {
             None => self.here.clone(),
             Some(p) => choose(&p),
         };
         // Shadow: where the shadow version would have sent it; counted, never acted on.
-        if let Some(active) = self.policy.active() {
-            if let Some(p) = self.policy.shadow_placement(&active, dataset, key, home, None) {
+        if let Some(active) = self.deps.policy.active() {
+            if let Some(p) = self.deps.policy.shadow_placement(&active, dataset, key, home, None) {
                 if choose(&p) != region {
-                    self.metrics.policy_shadow_reroutes.inc();
+                    self.deps.metrics.policy_shadow_reroutes.inc();
                 }
             } else if active.shadow(dataset, key).is_some() {
-                self.metrics.policy_shadow_reroutes.inc();
+                self.deps.metrics.policy_shadow_reroutes.inc();
             }
         }
         Ok(region)
@@ -375,7 +366,7 @@ impl Gateway {
             Consistency::Strong => at_home.then_some(ReadConsistency::Strong),
             Consistency::Local | Consistency::Eventual => {
                 let holds =
-                    matches!(self.policy.placement(dataset, key, home), Ok(Some(p)) if p.holds_copy(&self.here));
+                    matches!(self.deps.policy.placement(dataset, key, home), Ok(Some(p)) if p.holds_copy(&self.here));
                 (at_home || holds).then_some(ReadConsistency::Local)
             }
             Consistency::Bounded(max) => match self.local_staleness(dataset, key, home)? {
@@ -403,7 +394,7 @@ impl Gateway {
         key: &Key,
         home: Option<&RegionId>,
     ) -> Result<Option<(u64, Option<u64>)>, NodeError> {
-        let Some(p) = self.policy.placement(dataset, key, home)? else { return Ok(None) };
+        let Some(p) = self.deps.policy.placement(dataset, key, home)? else { return Ok(None) };
         if !p.holds_copy(&self.here) {
             return Ok(None);
         }
@@ -411,8 +402,8 @@ impl Gateway {
         if p.homes.contains(&self.here) {
             return Ok(Some((0, budget)));
         }
-        let (state, _) = self.region.reader().replication().map_err(NodeError::storage)?;
-        let now = self.clock.now_ms();
+        let (state, _) = self.deps.region.reader().replication().map_err(NodeError::storage)?;
+        let now = self.deps.clock.now_ms();
         let staleness = p
             .homes
             .iter()
@@ -430,7 +421,7 @@ impl Gateway {
         key: &Key,
         home: Option<&RegionId>,
     ) -> Result<(), NodeError> {
-        match self.policy.placement(dataset, key, home)? {
+        match self.deps.policy.placement(dataset, key, home)? {
             Some(p) if !p.is_allowed(&self.here) => {
                 self.count_refusal("residency_refused");
                 Err(NodeError::ResidencyRefused(
@@ -472,7 +463,7 @@ impl Gateway {
     ) -> Result<RegionId, NodeError> {
         let region = self.home_region_for(dataset, key, home)?;
         let Some(home) = home else { return Ok(region) };
-        let Some(p) = self.policy.placement(dataset, key, Some(home))? else { return Ok(region) };
+        let Some(p) = self.deps.policy.placement(dataset, key, Some(home))? else { return Ok(region) };
         let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
         if !from_attribute {
             return Ok(region);
@@ -482,7 +473,7 @@ impl Gateway {
             return Ok(region);
         }
         let others: Vec<RegionId> =
-            self.region.topology().regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
+            self.deps.region.topology().regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
         let found = futures::future::join_all(others.iter().map(|r| self.read_in(r, ds, k))).await;
         for (r, answer) in others.iter().zip(found) {
             match answer {
@@ -521,7 +512,7 @@ impl Gateway {
             PeerResponseV1::Write(r) => Some(r),
             _ => None,
         };
-        let (result, node) = self.transport.call_region(region, request, unpack, false).await?;
+        let (result, node) = self.deps.transport.call_region(region, request, unpack, false).await?;
         Ok((result, Served { node, reason: RouteReason::ForwardedToHome }))
     }
 
@@ -537,13 +528,13 @@ impl Gateway {
                 Err(LocalError::NotLeader(leader)) => leader,
             };
             if let Some(leader) = leader.filter(|&l| l != self.id) {
-                self.metrics.forwarded.get_or_create(&KindLabels { kind: "write".into() }).inc();
+                self.deps.metrics.forwarded.get_or_create(&KindLabels { kind: "write".into() }).inc();
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let request = match &op {
                     WriteOp::One(r) => PeerRequestV1::Write(r.clone()),
                     WriteOp::Atomic(rs) => PeerRequestV1::WriteAtomic(rs.clone()),
                 };
-                match self.transport.call(leader, request, remaining).await {
+                match self.deps.transport.call(leader, request, remaining).await {
                     Ok(PeerResponseV1::Write(Ok(result))) => {
                         return Ok((result, Served { node: leader, reason: RouteReason::ForwardedToLeader }))
                     }
@@ -569,7 +560,7 @@ impl Gateway {
     /// every key under this region's own copy of the policy, stamp the HLC, and propose the
     /// write in one atomic group with a condition pinning that copy.
     pub(crate) async fn write_here(&self, op: &WriteOp) -> Result<CommandResult, LocalError> {
-        self.region.lead_or_refuse()?;
+        self.deps.region.lead_or_refuse()?;
         let reqs = op.requests();
         if let WriteOp::Atomic(rs) = op {
             let mut keys = BTreeSet::new();
@@ -584,17 +575,17 @@ impl Gateway {
         // Reserved namespaces (`_policy`, `_audit`) are the cluster's own records: no dataset
         // policy governs them.
         let guard = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
-            self.policy.catch_up_for_writes(&self.region).await?;
-            Some(self.policy.guard(self, reqs).await.map_err(LocalError::Other)?)
+            self.deps.policy.catch_up_for_writes(&self.deps.region).await?;
+            Some(self.deps.policy.guard(self, reqs).await.map_err(LocalError::Other)?)
         } else {
             None
         };
         let hlc = {
             let mut hlc = self.hlc.lock().expect("hlc lock");
-            match hlc.now(self.clock.now_ms()) {
+            match hlc.now(self.deps.clock.now_ms()) {
                 Ok(t) => t,
                 Err(e) => {
-                    self.metrics.hlc_refusals.inc();
+                    self.deps.metrics.hlc_refusals.inc();
                     return Err(LocalError::Other(NodeError::ClockSkew(e.to_string())));
                 }
             }
@@ -633,7 +624,7 @@ impl Gateway {
                 CommandV1::Atomic(cmds)
             }
         };
-        let result = self.proposer.propose(cmd).await?;
+        let result = self.deps.proposer.propose(cmd).await?;
         // Committed and applied here: the links may have something to ship.
         self.commits.ring();
         if guard.is_none() {
@@ -673,7 +664,7 @@ impl Gateway {
         key: &str,
         consistency: ReadConsistency,
     ) -> Result<(Option<StoredObject>, Served), NodeError> {
-        let reader = self.region.reader();
+        let reader = self.deps.region.reader();
         let local = || reader.get(dataset, key).map_err(NodeError::storage);
         let request = || PeerRequestV1::Read { dataset: dataset.into(), key: key.into() };
         self.route_read(consistency, local, request, |r| match r {
@@ -691,7 +682,7 @@ impl Gateway {
         limit: usize,
         consistency: ReadConsistency,
     ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
-        let reader = self.region.reader();
+        let reader = self.deps.region.reader();
         let local = || reader.list(dataset, prefix, after, limit).map_err(NodeError::storage);
         let req = || list_request(dataset, prefix, after, limit);
         self.route_read(consistency, local, req, |r| match r {
@@ -716,7 +707,7 @@ impl Gateway {
             PeerResponseV1::Read(r) => Some(r),
             _ => None,
         };
-        let (v, node) = self.transport.call_region(region, request, unpack, true).await?;
+        let (v, node) = self.deps.transport.call_region(region, request, unpack, true).await?;
         Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
     }
 
@@ -737,7 +728,7 @@ impl Gateway {
             PeerResponseV1::List(r) => Some(r),
             _ => None,
         };
-        let (v, node) = self.transport.call_region(region, request, unpack, true).await?;
+        let (v, node) = self.deps.transport.call_region(region, request, unpack, true).await?;
         Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
     }
 
@@ -750,11 +741,11 @@ impl Gateway {
             PeerResponseV1::DatasetSizes(r) => Some(r),
             _ => None,
         };
-        Ok(self.transport.call_region(region, || PeerRequestV1::DatasetSizes, unpack, true).await?.0)
+        Ok(self.deps.transport.call_region(region, || PeerRequestV1::DatasetSizes, unpack, true).await?.0)
     }
 
     pub(crate) fn local_dataset_sizes(&self) -> Result<Vec<(String, u64, u64)>, NodeError> {
-        let sizes = self.region.reader().dataset_sizes().map_err(NodeError::storage)?;
+        let sizes = self.deps.region.reader().dataset_sizes().map_err(NodeError::storage)?;
         Ok(sizes.into_iter().map(|(d, (k, b))| (d, k, b)).collect())
     }
 
@@ -773,16 +764,16 @@ impl Gateway {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let leader = match self.region.read_index().await {
+            let leader = match self.deps.region.read_index().await {
                 Ok(()) => return Ok((local()?, Served { node: self.id, reason: RouteReason::Leader })),
                 Err(LocalError::Other(e)) => return Err(e),
                 Err(LocalError::NotLeader(l)) => l,
             };
             if let Some(leader) = leader.filter(|&l| l != self.id) {
-                self.metrics.forwarded.get_or_create(&KindLabels { kind: "read".into() }).inc();
+                self.deps.metrics.forwarded.get_or_create(&KindLabels { kind: "read".into() }).inc();
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 // Reads change nothing: any transport failure may be retried.
-                if let Ok(reply) = self.transport.call(leader, request(), remaining).await {
+                if let Ok(reply) = self.deps.transport.call(leader, request(), remaining).await {
                     match unpack(reply) {
                         Some(Ok(v)) => return Ok((v, Served { node: leader, reason: RouteReason::ForwardedToLeader })),
                         Some(Err(PeerError::NotLeader { .. })) => {}
@@ -807,7 +798,7 @@ impl Gateway {
 
     /// A strong read forwarded by another node: served here if this node leads.
     pub(crate) async fn serve_read(&self, dataset: &str, key: &str) -> Result<Option<StoredObject>, PeerError> {
-        self.serve_strong(|| self.region.reader().get(dataset, key).map_err(NodeError::storage)).await
+        self.serve_strong(|| self.deps.region.reader().get(dataset, key).map_err(NodeError::storage)).await
     }
 
     /// A strong listing forwarded by another node.
@@ -819,11 +810,12 @@ impl Gateway {
         limit: u32,
     ) -> Result<Vec<(String, StoredObject)>, PeerError> {
         let limit = (limit as usize).min(LIST_LIMIT_MAX);
-        self.serve_strong(|| self.region.reader().list(dataset, prefix, after, limit).map_err(NodeError::storage)).await
+        self.serve_strong(|| self.deps.region.reader().list(dataset, prefix, after, limit).map_err(NodeError::storage))
+            .await
     }
 
     async fn serve_strong<T>(&self, read: impl Fn() -> Result<T, NodeError>) -> Result<T, PeerError> {
-        self.region.read_index().await.map_err(LocalError::into_peer_error)?;
+        self.deps.region.read_index().await.map_err(LocalError::into_peer_error)?;
         read().map_err(to_peer_error)
     }
 }

@@ -31,19 +31,15 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
-use crate::clock::Clock;
 use crate::error::{to_peer_error, LocalError, NodeError};
 use crate::gateway::Gateway;
 use crate::limits::{
     ANTI_ENTROPY_TICK, DIGEST_BUCKETS, DIGEST_ENTRIES_MAX, FETCH_BYTES_MAX, FETCH_KEYS_MAX, SCAN_PAGE,
 };
 use crate::links::{epoch_of, Links};
-use crate::metrics::{DatasetLabels, LinkLabels, Metrics};
+use crate::metrics::{DatasetLabels, LinkLabels};
 use crate::peer::{DatasetDigest, PeerError, PeerRequestV1, PeerResponseV1, RegionDigest, WriteOp, WriteRequest};
-use crate::policy::{ActivePolicy, PolicyStore};
-use crate::proposer::Proposer;
-use crate::region::RegionGroup;
-use crate::transport::PeerTransport;
+use crate::policy::ActivePolicy;
 use crate::Deps;
 use meridian_core::Topology;
 /// Namespace of the region's audit records.
@@ -84,14 +80,9 @@ pub struct PairVerdict {
 
 /// The repair component: digests, anti-entropy rounds, purge passes and verification.
 pub struct Repair {
-    region: Arc<RegionGroup>,
-    proposer: Arc<Proposer>,
-    policy: Arc<PolicyStore>,
+    deps: Deps,
     links: Arc<Links>,
     gateway: Arc<Gateway>,
-    transport: PeerTransport,
-    metrics: Arc<Metrics>,
-    clock: Arc<dyn Clock>,
     topology: Arc<Topology>,
     here: RegionId,
     interval: Duration,
@@ -100,9 +91,8 @@ pub struct Repair {
 impl Repair {
     /// `interval`: how often a round runs on the leader.
     pub(crate) fn new(deps: Deps, links: Arc<Links>, gateway: Arc<Gateway>, interval: Duration) -> Repair {
-        let Deps { region, proposer, policy, transport, metrics, clock } = deps;
-        let (here, topology) = (region.spec().region.clone(), region.topology().clone());
-        Repair { region, proposer, policy, links, gateway, transport, metrics, clock, topology, here, interval }
+        let (here, topology) = (deps.region.spec().region.clone(), deps.region.topology().clone());
+        Repair { deps, links, gateway, topology, here, interval }
     }
 
     /// Both regions may hold this object under `active`.
@@ -115,7 +105,8 @@ impl Repair {
         key: &str,
         obj: &StoredObject,
     ) -> bool {
-        self.policy.placement_allows(active, a, ds, key, obj) && self.policy.placement_allows(active, b, ds, key, obj)
+        self.deps.policy.placement_allows(active, a, ds, key, obj)
+            && self.deps.policy.placement_allows(active, b, ds, key, obj)
     }
 
     /// Visit every stored object (tombstones too) of `dataset`, or of every dataset.
@@ -127,6 +118,7 @@ impl Repair {
         let mut after: Option<(String, String)> = None;
         loop {
             let page = self
+                .deps
                 .region
                 .reader()
                 .scan(dataset, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE)
@@ -148,13 +140,13 @@ impl Repair {
     }
 
     fn lead_or_refuse(&self) -> Result<(), PeerError> {
-        self.region.lead_or_refuse().map_err(LocalError::into_peer_error)
+        self.deps.region.lead_or_refuse().map_err(LocalError::into_peer_error)
     }
 
     /// This region's digests of what it and `with` may both hold.
     pub(crate) fn local_digest(&self, with: &RegionId) -> Result<RegionDigest, NodeError> {
-        self.policy.refresh()?;
-        let active = self.policy.active();
+        self.deps.policy.refresh()?;
+        let active = self.deps.policy.active();
         let here = self.here.clone();
         let mut datasets: BTreeMap<String, DatasetDigest> = BTreeMap::new();
         self.for_each_object(None, |ds, key, obj| {
@@ -188,8 +180,8 @@ impl Repair {
         buckets: &[u8],
         limit: usize,
     ) -> Result<BTreeMap<String, Version>, NodeError> {
-        self.policy.refresh()?;
-        let active = self.policy.active();
+        self.deps.policy.refresh()?;
+        let active = self.deps.policy.active();
         let here = self.here.clone();
         let wanted: BTreeSet<u8> = buckets.iter().copied().collect();
         let mut out = BTreeMap::new();
@@ -231,8 +223,8 @@ impl Repair {
         if keys.len() > FETCH_KEYS_MAX {
             return Err(PeerError::Protocol(format!("a fetch names {} keys; at most {FETCH_KEYS_MAX}", keys.len())));
         }
-        self.policy.refresh().map_err(to_peer_error)?;
-        let active = self.policy.active();
+        self.deps.policy.refresh().map_err(to_peer_error)?;
+        let active = self.deps.policy.active();
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for key in keys {
@@ -241,8 +233,10 @@ impl Repair {
             if bytes >= FETCH_BYTES_MAX {
                 break;
             }
-            let obj = self.region.reader().get(dataset, key).map_err(|e| PeerError::Internal(e.to_string()))?;
-            if let Some(obj) = obj.filter(|o| self.policy.placement_allows(active.as_deref(), &with, dataset, key, o)) {
+            let obj = self.deps.region.reader().get(dataset, key).map_err(|e| PeerError::Internal(e.to_string()))?;
+            if let Some(obj) =
+                obj.filter(|o| self.deps.policy.placement_allows(active.as_deref(), &with, dataset, key, o))
+            {
                 bytes += obj.value.as_ref().map_or(0, Vec::len);
                 out.push((key.clone(), obj));
             }
@@ -257,7 +251,7 @@ impl Repair {
             _ => None,
         };
         let req = || PeerRequestV1::Digest { with: with.to_string() };
-        Ok(self.transport.call_region(region, req, unpack, true).await?.0)
+        Ok(self.deps.transport.call_region(region, req, unpack, true).await?.0)
     }
 
     /// Compare every pair of regions' copies by digest (optionally one dataset).
@@ -291,12 +285,12 @@ impl Repair {
         let mut next_round = Instant::now() + self.interval;
         loop {
             tokio::time::sleep(ANTI_ENTROPY_TICK).await;
-            if !self.region.is_leader() {
+            if !self.deps.region.is_leader() {
                 purged_epoch = None;
                 continue;
             }
             let due = Instant::now() >= next_round;
-            let epoch = epoch_of(self.policy.active().as_deref());
+            let epoch = epoch_of(self.deps.policy.active().as_deref());
             if due || purged_epoch != Some(epoch) {
                 match self.purge_pass().await {
                     Ok(_) => purged_epoch = Some(epoch),
@@ -325,7 +319,7 @@ impl Repair {
         let labels = LinkLabels { source: peer.to_string(), destination: self.here.to_string() };
         let mine = self.local_digest(peer)?;
         let theirs = self.digest_in(peer, &self.here).await?;
-        self.metrics.anti_entropy_rounds.get_or_create(&labels).inc();
+        self.deps.metrics.anti_entropy_rounds.get_or_create(&labels).inc();
         if mine.epoch != theirs.epoch {
             return Ok(0);
         }
@@ -349,12 +343,12 @@ impl Repair {
                 PeerResponseV1::DigestEntries(r) => Some(r),
                 _ => None,
             };
-            let (their_entries, _) = self.transport.call_region(peer, req, unpack, true).await?;
+            let (their_entries, _) = self.deps.transport.call_region(peer, req, unpack, true).await?;
             let local = self.local_digest_entries(peer, &d.dataset, &differing, usize::MAX)?;
             // Only what the origin's link has already passed is a divergence: a newer change
             // is still on its way (waiting for its schedule or rate limit, or in flight), and
             // pulling it here would bypass both.
-            let (state, _) = self.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+            let (state, _) = self.deps.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
             let passed = |v: &Version| state.merged.get(v.region.as_str()).is_some_and(|m| v.seq <= *m);
             let needed: Vec<String> = their_entries
                 .into_iter()
@@ -365,7 +359,7 @@ impl Repair {
                 repaired += self.pull_objects(peer, &d.dataset, keys).await?;
             }
         }
-        self.metrics.anti_entropy_repaired.get_or_create(&labels).inc_by(repaired);
+        self.deps.metrics.anti_entropy_repaired.get_or_create(&labels).inc_by(repaired);
         Ok(repaired)
     }
 
@@ -380,19 +374,19 @@ impl Repair {
             PeerResponseV1::Objects(r) => Some(r),
             _ => None,
         };
-        let (objects, _) = self.transport.call_region(peer, req, unpack, true).await?;
-        let active = self.policy.active();
+        let (objects, _) = self.deps.transport.call_region(peer, req, unpack, true).await?;
+        let active = self.deps.policy.active();
         let here = self.here.clone();
         let changes: Vec<RemoteChange> = objects
             .into_iter()
-            .filter(|(k, o)| self.policy.placement_allows(active.as_deref(), &here, dataset, k, o))
+            .filter(|(k, o)| self.deps.policy.placement_allows(active.as_deref(), &here, dataset, k, o))
             .map(|(key, o)| RemoteChange { dataset: dataset.to_owned(), key, version: o.version, value: o.value })
             .collect();
         if changes.is_empty() {
             return Ok(0);
         }
         let cmd = CommandV1::Repair { source: peer.to_string(), changes };
-        match self.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
+        match self.deps.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
             CommandResult::Repaired { applied } => Ok(u64::from(applied)),
             other => Err(NodeError::Internal(format!("unexpected answer to a repair: {other:?}"))),
         }
@@ -401,17 +395,17 @@ impl Repair {
     /// Remove the copies the active placement no longer lets this region hold, each once a
     /// region that may hold it has it. Copies removed.
     pub(crate) async fn purge_pass(&self) -> Result<u64, NodeError> {
-        self.policy.refresh()?;
-        let Some(active) = self.policy.active() else { return Ok(0) };
+        self.deps.policy.refresh()?;
+        let Some(active) = self.deps.policy.active() else { return Ok(0) };
         let here = self.here.clone();
         let mut candidates: Vec<(String, String, StoredObject)> = Vec::new();
         self.for_each_object(None, |ds, key, obj| {
-            if !self.policy.placement_allows(Some(&active), &here, ds, key, obj) {
+            if !self.deps.policy.placement_allows(Some(&active), &here, ds, key, obj) {
                 candidates.push((ds.to_owned(), key.to_owned(), obj.clone()));
             }
         })?;
         if candidates.is_empty() {
-            self.metrics.purge_held.set(0);
+            self.deps.metrics.purge_held.set(0);
             return Ok(0);
         }
         // What every other region has merged from each origin.
@@ -426,7 +420,7 @@ impl Repair {
         for (ds, key, obj) in candidates {
             let origin = &obj.version.region;
             let safe = self.topology.regions().iter().map(|r| &r.name).filter(|r| **r != here).any(|r| {
-                self.policy.placement_allows(Some(&active), r, &ds, &key, &obj)
+                self.deps.policy.placement_allows(Some(&active), r, &ds, &key, &obj)
                     && (r == origin
                         || merged.get(r).and_then(|m| m.get(origin.as_str())).is_some_and(|&m| m >= obj.version.seq))
             });
@@ -436,7 +430,7 @@ impl Repair {
                 held += 1;
             }
         }
-        self.metrics.purge_held.set(held);
+        self.deps.metrics.purge_held.set(held);
         if held > 0 {
             tracing::warn!(
                 held,
@@ -448,7 +442,7 @@ impl Repair {
             let mut removed = 0u64;
             for chunk in keys.chunks(FETCH_KEYS_MAX) {
                 let cmd = CommandV1::Purge { dataset: dataset.clone(), keys: chunk.to_vec() };
-                match self.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
+                match self.deps.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
                     CommandResult::Purged { removed: n } => removed += u64::from(n),
                     other => return Err(NodeError::Internal(format!("unexpected answer to a purge: {other:?}"))),
                 }
@@ -457,7 +451,7 @@ impl Repair {
                 continue;
             }
             total += removed;
-            self.metrics.purged.get_or_create(&DatasetLabels { dataset: dataset.clone() }).inc_by(removed);
+            self.deps.metrics.purged.get_or_create(&DatasetLabels { dataset: dataset.clone() }).inc_by(removed);
             tracing::warn!(
                 dataset = %dataset, removed, epoch = active.entry.epoch, policy = %active.entry.version,
                 "purged copies the active policy no longer lets this region hold"
@@ -470,7 +464,7 @@ impl Repair {
     /// Record a purge in the region's audit namespace. A failure is logged, not fatal: the
     /// purge itself is in the Raft log and the metrics either way.
     async fn audit_purge(&self, dataset: &str, removed: u64, active: &ActivePolicy) {
-        let at_ms = self.clock.now_ms();
+        let at_ms = self.deps.clock.now_ms();
         let record = serde_json::json!({
             "event": "purge",
             "region": self.here.as_str(),

@@ -41,20 +41,16 @@ use tokio::sync::{oneshot, Notify};
 
 use self::receiver::Order;
 use self::shipper::{CursorStep, Departure, Pipeline, Returned};
-use crate::clock::Clock;
 use crate::error::{to_peer_error, LocalError, NodeError};
 use crate::limits::{
     LINK_BATCH_BYTES_MAX, LINK_BATCH_ENTRIES_MAX, ORDER_POLL, ORDER_WAIT_MAX, PIPELINE_MAX, SCAN_PACE_SLEEP_MAX,
     SCAN_PAGE, STATUS_TIMEOUT,
 };
-use crate::metrics::{DatasetLinkLabels, DeferralLabels, LinkLabels, Metrics, ShadowLabels};
+use crate::metrics::{DatasetLinkLabels, DeferralLabels, LinkLabels, ShadowLabels};
 use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, RepairBatch, ShipBatch};
-use crate::policy::{ActivePolicy, PolicyStore};
-use crate::proposer::Proposer;
-use crate::region::RegionGroup;
+use crate::policy::ActivePolicy;
 use crate::supervisor::{StopSignal, Supervisor};
 use crate::traffic::{Candidate, Deferral, LinkTraffic};
-use crate::transport::PeerTransport;
 use crate::Deps;
 use meridian_policy::units::Dur;
 use meridian_policy::Schedule;
@@ -82,12 +78,7 @@ impl CommitBell {
 /// The links component: this region's shippers (one per destination, on the leader) and the
 /// receiver of other regions' batches.
 pub struct Links {
-    region: Arc<RegionGroup>,
-    proposer: Arc<Proposer>,
-    policy: Arc<PolicyStore>,
-    transport: PeerTransport,
-    metrics: Arc<Metrics>,
-    clock: Arc<dyn Clock>,
+    deps: Deps,
     supervisor: Arc<Supervisor>,
     commits: Arc<CommitBell>,
     topology: Arc<Topology>,
@@ -192,9 +183,9 @@ impl LinkState {
             self.reported.iter().filter(|d| !per_dataset.contains_key(d.as_str())).cloned().collect();
         for d in stale {
             let l = labels(&d);
-            node.metrics.replication_queued_changes.get_or_create(&l).set(0);
-            node.metrics.replication_queued_bytes.get_or_create(&l).set(0);
-            node.metrics.replication_lag_seconds.get_or_create(&l).set(0.0);
+            node.deps.metrics.replication_queued_changes.get_or_create(&l).set(0);
+            node.deps.metrics.replication_queued_bytes.get_or_create(&l).set(0);
+            node.deps.metrics.replication_lag_seconds.get_or_create(&l).set(0.0);
             self.reported.remove(&d);
         }
         self.queue =
@@ -205,9 +196,9 @@ impl LinkState {
             .collect();
         for (d, (n, bytes, age)) in per_dataset {
             let l = labels(d);
-            node.metrics.replication_queued_changes.get_or_create(&l).set(n);
-            node.metrics.replication_queued_bytes.get_or_create(&l).set(bytes);
-            node.metrics.replication_lag_seconds.get_or_create(&l).set(age as f64 / 1000.0);
+            node.deps.metrics.replication_queued_changes.get_or_create(&l).set(n);
+            node.deps.metrics.replication_queued_bytes.get_or_create(&l).set(bytes);
+            node.deps.metrics.replication_lag_seconds.get_or_create(&l).set(age as f64 / 1000.0);
             self.reported.insert(d.to_owned());
         }
         for reason in [Deferral::Schedule, Deferral::Rate, Deferral::Congestion] {
@@ -216,12 +207,12 @@ impl LinkState {
                 destination: destination.clone(),
                 reason: reason.as_str().into(),
             };
-            node.metrics.replication_deferred.get_or_create(&l).set(per_reason.get(&reason).copied().unwrap_or(0));
+            node.deps.metrics.replication_deferred.get_or_create(&l).set(per_reason.get(&reason).copied().unwrap_or(0));
         }
         if let Some(rtt) = self.traffic.health.rtt_ms {
             let l = LinkLabels { source, destination };
-            node.metrics.replication_rtt_seconds.get_or_create(&l).set(rtt / 1000.0);
-            node.metrics.replication_congested.get_or_create(&l).set(i64::from(self.traffic.health.congested()));
+            node.deps.metrics.replication_rtt_seconds.get_or_create(&l).set(rtt / 1000.0);
+            node.deps.metrics.replication_congested.get_or_create(&l).set(i64::from(self.traffic.health.congested()));
         }
     }
 }
@@ -233,24 +224,10 @@ pub(crate) fn epoch_of(active: Option<&ActivePolicy>) -> u64 {
 
 impl Links {
     pub(crate) fn new(deps: Deps, supervisor: Arc<Supervisor>, commits: Arc<CommitBell>, link_rate: u64) -> Links {
-        let Deps { region, proposer, policy, transport, metrics, clock } = deps;
-        let (here, id, topology) = (region.spec().region.clone(), region.spec().id, region.topology().clone());
+        let r = &deps.region;
+        let (here, id, topology) = (r.spec().region.clone(), r.spec().id, r.topology().clone());
         let signals = LinkSignals::default();
-        Links {
-            region,
-            proposer,
-            policy,
-            transport,
-            metrics,
-            clock,
-            supervisor,
-            commits,
-            topology,
-            here,
-            id,
-            link_rate,
-            signals,
-        }
+        Links { deps, supervisor, commits, topology, here, id, link_rate, signals }
     }
 
     /// Start one shipper per destination region. Each runs only while this node leads its
@@ -261,7 +238,7 @@ impl Links {
         let destinations: Vec<RegionId> =
             self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.here).collect();
         for dest in destinations {
-            let link = LinkState::new((self.link_rate > 0).then_some(self.link_rate), self.clock.now_ms());
+            let link = LinkState::new((self.link_rate > 0).then_some(self.link_rate), self.deps.clock.now_ms());
             let wake = self.commits.subscribe();
             let stop = self.supervisor.stop_signal();
             self.supervisor.spawn_worker("link-shipper", ship(Arc::downgrade(self), dest, link, wake, stop));
@@ -280,7 +257,7 @@ impl Links {
                         kind: (*kind).into(),
                         encoding: encoding.into(),
                     };
-                    self.metrics.cross_region_bytes.get_or_create(&labels).get()
+                    self.deps.metrics.cross_region_bytes.get_or_create(&labels).get()
                 })
                 .sum()
         };
@@ -327,8 +304,8 @@ impl Links {
 
     fn count_failures(&self, dest: &RegionId, restarts: u64, errors: &[String]) {
         let labels = self.link_labels(dest);
-        self.metrics.replication_restarts.get_or_create(&labels).inc_by(restarts);
-        self.metrics.replication_errors.get_or_create(&labels).inc_by(errors.len() as u64);
+        self.deps.metrics.replication_restarts.get_or_create(&labels).inc_by(restarts);
+        self.deps.metrics.replication_errors.get_or_create(&labels).inc_by(errors.len() as u64);
         for e in errors {
             tracing::debug!(destination = %dest, error = %e, "link attempt failed");
         }
@@ -344,9 +321,9 @@ impl Links {
         }
         for &(rtt_ms, bytes, shipped, withheld) in &settled.merged {
             link.traffic.health.observe(rtt_ms, bytes);
-            self.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
-            self.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
-            self.metrics.replication_batches.get_or_create(&labels).inc();
+            self.deps.metrics.replication_shipped.get_or_create(&labels).inc_by(shipped);
+            self.deps.metrics.replication_withheld.get_or_create(&labels).inc_by(withheld);
+            self.deps.metrics.replication_batches.get_or_create(&labels).inc();
         }
         self.count_failures(dest, settled.restarts, &settled.errors);
         if let Some(rx) = io.persisting.as_mut() {
@@ -364,7 +341,7 @@ impl Links {
                 }
             }
         }
-        let cursor = match self.region.reader().replication() {
+        let cursor = match self.deps.region.reader().replication() {
             Ok((state, _)) => state.cursors.get(dest.as_str()).copied().unwrap_or(0),
             Err(_) => return,
         };
@@ -395,14 +372,19 @@ impl Links {
         }
         let acked = io.pipe.acked_through(step, cursor);
         link.early_sent.retain(|seq, _| *seq > acked);
-        if let Ok((_, region_seq)) = self.region.reader().replication() {
-            self.metrics.replication_lag_changes.get_or_create(&labels).set(region_seq.saturating_sub(acked) as i64);
+        if let Ok((_, region_seq)) = self.deps.region.reader().replication() {
+            self.deps
+                .metrics
+                .replication_lag_changes
+                .get_or_create(&labels)
+                .set(region_seq.saturating_sub(acked) as i64);
         }
     }
 
     /// This node's view of its region's replication state.
     pub(crate) fn local_replication(&self) -> Result<crate::peer::RegionReplication, NodeError> {
-        let (state, region_seq) = self.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
+        let (state, region_seq) =
+            self.deps.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
         Ok(crate::peer::RegionReplication {
             node: self.id,
             region_seq,
@@ -413,8 +395,8 @@ impl Links {
             backfilled: state.backfilled.into_iter().collect(),
             purged: state.purged,
             outbox_trimmed: state.outbox_trimmed,
-            epoch: epoch_of(self.policy.active().as_deref()),
-            links: if self.region.is_leader() {
+            epoch: epoch_of(self.deps.policy.active().as_deref()),
+            links: if self.deps.region.is_leader() {
                 self.signals.reports.lock().expect("reports lock").values().cloned().collect()
             } else {
                 Vec::new()
@@ -432,7 +414,7 @@ impl Links {
                 if n.id == self.id {
                     return self.local_replication().map_err(|e| format!("node {}: {e}", n.id));
                 }
-                match self.transport.call(n.id, PeerRequestV1::ReplicationState, STATUS_TIMEOUT).await {
+                match self.deps.transport.call(n.id, PeerRequestV1::ReplicationState, STATUS_TIMEOUT).await {
                     Ok(PeerResponseV1::ReplicationState(Ok(r))) => Ok(r),
                     Ok(PeerResponseV1::ReplicationState(Err(e))) => Err(format!("node {}: {e}", n.id)),
                     Ok(_) => Err(format!("node {} sent an unexpected reply", n.id)),
@@ -464,11 +446,11 @@ impl Links {
         let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
         // Taken before the region sequence is read: every write committed before this instant
         // is at or below that sequence, so a range reaching it is fresh as of this instant.
-        let read_at = self.clock.now_ms();
-        let (state, region_seq) = self.region.reader().replication().map_err(storage)?;
+        let read_at = self.deps.clock.now_ms();
+        let (state, region_seq) = self.deps.region.reader().replication().map_err(storage)?;
         let cursor = state.cursors.get(dest.as_str()).copied().unwrap_or(0);
-        self.policy.refresh()?;
-        let active = self.policy.active();
+        self.deps.policy.refresh()?;
+        let active = self.deps.policy.active();
         let epoch = epoch_of(active.as_deref());
         let idle = pipe.in_flight == 0;
         // A new policy entry may let `dest` hold what earlier ones withheld: backfill that
@@ -496,12 +478,12 @@ impl Links {
             return Ok(Round::Scanned);
         }
         let cursor = from;
-        let entries = self.region.reader().outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
+        let entries = self.deps.region.reader().outbox_after(cursor, LINK_BATCH_ENTRIES_MAX).map_err(storage)?;
         // Writes that never enter the outbox (reserved namespaces) still take sequences: an
         // empty batch carries the range past them, so the destination's "merged up to" and
         // this link's lag reach the region's last write.
         if entries.is_empty() && region_seq <= cursor {
-            link.report_queue(self, dest, &[], self.clock.now_ms());
+            link.report_queue(self, dest, &[], self.deps.clock.now_ms());
             return Ok(self.heartbeat(link, idle, cursor, epoch, read_at, true));
         }
         // What may go: this region's own versions the placement lets `dest` hold.
@@ -510,14 +492,16 @@ impl Links {
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut objects: Vec<RemoteChange> = Vec::new();
         for (seq, entry) in &entries {
-            let Some(obj) = self.region.reader().get(&entry.dataset, &entry.key).map_err(storage)? else { continue };
+            let Some(obj) = self.deps.region.reader().get(&entry.dataset, &entry.key).map_err(storage)? else {
+                continue;
+            };
             // Only this region's own versions, each under its own sequence: a key written
             // again later is shipped under the later entry, and a newer version merged from
             // elsewhere by its own origin's link.
             if obj.version.region != here || obj.version.seq != *seq {
                 continue;
             }
-            let placement = self.policy.placement_of_object(active.as_deref(), &entry.dataset, &entry.key, &obj);
+            let placement = self.deps.policy.placement_of_object(active.as_deref(), &entry.dataset, &entry.key, &obj);
             let allowed = placement.as_ref().is_some_and(|p| p.holds_copy(dest));
             self.count_shadow(active.as_deref(), dest, &entry.dataset, &entry.key, &obj, allowed);
             let Some(placement) = placement.filter(|_| allowed) else {
@@ -548,7 +532,7 @@ impl Links {
                 value: obj.value,
             });
         }
-        let now = self.clock.now_ms();
+        let now = self.deps.clock.now_ms();
         let plan = link.traffic.plan(&candidates, now);
         let formed = shipper::form_batch(&candidates, &plan, &objects, &mut link.early_sent);
         for &i in &formed.given_back {
@@ -621,12 +605,12 @@ impl Links {
             PeerResponseV1::Shipped(r) => Some(r),
             _ => None,
         };
-        Ok(self.transport.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?.0)
+        Ok(self.deps.transport.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?.0)
     }
 
     /// Propose a link's bookkeeping (cursor, backfill mark) to this region's group.
     async fn propose_link_command(&self, cmd: CommandV1) -> Result<CommandResult, NodeError> {
-        self.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)
+        self.deps.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)
     }
 
     /// Under a shadow rollout, count the changes the shadow version would decide otherwise.
@@ -646,6 +630,7 @@ impl Links {
         }
         let origin = &obj.version.region;
         let would = self
+            .deps
             .policy
             .shadow_placement(active, &ds, &k, Some(origin), Some(origin))
             .is_some_and(|p| p.holds_copy(dest));
@@ -655,7 +640,7 @@ impl Links {
                 destination: dest.to_string(),
                 outcome: if would { "would_ship" } else { "would_withhold" }.into(),
             };
-            self.metrics.replication_shadow.get_or_create(&labels).inc();
+            self.deps.metrics.replication_shadow.get_or_create(&labels).inc();
         }
     }
 
@@ -680,7 +665,7 @@ impl Links {
         let mut sent = 0u64;
         loop {
             let page =
-                self.region.reader().scan(None, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE);
+                self.deps.region.reader().scan(None, after.as_ref().map(|(d, k)| (d.as_str(), k.as_str())), SCAN_PAGE);
             let page = page.map_err(storage)?;
             let last_page = page.len() < SCAN_PAGE;
             for (dataset, key, obj) in page {
@@ -689,12 +674,12 @@ impl Links {
                 if obj.version.region != self.here || seq <= lo || hi.is_some_and(|h| seq > h) {
                     continue;
                 }
-                let allowed = self.policy.placement_allows(active, dest, &dataset, &key, &obj);
+                let allowed = self.deps.policy.placement_allows(active, dest, &dataset, &key, &obj);
                 if skip.is_none() {
                     // A catch-up decides for each change as the outbox path would.
                     self.count_shadow(active, dest, &dataset, &key, &obj, allowed);
                 }
-                if !allowed || self.policy.placement_allows(skip, dest, &dataset, &key, &obj) {
+                if !allowed || self.deps.policy.placement_allows(skip, dest, &dataset, &key, &obj) {
                     continue;
                 }
                 bytes += obj.value.as_ref().map_or(0, Vec::len) + key.len();
@@ -713,7 +698,7 @@ impl Links {
             self.pace(link, bytes as u64).await;
             sent += self.send_repair(dest, epoch, batch).await?;
         }
-        self.metrics.replication_backfilled.get_or_create(&self.link_labels(dest)).inc_by(sent);
+        self.deps.metrics.replication_backfilled.get_or_create(&self.link_labels(dest)).inc_by(sent);
         Ok(sent)
     }
 
@@ -721,7 +706,7 @@ impl Links {
     /// schedules, but not the link's rate limit).
     async fn pace(&self, link: &mut LinkState, bytes: u64) {
         loop {
-            let wait = link.traffic.scan_wait_ms(bytes, self.clock.now_ms());
+            let wait = link.traffic.scan_wait_ms(bytes, self.deps.clock.now_ms());
             if wait == 0 {
                 break;
             }
@@ -737,7 +722,7 @@ impl Links {
             PeerResponseV1::Repaired(r) => Some(r),
             _ => None,
         };
-        self.transport.call_region(dest, || PeerRequestV1::Repair(batch.clone()), unpack, true).await?;
+        self.deps.transport.call_region(dest, || PeerRequestV1::Repair(batch.clone()), unpack, true).await?;
         Ok(n)
     }
 
@@ -754,7 +739,7 @@ impl Links {
         link: &mut LinkState,
     ) -> Result<(), NodeError> {
         let previous = match done {
-            Some(epoch) => self.policy.entry_at_epoch(epoch)?,
+            Some(epoch) => self.deps.policy.entry_at_epoch(epoch)?,
             None => None,
         };
         let sent = self.scan_ship(dest, Some(active), 0, Some(passed), previous.as_ref(), link).await?;
@@ -779,7 +764,7 @@ impl Links {
         read_at: u64,
         link: &mut LinkState,
     ) -> Result<(), NodeError> {
-        self.metrics.replication_catch_ups.get_or_create(&self.link_labels(dest)).inc();
+        self.deps.metrics.replication_catch_ups.get_or_create(&self.link_labels(dest)).inc();
         tracing::warn!(
             destination = %dest, cursor,
             "link fell behind the bounded outbox; catching up by a filtered scan of the data"
@@ -799,7 +784,7 @@ impl Links {
             _ => None,
         };
         let (answer, _) =
-            self.transport.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
+            self.deps.transport.call_region(dest, || PeerRequestV1::ShipBatch(batch.clone()), unpack, true).await?;
         let acknowledged = match answer {
             CommandResult::Remote { merged_upto, .. } | CommandResult::RemoteGap { merged_upto } => merged_upto,
             other => return Err(NodeError::Internal(format!("unexpected answer to a batch: {other:?}"))),
@@ -814,18 +799,18 @@ impl Links {
     /// this node leads, both ends under the same policy entry, and nothing this region's
     /// copy forbids it to hold (dropped and counted). The batch's source region.
     fn admit(&self, source: &str, epoch: u64, changes: &mut Vec<RemoteChange>) -> Result<RegionId, PeerError> {
-        self.region.lead_or_refuse().map_err(LocalError::into_peer_error)?;
+        self.deps.region.lead_or_refuse().map_err(LocalError::into_peer_error)?;
         let source = receiver::check_source(source, &self.topology, &self.here)?;
-        self.policy.refresh().map_err(to_peer_error)?;
-        let active = self.policy.active();
+        self.deps.policy.refresh().map_err(to_peer_error)?;
+        let active = self.deps.policy.active();
         receiver::check_epoch(epoch, epoch_of(active.as_deref()))?;
         let refused = receiver::keep_allowed(changes, &source, |c| {
             let obj = StoredObject { version: c.version.clone(), value: None };
-            self.policy.placement_allows(active.as_deref(), &self.here, &c.dataset, &c.key, &obj)
+            self.deps.policy.placement_allows(active.as_deref(), &self.here, &c.dataset, &c.key, &obj)
         });
         if refused > 0 {
             let labels = LinkLabels { source: source.to_string(), destination: self.here.to_string() };
-            self.metrics.replication_refused.get_or_create(&labels).inc_by(refused);
+            self.deps.metrics.replication_refused.get_or_create(&labels).inc_by(refused);
             tracing::warn!(source = %source, refused, "refused changes this region's policy does not let it hold");
         }
         Ok(source)
@@ -835,7 +820,7 @@ impl Links {
     pub(crate) async fn receive_repair(&self, mut batch: RepairBatch) -> Result<CommandResult, PeerError> {
         self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
         let cmd = CommandV1::Repair { source: batch.source, changes: batch.changes };
-        match self.proposer.propose_if_leader(cmd).await {
+        match self.deps.proposer.propose_if_leader(cmd).await {
             Ok(r) => Ok(r),
             Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
             Err(LocalError::Other(e)) => Err(to_peer_error(e)),
@@ -856,7 +841,7 @@ impl Links {
         // them before (or without) the range is harmless.
         if !batch.early.is_empty() {
             let cmd = CommandV1::Repair { source: batch.source.clone(), changes: batch.early };
-            self.proposer.propose_if_leader(cmd).await.map_err(to_peer)?;
+            self.deps.proposer.propose_if_leader(cmd).await.map_err(to_peer)?;
         }
         // Pipelined batches may overtake each other on the way: hold one that starts past
         // what is merged or already queued for the log until the one ahead of it is queued
@@ -868,7 +853,7 @@ impl Links {
         let mut held = false;
         loop {
             let notified = self.signals.merged.notified();
-            let merged = match self.region.reader().replication() {
+            let merged = match self.deps.region.reader().replication() {
                 Ok((state, _)) => state.merged.get(source_name.as_str()).copied().unwrap_or(0),
                 Err(e) => return Err(PeerError::Internal(e.to_string())),
             };
@@ -882,7 +867,7 @@ impl Links {
                             destination: self.here.to_string(),
                             outcome: outcome.into(),
                         };
-                        self.metrics.replication_order_held.get_or_create(&labels).inc();
+                        self.deps.metrics.replication_order_held.get_or_create(&labels).inc();
                     }
                     break;
                 }
@@ -891,8 +876,8 @@ impl Links {
             held = true;
             let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + ORDER_POLL), notified).await;
         }
-        if !self.region.is_leader() {
-            return Err(PeerError::NotLeader { leader: self.region.leader_hint() });
+        if !self.deps.region.is_leader() {
+            return Err(PeerError::NotLeader { leader: self.deps.region.leader_hint() });
         }
         let upto = batch.upto_seq;
         let cmd = CommandV1::ApplyRemoteAt {
@@ -905,7 +890,7 @@ impl Links {
         let answer = {
             // Queue and record under one lock, so two batches cannot queue out of order.
             let _order = self.signals.queue_lock.lock().await;
-            let answer = self.proposer.enqueue(cmd).await.map_err(to_peer)?;
+            let answer = self.deps.proposer.enqueue(cmd).await.map_err(to_peer)?;
             let mut q = self.signals.queued.lock().expect("queued lock");
             let e = q.entry(source_name.clone()).or_default();
             *e = (*e).max(upto);
@@ -920,9 +905,9 @@ impl Links {
         self.signals.merged.notify_waiters();
         let result = result?;
         // Visible here now: how long after the source stamped each change.
-        let now = self.clock.now_ms();
+        let now = self.deps.clock.now_ms();
         let labels = LinkLabels { source: source.to_string(), destination: self.here.to_string() };
-        let h = self.metrics.replication_apply_lag.get_or_create(&labels);
+        let h = self.deps.metrics.replication_apply_lag.get_or_create(&labels);
         for stamp in stamps {
             h.observe(now.saturating_sub(stamp) as f64 / 1000.0);
         }
@@ -956,14 +941,14 @@ async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState
         }
         node.settle(&dest, &mut link, &mut io).await;
         node.publish_link_report(&dest, &link, &io.pipe);
-        if !node.region.is_leader() {
+        if !node.deps.region.is_leader() {
             io.pipe.not_leading();
             continue;
         }
         match io.pipe.departure(link.traffic.health.rtt_ms, tokio::time::Instant::now()) {
             Departure::Go => {}
             Departure::WindowFull => {
-                node.metrics.replication_window_full.get_or_create(&node.link_labels(&dest)).inc();
+                node.deps.metrics.replication_window_full.get_or_create(&node.link_labels(&dest)).inc();
                 continue;
             }
             Departure::After(wait) => tokio::time::sleep(wait).await,
