@@ -922,3 +922,105 @@ pub fn schedule_text(l: &Link) -> String {
 pub(crate) fn join(regions: &[RegionId]) -> String {
     format!("[{}]", regions.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        crate::config::ClusterConfig::demo(30_000).topology
+    }
+
+    fn parse(text: &str) -> Arc<Policy> {
+        Arc::new(Policy::parse(text, Format::Toml, "t.toml", Some(&topology())).expect("a valid policy"))
+    }
+
+    const FIRST: &str = "format = 1\n[[dataset]]\nname = \"catalog\"\nlocality = \"global\"\n\
+                         classification = \"public\"\nhome = [\"us-east\"]\nmirrors = \"all-allowed\"\n\
+                         [[dataset]]\nname = \"profiles\"\nlocality = \"user\"\nclassification = \"restricted\"\n";
+    const NARROW: &str = "format = 1\n[[dataset]]\nname = \"catalog\"\nlocality = \"global\"\n\
+                          classification = \"internal\"\nhome = [\"us-east\"]\nmirrors = [\"eu-west\"]\n";
+
+    fn entry(version: &str, mode: Mode, percent: u8, base: Option<&str>) -> HistoryRecord {
+        HistoryRecord {
+            epoch: 2,
+            version: version.into(),
+            action: "apply".into(),
+            mode,
+            percent,
+            base: base.map(str::to_owned),
+            at_ms: 0,
+            datasets: Vec::new(),
+        }
+    }
+
+    fn r(s: &str) -> RegionId {
+        RegionId::new(s).expect("region")
+    }
+
+    #[test]
+    fn the_fully_enforced_version_is_the_entry_at_full_enforce_and_its_base_otherwise() {
+        assert_eq!(entry("v2", Mode::Enforce, 100, Some("v1")).fully_enforced().as_deref(), Some("v2"));
+        assert_eq!(entry("v2", Mode::Enforce, 30, Some("v1")).fully_enforced().as_deref(), Some("v1"));
+        assert_eq!(entry("v2", Mode::Shadow, 100, None).fully_enforced(), None);
+    }
+
+    #[test]
+    fn a_partial_rollout_governs_its_keys_by_the_new_version_and_the_rest_by_the_base() {
+        let (first, narrow) = (parse(FIRST), parse(NARROW));
+        let active = ActivePolicy {
+            entry: entry(&narrow.id().to_hex(), Mode::Enforce, 50, Some(&first.id().to_hex())),
+            current: narrow.clone(),
+            base: Some(first.clone()),
+            stored_as: Version { hlc: meridian_core::HlcTimestamp::new(1, 0), region: r("us-east"), seq: 1 },
+        };
+        let ds = DatasetName::new("catalog").expect("name");
+        let (mut new, mut old) = (0, 0);
+        for i in 0..200 {
+            let key = Key::new(format!("k{i}")).expect("key");
+            let (p, is_new) = active.governing(&ds, &key).expect("every key is governed");
+            let placement = place(p, &topology(), &ds, &key, None, None).expect("placed");
+            if is_new {
+                new += 1;
+                assert_eq!(placement.mirrors, vec![r("eu-west")], "the new version's placement");
+            } else {
+                old += 1;
+                assert!(placement.holds_copy(&r("ap-south")), "the base's placement");
+            }
+            assert!(active.shadow(&ds, &key).is_none(), "an enforce rollout shadows nothing");
+        }
+        assert!(new > 50 && old > 50, "about half of the keys each way: {new} new, {old} old");
+    }
+
+    #[test]
+    fn placement_refusals_keep_their_meaning_on_the_request_path() {
+        let first = parse(FIRST);
+        let t = topology();
+        let missing = DatasetName::new("users").expect("name");
+        let key = Key::new("k").expect("key");
+        let e = place(&first, &t, &missing, &key, None, None).expect_err("not in the policy");
+        assert!(matches!(placement_error(e), NodeError::DatasetNotInPolicy(_)));
+        // A user-homed key with neither a prefix nor a home attribute has no home.
+        let profiles = DatasetName::new("profiles").expect("name");
+        let e = place(&first, &t, &profiles, &key, None, None).expect_err("no home");
+        assert!(matches!(placement_error(e), NodeError::HomeUnknown(_)));
+        // With the attribute, it lives there and nowhere else.
+        let p = place(&first, &t, &profiles, &key, Some(&r("eu-west")), None).expect("placed");
+        assert_eq!((p.homes.clone(), p.allowed.clone()), (vec![r("eu-west")], vec![r("eu-west")]));
+    }
+
+    #[test]
+    fn a_plan_names_the_rules_that_change_and_the_regions_that_stop_holding_copies() {
+        let t = topology();
+        let ds = DatasetName::new("catalog").expect("name");
+        let before = Footprint::of(&parse(FIRST), &t, &ds);
+        let after = Footprint::of(&parse(NARROW), &t, &ds);
+        assert!(before.copies.contains(&r("ap-south")) && !after.copies.contains(&r("ap-south")));
+        assert_eq!(after.links, [(r("us-east"), r("eu-west"))].into_iter().collect());
+        let changes = before.rule_changes(&after);
+        assert!(changes.iter().any(|c| c == "classification: public -> internal"), "{changes:?}");
+        // A dataset a version does not name is refused there, and has no rules to compare.
+        let gone = Footprint::of(&parse(NARROW), &t, &DatasetName::new("profiles").expect("name"));
+        assert!(gone.refused && before.rule_changes(&gone).is_empty());
+    }
+}
