@@ -4,12 +4,15 @@
 //! wall-clock time in. That keeps every rule here testable by property tests and lets the
 //! simulator drive time.
 
+pub mod causal;
+pub mod crdt;
 pub mod hlc;
 pub mod ids;
 pub mod limits;
 pub mod topology;
 pub mod version;
 
+pub use causal::{Causality, Dot, VersionVector};
 pub use hlc::{ClockError, Hlc, HlcTimestamp};
 pub use ids::{DatasetName, Key, NameError, NodeId, RegionId, ZoneId};
 pub use topology::{NodeSpec, Topology, TopologyError};
