@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 18] = [
+pub const PATHS: [&str; 19] = [
     "leader elected",
     "leader changed",
     "crash lost unsynced writes",
@@ -22,6 +22,7 @@ pub const PATHS: [&str; 18] = [
     "crossing: repair",
     "restricted read refused outside its region",
     "local read answered by the gateway",
+    "local read value checked against the writes",
     "link caught up by a scan",
     "change backfilled or caught up",
     "copy purged",

@@ -248,6 +248,9 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
     if let Err(v) = invariants::residency::check_stored(&world, &world.live()) {
         violations.push(v);
     }
+    if let Err(v) = invariants::local_reads::check(&world) {
+        violations.push(v);
+    }
     {
         let r = world.residency.lock().expect("residency lock");
         for (kind, n) in &r.inspected {
@@ -256,6 +259,8 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         cov.hit_n("restricted read refused outside its region", r.refused);
     }
     cov.hit_n("local read answered by the gateway", world.local_reads.load(std::sync::atomic::Ordering::Relaxed));
+    let checked = world.local_answers.lock().expect("local answers lock").len();
+    cov.hit_n("local read value checked against the writes", checked as u64);
 
     let history = world.history.lock().expect("history lock").clone();
     let ops = history.len();

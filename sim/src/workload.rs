@@ -202,6 +202,7 @@ async fn write(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, va
             keys.push(full.clone());
         }
     }
+    world.attempted.lock().expect("attempted lock").insert((full.clone(), value.to_owned()));
     let req = Request::Client(ClientRequest::Put { dataset: dataset.into(), key: key.into(), value: value.into() });
     let invoke = now_ns();
     let reply = net::call(gateway, &req, CALL_TIMEOUT).await;
@@ -239,6 +240,9 @@ async fn read(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, loc
             }
             if local {
                 world.local_reads.fetch_add(1, Ordering::Relaxed);
+                if let Some(v) = &v {
+                    world.local_answers.lock().expect("local answers lock").push((full.clone(), v.clone()));
+                }
             } else {
                 let op = Op::read(c, &full, v.as_deref(), invoke, Some(complete));
                 world.history.lock().expect("history lock").push(op);

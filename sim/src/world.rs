@@ -113,6 +113,10 @@ pub struct World {
     pub keys: Mutex<Vec<String>>,
     /// Reads at `consistency=local` that the gateway answered with a value.
     pub local_reads: std::sync::atomic::AtomicU64,
+    /// Every (key, value) a client tried to write, recorded before the call.
+    pub attempted: Mutex<BTreeSet<(String, String)>>,
+    /// Every (key, value) a local read returned.
+    pub local_answers: Mutex<Vec<(String, String)>>,
 }
 
 impl World {
@@ -149,6 +153,8 @@ impl World {
             healed: AtomicBool::new(false),
             keys: Mutex::new(Vec::new()),
             local_reads: std::sync::atomic::AtomicU64::new(0),
+            attempted: Mutex::new(BTreeSet::new()),
+            local_answers: Mutex::new(Vec::new()),
         }))
     }
 

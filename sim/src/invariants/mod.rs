@@ -5,6 +5,7 @@ pub mod acknowledged_writes;
 pub mod applied_entries_agree;
 pub mod convergence;
 pub mod linearizable;
+pub mod local_reads;
 pub mod replicas_agree;
 pub mod residency;
 
