@@ -41,6 +41,10 @@ use crate::Deps;
 use meridian_core::limits::LIST_LIMIT_MAX;
 use meridian_raft::network::RpcFailure;
 
+/// A key's placement under the governing policy version (`None`: no version governs it), or
+/// why the policy refuses the key.
+type Placed = Result<Option<Placement>, NodeError>;
+
 /// Why a node served a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteReason {
@@ -201,7 +205,8 @@ impl Gateway {
         home: Option<&str>,
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let home = self.parse_home(home)?;
-        let region = self.home_region_for(dataset, key, home.as_ref())?;
+        let placed = self.place(dataset, key, home.as_ref())?;
+        let region = self.home_region_for(&placed)?;
         self.write_one(&region, dataset, key, None, precondition).await
     }
 
@@ -234,12 +239,13 @@ impl Gateway {
         home: Option<&str>,
     ) -> Result<(Option<Object>, Served), NodeError> {
         let home = self.parse_home(home)?;
-        let region = self.home_region_for(dataset, key, home.as_ref())?;
-        let (obj, served) = match self.serve_here(consistency, &region, dataset, key, home.as_ref())? {
+        let placed = self.place(dataset, key, home.as_ref())?;
+        let region = self.home_region_for(&placed)?;
+        let (obj, served) = match self.serve_here(consistency, &region, dataset, &placed)? {
             Some(c) => self.read(dataset.as_str(), key.as_str(), c).await?,
             None => {
                 // Residency: never fetch a value into a region its policy keeps it out of.
-                self.check_value_may_come_here(dataset, key, home.as_ref())?;
+                self.check_value_may_come_here(dataset, key, &placed)?;
                 self.read_in(&region, dataset.as_str(), key.as_str()).await?
             }
         };
@@ -264,17 +270,18 @@ impl Gateway {
         // The server checks that a prefix could begin a key; one that reaches here anyway is a
         // caller's bug, not the client's.
         let probe = Key::new(probe).map_err(|e| NodeError::Internal(format!("unchecked prefix: {e}")))?;
-        let region = match self.home_region_for(dataset, &probe, home.as_ref()) {
+        let placed = self.place(dataset, &probe, home.as_ref())?;
+        let region = match self.home_region_for(&placed) {
             Ok(r) => r,
             Err(NodeError::HomeUnknown(_)) if home.is_none() => self.here.clone(),
             Err(e) => return Err(e),
         };
-        let (items, served) = match self.serve_here(consistency, &region, dataset, &probe, home.as_ref())? {
+        let (items, served) = match self.serve_here(consistency, &region, dataset, &placed)? {
             Some(c) => self.list_local(dataset.as_str(), prefix, after, limit, c).await?,
             None => {
                 // Keys are data too: a listing is not fetched into a region the policy keeps
                 // them out of.
-                self.check_value_may_come_here(dataset, &probe, home.as_ref())?;
+                self.check_value_may_come_here(dataset, &probe, &placed)?;
                 self.list_in(&region, dataset.as_str(), prefix, after, limit).await?
             }
         };
@@ -301,54 +308,50 @@ impl Gateway {
         self.deps.metrics.policy_refusals.get_or_create(&KindLabels { kind: kind.into() }).inc();
     }
 
-    /// The region a write (or strong read) of (dataset, key) must go to: this one if it is a
-    /// home, else the first home. Without a governing policy: this region.
-    fn home_region_for(
-        &self,
-        dataset: &DatasetName,
-        key: &Key,
-        home: Option<&RegionId>,
-    ) -> Result<RegionId, NodeError> {
+    /// The placement of (dataset, key) under the policy copy as it stands now: evaluated once
+    /// per request, and every routing decision of the request is made from it. The outer
+    /// error is a failure to read the copy; the inner result is the placement or why the
+    /// policy refuses the key.
+    fn place(&self, dataset: &DatasetName, key: &Key, home: Option<&RegionId>) -> Result<Placed, NodeError> {
         self.deps.policy.refresh()?;
-        let routed = self.route_by_policy(dataset, key, home);
-        if let Err(e) = &routed {
-            self.count_refusal(match e {
-                NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
-                NodeError::HomeUnknown(_) => "home_unknown",
-                _ => "other",
-            });
-        }
-        routed
-    }
-
-    fn route_by_policy(
-        &self,
-        dataset: &DatasetName,
-        key: &Key,
-        home: Option<&RegionId>,
-    ) -> Result<RegionId, NodeError> {
-        let choose = |p: &Placement| {
-            if p.homes.contains(&self.here) {
-                self.here.clone()
-            } else {
-                p.homes[0].clone()
-            }
-        };
-        let region = match self.deps.policy.placement(dataset, key, home)? {
-            None => self.here.clone(),
-            Some(p) => choose(&p),
-        };
+        let placed = self.deps.policy.placement(dataset, key, home);
         // Shadow: where the shadow version would have sent it; counted, never acted on.
-        if let Some(active) = self.deps.policy.active() {
+        if let (Some(active), Ok(placement)) = (self.deps.policy.active(), &placed) {
+            let region = self.choose(placement.as_ref());
             if let Some(p) = self.deps.policy.shadow_placement(&active, dataset, key, home, None) {
-                if choose(&p) != region {
+                if self.choose(Some(&p)) != region {
                     self.deps.metrics.policy_shadow_reroutes.inc();
                 }
             } else if active.shadow(dataset, key).is_some() {
                 self.deps.metrics.policy_shadow_reroutes.inc();
             }
         }
-        Ok(region)
+        Ok(placed)
+    }
+
+    /// Where a write goes under `placement`: this region if it is a home, else the first
+    /// home; without a governing policy, this region.
+    fn choose(&self, placement: Option<&Placement>) -> RegionId {
+        match placement {
+            Some(p) if !p.homes.contains(&self.here) => p.homes[0].clone(),
+            _ => self.here.clone(),
+        }
+    }
+
+    /// The region a write (or strong read) of the key placed so must go to; a refusal is
+    /// counted by its kind.
+    fn home_region_for(&self, placed: &Placed) -> Result<RegionId, NodeError> {
+        match placed {
+            Ok(p) => Ok(self.choose(p.as_ref())),
+            Err(e) => {
+                self.count_refusal(match e {
+                    NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
+                    NodeError::HomeUnknown(_) => "home_unknown",
+                    _ => "other",
+                });
+                Err(e.clone())
+            }
+        }
     }
 
     /// Whether to serve a read from this node's applied state (and at which level), given the
@@ -358,18 +361,16 @@ impl Gateway {
         consistency: Consistency,
         home_region: &RegionId,
         dataset: &DatasetName,
-        key: &Key,
-        home: Option<&RegionId>,
+        placed: &Placed,
     ) -> Result<Option<ReadConsistency>, NodeError> {
         let at_home = *home_region == self.here;
         Ok(match consistency {
             Consistency::Strong => at_home.then_some(ReadConsistency::Strong),
             Consistency::Local | Consistency::Eventual => {
-                let holds =
-                    matches!(self.deps.policy.placement(dataset, key, home), Ok(Some(p)) if p.holds_copy(&self.here));
+                let holds = matches!(placed, Ok(Some(p)) if p.holds_copy(&self.here));
                 (at_home || holds).then_some(ReadConsistency::Local)
             }
-            Consistency::Bounded(max) => match self.local_staleness(dataset, key, home)? {
+            Consistency::Bounded(max) => match self.local_staleness(placed)? {
                 Some((staleness, budget)) => {
                     let max = max.or(budget).ok_or_else(|| NodeError::NoStalenessBound(dataset.to_string()))?;
                     if staleness <= max {
@@ -388,13 +389,8 @@ impl Gateway {
     /// where the node follows the region's own log; in a mirror, the time since the moment
     /// as of which everything every home committed is merged here, `u64::MAX` if unknown),
     /// and the dataset's own `max_staleness` in milliseconds, if it has one.
-    fn local_staleness(
-        &self,
-        dataset: &DatasetName,
-        key: &Key,
-        home: Option<&RegionId>,
-    ) -> Result<Option<(u64, Option<u64>)>, NodeError> {
-        let Some(p) = self.deps.policy.placement(dataset, key, home)? else { return Ok(None) };
+    fn local_staleness(&self, placed: &Placed) -> Result<Option<(u64, Option<u64>)>, NodeError> {
+        let Some(p) = placed.as_ref().map_err(Clone::clone)? else { return Ok(None) };
         if !p.holds_copy(&self.here) {
             return Ok(None);
         }
@@ -415,13 +411,8 @@ impl Gateway {
 
     /// Refuse to bring the key's value into this region if its placement does not allow this
     /// region to hold its bytes: a read served elsewhere would carry the value here.
-    fn check_value_may_come_here(
-        &self,
-        dataset: &DatasetName,
-        key: &Key,
-        home: Option<&RegionId>,
-    ) -> Result<(), NodeError> {
-        match self.deps.policy.placement(dataset, key, home)? {
+    fn check_value_may_come_here(&self, dataset: &DatasetName, key: &Key, placed: &Placed) -> Result<(), NodeError> {
+        match placed.as_ref().map_err(Clone::clone)? {
             Some(p) if !p.is_allowed(&self.here) => {
                 self.count_refusal("residency_refused");
                 Err(NodeError::ResidencyRefused(
@@ -437,7 +428,7 @@ impl Gateway {
         }
     }
 
-    /// Where a PUT of (dataset, key) goes: [`Gateway::home_region_for`], plus, for a
+    /// Where a PUT of (dataset, key) goes: its home region (see [`Gateway::place`]), plus, for a
     /// user-homed key whose home comes from the `home` attribute (no region prefix), a check
     /// that the key does not already live in another region: its home never changes. The
     /// check reads the home region and, if the key is new there, every other region; two
@@ -461,9 +452,12 @@ impl Gateway {
         key: &Key,
         home: Option<&RegionId>,
     ) -> Result<RegionId, NodeError> {
-        let region = self.home_region_for(dataset, key, home)?;
-        let Some(home) = home else { return Ok(region) };
-        let Some(p) = self.deps.policy.placement(dataset, key, Some(home))? else { return Ok(region) };
+        let placed = self.place(dataset, key, home)?;
+        let region = self.home_region_for(&placed)?;
+        if home.is_none() {
+            return Ok(region);
+        }
+        let Some(p) = placed.as_ref().map_err(Clone::clone)? else { return Ok(region) };
         let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
         if !from_attribute {
             return Ok(region);

@@ -54,15 +54,6 @@ impl StopSignal {
         }
     }
 
-    /// Sleep for `d`, or less if the signal is raised meanwhile. True if it was.
-    pub async fn sleep(&self, d: Duration) -> bool {
-        tokio::select! {
-            biased;
-            _ = self.raised() => true,
-            _ = tokio::time::sleep(d) => self.is_raised(),
-        }
-    }
-
     fn raise(&self) {
         self.inner.raised.store(true, Ordering::Release);
         self.inner.notify.notify_waiters();
@@ -324,15 +315,5 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(5), "a finished job never gave its slot back");
             tokio::task::yield_now().await;
         }
-    }
-
-    #[tokio::test]
-    async fn a_stop_signal_cuts_a_sleep_short() {
-        let s = Supervisor::new();
-        let stop = s.stop_signal();
-        let sleeper = tokio::spawn(async move { stop.sleep(Duration::from_secs(3600)).await });
-        tokio::task::yield_now().await;
-        s.shutdown(Duration::from_secs(1)).await;
-        assert!(sleeper.await.expect("sleeper"), "the sleep did not report the signal");
     }
 }
