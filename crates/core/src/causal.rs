@@ -116,6 +116,58 @@ impl FromIterator<(RegionId, u64)> for VersionVector {
     }
 }
 
+/// The text form, `region:n,region:n` in region order (`-` for the empty vector): what a
+/// causal context looks like in a header or on a command line.
+impl std::fmt::Display for VersionVector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.slots.is_empty() {
+            return f.write_str("-");
+        }
+        for (i, (region, n)) in self.slots.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{region}:{n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Slots a version vector's text form may name: regions are the actors, and a topology has
+/// far fewer.
+pub const VECTOR_SLOTS_MAX: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a causal context; expected REGION:N[,REGION:N...] as a read returned it, e.g. eu-west:3,us-east:12")]
+pub struct VectorParseError {
+    pub input: String,
+}
+
+impl std::str::FromStr for VersionVector {
+    type Err = VectorParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || VectorParseError { input: s.chars().take(128).collect() };
+        let s = s.trim();
+        if s == "-" {
+            return Ok(VersionVector::new());
+        }
+        let mut v = VersionVector::new();
+        for (i, slot) in s.split(',').enumerate() {
+            if i >= VECTOR_SLOTS_MAX {
+                return Err(err());
+            }
+            let (region, n) = slot.trim().rsplit_once(':').ok_or_else(err)?;
+            let region = RegionId::new(region).map_err(|_| err())?;
+            let n: u64 = n.parse().map_err(|_| err())?;
+            if v.get(&region) != 0 {
+                return Err(err());
+            }
+            v.add(&Dot { region, counter: n });
+        }
+        Ok(v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +193,18 @@ mod tests {
         assert_eq!(m.iter().collect::<Vec<_>>(), vec![(&r("eu"), 1), (&r("us"), 2)]);
         assert!(m.contains(&d1) && !m.contains(&Dot { region: r("us"), counter: 3 }));
         assert!(!m.contains(&Dot { region: r("us"), counter: 0 }), "no write is numbered 0");
+    }
+
+    #[test]
+    fn the_text_form_round_trips_and_refuses_what_is_not_one() {
+        let v: VersionVector = [(r("us-east"), 12), (r("eu-west"), 3)].into_iter().collect();
+        assert_eq!(v.to_string(), "eu-west:3,us-east:12");
+        assert_eq!("eu-west:3, us-east:12".parse::<VersionVector>().unwrap(), v);
+        assert_eq!("-".parse::<VersionVector>().unwrap(), VersionVector::new());
+        assert_eq!(VersionVector::new().to_string(), "-");
+        for bad in ["", "eu-west", "eu-west:x", "EU:1", "eu:1,eu:2", "eu:-1"] {
+            assert!(bad.parse::<VersionVector>().is_err(), "{bad}");
+        }
     }
 
     #[test]

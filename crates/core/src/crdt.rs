@@ -62,11 +62,26 @@ impl PnCounter {
         if amount == 0 {
             return;
         }
+        // A region's total saturates at u64::MAX (1.8e19) rather than wrap: the node bounds
+        // one operation to 2^53 - 1, so reaching it takes two thousand of the largest.
         let slot = side.entry(region.clone()).or_insert(0);
-        *slot = slot.checked_add(amount).expect("a region's counter total stays below u64::MAX");
+        *slot = slot.saturating_add(amount);
     }
 
     /// The counter's value.
+    /// Bring the value this copy sees back to zero, by a compensating operation of `region`:
+    /// increments other regions made concurrently survive the merge.
+    pub fn reset(&mut self, region: &RegionId) {
+        let v = self.value();
+        // A counter's total fits in u64 per side, so the difference of two sides does too.
+        let amount = u64::try_from(v.unsigned_abs()).expect("a counter's value fits in u64");
+        if v > 0 {
+            self.decrement(region, amount);
+        } else {
+            self.increment(region, amount);
+        }
+    }
+
     pub fn value(&self) -> i128 {
         let sum = |side: &BTreeMap<RegionId, u64>| side.values().map(|&v| i128::from(v)).sum::<i128>();
         sum(&self.up) - sum(&self.down)
@@ -110,6 +125,11 @@ impl OrSet {
     /// Returns whether it was present.
     pub fn remove(&mut self, member: &str) -> bool {
         self.members.remove(member).is_some()
+    }
+
+    /// Remove every member this copy has seen (adds it has not seen survive the merge).
+    pub fn clear(&mut self) {
+        self.members.clear();
     }
 
     pub fn contains(&self, member: &str) -> bool {
@@ -224,6 +244,14 @@ impl LwwMap {
     }
 
     /// The live value of `field`.
+    /// Delete every field this copy holds, as of `stamp`.
+    pub fn clear(&mut self, stamp: &Stamp) {
+        let fields: Vec<String> = self.fields.keys().cloned().collect();
+        for f in fields {
+            self.delete(&f, stamp.clone());
+        }
+    }
+
     pub fn get(&self, field: &str) -> Option<&[u8]> {
         self.fields.get(field).and_then(|r| r.value.as_deref())
     }
@@ -239,6 +267,206 @@ impl Crdt for LwwMap {
         for (field, register) in &other.fields {
             self.write(field, register.clone());
         }
+    }
+}
+
+/// Which conflict-free kind a dataset's values are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CrdtKind {
+    Counter,
+    Set,
+    Map,
+}
+
+impl std::fmt::Display for CrdtKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CrdtKind::Counter => "counter",
+            CrdtKind::Set => "set",
+            CrdtKind::Map => "map",
+        })
+    }
+}
+
+/// One kind's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CrdtState {
+    Counter(PnCounter),
+    Set(OrSet),
+    Map(LwwMap),
+}
+
+impl CrdtState {
+    pub fn new(kind: CrdtKind) -> Self {
+        match kind {
+            CrdtKind::Counter => CrdtState::Counter(PnCounter::new()),
+            CrdtKind::Set => CrdtState::Set(OrSet::new()),
+            CrdtKind::Map => CrdtState::Map(LwwMap::new()),
+        }
+    }
+
+    pub fn kind(&self) -> CrdtKind {
+        match self {
+            CrdtState::Counter(_) => CrdtKind::Counter,
+            CrdtState::Set(_) => CrdtKind::Set,
+            CrdtState::Map(_) => CrdtKind::Map,
+        }
+    }
+}
+
+impl Crdt for CrdtState {
+    fn merge(&mut self, other: &Self) {
+        match (self, other) {
+            (CrdtState::Counter(a), CrdtState::Counter(b)) => a.merge(b),
+            (CrdtState::Set(a), CrdtState::Set(b)) => a.merge(b),
+            (CrdtState::Map(a), CrdtState::Map(b)) => a.merge(b),
+            // Two kinds under one key (the dataset's kind was changed while copies diverged):
+            // the greater kind wins whole, which keeps the merge a semilattice. The node
+            // refuses operations of another kind than the stored one, so this stays rare.
+            (mine, theirs) => {
+                if theirs.kind() > mine.kind() {
+                    *mine = theirs.clone();
+                }
+            }
+        }
+    }
+}
+
+/// An operation on a conflict-free value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CrdtOp {
+    Increment(u64),
+    Decrement(u64),
+    /// Add these members to a set.
+    Add(Vec<String>),
+    /// Remove these members, as far as this copy has seen them.
+    Remove(Vec<String>),
+    /// Set these fields of a map (each value a JSON text).
+    SetFields(Vec<(String, Vec<u8>)>),
+    /// Delete these fields of a map.
+    DeleteFields(Vec<String>),
+    /// Delete the key: everything this copy has seen of it goes; what other regions did
+    /// concurrently survives the merge.
+    Clear,
+}
+
+impl CrdtOp {
+    /// The kind this operation applies to; `None` for [`CrdtOp::Clear`], which any kind takes.
+    pub fn kind(&self) -> Option<CrdtKind> {
+        match self {
+            CrdtOp::Increment(_) | CrdtOp::Decrement(_) => Some(CrdtKind::Counter),
+            CrdtOp::Add(_) | CrdtOp::Remove(_) => Some(CrdtKind::Set),
+            CrdtOp::SetFields(_) | CrdtOp::DeleteFields(_) => Some(CrdtKind::Map),
+            CrdtOp::Clear => None,
+        }
+    }
+
+    /// Bytes it takes, roughly: its members, fields and values.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            CrdtOp::Increment(_) | CrdtOp::Decrement(_) | CrdtOp::Clear => 10,
+            CrdtOp::Add(m) | CrdtOp::Remove(m) | CrdtOp::DeleteFields(m) => m.iter().map(|s| s.len() + 5).sum(),
+            CrdtOp::SetFields(f) => f.iter().map(|(k, v)| k.len() + v.len() + 10).sum(),
+        }
+    }
+
+    /// The operation's name in the API and the CLI.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CrdtOp::Increment(_) => "increment",
+            CrdtOp::Decrement(_) => "decrement",
+            CrdtOp::Add(_) => "add",
+            CrdtOp::Remove(_) => "remove",
+            CrdtOp::SetFields(_) => "set",
+            CrdtOp::DeleteFields(_) => "delete",
+            CrdtOp::Clear => "clear",
+        }
+    }
+}
+
+/// An operation that does not fit the value it was applied to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{op}` applies to a {wanted}, and this key holds a {held}")]
+pub struct KindMismatch {
+    pub op: &'static str,
+    pub wanted: CrdtKind,
+    pub held: CrdtKind,
+}
+
+/// What a key of a conflict-free dataset holds: its kind's state and whether the key exists.
+///
+/// Existence is an add-wins flag (an observed-remove set of one member): every operation
+/// adds it and a delete removes what it has seen, so an operation concurrent with a delete
+/// keeps the key, and a delete that saw everything takes it out for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrdtObject {
+    presence: OrSet,
+    pub state: CrdtState,
+}
+
+impl CrdtObject {
+    pub fn new(kind: CrdtKind) -> Self {
+        CrdtObject { presence: OrSet::new(), state: CrdtState::new(kind) }
+    }
+
+    /// Whether the key exists (an operation that no delete has seen).
+    pub fn is_live(&self) -> bool {
+        !self.presence.is_empty()
+    }
+
+    /// Apply `op` as `region` at `stamp` (the write's HLC reading, which orders map fields).
+    pub fn apply(&mut self, op: &CrdtOp, region: &RegionId, stamp: &Stamp) -> Result<(), KindMismatch> {
+        if let Some(wanted) = op.kind() {
+            let held = self.state.kind();
+            if wanted != held {
+                return Err(KindMismatch { op: op.name(), wanted, held });
+            }
+        }
+        match (op, &mut self.state) {
+            (CrdtOp::Increment(n), CrdtState::Counter(c)) => c.increment(region, *n),
+            (CrdtOp::Decrement(n), CrdtState::Counter(c)) => c.decrement(region, *n),
+            (CrdtOp::Add(members), CrdtState::Set(s)) => {
+                for m in members {
+                    s.add(region, m);
+                }
+            }
+            (CrdtOp::Remove(members), CrdtState::Set(s)) => {
+                for m in members {
+                    s.remove(m);
+                }
+            }
+            (CrdtOp::SetFields(fields), CrdtState::Map(m)) => {
+                for (f, v) in fields {
+                    m.set(f, v.clone(), stamp.clone());
+                }
+            }
+            (CrdtOp::DeleteFields(fields), CrdtState::Map(m)) => {
+                for f in fields {
+                    m.delete(f, stamp.clone());
+                }
+            }
+            (CrdtOp::Clear, state) => {
+                match state {
+                    CrdtState::Counter(c) => c.reset(region),
+                    CrdtState::Set(s) => s.clear(),
+                    CrdtState::Map(m) => m.clear(stamp),
+                }
+                self.presence.clear();
+                return Ok(());
+            }
+            _ => unreachable!("the kind was checked above"),
+        }
+        // A fresh dot each time: a delete elsewhere that did not see this operation must not
+        // take the key out.
+        self.presence.add(region, "");
+        Ok(())
+    }
+}
+
+impl Crdt for CrdtObject {
+    fn merge(&mut self, other: &Self) {
+        self.presence.merge(&other.presence);
+        self.state.merge(&other.state);
     }
 }
 

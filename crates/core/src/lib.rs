@@ -12,7 +12,7 @@ pub mod limits;
 pub mod topology;
 pub mod version;
 
-pub use causal::{Causality, Dot, VersionVector};
+pub use causal::{Causality, Dot, VectorParseError, VersionVector};
 pub use hlc::{ClockError, Hlc, HlcTimestamp};
 pub use ids::{DatasetName, Key, NameError, NodeId, RegionId, ZoneId};
 pub use topology::{NodeSpec, Topology, TopologyError};
