@@ -5,7 +5,8 @@
 //! stamp strictly greater than every earlier one it applied and assigns the next region
 //! sequence, so every voter ends in the same state byte for byte.
 
-use meridian_core::{HlcTimestamp, Version};
+use meridian_core::crdt::{CrdtKind, CrdtObject, CrdtOp};
+use meridian_core::{Dot, HlcTimestamp, Version, VersionVector};
 use serde::{Deserialize, Serialize};
 
 /// A command in the log. The outer enum is the wire and disk version: a new format is a new
@@ -58,6 +59,25 @@ pub enum CommandV1 {
     /// committed before `fresh_ms` (its wall clock) is at or below `upto_seq`. An empty range
     /// at or below what is merged (a heartbeat) only refreshes that time.
     ApplyRemoteAt { source: String, from_seq: u64, upto_seq: u64, fresh_ms: u64, changes: Vec<RemoteChange> },
+    /// An operation on a conflict-free value (a counter, set or map dataset): applied to the
+    /// stored state, or to a new one of `kind` if the key holds none.
+    Op { dataset: String, key: String, op: CrdtOp, kind: CrdtKind, hlc: HlcTimestamp, condition: Condition },
+    /// A write (`None`: a delete) that supersedes exactly the versions `context` has seen; any
+    /// other version stored under the key stays beside it as a sibling.
+    PutInContext {
+        dataset: String,
+        key: String,
+        value: Option<Vec<u8>>,
+        hlc: HlcTimestamp,
+        condition: Condition,
+        context: VersionVector,
+    },
+    /// [`CommandV1::ApplyRemoteAt`] with changes that carry their causal history: each merges
+    /// by causality, and concurrent versions by the rule the change names (what this
+    /// region's policy said when it proposed the batch).
+    ApplyChanges { source: String, from_seq: u64, upto_seq: u64, fresh_ms: u64, changes: Vec<Change> },
+    /// [`CommandV1::Repair`] with changes that carry their causal history.
+    RepairChanges { source: String, changes: Vec<Change> },
 }
 
 /// A precondition checked at apply time, inside the log's total order, which is what makes
@@ -114,6 +134,11 @@ pub enum CommandResult {
     Purged {
         removed: u32,
     },
+    /// A [`CommandV1::Op`] that does not fit the kind the key holds: nothing was written.
+    KindMismatch {
+        /// `None`: the key holds a plain JSON value.
+        held: Option<CrdtKind>,
+    },
 }
 
 /// One change as it travels between regions. It keeps the version it was given at its origin,
@@ -127,6 +152,39 @@ pub struct RemoteChange {
     pub value: Option<Vec<u8>>,
 }
 
+/// One change as it travels between regions since objects carry their causal history: the
+/// whole stored object (every version kept, the version vector, a conflict-free state), and
+/// the rule the receiving region merges concurrent versions by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub dataset: String,
+    pub key: String,
+    pub object: StoredObject,
+    pub rule: MergeRule,
+}
+
+/// How concurrent versions of one key become one state: the policy's `conflict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum MergeRule {
+    /// The highest HLC wins, ties to the lower region id; the others are kept out of sight
+    /// (so every region picks the same winner) until a write supersedes them.
+    Lww,
+    /// Every concurrent version is kept and read; a write carrying their context ends them.
+    Siblings,
+    /// Merged by the kind's laws.
+    Crdt,
+}
+
+impl MergeRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            MergeRule::Lww => "lww",
+            MergeRule::Siblings => "siblings",
+            MergeRule::Crdt => "crdt",
+        }
+    }
+}
+
 /// What a region's outbox records for each write it originates: the key, not the value (the
 /// link reads the object when it ships, so values are not stored twice).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,17 +193,109 @@ pub struct OutboxEntry {
     pub key: String,
 }
 
-/// One object as stored: its version and its value, or a tombstone.
+/// One object as stored: the version a read answers with and its value (or a tombstone),
+/// the object's causal history, the concurrent versions kept beside it, and for a
+/// conflict-free dataset the state its value renders.
+///
+/// Invariants (kept by [`crate::merge`]): `vv` holds the dot of every version kept and of
+/// every version they superseded; no sibling's version equals `version`; siblings are in
+/// the order [`crate::merge::lww_cmp`] gives, winner first; a conflict-free object has no
+/// siblings and its `value` is its state rendered as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredObject {
     pub version: Version,
     /// The JSON text; `None` is a tombstone.
     pub value: Option<Vec<u8>>,
+    /// Every write this object reflects, by region: a version's dot is (its region, its
+    /// region sequence).
+    pub vv: VersionVector,
+    /// Versions concurrent with `version` that the dataset's rule keeps.
+    pub siblings: Vec<Sibling>,
+    /// A counter, set or map dataset's state.
+    pub crdt: Option<CrdtObject>,
+}
+
+/// A version kept beside the one a read answers with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sibling {
+    pub version: Version,
+    pub value: Option<Vec<u8>>,
 }
 
 impl StoredObject {
+    /// An object with one version and no history beyond it: what a record written before
+    /// objects carried version vectors reads as, and what a first write creates.
+    pub fn plain(version: Version, value: Option<Vec<u8>>) -> StoredObject {
+        let vv = [(version.region.clone(), version.seq)].into_iter().collect();
+        StoredObject { version, value, vv, siblings: Vec::new(), crdt: None }
+    }
+
     pub fn is_live(&self) -> bool {
         self.value.is_some()
+    }
+
+    /// Every version kept, the one a read answers with first.
+    pub fn versions(&self) -> impl Iterator<Item = (&Version, Option<&[u8]>)> {
+        std::iter::once((&self.version, self.value.as_deref()))
+            .chain(self.siblings.iter().map(|s| (&s.version, s.value.as_deref())))
+    }
+
+    /// Its size encoded (on the wire, in the log and on disk, give or take a byte).
+    pub fn encoded_len(&self) -> usize {
+        postcard::to_stdvec(self).map_or(0, |v| v.len())
+    }
+
+    /// Its bytes for batching and rate limits, cheaply: the values it keeps and its vector
+    /// (a conflict-free state is measured encoded).
+    pub fn payload_len(&self) -> usize {
+        if self.crdt.is_some() {
+            return self.encoded_len();
+        }
+        let values: usize = self.versions().map(|(_, v)| v.map_or(0, <[u8]>::len) + 24).sum();
+        values + self.vv.iter().map(|(r, _)| r.as_str().len() + 10).sum::<usize>()
+    }
+
+    /// The live values kept: more than one when siblings wait for a choice.
+    pub fn live_versions(&self) -> impl Iterator<Item = (&Version, &[u8])> {
+        self.versions().filter_map(|(v, value)| value.map(|value| (v, value)))
+    }
+}
+
+/// A version's dot: its origin region and that region's sequence.
+pub fn dot_of(v: &Version) -> Dot {
+    Dot { region: v.region.clone(), counter: v.seq }
+}
+
+/// The stored form of an object before version vectors; still read.
+#[derive(Deserialize)]
+struct StoredObjectV1 {
+    version: Version,
+    value: Option<Vec<u8>>,
+}
+
+/// The format byte of an object record since objects carry version vectors.
+pub const OBJECT_FORMAT: u8 = 2;
+
+/// Encode an object for the objects table.
+pub fn encode_object(obj: &StoredObject) -> Vec<u8> {
+    let mut out = vec![OBJECT_FORMAT];
+    out.extend(postcard::to_stdvec(obj).expect("postcard encodes our own types"));
+    out
+}
+
+/// Decode an object record in either form: one written before version vectors reads as a
+/// [`StoredObject::plain`] of its version.
+pub fn decode_object(bytes: &[u8]) -> Result<StoredObject, crate::DecodeError> {
+    match bytes.split_first() {
+        Some((&OBJECT_FORMAT, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| crate::DecodeError::Corrupt(e.to_string()))
+        }
+        Some((&crate::FORMAT_VERSION, _)) => {
+            let v1: StoredObjectV1 = crate::decode(bytes)?;
+            Ok(StoredObject::plain(v1.version, v1.value))
+        }
+        Some((&v, _)) => Err(crate::DecodeError::UnknownFormat(v)),
+        None => Err(crate::DecodeError::Corrupt("empty record".into())),
     }
 }
 

@@ -13,7 +13,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod command;
+pub mod conflicts;
 pub mod log_store;
+pub mod merge;
 pub mod network;
 pub mod rt;
 pub mod state_machine;

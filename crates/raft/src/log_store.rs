@@ -261,6 +261,13 @@ fn weight(e: &Entry) -> usize {
                     .map(|c| 64 + c.dataset.len() + c.key.len() + c.value.as_ref().map_or(0, Vec::len))
                     .sum::<usize>()
             }
+            CommandV1::ApplyChanges { changes, .. } | CommandV1::RepairChanges { changes, .. } => {
+                64 + changes.iter().map(|c| 64 + c.dataset.len() + c.key.len() + c.object.encoded_len()).sum::<usize>()
+            }
+            CommandV1::PutInContext { dataset, key, value, .. } => {
+                128 + dataset.len() + key.len() + value.as_ref().map_or(0, Vec::len)
+            }
+            CommandV1::Op { dataset, key, op, .. } => 128 + dataset.len() + key.len() + op.encoded_len(),
             CommandV1::Purge { dataset, keys } => {
                 64 + dataset.len() + keys.iter().map(|(k, _)| 64 + k.len()).sum::<usize>()
             }

@@ -22,10 +22,16 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, Storag
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use meridian_core::crdt::{CrdtObject, CrdtOp, Stamp};
+use meridian_core::VersionVector;
+
 use crate::command::{
-    object_key, split_object_key, Command, CommandResult, CommandV1, Condition, OutboxEntry, RemoteChange, StoredObject,
+    decode_object, dot_of, encode_object, object_key, split_object_key, Change, Command, CommandResult, CommandV1,
+    Condition, MergeRule, OutboxEntry, RemoteChange, Sibling, StoredObject,
 };
+use crate::conflicts::{ConflictLimits, ConflictLogState, ConflictRecord, ConflictState};
 use crate::log_store::LogDurability;
+use crate::merge::{self, Merge};
 use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
@@ -39,6 +45,14 @@ const META_REPLICATION: &str = "replication.v2";
 const SNAPSHOT_MAGIC: &[u8] = b"MSNAP3\0";
 /// Locally originated writes by region sequence: what the links ship.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Conflict records by id, oldest first.
+const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
+/// Conflict ids by key: [`conflict_index_key`] → id.
+const CONFLICTS_BY_KEY: TableDefinition<&[u8], u64> = TableDefinition::new("conflicts_by_key");
+/// The conflict log's bookkeeping ([`ConflictLogState`]).
+const META_CONFLICTS: &str = "conflicts";
+/// Snapshots since the conflict log start with these bytes.
+const SNAPSHOT_MAGIC_V4: &[u8] = b"MSNAP4\0";
 
 /// Outbox entries kept at most by default: older ones are dropped as new ones arrive (a link
 /// that falls further behind catches up by a filtered scan). Entries hold a key, not a value.
@@ -124,25 +138,48 @@ struct SnapshotDataV2 {
     outbox: Vec<(u64, Vec<u8>)>,
 }
 
-/// The current snapshot format, written after [`SNAPSHOT_MAGIC`].
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
+/// The third snapshot format (before the conflict log), written after [`SNAPSHOT_MAGIC`];
+/// still read.
+#[derive(Deserialize)]
+struct SnapshotDataV3 {
     applied: AppliedState,
     objects: Vec<(Vec<u8>, Vec<u8>)>,
     replication: ReplicationState,
     outbox: Vec<(u64, Vec<u8>)>,
 }
 
+/// The current snapshot format, written after [`SNAPSHOT_MAGIC_V4`].
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    applied: AppliedState,
+    objects: Vec<(Vec<u8>, Vec<u8>)>,
+    replication: ReplicationState,
+    outbox: Vec<(u64, Vec<u8>)>,
+    conflict_log: ConflictLogState,
+    conflicts: Vec<(u64, Vec<u8>)>,
+}
+
 impl SnapshotData {
     fn encode(&self) -> Vec<u8> {
-        let mut out = SNAPSHOT_MAGIC.to_vec();
+        let mut out = SNAPSHOT_MAGIC_V4.to_vec();
         out.extend_from_slice(&encode(self));
         out
     }
 
     fn decode_any(bytes: &[u8]) -> Result<SnapshotData, crate::DecodeError> {
-        if let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC) {
+        if let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC_V4) {
             return decode::<SnapshotData>(rest);
+        }
+        if let Some(rest) = bytes.strip_prefix(SNAPSHOT_MAGIC) {
+            let v3 = decode::<SnapshotDataV3>(rest)?;
+            return Ok(SnapshotData {
+                applied: v3.applied,
+                objects: v3.objects,
+                replication: v3.replication,
+                outbox: v3.outbox,
+                conflict_log: ConflictLogState::default(),
+                conflicts: Vec::new(),
+            });
         }
         match decode::<SnapshotDataV2>(bytes) {
             Ok(v2) => Ok(SnapshotData {
@@ -150,6 +187,8 @@ impl SnapshotData {
                 objects: v2.objects,
                 replication: v2.replication.into(),
                 outbox: v2.outbox,
+                conflict_log: ConflictLogState::default(),
+                conflicts: Vec::new(),
             }),
             Err(_) => {
                 let v1: SnapshotDataV1 = decode(bytes)?;
@@ -158,6 +197,8 @@ impl SnapshotData {
                     objects: v1.objects,
                     replication: ReplicationState::default(),
                     outbox: Vec::new(),
+                    conflict_log: ConflictLogState::default(),
+                    conflicts: Vec::new(),
                 })
             }
         }
@@ -186,6 +227,9 @@ pub struct StateMachineStore {
     shared: Arc<Shared>,
     applied: AppliedState,
     replication: ReplicationState,
+    conflict_log: ConflictLogState,
+    conflict_limits: ConflictLimits,
+    values_max: usize,
     unsynced_entries: u64,
     outbox_max: u64,
     /// When set, nothing is applied before the log holds it durably (see
@@ -220,12 +264,14 @@ impl StateMachineStore {
     }
 
     pub fn with_database(db: Database, snapshot_path: PathBuf, region: RegionId) -> Result<Self, StorageError> {
-        let load = || -> Result<(AppliedState, ReplicationState), redb::Error> {
+        let load = || -> Result<(AppliedState, ReplicationState, ConflictLogState), redb::Error> {
             let txn = db.begin_write()?;
             {
                 txn.open_table(OBJECTS)?;
                 txn.open_table(META)?;
                 txn.open_table(OUTBOX)?;
+                txn.open_table(CONFLICTS)?;
+                txn.open_table(CONFLICTS_BY_KEY)?;
             }
             txn.commit()?;
             let r = db.begin_read()?;
@@ -235,9 +281,11 @@ impl StateMachineStore {
                 None => AppliedState::default(),
             };
             let replication = read_replication(&meta)?;
-            Ok((applied, replication))
+            let conflict_log = read_conflict_log(&meta)?;
+            Ok((applied, replication, conflict_log))
         };
-        let (applied, replication) = load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
+        let (applied, replication, conflict_log) =
+            load().map_err(|e| StorageIOError::read_state_machine(&sm_err(e)))?;
         // What was loaded from disk is durable by definition.
         let durable = Arc::new(AtomicU64::new(index_of(applied.last_applied)));
         let shared = Arc::new(Shared { db, region, snapshot_path, snapshot_lock: Mutex::new(0), durable });
@@ -245,6 +293,9 @@ impl StateMachineStore {
             shared,
             applied,
             replication,
+            conflict_log,
+            conflict_limits: ConflictLimits::default(),
+            values_max: meridian_core::limits::VALUE_BYTES_MAX_DEFAULT,
             unsynced_entries: 0,
             outbox_max: OUTBOX_ENTRIES_MAX,
             log_durability: None,
@@ -255,6 +306,18 @@ impl StateMachineStore {
     /// bound: the cluster configuration sets it). At least 1.
     pub fn set_outbox_limit(&mut self, entries: u64) {
         self.outbox_max = entries.max(1);
+    }
+
+    /// Bound the conflict log (every voter of a region must use the same bounds: the cluster
+    /// configuration sets them). At least one record, kept at least a second.
+    pub fn set_conflict_limits(&mut self, limits: ConflictLimits) {
+        self.conflict_limits = ConflictLimits { records: limits.records.max(1), age_ms: limits.age_ms.max(1000) };
+    }
+
+    /// The value limit, which also bounds the values one object keeps together (siblings):
+    /// every voter of a region must use the same (the cluster configuration sets it).
+    pub fn set_value_limit(&mut self, bytes: usize) {
+        self.values_max = bytes.max(1);
     }
 
     /// Apply nothing before the log holds it durably. Required when the log store reports a
@@ -282,9 +345,12 @@ impl StateMachineStore {
         }
         let mut applied = self.applied.clone();
         let mut replication = self.replication.clone();
+        let mut conflict_log = self.conflict_log.clone();
         {
             let mut objects = txn.open_table(OBJECTS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
+            let mut conflicts = txn.open_table(CONFLICTS)?;
+            let mut conflicts_by_key = txn.open_table(CONFLICTS_BY_KEY)?;
             for entry in entries {
                 assert!(
                     applied.last_applied.is_none_or(|l| l.index < entry.log_id.index),
@@ -303,16 +369,30 @@ impl StateMachineStore {
                             outbox: &mut outbox,
                             replication: &mut replication,
                             outbox_max: self.outbox_max,
+                            conflicts: &mut conflicts,
+                            conflicts_by_key: &mut conflicts_by_key,
+                            conflict_log: &mut conflict_log,
+                            conflict_limits: self.conflict_limits,
+                            values_max: self.values_max,
                         };
                         apply_command(&mut t, &mut applied, &self.shared.region, cmd)?
                     }
                 };
                 results.push(result);
             }
+            // Records past their age go even when no new conflict arrives: one look at the
+            // oldest per batch.
+            if conflict_log.held > 0 {
+                let now_ms = applied.last_hlc.wall_ms();
+                trim_conflicts(&mut conflicts, &mut conflicts_by_key, &mut conflict_log, self.conflict_limits, now_ms)?;
+            }
             let mut meta = txn.open_table(META)?;
             meta.insert(META_APPLIED, encode(&applied).as_slice())?;
             if replication != self.replication {
                 meta.insert(META_REPLICATION, encode(&replication).as_slice())?;
+            }
+            if conflict_log != self.conflict_log {
+                meta.insert(META_CONFLICTS, encode(&conflict_log).as_slice())?;
             }
         }
         txn.commit()?;
@@ -322,6 +402,7 @@ impl StateMachineStore {
         }
         self.applied = applied;
         self.replication = replication;
+        self.conflict_log = conflict_log;
         Ok(results)
     }
 }
@@ -332,6 +413,105 @@ struct Tables<'a, 't> {
     outbox: &'a mut redb::Table<'t, u64, &'static [u8]>,
     replication: &'a mut ReplicationState,
     outbox_max: u64,
+    conflicts: &'a mut redb::Table<'t, u64, &'static [u8]>,
+    conflicts_by_key: &'a mut redb::Table<'t, &'static [u8], u64>,
+    conflict_log: &'a mut ConflictLogState,
+    conflict_limits: ConflictLimits,
+    values_max: usize,
+}
+
+/// The conflict log's bookkeeping in `meta`, or a fresh one.
+fn read_conflict_log(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<ConflictLogState, redb::Error> {
+    match meta.get(META_CONFLICTS)? {
+        Some(v) => decode(v.value()).map_err(corrupt),
+        None => Ok(ConflictLogState::default()),
+    }
+}
+
+/// The index key of conflict `id` of (dataset, key): the storage key's length, the storage
+/// key, then the id, so one key's records are contiguous and in id order.
+fn conflict_index_key(dataset: &str, key: &str, id: u64) -> Vec<u8> {
+    let k = object_key(dataset, key);
+    let mut out = Vec::with_capacity(4 + k.len() + 8);
+    out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+    out.extend_from_slice(&k);
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+/// Write one conflict record, then trim the log to its bounds.
+fn record_conflict(t: &mut Tables<'_, '_>, mut record: ConflictRecord) -> Result<(), redb::Error> {
+    let log = &mut *t.conflict_log;
+    record.id = log.next_id;
+    log.next_id += 1;
+    log.held += 1;
+    *log.recorded.entry(record.dataset.clone()).or_default().entry(record.rule.name().to_owned()).or_default() += 1;
+    t.conflicts.insert(record.id, encode(&record).as_slice())?;
+    t.conflicts_by_key.insert(conflict_index_key(&record.dataset, &record.key, record.id).as_slice(), record.id)?;
+    trim_conflicts(t.conflicts, t.conflicts_by_key, t.conflict_log, t.conflict_limits, record.at_ms)
+}
+
+/// Drop the oldest records while more are held than the bound, or they are older than the
+/// age bound as of `now_ms` (HLC time, so every voter trims alike).
+fn trim_conflicts(
+    conflicts: &mut redb::Table<'_, u64, &'static [u8]>,
+    by_key: &mut redb::Table<'_, &'static [u8], u64>,
+    log: &mut ConflictLogState,
+    limits: ConflictLimits,
+    now_ms: u64,
+) -> Result<(), redb::Error> {
+    loop {
+        let oldest = match conflicts.first()? {
+            Some((k, v)) => (k.value(), decode::<ConflictRecord>(v.value()).map_err(corrupt)?),
+            None => break,
+        };
+        let (id, rec) = oldest;
+        if log.held <= limits.records && rec.at_ms.saturating_add(limits.age_ms) >= now_ms {
+            break;
+        }
+        conflicts.remove(id)?;
+        by_key.remove(conflict_index_key(&rec.dataset, &rec.key, id).as_slice())?;
+        log.held = log.held.saturating_sub(1);
+        log.expired += 1;
+    }
+    Ok(())
+}
+
+/// Remove every conflict record of (dataset, key): its copy left this region. How many.
+fn remove_conflicts_of(t: &mut Tables<'_, '_>, dataset: &str, key: &str) -> Result<u64, redb::Error> {
+    let from = conflict_index_key(dataset, key, 0);
+    let to = conflict_index_key(dataset, key, u64::MAX);
+    let mut ids = Vec::new();
+    for item in t.conflicts_by_key.range(from.as_slice()..=to.as_slice())? {
+        ids.push(item?.1.value());
+    }
+    for &id in &ids {
+        t.conflicts.remove(id)?;
+        t.conflicts_by_key.remove(conflict_index_key(dataset, key, id).as_slice())?;
+    }
+    t.conflict_log.held = t.conflict_log.held.saturating_sub(ids.len() as u64);
+    Ok(ids.len() as u64)
+}
+
+/// The object stored under a storage key.
+fn get_object(
+    objects: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    k: &[u8],
+) -> Result<Option<StoredObject>, redb::Error> {
+    match objects.get(k)? {
+        Some(v) => Ok(Some(decode_object(v.value()).map_err(corrupt)?)),
+        None => Ok(None),
+    }
+}
+
+/// What a local write does to the key's copy.
+enum LocalWrite {
+    /// Replace every version held (`None`: a delete).
+    Replace(Option<Vec<u8>>),
+    /// Replace the versions the context saw; keep the others as siblings.
+    InContext(Option<Vec<u8>>, VersionVector),
+    /// Apply an operation to the conflict-free state.
+    Op(CrdtOp, meridian_core::crdt::CrdtKind),
 }
 
 fn apply_command(
@@ -340,9 +520,17 @@ fn apply_command(
     region: &RegionId,
     cmd: CommandV1,
 ) -> Result<CommandResult, redb::Error> {
-    let (dataset, key, hlc, condition, value) = match cmd {
-        CommandV1::Put { dataset, key, value, hlc, condition } => (dataset, key, hlc, condition, Some(value)),
-        CommandV1::Delete { dataset, key, hlc, condition } => (dataset, key, hlc, condition, None),
+    let (dataset, key, hlc, condition, write) = match cmd {
+        CommandV1::Put { dataset, key, value, hlc, condition } => {
+            (dataset, key, hlc, condition, LocalWrite::Replace(Some(value)))
+        }
+        CommandV1::Delete { dataset, key, hlc, condition } => (dataset, key, hlc, condition, LocalWrite::Replace(None)),
+        CommandV1::PutInContext { dataset, key, value, hlc, condition, context } => {
+            (dataset, key, hlc, condition, LocalWrite::InContext(value, context))
+        }
+        CommandV1::Op { dataset, key, op, kind, hlc, condition } => {
+            (dataset, key, hlc, condition, LocalWrite::Op(op, kind))
+        }
         CommandV1::Batch(cmds) => {
             let results =
                 cmds.into_iter().map(|c| apply_command(t, applied, region, c)).collect::<Result<Vec<_>, _>>()?;
@@ -355,14 +543,18 @@ fn apply_command(
                 let (dataset, key, condition) = match c {
                     CommandV1::Put { dataset, key, condition, .. }
                     | CommandV1::Delete { dataset, key, condition, .. }
+                    | CommandV1::PutInContext { dataset, key, condition, .. }
+                    | CommandV1::Op { dataset, key, condition, .. }
                     | CommandV1::Check { dataset, key, condition } => (dataset, key, condition),
                     // Nested groups are refused before proposing; applying one would be a bug.
                     CommandV1::Batch(_)
                     | CommandV1::Atomic(_)
                     | CommandV1::ApplyRemote { .. }
                     | CommandV1::ApplyRemoteAt { .. }
+                    | CommandV1::ApplyChanges { .. }
                     | CommandV1::SetCursor { .. }
                     | CommandV1::Repair { .. }
+                    | CommandV1::RepairChanges { .. }
                     | CommandV1::Purge { .. }
                     | CommandV1::SetBackfilled { .. } => {
                         return Ok(CommandResult::AtomicFailed { index: index as u32, current: None })
@@ -378,16 +570,13 @@ fn apply_command(
             return Ok(CommandResult::Batch(results));
         }
         CommandV1::ApplyRemote { source, from_seq, upto_seq, changes } => {
-            return apply_remote(t, applied, source, from_seq, upto_seq, changes);
+            return apply_remote(t, applied, source, from_seq, upto_seq, legacy_changes(changes));
         }
         CommandV1::ApplyRemoteAt { source, from_seq, upto_seq, fresh_ms, changes } => {
-            let result = apply_remote(t, applied, source.clone(), from_seq, upto_seq, changes)?;
-            // Only a range that joined up with what is merged says anything about freshness.
-            if matches!(result, CommandResult::Remote { .. }) {
-                let f = t.replication.fresh.entry(source).or_default();
-                *f = (*f).max(fresh_ms);
-            }
-            return Ok(result);
+            return apply_remote_at(t, applied, source, from_seq, upto_seq, fresh_ms, legacy_changes(changes));
+        }
+        CommandV1::ApplyChanges { source, from_seq, upto_seq, fresh_ms, changes } => {
+            return apply_remote_at(t, applied, source, from_seq, upto_seq, fresh_ms, changes);
         }
         CommandV1::SetCursor { destination, upto_seq } => {
             t.replication.cursors.insert(destination, upto_seq);
@@ -397,26 +586,19 @@ fn apply_command(
             t.replication.backfilled.insert(destination, epoch);
             return Ok(CommandResult::Nothing);
         }
-        CommandV1::Repair { source, changes } => {
-            let mut applied_n = 0u32;
-            for c in changes {
-                applied_n += u32::from(merge_change(t, applied, c)?);
-            }
-            *t.replication.repaired.entry(source).or_default() += u64::from(applied_n);
-            return Ok(CommandResult::Repaired { applied: applied_n });
-        }
+        CommandV1::Repair { source, changes } => return apply_repair(t, applied, source, legacy_changes(changes)),
+        CommandV1::RepairChanges { source, changes } => return apply_repair(t, applied, source, changes),
         CommandV1::Purge { dataset, keys } => {
             let mut removed = 0u32;
             for (key, version) in keys {
                 let k = object_key(&dataset, &key);
-                let current: Option<StoredObject> = match t.objects.get(k.as_slice())? {
-                    Some(v) => Some(decode(v.value()).map_err(corrupt)?),
-                    None => None,
-                };
+                let current = get_object(t.objects, &k)?;
                 if dataset.starts_with('_') || current.is_none_or(|o| o.version != version) {
                     continue;
                 }
                 t.objects.remove(k.as_slice())?;
+                // Its conflict records hold its values: they leave with it.
+                remove_conflicts_of(t, &dataset, &key)?;
                 removed += 1;
             }
             t.replication.purged += u64::from(removed);
@@ -432,12 +614,34 @@ fn apply_command(
         }
     };
     let k = object_key(&dataset, &key);
-    let live = live_version(t.objects, &dataset, &key)?;
+    let old = get_object(t.objects, &k)?;
+    let live = old.as_ref().filter(|o| o.is_live()).map(|o| o.version.clone());
     if !condition_holds(&condition, live.as_ref()) {
         return Ok(CommandResult::PreconditionFailed { current: live });
     }
-    if value.is_none() && live.is_none() {
+    let deletes =
+        matches!(&write, LocalWrite::Replace(None) | LocalWrite::InContext(None, _) | LocalWrite::Op(CrdtOp::Clear, _));
+    if deletes && live.is_none() {
         return Ok(CommandResult::NotFound);
+    }
+    // The state an operation applies to, checked before anything is stamped: an operation of
+    // another kind than the key holds writes nothing.
+    let mut state = None;
+    if let LocalWrite::Op(op, kind) = &write {
+        let current = match old.as_ref() {
+            Some(o) => match &o.crdt {
+                Some(c) => c.clone(),
+                None if !o.is_live() => CrdtObject::new(*kind),
+                None => return Ok(CommandResult::KindMismatch { held: None }),
+            },
+            None => CrdtObject::new(*kind),
+        };
+        if let Some(wanted) = op.kind() {
+            if wanted != current.state.kind() {
+                return Ok(CommandResult::KindMismatch { held: Some(current.state.kind()) });
+            }
+        }
+        state = Some(current);
     }
     // Pure function of the log: the stamp is the leader's reading, pushed past every stamp
     // applied before it, so versions in a region strictly increase even across leaders
@@ -446,9 +650,32 @@ fn apply_command(
     applied.last_hlc = hlc;
     applied.region_seq += 1;
     let version = Version { hlc, region: region.clone(), seq: applied.region_seq };
-    let deleted = value.is_none();
-    let obj = StoredObject { version: version.clone(), value };
-    t.objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+    // The new version has seen everything this region holds of the key.
+    let mut vv = old.as_ref().map(|o| o.vv.clone()).unwrap_or_default();
+    vv.add(&dot_of(&version));
+    let obj = match write {
+        LocalWrite::Replace(value) => {
+            StoredObject { version: version.clone(), value, vv, siblings: Vec::new(), crdt: None }
+        }
+        LocalWrite::InContext(value, context) => {
+            let mut kept: Vec<Sibling> = match old.as_ref() {
+                Some(o) => {
+                    merge::siblings_of(o).into_iter().filter(|s| !context.contains(&dot_of(&s.version))).collect()
+                }
+                None => Vec::new(),
+            };
+            kept.push(Sibling { version: version.clone(), value });
+            vv.merge(&context);
+            merge::assemble(kept, vv, MergeRule::Siblings, t.values_max)
+        }
+        LocalWrite::Op(op, _) => {
+            let mut c = state.expect("taken above");
+            c.apply(&op, region, &Stamp { hlc, region: region.clone() }).expect("the kind was checked above");
+            StoredObject { version: version.clone(), value: merge::render(&c), vv, siblings: Vec::new(), crdt: Some(c) }
+        }
+    };
+    let deleted = !obj.is_live();
+    t.objects.insert(k.as_slice(), encode_object(&obj).as_slice())?;
     // The outbox records the key under the write's sequence, for the links. Reserved
     // namespaces (`_...`, never a dataset name) are not shipped by links.
     if !dataset.starts_with('_') {
@@ -477,16 +704,65 @@ fn apply_command(
     })
 }
 
+/// Changes in the form before version vectors: each is its version alone, merged by the
+/// winner by time (what every dataset merged by then).
+fn legacy_changes(changes: Vec<RemoteChange>) -> Vec<Change> {
+    changes
+        .into_iter()
+        .map(|c| Change {
+            dataset: c.dataset,
+            key: c.key,
+            object: StoredObject::plain(c.version, c.value),
+            rule: MergeRule::Lww,
+        })
+        .collect()
+}
+
+/// [`apply_remote`], recording how fresh the range is when it joined up.
+fn apply_remote_at(
+    t: &mut Tables<'_, '_>,
+    applied: &mut AppliedState,
+    source: String,
+    from_seq: u64,
+    upto_seq: u64,
+    fresh_ms: u64,
+    changes: Vec<Change>,
+) -> Result<CommandResult, redb::Error> {
+    let result = apply_remote(t, applied, source.clone(), from_seq, upto_seq, changes)?;
+    // Only a range that joined up with what is merged says anything about freshness.
+    if matches!(result, CommandResult::Remote { .. }) {
+        let f = t.replication.fresh.entry(source).or_default();
+        *f = (*f).max(fresh_ms);
+    }
+    Ok(result)
+}
+
+/// Changes sent outside the sequenced link (catch-up, backfill, repair): each merged by
+/// causality; the merged ranges do not move.
+fn apply_repair(
+    t: &mut Tables<'_, '_>,
+    applied: &mut AppliedState,
+    source: String,
+    changes: Vec<Change>,
+) -> Result<CommandResult, redb::Error> {
+    let mut applied_n = 0u32;
+    for c in changes {
+        applied_n += u32::from(merge_change(t, applied, &source, c)?);
+    }
+    *t.replication.repaired.entry(source).or_default() += u64::from(applied_n);
+    Ok(CommandResult::Repaired { applied: applied_n })
+}
+
 /// Merge a batch another region shipped: exactly once per source sequence range, each change
-/// kept only if its version is newer than the local copy's (the same version arriving twice is
-/// a no-op), and the HLC pushed past every version merged so later local writes order after.
+/// merged by causality (the same change arriving twice is a no-op), and the HLC pushed past
+/// every version merged so later local writes order after.
 fn apply_remote(
     t: &mut Tables<'_, '_>,
     applied: &mut AppliedState,
     source: String,
     from_seq: u64,
     upto_seq: u64,
-    changes: Vec<RemoteChange>,
+    changes: Vec<Change>,
 ) -> Result<CommandResult, redb::Error> {
     let merged = t.replication.merged.get(&source).copied().unwrap_or(0);
     if from_seq > merged + 1 {
@@ -495,48 +771,66 @@ fn apply_remote(
     if upto_seq <= merged {
         return Ok(CommandResult::Remote { merged_upto: merged, applied: 0 });
     }
+    let source_region = RegionId::new(source.as_str()).ok();
     let mut applied_n = 0u32;
     let mut received = 0u64;
     for c in changes {
-        // A batch that overlaps what is merged: the overlap was merged (and counted) before.
-        if c.version.region.as_str() == source && (c.version.seq <= merged || c.version.seq > upto_seq) {
+        // The source's write a change carries is its newest dot of the source: a batch that
+        // overlaps what is merged carries writes merged (and counted) before.
+        let seq = source_region.as_ref().map_or(0, |r| c.object.vv.get(r));
+        if seq <= merged || seq > upto_seq {
             continue;
         }
         received += 1;
-        applied_n += u32::from(merge_change(t, applied, c)?);
+        applied_n += u32::from(merge_change(t, applied, &source, c)?);
     }
     *t.replication.received.entry(source.clone()).or_default() += received;
     t.replication.merged.insert(source, upto_seq);
     Ok(CommandResult::Remote { merged_upto: upto_seq, applied: applied_n })
 }
 
-/// Keep `c` if its version is newer than the local copy's (the same version arriving twice
-/// is a no-op), pushing the HLC past it so later local writes order after. Whether it was
-/// kept. Reserved namespaces never arrive from another region.
-fn merge_change(t: &mut Tables<'_, '_>, applied: &mut AppliedState, c: RemoteChange) -> Result<bool, redb::Error> {
+/// Merge `c` into the local copy by causality and, for concurrent versions, the change's
+/// rule; record a conflict in the same transaction when versions from both sides survive.
+/// The HLC is pushed past every version merged so later local writes order after. Whether
+/// the copy changed. Reserved namespaces never arrive from another region.
+fn merge_change(
+    t: &mut Tables<'_, '_>,
+    applied: &mut AppliedState,
+    source: &str,
+    c: Change,
+) -> Result<bool, redb::Error> {
     if c.dataset.starts_with('_') {
         return Ok(false);
     }
     let k = object_key(&c.dataset, &c.key);
-    let current: Option<StoredObject> = match t.objects.get(k.as_slice())? {
-        Some(v) => Some(decode(v.value()).map_err(corrupt)?),
-        None => None,
+    let current = get_object(t.objects, &k)?;
+    let (object, met) = match merge::merge(current.as_ref(), &c.object, c.rule, t.values_max) {
+        Merge::Seen => return Ok(false),
+        Merge::Changed { object, met } => (object, met),
     };
-    if current.is_some_and(|o| o.version >= c.version) {
-        return Ok(false);
+    for (v, _) in c.object.versions() {
+        applied.last_hlc = applied.last_hlc.max(v.hlc);
     }
-    applied.last_hlc = applied.last_hlc.max(c.version.hlc);
-    let obj = StoredObject { version: c.version, value: c.value };
-    t.objects.insert(k.as_slice(), encode(&obj).as_slice())?;
+    t.objects.insert(k.as_slice(), encode_object(&object).as_slice())?;
+    if !met.is_empty() {
+        let record = ConflictRecord {
+            id: 0,
+            dataset: c.dataset,
+            key: c.key,
+            rule: c.rule,
+            source: source.to_owned(),
+            versions: met,
+            outcome: Sibling { version: object.version.clone(), value: object.value.clone() },
+            at_ms: applied.last_hlc.wall_ms(),
+        };
+        record_conflict(t, record)?;
+    }
     Ok(true)
 }
 
 /// The version of the live value under (dataset, key), if there is one.
 fn live_version(objects: &redb::Table<&[u8], &[u8]>, dataset: &str, key: &str) -> Result<Option<Version>, redb::Error> {
-    let current: Option<StoredObject> = match objects.get(object_key(dataset, key).as_slice())? {
-        Some(v) => Some(decode(v.value()).map_err(corrupt)?),
-        None => None,
-    };
+    let current = get_object(objects, &object_key(dataset, key))?;
     Ok(current.filter(StoredObject::is_live).map(|o| o.version))
 }
 
@@ -554,9 +848,84 @@ impl StateMachineReader {
         let txn = self.shared.db.begin_read()?;
         let objects = txn.open_table(OBJECTS)?;
         match objects.get(object_key(dataset, key).as_slice())? {
-            Some(v) => Ok(Some(decode(v.value()).map_err(corrupt)?)),
+            Some(v) => Ok(Some(decode_object(v.value()).map_err(corrupt)?)),
             None => Ok(None),
         }
+    }
+
+    /// The conflict log's bookkeeping: records held, expired, and recorded per dataset and rule.
+    pub fn conflict_log(&self) -> Result<ConflictLogState, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        read_conflict_log(&meta)
+    }
+
+    /// One conflict record and where it stands now.
+    pub fn conflict(&self, id: u64) -> Result<Option<(ConflictRecord, ConflictState)>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let conflicts = txn.open_table(CONFLICTS)?;
+        let objects = txn.open_table(OBJECTS)?;
+        let Some(v) = conflicts.get(id)? else { return Ok(None) };
+        let rec: ConflictRecord = decode(v.value()).map_err(corrupt)?;
+        let current = get_object(&objects, &object_key(&rec.dataset, &rec.key))?;
+        let state = rec.state(current.as_ref());
+        Ok(Some((rec, state)))
+    }
+
+    /// Up to `limit` conflict records newest first, with ids below `before`, that match the
+    /// filter, each with where it stands now. A key narrows the scan to that key's records;
+    /// otherwise the scan walks the log (bounded by its size limit).
+    pub fn conflicts(
+        &self,
+        dataset: Option<&str>,
+        key: Option<&str>,
+        state: Option<ConflictState>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(ConflictRecord, ConflictState)>, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let conflicts = txn.open_table(CONFLICTS)?;
+        let objects = txn.open_table(OBJECTS)?;
+        let before = before.unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        let consider = |v: &[u8], out: &mut Vec<(ConflictRecord, ConflictState)>| -> Result<bool, redb::Error> {
+            let rec: ConflictRecord = decode(v).map_err(corrupt)?;
+            if dataset.is_some_and(|d| d != rec.dataset) || key.is_some_and(|k| k != rec.key) {
+                return Ok(false);
+            }
+            let current = get_object(&objects, &object_key(&rec.dataset, &rec.key))?;
+            let st = rec.state(current.as_ref());
+            if state.is_none_or(|s| s == st) {
+                out.push((rec, st));
+            }
+            Ok(out.len() >= limit)
+        };
+        match (dataset, key) {
+            (Some(d), Some(k)) => {
+                let by_key = txn.open_table(CONFLICTS_BY_KEY)?;
+                let from = conflict_index_key(d, k, 0);
+                let to = conflict_index_key(d, k, before.saturating_sub(1));
+                if before > 0 {
+                    for item in by_key.range(from.as_slice()..=to.as_slice())?.rev() {
+                        let id = item?.1.value();
+                        if let Some(v) = conflicts.get(id)? {
+                            if consider(v.value(), &mut out)? {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                for item in conflicts.range(..before)?.rev() {
+                    let (_, v) = item?;
+                    if consider(v.value(), &mut out)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Up to `limit` outbox entries after sequence `after`, in order.
@@ -598,7 +967,7 @@ impl StateMachineReader {
             let Some((ds, key)) = split_object_key(k.value()) else {
                 return Err(corrupt("object key without dataset"));
             };
-            let obj: StoredObject = decode(v.value()).map_err(corrupt)?;
+            let obj = decode_object(v.value()).map_err(corrupt)?;
             if let Some(value) = &obj.value {
                 let entry = sizes.entry(ds.to_owned()).or_default();
                 entry.0 += 1;
@@ -640,7 +1009,7 @@ impl StateMachineReader {
             if ds.starts_with('_') {
                 continue;
             }
-            out.push((ds.to_owned(), key.to_owned(), decode(v.value()).map_err(corrupt)?));
+            out.push((ds.to_owned(), key.to_owned(), decode_object(v.value()).map_err(corrupt)?));
             if out.len() >= limit {
                 break;
             }
@@ -676,7 +1045,7 @@ impl StateMachineReader {
             if ds != dataset || !key.starts_with(prefix) {
                 break;
             }
-            let obj: StoredObject = decode(v.value()).map_err(corrupt)?;
+            let obj = decode_object(v.value()).map_err(corrupt)?;
             if obj.is_live() {
                 out.push((key.to_owned(), obj));
                 if out.len() >= limit {
@@ -731,7 +1100,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 None => format!("none-{}", *counter),
             };
             let meta = SnapshotMeta { last_log_id: last, last_membership: applied.membership.clone(), snapshot_id };
-            let data = SnapshotData { applied, objects, replication, outbox }.encode();
+            let conflict_log = read_conflict_log(&meta_t)?;
+            let conflicts_t = r.open_table(CONFLICTS)?;
+            let mut conflicts = Vec::new();
+            for item in conflicts_t.iter()? {
+                let (k, v) = item?;
+                conflicts.push((k.value(), v.value().to_vec()));
+            }
+            let data = SnapshotData { applied, objects, replication, outbox, conflict_log, conflicts }.encode();
             write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(redb::Error::Io)?;
             Ok((meta, data))
         };
@@ -793,7 +1169,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let install = || -> Result<(AppliedState, ReplicationState), redb::Error> {
+        let install = || -> Result<(AppliedState, ReplicationState, ConflictLogState), redb::Error> {
             let _guard = self.shared.snapshot_lock.lock().expect("snapshot lock");
             let snap = SnapshotData::decode_any(&data).map_err(corrupt)?;
             if snap.applied.last_applied != meta.last_log_id {
@@ -814,7 +1190,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 for (k, v) in &snap.outbox {
                     outbox.insert(*k, v.as_slice())?;
                 }
+                // The conflict log, with its index rebuilt from the records.
+                let mut conflicts = txn.open_table(CONFLICTS)?;
+                conflicts.retain(|_, _| false)?;
+                let mut by_key = txn.open_table(CONFLICTS_BY_KEY)?;
+                by_key.retain(|_, _| false)?;
+                for (id, v) in &snap.conflicts {
+                    let rec: ConflictRecord = decode(v).map_err(corrupt)?;
+                    conflicts.insert(*id, v.as_slice())?;
+                    by_key.insert(conflict_index_key(&rec.dataset, &rec.key, *id).as_slice(), *id)?;
+                }
                 let mut meta_t = txn.open_table(META)?;
+                meta_t.insert(META_CONFLICTS, encode(&snap.conflict_log).as_slice())?;
                 meta_t.insert(META_APPLIED, encode(&snap.applied).as_slice())?;
                 meta_t.insert(META_REPLICATION, encode(&snap.replication).as_slice())?;
                 meta_t.remove(META_REPLICATION_V1)?;
@@ -822,12 +1209,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             txn.commit()?;
             self.shared.durable.store(index_of(snap.applied.last_applied), Ordering::SeqCst);
             write_snapshot_file(&self.shared.snapshot_path, meta, &data).map_err(redb::Error::Io)?;
-            Ok((snap.applied, snap.replication))
+            Ok((snap.applied, snap.replication, snap.conflict_log))
         };
-        let (applied, replication) =
+        let (applied, replication, conflict_log) =
             install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &sm_err(e)))?;
         self.applied = applied;
         self.replication = replication;
+        self.conflict_log = conflict_log;
         self.unsynced_entries = 0;
         Ok(())
     }

@@ -436,10 +436,17 @@ async fn remote_batches_apply_exactly_once_and_refuse_gaps() {
     let CommandResult::Written { version, .. } = &r[0] else { panic!("{r:?}") };
     assert!(version.hlc > HlcTimestamp::new(103, 0), "{version}");
     assert_eq!(sm.reader().outbox_after(0, 10).unwrap().len(), 1);
-    // An older remote version never replaces a newer local one.
+    // A remote write that did not see the local one is concurrent with it: the newer by HLC
+    // is read, the other kept out of sight, and the meeting is recorded as a conflict.
     let r = sm.apply(vec![remote_entry(6, "r2", 6, 7, vec![change("x", "old", 103, "r2", 7)])]).await.unwrap();
-    assert_eq!(r[0], CommandResult::Remote { merged_upto: 7, applied: 0 });
-    assert_eq!(sm.reader().get("d", "x").unwrap().unwrap().value.as_deref(), Some(&b"local"[..]));
+    assert_eq!(r[0], CommandResult::Remote { merged_upto: 7, applied: 1 });
+    let x = sm.reader().get("d", "x").unwrap().unwrap();
+    assert_eq!(x.value.as_deref(), Some(&b"local"[..]));
+    assert_eq!(x.siblings.len(), 1, "the loser is kept until a write supersedes it");
+    let conflicts = sm.reader().conflicts(Some("d"), Some("x"), None, None, 10).unwrap();
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].0.versions.len(), 2);
+    assert_eq!(conflicts[0].1, meridian_raft::conflicts::ConflictState::Resolved);
     let (state, _) = sm.reader().replication().unwrap();
     assert_eq!(state.merged.get("r2"), Some(&7));
 }
