@@ -143,7 +143,9 @@ fn refusal(e: NodeError) -> ClientReply {
         | NodeError::HomeUnknown(_)
         | NodeError::PolicyRefused(_)
         | NodeError::HomeImmutable(_)
-        | NodeError::NoStalenessBound(_) => ClientReply::Refused(e.to_string()),
+        | NodeError::NoStalenessBound(_)
+        | NodeError::WrongOperation(_)
+        | NodeError::TooLarge(_) => ClientReply::Refused(e.to_string()),
         NodeError::OutcomeUnknown(_) | NodeError::Storage(_) | NodeError::Internal(_) => {
             ClientReply::Unknown(e.to_string())
         }

@@ -89,13 +89,31 @@ pub struct ReplicationSettings {
     /// Bytes per second (keys plus values) each link may send; 0 for no limit. Datasets'
     /// own `sync.rate` limits apply inside it.
     pub link_rate_bytes_per_sec: u64,
+    /// Conflict records each region keeps at most; the oldest go first, counted as expired.
+    /// Every voter of a region must use the same value.
+    pub conflict_records_max: u64,
+    /// How long a conflict record is kept, in milliseconds. Every voter of a region must use
+    /// the same value.
+    pub conflict_record_age_ms: u64,
 }
+
+impl ReplicationSettings {
+    pub fn conflict_limits(&self) -> meridian_raft::conflicts::ConflictLimits {
+        meridian_raft::conflicts::ConflictLimits {
+            records: self.conflict_records_max,
+            age_ms: self.conflict_record_age_ms,
+        }
+    }
+}
+
 impl Default for ReplicationSettings {
     fn default() -> Self {
         ReplicationSettings {
             outbox_entries_max: OUTBOX_ENTRIES_DEFAULT,
             anti_entropy_interval_ms: 60_000,
             link_rate_bytes_per_sec: 0,
+            conflict_records_max: meridian_raft::conflicts::CONFLICT_RECORDS_MAX,
+            conflict_record_age_ms: meridian_raft::conflicts::CONFLICT_AGE_MS_MAX,
         }
     }
 }
@@ -105,6 +123,9 @@ pub const OUTBOX_ENTRIES_DEFAULT: u64 = meridian_raft::state_machine::OUTBOX_ENT
 /// Bounds on the replication settings.
 pub const OUTBOX_ENTRIES_RANGE: std::ops::RangeInclusive<u64> = 16..=50_000_000;
 pub const ANTI_ENTROPY_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 200..=86_400_000;
+pub const CONFLICT_RECORDS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000_000;
+/// From a second to a year.
+pub const CONFLICT_RECORD_AGE_MS_RANGE: std::ops::RangeInclusive<u64> = 1_000..=31_536_000_000;
 
 /// A parsed and validated cluster configuration.
 #[derive(Debug, Clone)]
@@ -188,6 +209,20 @@ impl ClusterConfig {
                 "replication.anti_entropy_interval_ms must be between {} and {}",
                 ANTI_ENTROPY_INTERVAL_MS_RANGE.start(),
                 ANTI_ENTROPY_INTERVAL_MS_RANGE.end()
+            ));
+        }
+        if !CONFLICT_RECORDS_RANGE.contains(&rep.conflict_records_max) {
+            problems.push(format!(
+                "replication.conflict_records_max must be between {} and {}",
+                CONFLICT_RECORDS_RANGE.start(),
+                CONFLICT_RECORDS_RANGE.end()
+            ));
+        }
+        if !CONFLICT_RECORD_AGE_MS_RANGE.contains(&rep.conflict_record_age_ms) {
+            problems.push(format!(
+                "replication.conflict_record_age_ms must be between {} and {}",
+                CONFLICT_RECORD_AGE_MS_RANGE.start(),
+                CONFLICT_RECORD_AGE_MS_RANGE.end()
             ));
         }
         match (topology, problems.is_empty()) {

@@ -41,6 +41,14 @@ pub enum NodeError {
     /// A bounded-staleness read of a dataset that has no `max_staleness`, without one given.
     #[error("{0} has no max_staleness to bound the read by")]
     NoStalenessBound(String),
+    /// The dataset's kind or conflict rule does not take this write (a PUT on a counter, set
+    /// or map; an operation of another kind; a causal context where the rule is not
+    /// `siblings`): nothing was written.
+    #[error("{0}")]
+    WrongOperation(String),
+    /// The write would make the key's value larger than the value limit: nothing was written.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("internal failure: {0}")]
     Internal(String),
 }
@@ -94,6 +102,8 @@ pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
         | NodeError::HomeImmutable(m)
         | NodeError::ResidencyRefused(m, _) => PeerError::PolicyRefused(m),
         e @ NodeError::NoStalenessBound(_) => PeerError::Protocol(e.to_string()),
+        NodeError::WrongOperation(m) => PeerError::WrongOperation(m),
+        NodeError::TooLarge(m) => PeerError::TooLarge(m),
         NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
     }
 }
@@ -105,6 +115,8 @@ pub(crate) fn peer_error(node: NodeId, e: PeerError) -> NodeError {
         PeerError::OutcomeUnknown(m) => NodeError::OutcomeUnknown(m),
         PeerError::Unavailable(reason) => NodeError::Unavailable { node, reason },
         PeerError::PolicyRefused(m) => NodeError::PolicyRefused(m),
+        PeerError::WrongOperation(m) => NodeError::WrongOperation(m),
+        PeerError::TooLarge(m) => NodeError::TooLarge(m),
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
     }
 }

@@ -24,8 +24,9 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use meridian_core::{DatasetName, Hlc, Key, NodeId, RegionId, Version};
-use meridian_policy::Placement;
+use meridian_core::crdt::{CrdtKind, CrdtOp};
+use meridian_core::{DatasetName, Hlc, HlcTimestamp, Key, NodeId, RegionId, Version, VersionVector};
+use meridian_policy::{ConflictRule, Placement};
 use meridian_raft::command::CommandV1;
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use tokio::time::Instant;
@@ -34,8 +35,8 @@ use crate::error::{peer_error, to_peer_error, LocalError, NodeError};
 use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT};
 use crate::links::CommitBell;
 use crate::metrics::KindLabels;
-use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, WriteOp, WriteRequest};
-use crate::policy::{self};
+use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, WriteEffect, WriteOp, WriteRequest};
+use crate::policy::{self, WriteRules};
 use crate::transport::leader_backoff;
 use crate::Deps;
 use meridian_core::limits::LIST_LIMIT_MAX;
@@ -116,16 +117,26 @@ impl Precondition {
     }
 }
 
-/// A stored object as a client sees it: a value, or a tombstone (`value: None`).
+/// A stored object as a client sees it: a value, or a tombstone (`value: None`); for a
+/// `siblings` dataset, the concurrent versions kept beside it; and its causal context, which
+/// a write hands back to supersede exactly what was read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Object {
     pub value: Option<Vec<u8>>,
     pub version: Version,
+    /// Concurrent versions a `siblings` dataset keeps (empty for every other rule: `lww`
+    /// keeps its losers out of sight, and they are in the conflict log).
+    pub siblings: Vec<(Version, Option<Vec<u8>>)>,
+    pub context: VersionVector,
 }
 
-impl From<StoredObject> for Object {
-    fn from(o: StoredObject) -> Self {
-        Object { value: o.value, version: o.version }
+impl Object {
+    /// The object as a dataset with `placed`'s rule shows it.
+    fn shown(o: StoredObject, placed: &Placed) -> Object {
+        let siblings_shown = matches!(placed, Ok(Some(p)) if p.conflict == ConflictRule::Siblings);
+        let siblings =
+            if siblings_shown { o.siblings.into_iter().map(|s| (s.version, s.value)).collect() } else { Vec::new() };
+        Object { value: o.value, version: o.version, siblings, context: o.vv }
     }
 }
 
@@ -154,6 +165,15 @@ impl WriteOutcome {
             CommandResult::Deleted { version } => Ok(WriteOutcome::Deleted { version }),
             CommandResult::PreconditionFailed { current } => Ok(WriteOutcome::PreconditionFailed { current }),
             CommandResult::NotFound => Ok(WriteOutcome::NotFound),
+            CommandResult::KindMismatch { held } => Err(NodeError::WrongOperation(match held {
+                Some(kind) => format!(
+                    "the key holds a {kind} (the dataset's kind changed since it was written); its operations are {}",
+                    op_names(kind)
+                ),
+                None => "the key holds a JSON document written before the dataset became a counter, set or map; \
+                         delete it first"
+                    .to_owned(),
+            })),
             other => Err(NodeError::Internal(format!("unexpected write result {other:?}"))),
         }
     }
@@ -171,13 +191,15 @@ pub struct Gateway {
     commits: Arc<CommitBell>,
     here: RegionId,
     id: NodeId,
+    /// The configured value limit; a counter, set or map key's state is held to it too.
+    value_bytes_max: usize,
 }
 
 impl Gateway {
-    pub(crate) fn new(deps: Deps, hlc_max_offset_ms: u64, commits: Arc<CommitBell>) -> Gateway {
+    pub(crate) fn new(deps: Deps, hlc_max_offset_ms: u64, value_bytes_max: usize, commits: Arc<CommitBell>) -> Gateway {
         let (here, id) = (deps.region.spec().region.clone(), deps.region.spec().id);
         let hlc = Mutex::new(Hlc::new(hlc_max_offset_ms));
-        Gateway { deps, hlc, commits, here, id }
+        Gateway { deps, hlc, commits, here, id, value_bytes_max }
     }
 
     // ---- the client API ------------------------------------------------------------------
@@ -193,7 +215,36 @@ impl Gateway {
         home: Option<&str>,
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let region = self.route_put(dataset, key, home).await?;
-        self.write_one(&region, dataset, key, Some(value), precondition).await
+        self.write_one(&region, dataset, key, Some(value), WriteEffect::Replace, precondition).await
+    }
+
+    /// Write `value` (`None`: delete) superseding exactly the versions `context` saw; the
+    /// others stay as siblings. Only for `siblings` datasets (the home's leader refuses it
+    /// elsewhere with [`NodeError::WrongOperation`]).
+    pub async fn put_in_context(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        value: Option<Vec<u8>>,
+        context: VersionVector,
+        precondition: Precondition,
+        home: Option<&str>,
+    ) -> Result<(WriteOutcome, Served), NodeError> {
+        let region = self.route_put(dataset, key, home).await?;
+        self.write_one(&region, dataset, key, value, WriteEffect::InContext(context), precondition).await
+    }
+
+    /// Apply an operation to a counter, set or map key in a home region of the key.
+    pub async fn op(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        op: CrdtOp,
+        precondition: Precondition,
+        home: Option<&str>,
+    ) -> Result<(WriteOutcome, Served), NodeError> {
+        let region = self.route_put(dataset, key, home).await?;
+        self.write_one(&region, dataset, key, None, WriteEffect::Op(op), precondition).await
     }
 
     /// Delete (dataset, key) in a home region of the key: a tombstone with a new version.
@@ -207,16 +258,17 @@ impl Gateway {
         let home = self.parse_home(home)?;
         let placed = self.place(dataset, key, home.as_ref())?;
         let region = self.home_region_for(&placed)?;
-        self.write_one(&region, dataset, key, None, precondition).await
+        self.write_one(&region, dataset, key, None, WriteEffect::Replace, precondition).await
     }
 
-    /// One client write (a value, or a tombstone with `None`) in `region`.
+    /// One client write (a value, or a tombstone with `None`; or an operation) in `region`.
     async fn write_one(
         &self,
         region: &RegionId,
         dataset: &DatasetName,
         key: &Key,
         value: Option<Vec<u8>>,
+        effect: WriteEffect,
         precondition: Precondition,
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let req = WriteRequest {
@@ -224,6 +276,7 @@ impl Gateway {
             key: key.to_string(),
             value,
             condition: precondition.condition(),
+            effect,
         };
         let (result, served) = self.write_in(region, WriteOp::One(req)).await?;
         Ok((WriteOutcome::of(result)?, served))
@@ -249,7 +302,7 @@ impl Gateway {
                 self.read_in(&region, dataset.as_str(), key.as_str()).await?
             }
         };
-        Ok((obj.map(Object::from), served))
+        Ok((obj.map(|o| Object::shown(o, &placed)), served))
     }
 
     /// A page of (dataset)'s keys starting with `prefix`, after `after`, at most `limit`.
@@ -568,11 +621,12 @@ impl Gateway {
         // an older one can never make this region store what its policy forbids here.
         // Reserved namespaces (`_policy`, `_audit`) are the cluster's own records: no dataset
         // policy governs them.
-        let guard = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
+        let (guard, rules) = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
             self.deps.policy.catch_up_for_writes(&self.deps.region).await?;
-            Some(self.deps.policy.guard(self, reqs).await.map_err(LocalError::Other)?)
+            let (condition, rules) = self.deps.policy.guard(self, reqs).await.map_err(LocalError::Other)?;
+            (Some(condition), rules)
         } else {
-            None
+            (None, vec![None; reqs.len()])
         };
         let hlc = {
             let mut hlc = self.hlc.lock().expect("hlc lock");
@@ -584,21 +638,29 @@ impl Gateway {
                 }
             }
         };
-        let command = |req: &WriteRequest| match &req.value {
-            Some(value) => CommandV1::Put {
-                dataset: req.dataset.clone(),
-                key: req.key.clone(),
-                value: value.clone(),
-                hlc,
-                condition: req.condition.clone(),
-            },
-            None => CommandV1::Delete {
-                dataset: req.dataset.clone(),
-                key: req.key.clone(),
-                hlc,
-                condition: req.condition.clone(),
-            },
-        };
+        // A counter, set or map grows with its operations: its state stays within the value
+        // limit, judged on this leader's applied copy (what the operation will apply to).
+        for r in reqs {
+            if let WriteEffect::Op(op) = &r.effect {
+                let current = self.deps.region.reader().get(&r.dataset, &r.key).map_err(NodeError::storage)?;
+                let size = current.map_or(0, |o| o.encoded_len()) + op.encoded_len();
+                if size > self.value_bytes_max {
+                    return Err(LocalError::Other(NodeError::TooLarge(format!(
+                        "{}/{} would hold about {size} bytes after this {}; the value limit is {} bytes",
+                        r.dataset,
+                        r.key,
+                        op.name(),
+                        self.value_bytes_max
+                    ))));
+                }
+            }
+        }
+        let writes: Vec<CommandV1> = reqs
+            .iter()
+            .zip(&rules)
+            .map(|(r, rules)| write_command(r, *rules, hlc))
+            .collect::<Result<_, NodeError>>()
+            .map_err(LocalError::Other)?;
         let mut cmds: Vec<CommandV1> = Vec::new();
         if let Some(condition) = &guard {
             cmds.push(CommandV1::Check {
@@ -608,13 +670,9 @@ impl Gateway {
             });
         }
         let cmd = match (op, guard.is_some()) {
-            (WriteOp::One(r), false) => command(r),
-            (WriteOp::One(r), true) => {
-                cmds.push(command(r));
-                CommandV1::Atomic(cmds)
-            }
-            (WriteOp::Atomic(rs), _) => {
-                cmds.extend(rs.iter().map(command));
+            (WriteOp::One(_), false) => writes.into_iter().next().expect("one write"),
+            (WriteOp::One(_), true) | (WriteOp::Atomic(_), _) => {
+                cmds.extend(writes);
                 CommandV1::Atomic(cmds)
             }
         };
@@ -811,6 +869,70 @@ impl Gateway {
     async fn serve_strong<T>(&self, read: impl Fn() -> Result<T, NodeError>) -> Result<T, PeerError> {
         self.deps.region.read_index().await.map_err(LocalError::into_peer_error)?;
         read().map_err(to_peer_error)
+    }
+}
+
+/// The command for one client write, by the dataset's kind and conflict rule (`None`: no
+/// dataset policy governs the key). Refuses writes the dataset cannot take, with what to do
+/// instead.
+fn write_command(r: &WriteRequest, rules: Option<WriteRules>, hlc: HlcTimestamp) -> Result<CommandV1, NodeError> {
+    let (dataset, key, condition) = (r.dataset.clone(), r.key.clone(), r.condition.clone());
+    let crdt = rules.and_then(WriteRules::crdt_kind);
+    let siblings = rules.is_some_and(|w| w.conflict == ConflictRule::Siblings);
+    Ok(match (&r.effect, crdt) {
+        (WriteEffect::Replace, None) => match &r.value {
+            Some(value) => CommandV1::Put { dataset, key, value: value.clone(), hlc, condition },
+            None => CommandV1::Delete { dataset, key, hlc, condition },
+        },
+        (WriteEffect::Replace, Some(kind)) => match r.value {
+            None => CommandV1::Op { dataset, key, op: CrdtOp::Clear, kind, hlc, condition },
+            Some(_) => {
+                return Err(NodeError::WrongOperation(format!(
+                    "{dataset} is a {kind} dataset merged by its kind's laws, so a PUT would overwrite what \
+                     other regions did concurrently; use POST /v1/datasets/{dataset}/keys/{{key}}/{} \
+                     (meridian op {dataset} KEY {} ...)",
+                    op_names(kind),
+                    op_names(kind).split('|').next().unwrap_or("add"),
+                )))
+            }
+        },
+        (WriteEffect::InContext(context), None) if siblings => {
+            CommandV1::PutInContext { dataset, key, value: r.value.clone(), hlc, condition, context: context.clone() }
+        }
+        (WriteEffect::InContext(_), _) => {
+            return Err(NodeError::WrongOperation(format!(
+                "a causal context applies to datasets whose conflict rule is siblings, and {dataset}'s is {}; \
+                 write without one",
+                rules.map_or("none (no policy governs it)".to_owned(), |w| w.conflict.to_string())
+            )))
+        }
+        (WriteEffect::Op(op), Some(kind)) if op.kind().is_none_or(|k| k == kind) => {
+            CommandV1::Op { dataset, key, op: op.clone(), kind, hlc, condition }
+        }
+        (WriteEffect::Op(op), Some(kind)) => {
+            return Err(NodeError::WrongOperation(format!(
+                "`{}` applies to a {}, and {dataset} is a {kind} dataset; its operations are {}",
+                op.name(),
+                op.kind().map_or("any kind".to_owned(), |k| k.to_string()),
+                op_names(kind)
+            )))
+        }
+        (WriteEffect::Op(op), None) => {
+            return Err(NodeError::WrongOperation(format!(
+            "`{}` is an operation on a counter, set or map, and {dataset} holds JSON documents{}; write it with PUT",
+            op.name(),
+            if rules.is_none() { " (no policy governs it)" } else { "" }
+        )))
+        }
+    })
+}
+
+/// The operations a kind takes, as the API names them.
+pub fn op_names(kind: CrdtKind) -> &'static str {
+    match kind {
+        CrdtKind::Counter => "increment|decrement",
+        CrdtKind::Set => "add|remove",
+        CrdtKind::Map => "set|delete",
     }
 }
 

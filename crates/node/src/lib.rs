@@ -62,6 +62,7 @@ use crate::transport::PeerTransport;
 pub use crate::error::NodeError;
 pub use crate::gateway::{Consistency, Object, Page, Precondition, RouteReason, Served, WriteOutcome};
 pub use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT, STATUS_TIMEOUT};
+pub use meridian_raft::conflicts::{ConflictLogState, ConflictRecord, ConflictState};
 
 /// One region's status as seen from some node.
 #[derive(Debug, Clone)]
@@ -159,6 +160,8 @@ impl Node {
         // when queued (see `meridian_raft::log_store`). The two bounds below keep that safe.
         let log = log.ack_own_entries_at_submit(node_id);
         sm.set_outbox_limit(config.replication.outbox_entries_max);
+        sm.set_value_limit(config.limits.value_bytes_max);
+        sm.set_conflict_limits(config.replication.conflict_limits());
         // Nothing is applied, and no follower is told of a commit, past what this node's log
         // holds durably.
         let log_durability = log.durability();
@@ -213,7 +216,12 @@ impl Node {
             clock,
         };
         let commits = Arc::new(CommitBell::default());
-        let gateway = Arc::new(Gateway::new(deps.clone(), config.clock.max_offset_ms, commits.clone()));
+        let gateway = Arc::new(Gateway::new(
+            deps.clone(),
+            config.clock.max_offset_ms,
+            config.limits.value_bytes_max,
+            commits.clone(),
+        ));
         let link_rate = config.replication.link_rate_bytes_per_sec;
         let links = Arc::new(Links::new(deps.clone(), supervisor.clone(), commits, link_rate));
         let interval = Duration::from_millis(config.replication.anti_entropy_interval_ms);
@@ -350,6 +358,26 @@ impl Node {
     // ---- replication -----------------------------------------------------------------------
 
     /// Every region's replication state (links, cursors, merged marks).
+    /// This region's conflict records (as this node has applied them), newest first, with
+    /// the log's bookkeeping. See [`meridian_raft::StateMachineReader::conflicts`].
+    pub fn conflicts(
+        &self,
+        dataset: Option<&str>,
+        key: Option<&str>,
+        state: Option<ConflictState>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(ConflictRecord, ConflictState)>, ConflictLogState), NodeError> {
+        let reader = self.reader();
+        let items = reader.conflicts(dataset, key, state, before, limit).map_err(NodeError::storage)?;
+        Ok((items, reader.conflict_log().map_err(NodeError::storage)?))
+    }
+
+    /// One of this region's conflict records and where it stands.
+    pub fn conflict(&self, id: u64) -> Result<Option<(ConflictRecord, ConflictState)>, NodeError> {
+        self.reader().conflict(id).map_err(NodeError::storage)
+    }
+
     pub async fn replication_view(&self) -> Vec<(RegionId, Result<peer::RegionReplication, String>)> {
         self.links.replication_view().await
     }
@@ -652,6 +680,7 @@ mod tests {
                     key: "k".into(),
                     value: Some(b"v".to_vec()),
                     condition: meridian_raft::Condition::Always,
+                    effect: crate::peer::WriteEffect::Replace,
                 };
                 let r = leader.gateway().write_local(WriteOp::One(req)).await;
                 (r, leader.log_durability().through())

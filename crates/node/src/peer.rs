@@ -76,7 +76,7 @@ pub struct RepairBatch {
     pub source: String,
     /// The policy epoch the sender filtered by; the receiver refuses a batch under another.
     pub epoch: u64,
-    pub changes: Vec<meridian_raft::command::RemoteChange>,
+    pub changes: Vec<meridian_raft::command::Change>,
 }
 
 /// Per-dataset digests of a region's copies, restricted to what two regions may both hold.
@@ -110,10 +110,10 @@ pub struct ShipBatch {
     /// Everything the source committed before this instant (its wall clock, ms) is at or below
     /// `upto_seq`; 0 when the range does not reach that far (a change waits, or more follow).
     pub fresh_ms: u64,
-    pub changes: Vec<meridian_raft::command::RemoteChange>,
+    pub changes: Vec<meridian_raft::command::Change>,
     /// Changes past `upto_seq` sent ahead of the range (behind a change that waits for its
     /// schedule or its rate limit): merged if newer, without moving the range.
-    pub early: Vec<meridian_raft::command::RemoteChange>,
+    pub early: Vec<meridian_raft::command::Change>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -230,6 +230,22 @@ pub struct WriteRequest {
     /// The JSON text, or `None` to delete.
     pub value: Option<Vec<u8>>,
     pub condition: Condition,
+    /// What the write does to the versions the key holds.
+    pub effect: WriteEffect,
+}
+
+/// What a client write does to the versions a key holds. The leader turns it into a command
+/// by the dataset's kind and conflict rule under its own copy of the policy, and refuses the
+/// combinations that would have no meaning (`NodeError::WrongOperation`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteEffect {
+    /// Replace whatever the region holds (a delete of a counter, set or map key removes what
+    /// the region has seen of it).
+    Replace,
+    /// Replace exactly the versions this causal context saw (`siblings` datasets).
+    InContext(meridian_core::VersionVector),
+    /// An operation on a counter, set or map.
+    Op(meridian_core::crdt::CrdtOp),
 }
 
 /// Errors a peer answers with; each tells the caller what to do.
@@ -253,6 +269,12 @@ pub enum PeerError {
     /// This region is not a home for the key under its active policy: nothing was written.
     #[error("refused by policy: {0}")]
     PolicyRefused(String),
+    /// The dataset's kind or rule does not take this write: nothing was written.
+    #[error("{0}")]
+    WrongOperation(String),
+    /// The write would make the key's value larger than the value limit: nothing was written.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// One node's view of its region's Raft group.

@@ -21,11 +21,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use meridian_core::crdt::CrdtKind;
 use meridian_core::{DatasetName, Key, RegionId, Topology, Version};
 use meridian_policy::placement::Link;
 use meridian_policy::{
-    evaluate, Format, Mode, ObjectAttributes, Placement, PlacementError, Policy, PolicyId, Report, Rollout,
+    evaluate, ConflictRule, Format, Kind, Mode, ObjectAttributes, Placement, PlacementError, Policy, PolicyId, Report,
+    Rollout,
 };
+use meridian_raft::command::MergeRule;
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use serde::{Deserialize, Serialize};
 
@@ -163,6 +166,38 @@ pub(crate) fn place(
     evaluate(policy, topology, dataset, key, &attrs)
 }
 
+/// How the leader writes a key: the dataset's kind and conflict rule under the policy copy
+/// that governs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WriteRules {
+    pub kind: Kind,
+    pub conflict: ConflictRule,
+}
+
+impl WriteRules {
+    /// The conflict-free kind whose operations the dataset takes, if its rule is `crdt`.
+    pub(crate) fn crdt_kind(self) -> Option<CrdtKind> {
+        if self.conflict != ConflictRule::Crdt {
+            return None;
+        }
+        match self.kind {
+            Kind::Counter => Some(CrdtKind::Counter),
+            Kind::Set => Some(CrdtKind::Set),
+            Kind::Map => Some(CrdtKind::Map),
+            Kind::Document => None,
+        }
+    }
+}
+
+/// The state machine's rule for a policy's `conflict`.
+pub(crate) fn merge_rule(rule: ConflictRule) -> MergeRule {
+    match rule {
+        ConflictRule::Lww => MergeRule::Lww,
+        ConflictRule::Siblings => MergeRule::Siblings,
+        ConflictRule::Crdt => MergeRule::Crdt,
+    }
+}
+
 /// A placement refusal as the request path reports it.
 fn placement_error(e: PlacementError) -> NodeError {
     match e {
@@ -231,6 +266,7 @@ fn put(key: String, value: &impl Serialize, condition: Condition) -> WriteReques
         key,
         value: Some(serde_json::to_vec(value).expect("policy records serialize")),
         condition,
+        effect: crate::peer::WriteEffect::Replace,
     }
 }
 
@@ -697,7 +733,13 @@ impl PolicyStore {
     /// each key under this region's copy of the policy. Returns the condition that pins that
     /// copy: the write is proposed in one atomic group with it, so a policy change committed
     /// between this check and the write makes the write fail instead of slipping through.
-    pub(crate) async fn guard(&self, gw: &Gateway, reqs: &[WriteRequest]) -> Result<Condition, NodeError> {
+    /// With the condition, each request's [`WriteRules`] under that copy (`None`: no dataset
+    /// policy governs the key, so it is a plain JSON value).
+    pub(crate) async fn guard(
+        &self,
+        gw: &Gateway,
+        reqs: &[WriteRequest],
+    ) -> Result<(Condition, Vec<Option<WriteRules>>), NodeError> {
         let here = self.here.clone();
         let refuse = |message: String| {
             self.metrics
@@ -715,8 +757,9 @@ impl PolicyStore {
                     "region {here} holds no copy of the cluster's policy yet; it is catching up from the authority"
                 )));
             }
-            return Ok(Condition::IfAbsent);
+            return Ok((Condition::IfAbsent, vec![None; reqs.len()]));
         };
+        let mut rules = Vec::with_capacity(reqs.len());
         for r in reqs {
             let (Ok(ds), Ok(key)) = (DatasetName::new(r.dataset.as_str()), Key::new(r.key.as_str())) else {
                 return Err(NodeError::Internal(format!(
@@ -725,8 +768,10 @@ impl PolicyStore {
                 )));
             };
             match self.placement_under(&active, &ds, &key, Some(&here)) {
-                Ok(None) => {}
-                Ok(Some(p)) if p.homes.contains(&here) => {}
+                Ok(None) => rules.push(None),
+                Ok(Some(p)) if p.homes.contains(&here) => {
+                    rules.push(Some(WriteRules { kind: p.kind, conflict: p.conflict }))
+                }
                 Ok(Some(p)) => {
                     return Err(refuse(format!(
                         "region {here} is not a home of {}/{} under policy {}; its homes are {}",
@@ -740,7 +785,21 @@ impl PolicyStore {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Condition::IfMatch(active.stored_as.clone()))
+        Ok((Condition::IfMatch(active.stored_as.clone()), rules))
+    }
+
+    /// The rule a change of (dataset, key) merges by here, if `active` lets `region` hold the
+    /// object: the dataset's `conflict` under the version that governs the key.
+    pub(crate) fn merge_rule_if_allowed(
+        &self,
+        active: Option<&ActivePolicy>,
+        region: &RegionId,
+        dataset: &str,
+        key: &str,
+        obj: &StoredObject,
+    ) -> Option<MergeRule> {
+        let p = self.placement_of_object(active, dataset, key, obj)?;
+        p.holds_copy(region).then(|| merge_rule(p.conflict))
     }
 
     /// Whether the authority has no policy, asked at most once per [`POLICY_SYNC_INTERVAL`].

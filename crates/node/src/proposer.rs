@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use meridian_raft::command::{CommandV1, RemoteChange};
+use meridian_raft::command::{Change, CommandV1, RemoteChange};
 use meridian_raft::{Command, CommandResult, Raft};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
@@ -178,6 +178,9 @@ impl ProposerWorker {
 /// what bounds an entry (see `limits::entry_bytes_max`); a test checks the bound against
 /// postcard's real encoding.
 pub(crate) fn command_bytes(cmd: &CommandV1) -> usize {
+    // An object with its history is measured encoded: its vector, siblings and state vary.
+    let causal_change =
+        |c: &Change| c.dataset.len() + c.key.len() + c.object.encoded_len() + ENTRY_OVERHEAD_PER_WRITE_BYTES;
     let change = |c: &RemoteChange| {
         c.dataset.len() + c.key.len() + c.value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_PER_WRITE_BYTES
     };
@@ -195,6 +198,16 @@ pub(crate) fn command_bytes(cmd: &CommandV1) -> usize {
             CommandV1::Purge { dataset, keys } => {
                 dataset.len() + keys.iter().map(|(k, _)| k.len() + ENTRY_OVERHEAD_PER_WRITE_BYTES).sum::<usize>()
             }
+            CommandV1::ApplyChanges { source, changes, .. } | CommandV1::RepairChanges { source, changes } => {
+                source.len() + changes.iter().map(causal_change).sum::<usize>()
+            }
+            CommandV1::PutInContext { dataset, key, value, context, .. } => {
+                dataset.len()
+                    + key.len()
+                    + value.as_ref().map_or(0, Vec::len)
+                    + context.iter().map(|(r, _)| r.as_str().len() + 11).sum::<usize>()
+            }
+            CommandV1::Op { dataset, key, op, .. } => dataset.len() + key.len() + op.encoded_len(),
         }
 }
 
@@ -242,6 +255,25 @@ mod tests {
             value: (value > 0).then(|| vec![0xff; value]),
         };
         let changes: Vec<RemoteChange> = (0..512).map(|i| change(i, i % 3)).collect();
+        // Objects with a vector of many regions and siblings beside them.
+        let wide: meridian_core::VersionVector = (0..64)
+            .map(|i| (meridian_core::RegionId::new(format!("region-{i:0>25}")).expect("region"), u64::MAX))
+            .collect();
+        let causal: Vec<Change> = (0..64)
+            .map(|i| {
+                let mut object = meridian_raft::StoredObject::plain(version(i), Some(vec![0xff; i as usize]));
+                object.vv = wide.clone();
+                object.siblings = (0..7)
+                    .map(|j| meridian_raft::command::Sibling { version: version(j), value: Some(vec![1; 9]) })
+                    .collect();
+                Change {
+                    dataset: ds.clone(),
+                    key: key(i as usize),
+                    object,
+                    rule: meridian_raft::command::MergeRule::Siblings,
+                }
+            })
+            .collect();
         let put = |i: usize| CommandV1::Put {
             dataset: ds.clone(),
             key: key(i),
@@ -264,7 +296,39 @@ mod tests {
                 fresh_ms: u64::MAX,
                 changes: changes.clone(),
             },
-            CommandV1::Repair { source: ds.clone(), changes },
+            CommandV1::Repair { source: ds.clone(), changes: changes.clone() },
+            CommandV1::ApplyChanges {
+                source: ds.clone(),
+                from_seq: u64::MAX,
+                upto_seq: u64::MAX,
+                fresh_ms: u64::MAX,
+                changes: causal.clone(),
+            },
+            CommandV1::RepairChanges { source: ds.clone(), changes: causal },
+            CommandV1::PutInContext {
+                dataset: ds.clone(),
+                key: key(5),
+                value: Some(vec![b'7'; 100]),
+                hlc,
+                condition: Condition::IfMatch(version(5)),
+                context: wide.clone(),
+            },
+            CommandV1::Op {
+                dataset: ds.clone(),
+                key: key(6),
+                op: meridian_core::crdt::CrdtOp::SetFields(vec![("f".repeat(300), vec![b'1'; 300]); 9]),
+                kind: meridian_core::crdt::CrdtKind::Map,
+                hlc,
+                condition: Condition::IfMatch(version(6)),
+            },
+            CommandV1::Op {
+                dataset: ds.clone(),
+                key: key(7),
+                op: meridian_core::crdt::CrdtOp::Add((0..50).map(|i| format!("member-{i}")).collect()),
+                kind: meridian_core::crdt::CrdtKind::Set,
+                hlc,
+                condition: Condition::Always,
+            },
             CommandV1::Purge { dataset: ds.clone(), keys: (0..256).map(|i| (key(i), version(i as u64))).collect() },
             CommandV1::SetCursor { destination: ds.clone(), upto_seq: u64::MAX },
             CommandV1::SetBackfilled { destination: ds.clone(), epoch: u64::MAX },

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_core::{RegionId, Version};
-use meridian_raft::command::{CommandV1, RemoteChange};
+use meridian_raft::command::{Change, CommandV1};
 use meridian_raft::{CommandResult, StoredObject};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -45,8 +45,9 @@ use meridian_core::Topology;
 /// Namespace of the region's audit records.
 pub const AUDIT_NAMESPACE: &str = "_audit";
 
-/// The digest hash of one stored object.
-fn object_hash(dataset: &str, key: &str, version: &Version) -> u64 {
+/// The digest hash of one stored object: its name, the version a read answers with, and its
+/// version vector (two copies with the same front version may have merged different writes).
+fn object_hash(dataset: &str, key: &str, version: &Version, vv: &meridian_core::VersionVector) -> u64 {
     let mut h = Sha256::new();
     for part in [dataset.as_bytes(), key.as_bytes(), version.region.as_str().as_bytes()] {
         h.update(part);
@@ -55,6 +56,11 @@ fn object_hash(dataset: &str, key: &str, version: &Version) -> u64 {
     h.update(version.hlc.wall_ms().to_be_bytes());
     h.update(version.hlc.logical().to_be_bytes());
     h.update(version.seq.to_be_bytes());
+    for (region, n) in vv.iter() {
+        h.update(region.as_str().as_bytes());
+        h.update([0xff]);
+        h.update(n.to_be_bytes());
+    }
     let d = h.finalize();
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
@@ -158,7 +164,7 @@ impl Repair {
                 count: 0,
                 buckets: vec![0; DIGEST_BUCKETS],
             });
-            let h = object_hash(ds, key, &obj.version);
+            let h = object_hash(ds, key, &obj.version, &obj.vv);
             d.count += 1;
             let b = (h >> 56) as usize;
             d.buckets[b] = d.buckets[b].wrapping_add(h);
@@ -186,7 +192,7 @@ impl Repair {
         let wanted: BTreeSet<u8> = buckets.iter().copied().collect();
         let mut out = BTreeMap::new();
         self.for_each_object(Some(dataset), |ds, key, obj| {
-            if out.len() >= limit || !wanted.contains(&((object_hash(ds, key, &obj.version) >> 56) as u8)) {
+            if out.len() >= limit || !wanted.contains(&((object_hash(ds, key, &obj.version, &obj.vv) >> 56) as u8)) {
                 return;
             }
             if self.shared_by(active.as_deref(), &here, with, ds, key, obj) {
@@ -377,15 +383,17 @@ impl Repair {
         let (objects, _) = self.deps.transport.call_region(peer, req, unpack, true).await?;
         let active = self.deps.policy.active();
         let here = self.here.clone();
-        let changes: Vec<RemoteChange> = objects
+        let changes: Vec<Change> = objects
             .into_iter()
-            .filter(|(k, o)| self.deps.policy.placement_allows(active.as_deref(), &here, dataset, k, o))
-            .map(|(key, o)| RemoteChange { dataset: dataset.to_owned(), key, version: o.version, value: o.value })
+            .filter_map(|(key, o)| {
+                let rule = self.deps.policy.merge_rule_if_allowed(active.as_deref(), &here, dataset, &key, &o)?;
+                Some(Change { dataset: dataset.to_owned(), key, object: o, rule })
+            })
             .collect();
         if changes.is_empty() {
             return Ok(0);
         }
-        let cmd = CommandV1::Repair { source: peer.to_string(), changes };
+        let cmd = CommandV1::RepairChanges { source: peer.to_string(), changes };
         match self.deps.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
             CommandResult::Repaired { applied } => Ok(u64::from(applied)),
             other => Err(NodeError::Internal(format!("unexpected answer to a repair: {other:?}"))),
@@ -479,6 +487,7 @@ impl Repair {
             key: format!("purge/{at_ms:020}-{dataset}"),
             value: Some(record.to_string().into_bytes()),
             condition: meridian_raft::Condition::Always,
+            effect: crate::peer::WriteEffect::Replace,
         };
         if let Err(e) = self.gateway.write_local(WriteOp::One(req)).await {
             tracing::error!(error = %e, dataset, removed, "could not record a purge in the audit namespace");
@@ -517,7 +526,7 @@ mod tests {
         let mut d = DatasetDigest { dataset: "d".into(), count: 0, buckets: vec![0; DIGEST_BUCKETS] };
         for (key, seq) in entries {
             let v = Version { hlc: HlcTimestamp::new(*seq, 0), region: RegionId::new("r1").unwrap(), seq: *seq };
-            let h = object_hash("d", key, &v);
+            let h = object_hash("d", key, &v, &meridian_core::VersionVector::new());
             d.count += 1;
             let b = (h >> 56) as usize;
             d.buckets[b] = d.buckets[b].wrapping_add(h);

@@ -119,7 +119,7 @@ keyword_enum! {
         Counter => "counter",
         /// An observed-remove set of strings per key.
         Set => "set",
-        /// String fields, each a last-writer-wins register.
+        /// Named fields, each a last-writer-wins register holding a JSON value.
         Map => "map",
     }
 }

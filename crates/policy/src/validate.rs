@@ -301,7 +301,7 @@ fn check(
                     )
                     .hint("use kind = \"counter\", \"set\" or \"map\", or conflict = \"lww\" or \"siblings\""),
                 ),
-                (Kind::Counter | Kind::Set, ConflictRule::Lww | ConflictRule::Siblings) => diags.push(
+                (Kind::Counter | Kind::Set | Kind::Map, ConflictRule::Lww | ConflictRule::Siblings) => diags.push(
                     Diagnostic::at(
                         c.pos,
                         Rule::ConflictKindMismatch,

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_core::{DatasetName, Key, NodeId, RegionId, Topology};
-use meridian_raft::command::{CommandV1, RemoteChange};
+use meridian_raft::command::{Change, CommandV1, MergeRule};
 use meridian_raft::{CommandResult, StoredObject};
 use tokio::sync::{oneshot, Notify};
 
@@ -490,15 +490,14 @@ impl Links {
         let here = self.here.clone();
         let mut withheld = 0u64;
         let mut candidates: Vec<Candidate> = Vec::new();
-        let mut objects: Vec<RemoteChange> = Vec::new();
+        let mut objects: Vec<Change> = Vec::new();
         for (seq, entry) in &entries {
             let Some(obj) = self.deps.region.reader().get(&entry.dataset, &entry.key).map_err(storage)? else {
                 continue;
             };
-            // Only this region's own versions, each under its own sequence: a key written
-            // again later is shipped under the later entry, and a newer version merged from
-            // elsewhere by its own origin's link.
-            if obj.version.region != here || obj.version.seq != *seq {
+            // Each write of this region under its own sequence, with whatever it was merged
+            // with since: a key written here again later ships under the later entry.
+            if obj.vv.get(&here) != *seq {
                 continue;
             }
             let placement = self.deps.policy.placement_of_object(active.as_deref(), &entry.dataset, &entry.key, &obj);
@@ -516,20 +515,20 @@ impl Links {
             // is no longer a home ships it continuously.
             let l = placement.links.iter().find(|l| l.from == here && l.to == *dest);
             candidates.push(Candidate {
-                seq: obj.version.seq,
+                seq: *seq,
                 dataset: entry.dataset.clone(),
-                bytes: (entry.key.len() + obj.value.as_ref().map_or(0, Vec::len)) as u64,
+                bytes: (entry.key.len() + obj.payload_len()) as u64,
                 written_ms: obj.version.hlc.wall_ms(),
                 schedule: l.map_or(Schedule::Continuous, |l| l.schedule),
                 phase: l.map_or(Dur(0), |l| l.phase),
                 rate: l.and_then(|l| l.rate),
                 max_lag: l.and_then(|l| l.max_lag),
             });
-            objects.push(RemoteChange {
+            objects.push(Change {
                 dataset: entry.dataset.clone(),
                 key: entry.key.clone(),
-                version: obj.version,
-                value: obj.value,
+                rule: crate::policy::merge_rule(placement.conflict),
+                object: obj,
             });
         }
         let now = self.deps.clock.now_ms();
@@ -565,7 +564,7 @@ impl Links {
         for c in batch.changes.iter().chain(&batch.early) {
             let e = link.sent.entry(c.dataset.clone()).or_default();
             e.0 += 1;
-            e.1 += (c.key.len() + c.value.as_ref().map_or(0, Vec::len)) as u64;
+            e.1 += (c.key.len() + c.object.payload_len()) as u64;
         }
         Ok(Round::Batch(Prepared { batch, more: full, bytes, shipped, withheld }))
     }
@@ -660,7 +659,7 @@ impl Links {
         let storage = |e: meridian_raft::StorageReadError| NodeError::Storage(e.to_string());
         let epoch = epoch_of(active);
         let mut after: Option<(String, String)> = None;
-        let mut batch: Vec<RemoteChange> = Vec::new();
+        let mut batch: Vec<Change> = Vec::new();
         let mut bytes = 0usize;
         let mut sent = 0u64;
         loop {
@@ -670,8 +669,9 @@ impl Links {
             let last_page = page.len() < SCAN_PAGE;
             for (dataset, key, obj) in page {
                 after = Some((dataset.clone(), key.clone()));
-                let seq = obj.version.seq;
-                if obj.version.region != self.here || seq <= lo || hi.is_some_and(|h| seq > h) {
+                // The newest write of this region the object carries.
+                let seq = obj.vv.get(&self.here);
+                if seq == 0 || seq <= lo || hi.is_some_and(|h| seq > h) {
                     continue;
                 }
                 let allowed = self.deps.policy.placement_allows(active, dest, &dataset, &key, &obj);
@@ -682,8 +682,13 @@ impl Links {
                 if !allowed || self.deps.policy.placement_allows(skip, dest, &dataset, &key, &obj) {
                     continue;
                 }
-                bytes += obj.value.as_ref().map_or(0, Vec::len) + key.len();
-                batch.push(RemoteChange { dataset, key, version: obj.version, value: obj.value });
+                bytes += obj.payload_len() + key.len();
+                let rule = self
+                    .deps
+                    .policy
+                    .placement_of_object(active, &dataset, &key, &obj)
+                    .map_or(MergeRule::Lww, |p| crate::policy::merge_rule(p.conflict));
+                batch.push(Change { dataset, key, object: obj, rule });
                 if batch.len() >= LINK_BATCH_ENTRIES_MAX || bytes >= LINK_BATCH_BYTES_MAX {
                     self.pace(link, bytes as u64).await;
                     sent += self.send_repair(dest, epoch, std::mem::take(&mut batch)).await?;
@@ -715,7 +720,7 @@ impl Links {
         link.traffic.scan_take(bytes);
     }
 
-    async fn send_repair(&self, dest: &RegionId, epoch: u64, changes: Vec<RemoteChange>) -> Result<u64, NodeError> {
+    async fn send_repair(&self, dest: &RegionId, epoch: u64, changes: Vec<Change>) -> Result<u64, NodeError> {
         let n = changes.len() as u64;
         let batch = RepairBatch { source: self.here.to_string(), epoch, changes };
         let unpack = |r| match r {
@@ -798,15 +803,14 @@ impl Links {
     /// Check a batch from another region before it is proposed here: a valid other region,
     /// this node leads, both ends under the same policy entry, and nothing this region's
     /// copy forbids it to hold (dropped and counted). The batch's source region.
-    fn admit(&self, source: &str, epoch: u64, changes: &mut Vec<RemoteChange>) -> Result<RegionId, PeerError> {
+    fn admit(&self, source: &str, epoch: u64, changes: &mut Vec<Change>) -> Result<RegionId, PeerError> {
         self.deps.region.lead_or_refuse().map_err(LocalError::into_peer_error)?;
         let source = receiver::check_source(source, &self.topology, &self.here)?;
         self.deps.policy.refresh().map_err(to_peer_error)?;
         let active = self.deps.policy.active();
         receiver::check_epoch(epoch, epoch_of(active.as_deref()))?;
         let refused = receiver::keep_allowed(changes, &source, |c| {
-            let obj = StoredObject { version: c.version.clone(), value: None };
-            self.deps.policy.placement_allows(active.as_deref(), &self.here, &c.dataset, &c.key, &obj)
+            self.deps.policy.merge_rule_if_allowed(active.as_deref(), &self.here, &c.dataset, &c.key, &c.object)
         });
         if refused > 0 {
             let labels = LinkLabels { source: source.to_string(), destination: self.here.to_string() };
@@ -819,7 +823,7 @@ impl Links {
     /// Changes a catch-up or backfill scan sent: merged here if newer than the copy held.
     pub(crate) async fn receive_repair(&self, mut batch: RepairBatch) -> Result<CommandResult, PeerError> {
         self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
-        let cmd = CommandV1::Repair { source: batch.source, changes: batch.changes };
+        let cmd = CommandV1::RepairChanges { source: batch.source, changes: batch.changes };
         match self.deps.proposer.propose_if_leader(cmd).await {
             Ok(r) => Ok(r),
             Err(LocalError::NotLeader(leader)) => Err(PeerError::NotLeader { leader }),
@@ -832,7 +836,8 @@ impl Links {
     pub(crate) async fn receive_batch(&self, mut batch: ShipBatch) -> Result<CommandResult, PeerError> {
         let source = self.admit(&batch.source, batch.epoch, &mut batch.changes)?;
         self.admit(&batch.source, batch.epoch, &mut batch.early)?;
-        let stamps: Vec<u64> = batch.changes.iter().chain(&batch.early).map(|c| c.version.hlc.wall_ms()).collect();
+        let stamps: Vec<u64> =
+            batch.changes.iter().chain(&batch.early).map(|c| c.object.version.hlc.wall_ms()).collect();
         let to_peer = |e| match e {
             LocalError::NotLeader(leader) => PeerError::NotLeader { leader },
             LocalError::Other(e) => to_peer_error(e),
@@ -840,7 +845,7 @@ impl Links {
         // Changes sent ahead of the range first: they are newer-only merges, so applying
         // them before (or without) the range is harmless.
         if !batch.early.is_empty() {
-            let cmd = CommandV1::Repair { source: batch.source.clone(), changes: batch.early };
+            let cmd = CommandV1::RepairChanges { source: batch.source.clone(), changes: batch.early };
             self.deps.proposer.propose_if_leader(cmd).await.map_err(to_peer)?;
         }
         // Pipelined batches may overtake each other on the way: hold one that starts past
@@ -880,7 +885,7 @@ impl Links {
             return Err(PeerError::NotLeader { leader: self.deps.region.leader_hint() });
         }
         let upto = batch.upto_seq;
-        let cmd = CommandV1::ApplyRemoteAt {
+        let cmd = CommandV1::ApplyChanges {
             source: batch.source,
             from_seq: batch.from_seq,
             upto_seq: batch.upto_seq,
@@ -972,7 +977,7 @@ async fn ship(links: std::sync::Weak<Links>, dest: RegionId, mut link: LinkState
             Ok(Round::Batch(b)) => {
                 let (upto, bytes, more) = (b.batch.upto_seq, b.bytes, b.more);
                 let (node2, dest2, tx) = (node.clone(), dest.clone(), done_tx.clone());
-                let early: Vec<u64> = b.batch.early.iter().map(|c| c.version.seq).collect();
+                let early: Vec<u64> = b.batch.early.iter().map(|c| c.object.vv.get(&node.here)).collect();
                 node.supervisor.spawn_reserved(slot, "link-batch", async move {
                     let sent_at = tokio::time::Instant::now();
                     let result = node2.send_batch(&dest2, &b.batch).await;

@@ -13,7 +13,7 @@
 //!   waits (bounded) for the one ahead of it.
 
 use meridian_core::{RegionId, Topology};
-use meridian_raft::command::RemoteChange;
+use meridian_raft::command::{Change, MergeRule};
 
 use crate::peer::PeerError;
 
@@ -39,15 +39,28 @@ pub(crate) fn check_epoch(batch_epoch: u64, ours: u64) -> Result<(), PeerError> 
     )))
 }
 
-/// Keep the changes that are `source`'s own versions and that `may_hold` (this region's copy
-/// of the policy) lets this region hold. Returns how many were refused.
+/// Keep the changes that carry a write of `source` (a link ships its region's writes, with
+/// whatever they were merged with) and that `rule_here` (this region's copy of the policy)
+/// lets this region hold, each set to merge by the rule that copy gives. Returns how many
+/// were refused.
 pub(crate) fn keep_allowed(
-    changes: &mut Vec<RemoteChange>,
+    changes: &mut Vec<Change>,
     source: &RegionId,
-    may_hold: impl Fn(&RemoteChange) -> bool,
+    rule_here: impl Fn(&Change) -> Option<MergeRule>,
 ) -> u64 {
     let before = changes.len();
-    changes.retain(|c| c.version.region == *source && may_hold(c));
+    changes.retain_mut(|c| {
+        if c.object.vv.get(source) == 0 {
+            return false;
+        }
+        match rule_here(c) {
+            Some(rule) => {
+                c.rule = rule;
+                true
+            }
+            None => false,
+        }
+    });
     (before - changes.len()) as u64
 }
 
@@ -89,9 +102,10 @@ mod tests {
         RegionId::new(s).expect("region")
     }
 
-    fn change(region: &str, key: &str) -> RemoteChange {
+    fn change(region: &str, key: &str) -> Change {
         let version = Version { hlc: HlcTimestamp::new(1, 0), region: r(region), seq: 1 };
-        RemoteChange { dataset: "d".into(), key: key.into(), version, value: None }
+        let object = meridian_raft::StoredObject::plain(version, None);
+        Change { dataset: "d".into(), key: key.into(), object, rule: MergeRule::Lww }
     }
 
     #[test]
@@ -113,10 +127,11 @@ mod tests {
     #[test]
     fn changes_are_kept_only_if_the_source_wrote_them_and_this_region_may_hold_them() {
         let mut changes = vec![change("a", "ok"), change("b", "relayed"), change("a", "forbidden"), change("a", "ok2")];
-        let refused = keep_allowed(&mut changes, &r("a"), |c| c.key != "forbidden");
+        let refused = keep_allowed(&mut changes, &r("a"), |c| (c.key != "forbidden").then_some(MergeRule::Crdt));
         assert_eq!(refused, 2);
         let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, vec!["ok", "ok2"]);
+        assert!(changes.iter().all(|c| c.rule == MergeRule::Crdt), "each merges by this region's rule");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use meridian_core::Version;
-use meridian_raft::command::RemoteChange;
+use meridian_raft::command::Change;
 
 use crate::limits::{
     DEPARTURE_SPACING_MIN, EARLY_SENT_MAX, HEARTBEAT_INTERVAL, LINK_BACKOFF_DOUBLINGS_MAX, LINK_BACKOFF_MAX,
@@ -214,9 +214,9 @@ impl Pipeline {
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Formed {
     /// Changes inside the range, in sequence order.
-    pub(crate) changes: Vec<RemoteChange>,
+    pub(crate) changes: Vec<Change>,
     /// Changes admitted past a waiting one: sent ahead of the range as newer-only merges.
-    pub(crate) early: Vec<RemoteChange>,
+    pub(crate) early: Vec<Change>,
     /// The range's end (`None`: it reaches everything read).
     pub(crate) upto: Option<u64>,
     /// Key and value bytes of `changes` and `early`.
@@ -237,11 +237,12 @@ pub(crate) struct Formed {
 pub(crate) fn form_batch(
     candidates: &[Candidate],
     plan: &[Result<(), Deferral>],
-    objects: &[RemoteChange],
+    objects: &[Change],
     early_sent: &mut BTreeMap<u64, Version>,
 ) -> Formed {
     assert_eq!(candidates.len(), plan.len(), "one plan entry per candidate");
     assert_eq!(candidates.len(), objects.len(), "one change per candidate");
+    let mut in_range_seqs: Vec<u64> = Vec::new();
     let mut f = Formed {
         upto: candidates.iter().zip(plan).find(|(_, p)| p.is_err()).map(|(c, _)| c.seq - 1),
         ..Formed::default()
@@ -262,15 +263,19 @@ pub(crate) fn form_batch(
         let change = objects[i].clone();
         f.bytes += c.bytes;
         if in_range {
+            in_range_seqs.push(c.seq);
             f.changes.push(change);
         } else {
-            early_sent.insert(c.seq, change.version.clone());
+            early_sent.insert(c.seq, change.object.version.clone());
             f.early.push(change);
         }
     }
     // Changes past a range end that stopped short belong to the next round.
-    let upto = f.upto;
-    f.changes.retain(|ch| upto.is_none_or(|u| ch.version.seq <= u));
+    if let Some(u) = f.upto {
+        let keep = in_range_seqs.iter().take_while(|&&s| s <= u).count();
+        debug_assert!(in_range_seqs.windows(2).all(|w| w[0] < w[1]), "candidates come in outbox order");
+        f.changes.truncate(keep);
+    }
     f
 }
 
@@ -305,8 +310,13 @@ mod tests {
         Version { hlc: HlcTimestamp::new(1_000 + seq, 0), region: RegionId::new("a").expect("region"), seq }
     }
 
-    fn change(seq: u64, bytes: usize) -> RemoteChange {
-        RemoteChange { dataset: "d".into(), key: format!("k{seq}"), version: version(seq), value: Some(vec![0; bytes]) }
+    fn change(seq: u64, bytes: usize) -> Change {
+        Change {
+            dataset: "d".into(),
+            key: format!("k{seq}"),
+            object: meridian_raft::StoredObject::plain(version(seq), Some(vec![0; bytes])),
+            rule: meridian_raft::command::MergeRule::Lww,
+        }
     }
 
     fn cand(seq: u64, bytes: u64) -> Candidate {
@@ -322,8 +332,8 @@ mod tests {
         }
     }
 
-    fn seqs(changes: &[RemoteChange]) -> Vec<u64> {
-        changes.iter().map(|c| c.version.seq).collect()
+    fn seqs(changes: &[Change]) -> Vec<u64> {
+        changes.iter().map(|c| c.object.version.seq).collect()
     }
 
     #[test]
