@@ -56,6 +56,10 @@ codes! {
     HomeImmutable => "home_immutable": "The user-homed key already lives in another region; its home cannot change. Nothing was written.",
     ResidencyRefused => "residency_refused": "The key's policy does not allow its bytes in the region of the node asked, so the node will not bring the value there. Read it through a node of an allowed region (the hint names them).",
     PolicyRefused => "policy_refused": "The region that received the write is not a home for this key under its active policy; nothing was written. Retry: the gateway routes by the newest policy.",
+    WrongOperation => "wrong_operation": "The dataset's kind or conflict rule does not take this write: a PUT on a counter, set or map dataset (use its operations), an operation of another kind, or a causal context on a dataset whose rule is not `siblings`. Nothing was written.",
+    InvalidOperation => "invalid_operation": "The operation is unknown for this path, or its body lacks or misuses a field (amount, members, fields).",
+    InvalidContext => "invalid_context": "The Meridian-Context header is not a causal context as a read returned it (REGION:N[,REGION:N...]).",
+    ConflictNotFound => "conflict_not_found": "This region holds no conflict record with this id (ids are per region, and old records expire).",
     Internal => "internal": "An unexpected failure inside the node. It is logged with details; the request may be retried.",
 }
 

@@ -19,3 +19,6 @@ pub const HEADER_SERVED_BY: &str = "meridian-served-by";
 /// Header saying why that node served it (`leader`, `local`, `forwarded-to-leader`,
 /// `forwarded-to-home`).
 pub const HEADER_ROUTE_REASON: &str = "meridian-route-reason";
+/// A key's causal context: returned by a read, sent back with a write to supersede exactly
+/// the versions the read saw.
+pub const HEADER_CONTEXT: &str = "meridian-context";

@@ -59,7 +59,91 @@ pub struct GetResponse {
     #[schema(value_type = Object)]
     pub value: serde_json::Value,
     pub version: VersionInfo,
+    /// The key's causal context (`REGION:N,...`): send it back in the `Meridian-Context`
+    /// header of a PUT or DELETE to supersede exactly the versions this read saw (datasets
+    /// whose conflict rule is `siblings`). Also sent as the `Meridian-Context` header.
+    pub context: String,
+    /// For a `siblings` dataset holding concurrent versions: every one of them (the first is
+    /// `value`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub siblings: Vec<SiblingInfo>,
     pub served_by: ServedBy,
+}
+
+/// One of several concurrent versions of a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SiblingInfo {
+    pub version: VersionInfo,
+    /// The JSON value; `null` with `deleted` for a concurrent delete.
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+/// The body of `POST /v1/datasets/{dataset}/keys/{key}/{op}`: the fields the operation takes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpRequest {
+    /// `increment` and `decrement`: by how much (default 1, at most 2^53 - 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<u64>,
+    /// `add` and `remove`: the set members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<String>>,
+    /// `set`: field → JSON value; `delete`: a list of field names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub fields: Option<serde_json::Value>,
+}
+
+/// One conflict record: concurrent versions of a key that met in this region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConflictInfo {
+    /// The region's number for it: ids are per region.
+    pub id: u64,
+    pub region: String,
+    pub dataset: String,
+    pub key: String,
+    /// `lww`, `siblings` or `crdt`.
+    pub rule: String,
+    /// `open` (siblings wait for a choice), `resolved` (by the rule) or `superseded` (a
+    /// later write replaced the versions).
+    pub state: String,
+    /// The region whose change met this region's copy.
+    pub source: String,
+    pub versions: Vec<SiblingInfo>,
+    /// What a read answered with after the merge.
+    pub outcome: SiblingInfo,
+    /// HLC wall time of the merge, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConflictList {
+    pub region: String,
+    pub items: Vec<ConflictInfo>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
+    /// Records this region holds, and how many its bounds have dropped.
+    pub held: u64,
+    pub expired: u64,
+}
+
+/// Query parameters of a conflict listing.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictQuery {
+    pub dataset: Option<String>,
+    /// Only with `dataset`.
+    pub key: Option<String>,
+    /// `open`, `resolved` or `superseded`.
+    pub state: Option<String>,
+    /// Records with ids below this (the previous page's `next_before`).
+    pub before: Option<u64>,
+    /// At most this many (1 to 1000, default 100).
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -97,7 +97,6 @@ retention = "400d"
 name = "profiles"
 locality = "user"
 classification = "restricted"
-kind = "map"
 
 [[dataset]]
 name = "users"

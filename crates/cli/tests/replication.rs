@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{files_contain, wait_until, Stop, BIN};
+use common::{files_contain, post_json, wait_until, Stop, BIN};
 
 use common::put_ok as put;
 
@@ -70,7 +70,8 @@ async fn links_ship_what_the_policy_allows_and_nothing_else() {
     let orders_canary = format!("orders-{:016x}", rand::random::<u64>());
     put(&http, &ap, &format!("orders/keys/{orders_canary}"), &format!("{{\"c\":\"{orders_canary}\"}}")).await;
     // carts has three homes: a write in eu-west reaches the other two.
-    put(&http, &eu, "carts/keys/cart-1", "[\"apple\"]").await;
+    let (s, b) = post_json(&http, &eu, "carts/keys/cart-1/add", r#"{"members":["apple"]}"#).await;
+    assert_eq!(s, 201, "{b}");
     for api in [&us, &ap] {
         wait_until("carts reach every home", Duration::from_secs(20), || {
             let (http, api) = (http.clone(), api.to_string());

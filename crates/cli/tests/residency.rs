@@ -123,7 +123,13 @@ async fn no_canary_reaches_a_region_its_policy_keeps_it_out_of() {
                 ok(s, &b);
                 let (s, b) = put(format!("catalog/keys/item-{i}"), format!("{{\"i\":{i}}}")).await;
                 ok(s, &b);
-                let (s, b) = put(format!("carts/keys/cart-{i}"), format!("[{i}]")).await;
+                let (s, b) = send(
+                    &http,
+                    reqwest::Method::POST,
+                    url(format!("carts/keys/cart-{i}/add")),
+                    Some(format!("{{\"members\":[\"{i}\"]}}")),
+                )
+                .await;
                 ok(s, &b);
                 // Reads through every gateway: served where the value may be, refused elsewhere.
                 for (path, holder) in

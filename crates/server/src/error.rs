@@ -28,7 +28,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
         InvalidDatasetName | InvalidKey | KeyTooLong | MalformedJson | InvalidVersion | InvalidPrecondition
-        | InvalidConsistency | InvalidQuery | InvalidCursor => StatusCode::BAD_REQUEST,
+        | InvalidConsistency | InvalidQuery | InvalidCursor | InvalidOperation | InvalidContext => {
+            StatusCode::BAD_REQUEST
+        }
+        WrongOperation => StatusCode::CONFLICT,
+        ConflictNotFound => StatusCode::NOT_FOUND,
         ValueTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -84,6 +88,10 @@ impl From<NodeError> for ApiError {
             }
             NodeError::PolicyRefused(_) => ApiError::new(ErrorCode::PolicyRefused, e.to_string())
                 .hint("the regions' policy copies are converging after a change; retry shortly"),
+            NodeError::WrongOperation(_) => ApiError::new(ErrorCode::WrongOperation, e.to_string())
+                .hint("`meridian policy explain DATASET KEY` shows the dataset's kind and conflict rule"),
+            NodeError::TooLarge(_) => ApiError::new(ErrorCode::ValueTooLarge, e.to_string())
+                .hint("split the value over several keys, or raise limits.value_bytes_max"),
             NodeError::Storage(_) | NodeError::Internal(_) => {
                 tracing::error!(error = %e, "request failed inside the node");
                 ApiError::new(ErrorCode::Internal, e.to_string())

@@ -7,11 +7,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use meridian_api::{
-    DeleteResponse, ErrorCode, GetResponse, ListItem, ListQuery, ListResponse, PutResponse, ReadQuery, ServedBy,
-    VersionInfo, WriteQuery, HEADER_ROUTE_REASON, HEADER_SERVED_BY,
+    DeleteResponse, ErrorCode, GetResponse, ListItem, ListQuery, ListResponse, OpRequest, PutResponse, ReadQuery,
+    ServedBy, VersionInfo, WriteQuery, HEADER_CONTEXT, HEADER_ROUTE_REASON, HEADER_SERVED_BY,
 };
-use meridian_core::limits::{LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
-use meridian_core::{DatasetName, Key, Version};
+use meridian_core::crdt::CrdtOp;
+use meridian_core::limits::{KEY_BYTES_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
+use meridian_core::{DatasetName, Key, Version, VersionVector};
 use meridian_node::{Consistency, Precondition, Served, WriteOutcome};
 
 use crate::error::{dataset_error, key_error, ApiError};
@@ -119,6 +120,89 @@ fn parse_condition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     }
 }
 
+/// The `Meridian-Context` header, if sent: the causal context a read returned.
+fn parse_context(headers: &HeaderMap) -> Result<Option<VersionVector>, ApiError> {
+    let Some(v) = headers.get(HEADER_CONTEXT) else { return Ok(None) };
+    let text = v
+        .to_str()
+        .map_err(|_| ApiError::new(ErrorCode::InvalidContext, format!("{HEADER_CONTEXT} is not ASCII text")))?;
+    text.parse::<VersionVector>().map(Some).map_err(|e| {
+        ApiError::new(ErrorCode::InvalidContext, e.to_string()).hint("send back the context a GET of the key returned")
+    })
+}
+
+/// Members one set operation takes at most, and fields one map operation.
+pub const OP_ITEMS_MAX: usize = 1000;
+/// The largest amount one counter operation takes: what a JSON number holds exactly.
+pub const OP_AMOUNT_MAX: u64 = (1 << 53) - 1;
+
+/// Turn `POST .../{op}` and its body into an operation, checking every bound.
+fn parse_op(op: &str, body: &[u8]) -> Result<CrdtOp, ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidOperation, m);
+    let req: OpRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        OpRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body does not fit the operation: {e}")))?
+    };
+    let only = |allowed: &[&str]| -> Result<(), ApiError> {
+        let given =
+            [("amount", req.amount.is_some()), ("members", req.members.is_some()), ("fields", req.fields.is_some())];
+        match given.iter().find(|(name, set)| *set && !allowed.contains(name)) {
+            Some((name, _)) => Err(bad(format!("`{op}` takes no `{name}`"))),
+            None => Ok(()),
+        }
+    };
+    let names = |list: Vec<String>, what: &str| -> Result<Vec<String>, ApiError> {
+        if list.is_empty() || list.len() > OP_ITEMS_MAX {
+            return Err(bad(format!("`{op}` needs 1 to {OP_ITEMS_MAX} {what}")));
+        }
+        if let Some(m) = list.iter().find(|m| m.len() > KEY_BYTES_MAX) {
+            return Err(bad(format!("a {what:.6} of {} bytes is longer than {KEY_BYTES_MAX}", m.len())));
+        }
+        Ok(list)
+    };
+    let amount = || -> Result<u64, ApiError> {
+        match req.amount {
+            None => Ok(1),
+            Some(n) if (1..=OP_AMOUNT_MAX).contains(&n) => Ok(n),
+            Some(n) => Err(bad(format!("amount {n} is not from 1 to {OP_AMOUNT_MAX}"))),
+        }
+    };
+    match op {
+        "increment" | "decrement" => {
+            only(&["amount"])?;
+            let n = amount()?;
+            Ok(if op == "increment" { CrdtOp::Increment(n) } else { CrdtOp::Decrement(n) })
+        }
+        "add" | "remove" => {
+            only(&["members"])?;
+            let members = names(req.members.clone().unwrap_or_default(), "members")?;
+            Ok(if op == "add" { CrdtOp::Add(members) } else { CrdtOp::Remove(members) })
+        }
+        "set" => {
+            only(&["fields"])?;
+            let Some(serde_json::Value::Object(fields)) = req.fields.clone() else {
+                return Err(bad("`set` needs fields: an object of field names to JSON values".into()));
+            };
+            let fields: Vec<(String, Vec<u8>)> =
+                fields.into_iter().map(|(k, v)| (k, v.to_string().into_bytes())).collect();
+            names(fields.iter().map(|(k, _)| k.clone()).collect(), "fields")?;
+            Ok(CrdtOp::SetFields(fields))
+        }
+        "delete" => {
+            only(&["fields"])?;
+            let Some(serde_json::Value::Array(list)) = req.fields.clone() else {
+                return Err(bad("`delete` needs fields: a list of field names".into()));
+            };
+            let list: Option<Vec<String>> = list.into_iter().map(|v| v.as_str().map(str::to_owned)).collect();
+            let list = list.ok_or_else(|| bad("`delete` needs fields: a list of field names".into()))?;
+            Ok(CrdtOp::DeleteFields(names(list, "fields")?))
+        }
+        other => Err(ApiError::new(ErrorCode::InvalidOperation, format!("{other:?} is not an operation"))
+            .hint("counters take increment|decrement, sets add|remove, maps set|delete")),
+    }
+}
+
 /// Read a JSON body: the content type must be JSON, the size within the node's limit, and
 /// the text valid JSON. Returns the text exactly as sent (it is stored verbatim).
 pub(crate) async fn read_json_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
@@ -176,8 +260,14 @@ pub async fn put_key(
     let (dataset, key) = parse_names(dataset, key)?;
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
+    let context = parse_context(&headers)?;
     let value = read_json_body(state.node.config().limits.value_bytes_max, &headers, body).await?;
-    let (result, served) = state.node.gateway().put(&dataset, &key, value, condition, q.home.as_deref()).await?;
+    let gw = state.node.gateway();
+    let home = q.home.as_deref();
+    let (result, served) = match context {
+        None => gw.put(&dataset, &key, value, condition, home).await?,
+        Some(context) => gw.put_in_context(&dataset, &key, Some(value), context, condition, home).await?,
+    };
     let served = served_by(&state, served);
     match result {
         WriteOutcome::Written { version, created } => {
@@ -241,14 +331,28 @@ pub async fn get_key(
     let value: serde_json::Value = serde_json::from_slice(&value)
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("stored value is not JSON: {e}")))?;
     let info = VersionInfo::from(&obj.version);
+    let siblings = if obj.siblings.is_empty() {
+        Vec::new()
+    } else {
+        std::iter::once(crate::conflicts::sibling_info(&obj.version, obj.value.as_deref()))
+            .chain(obj.siblings.iter().map(|(v, value)| crate::conflicts::sibling_info(v, value.as_deref())))
+            .collect()
+    };
+    let context = obj.context.to_string();
     let body = GetResponse {
         dataset: dataset.to_string(),
         key: key.to_string(),
         value,
         version: info.clone(),
+        context: context.clone(),
+        siblings,
         served_by: served.clone(),
     };
-    Ok(with_headers(Json(body).into_response(), &served, Some(&info.etag)))
+    let mut resp = with_headers(Json(body).into_response(), &served, Some(&info.etag));
+    if let Ok(v) = HeaderValue::from_str(&context) {
+        resp.headers_mut().insert(HEADER_CONTEXT, v);
+    }
+    Ok(resp)
 }
 
 #[utoipa::path(
@@ -268,7 +372,13 @@ pub async fn delete_key(
     let (dataset, key) = parse_names(dataset, key)?;
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
-    let (result, served) = state.node.gateway().delete(&dataset, &key, condition, q.home.as_deref()).await?;
+    let context = parse_context(&headers)?;
+    let gw = state.node.gateway();
+    let home = q.home.as_deref();
+    let (result, served) = match context {
+        None => gw.delete(&dataset, &key, condition, home).await?,
+        Some(context) => gw.put_in_context(&dataset, &key, None, context, condition, home).await?,
+    };
     let served = served_by(&state, served);
     match result {
         WriteOutcome::Deleted { version } => {
@@ -283,6 +393,52 @@ pub async fn delete_key(
         }
         other => Err(write_refusal(other)),
     }
+}
+
+#[utoipa::path(
+    post, path = "/v1/datasets/{dataset}/keys/{key}/{op}",
+    params(("dataset" = String, Path), ("key" = String, Path),
+           ("op" = String, Path, description = "increment|decrement (counter), add|remove (set), set|delete (map)"),
+           WriteQuery),
+    request_body(content = OpRequest, content_type = "application/json"),
+    responses((status = 200, body = PutResponse), (status = 201, body = PutResponse, description = "created"),
+              (status = 400, body = meridian_api::ErrorBody), (status = 409, body = meridian_api::ErrorBody),
+              (status = 413, body = meridian_api::ErrorBody), (status = 503, body = meridian_api::ErrorBody))
+)]
+pub async fn op_key(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    query: Result<Query<WriteQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path((dataset, key, op)) = path.map_err(path_error)?;
+    let (dataset, key) = parse_names(dataset, key)?;
+    let condition = parse_condition(&headers)?;
+    let Query(q) = query.map_err(query_error)?;
+    let max = state.node.config().limits.value_bytes_max;
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(ErrorCode::ValueTooLarge, format!("the operation's body is larger than {max} bytes"))
+    })?;
+    let op = parse_op(&op, &bytes)?;
+    let (result, served) = state.node.gateway().op(&dataset, &key, op, condition, q.home.as_deref()).await?;
+    let served = served_by(&state, served);
+    let (version, created) = match result {
+        WriteOutcome::Written { version, created } => (version, created),
+        // A `clear` that removed the key's last trace.
+        WriteOutcome::Deleted { version } => (version, false),
+        other => return Err(write_refusal(other)),
+    };
+    let info = VersionInfo::from(&version);
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let body = PutResponse {
+        dataset: dataset.to_string(),
+        key: key.to_string(),
+        version: info.clone(),
+        created,
+        served_by: served.clone(),
+    };
+    Ok(with_headers((status, Json(body)).into_response(), &served, Some(&info.etag)))
 }
 
 fn hex_encode(s: &str) -> String {

@@ -7,6 +7,7 @@
 //! state of their own.
 
 pub mod chaos;
+pub mod conflicts;
 pub mod error;
 pub mod keys;
 pub mod policy;
@@ -44,6 +45,9 @@ pub struct AppState {
         keys::put_key,
         keys::get_key,
         keys::delete_key,
+        keys::op_key,
+        conflicts::list,
+        conflicts::show,
         keys::list_keys,
         cluster,
         health,
@@ -72,6 +76,9 @@ pub fn api_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/v1/datasets/{dataset}/keys/{key}", get(keys::get_key).put(keys::put_key).delete(keys::delete_key))
         .route("/v1/datasets/{dataset}/keys", get(keys::list_keys))
+        .route("/v1/datasets/{dataset}/keys/{key}/{op}", post(keys::op_key))
+        .route("/v1/conflicts", get(conflicts::list))
+        .route("/v1/conflicts/{id}", get(conflicts::show))
         .route("/v1/policy", get(policy::status).post(policy::apply))
         .route("/v1/policy/plan", post(policy::plan))
         .route("/v1/policy/versions", get(policy::history))

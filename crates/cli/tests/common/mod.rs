@@ -363,8 +363,24 @@ pub fn files_contain(dir: &Path, needle: &[u8]) -> bool {
 /// PUT a JSON body at `{endpoint}/v1/datasets/{path}`: the status and the JSON answer.
 #[allow(dead_code)]
 pub async fn put_json(http: &reqwest::Client, endpoint: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    send_json(http, reqwest::Method::PUT, endpoint, path, body).await
+}
+
+/// POST a JSON body (an operation) at `{endpoint}/v1/datasets/{path}`.
+#[allow(dead_code)]
+pub async fn post_json(http: &reqwest::Client, endpoint: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    send_json(http, reqwest::Method::POST, endpoint, path, body).await
+}
+
+async fn send_json(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    endpoint: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
     let resp = http
-        .put(format!("{endpoint}/v1/datasets/{path}"))
+        .request(method, format!("{endpoint}/v1/datasets/{path}"))
         .header("content-type", "application/json")
         .body(body.to_owned())
         .send()

@@ -1,0 +1,94 @@
+//! `/v1/conflicts`: the conflict records of the region of the node asked.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use meridian_api::{ConflictInfo, ConflictList, ConflictQuery, ErrorCode, SiblingInfo, VersionInfo};
+use meridian_node::{ConflictRecord, ConflictState};
+
+use crate::error::ApiError;
+use crate::keys::query_error;
+use crate::AppState;
+
+/// Records one page lists at most.
+pub const CONFLICT_PAGE_MAX: usize = 1000;
+const CONFLICT_PAGE_DEFAULT: usize = 100;
+
+/// A stored version as the API shows it.
+pub(crate) fn sibling_info(version: &meridian_core::Version, value: Option<&[u8]>) -> SiblingInfo {
+    SiblingInfo {
+        version: VersionInfo::from(version),
+        value: value.and_then(|v| serde_json::from_slice(v).ok()).unwrap_or(serde_json::Value::Null),
+        deleted: value.is_none(),
+    }
+}
+
+fn info(region: &str, rec: ConflictRecord, state: ConflictState) -> ConflictInfo {
+    ConflictInfo {
+        id: rec.id,
+        region: region.to_owned(),
+        dataset: rec.dataset,
+        key: rec.key,
+        rule: rec.rule.name().to_owned(),
+        state: state.name().to_owned(),
+        source: rec.source,
+        versions: rec.versions.iter().map(|s| sibling_info(&s.version, s.value.as_deref())).collect(),
+        outcome: sibling_info(&rec.outcome.version, rec.outcome.value.as_deref()),
+        at_ms: rec.at_ms,
+    }
+}
+
+#[utoipa::path(
+    get, path = "/v1/conflicts", params(ConflictQuery),
+    responses((status = 200, body = ConflictList), (status = 400, body = meridian_api::ErrorBody))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ConflictQuery>, QueryRejection>,
+) -> Result<Json<ConflictList>, ApiError> {
+    let Query(q) = query.map_err(query_error)?;
+    if q.key.is_some() && q.dataset.is_none() {
+        return Err(ApiError::new(ErrorCode::InvalidQuery, "key needs dataset").hint("pass dataset=NAME&key=KEY"));
+    }
+    let wanted = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(ConflictState::parse(s).ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidQuery, format!("state={s:?} is not a conflict state"))
+                .hint("use open, resolved or superseded")
+        })?),
+    };
+    let limit = q.limit.unwrap_or(CONFLICT_PAGE_DEFAULT);
+    if !(1..=CONFLICT_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidQuery,
+            format!("limit={limit} is not from 1 to {CONFLICT_PAGE_MAX}"),
+        ));
+    }
+    let node = &state.node;
+    let (items, log) = node.conflicts(q.dataset.as_deref(), q.key.as_deref(), wanted, q.before, limit)?;
+    let next_before = if items.len() == limit { items.last().map(|(r, _)| r.id) } else { None };
+    let region = node.spec().region.to_string();
+    let items = items.into_iter().map(|(r, s)| info(&region, r, s)).collect();
+    Ok(Json(ConflictList { region, items, next_before, held: log.held, expired: log.expired }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/conflicts/{id}", params(("id" = u64, Path)),
+    responses((status = 200, body = ConflictInfo), (status = 404, body = meridian_api::ErrorBody))
+)]
+pub async fn show(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<ConflictInfo>, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.to_string()))?;
+    let id: u64 = id.parse().map_err(|_| {
+        ApiError::new(ErrorCode::ConflictNotFound, format!("{id:?} is not a conflict id"))
+            .hint("ids are numbers, as `meridian conflicts list` shows them")
+    })?;
+    let region = state.node.spec().region.to_string();
+    match state.node.conflict(id)? {
+        Some((rec, st)) => Ok(Json(info(&region, rec, st))),
+        None => Err(ApiError::new(ErrorCode::ConflictNotFound, format!("region {region} holds no conflict {id}"))
+            .hint("ids are per region: ask a node of the region that listed it")),
+    }
+}
