@@ -62,7 +62,7 @@ use crate::transport::PeerTransport;
 pub use crate::error::NodeError;
 pub use crate::gateway::{Consistency, Object, Page, Precondition, RouteReason, Served, WriteOutcome};
 pub use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT, STATUS_TIMEOUT};
-pub use meridian_raft::conflicts::{ConflictLogState, ConflictRecord, ConflictState};
+pub use meridian_raft::conflicts::{ConflictLogState, ConflictQuery, ConflictRecord, ConflictState};
 
 /// One region's status as seen from some node.
 #[derive(Debug, Clone)]
@@ -357,19 +357,14 @@ impl Node {
 
     // ---- replication -----------------------------------------------------------------------
 
-    /// Every region's replication state (links, cursors, merged marks).
     /// This region's conflict records (as this node has applied them), newest first, with
     /// the log's bookkeeping. See [`meridian_raft::StateMachineReader::conflicts`].
     pub fn conflicts(
         &self,
-        dataset: Option<&str>,
-        key: Option<&str>,
-        state: Option<ConflictState>,
-        before: Option<u64>,
-        limit: usize,
+        query: &ConflictQuery<'_>,
     ) -> Result<(Vec<(ConflictRecord, ConflictState)>, ConflictLogState), NodeError> {
         let reader = self.reader();
-        let items = reader.conflicts(dataset, key, state, before, limit).map_err(NodeError::storage)?;
+        let items = reader.conflicts(query).map_err(NodeError::storage)?;
         Ok((items, reader.conflict_log().map_err(NodeError::storage)?))
     }
 
@@ -378,6 +373,7 @@ impl Node {
         self.reader().conflict(id).map_err(NodeError::storage)
     }
 
+    /// Every region's replication state (links, cursors, merged marks).
     pub async fn replication_view(&self) -> Vec<(RegionId, Result<peer::RegionReplication, String>)> {
         self.links.replication_view().await
     }

@@ -714,7 +714,7 @@ impl PolicyStore {
         key: &str,
         obj: &StoredObject,
     ) -> bool {
-        self.placement_of_object(active, dataset, key, obj).is_some_and(|p| p.holds_copy(region))
+        self.merge_rule_if_allowed(active, region, dataset, key, obj).is_some()
     }
 
     /// Before the leader judges a write by its copy of the policy: once per term, catch the

@@ -94,6 +94,17 @@ impl ConflictRecord {
     }
 }
 
+/// Which records a listing wants: newest first, ids below `before`, at most `limit`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConflictQuery<'a> {
+    pub dataset: Option<&'a str>,
+    /// Only with `dataset`.
+    pub key: Option<&'a str>,
+    pub state: Option<ConflictState>,
+    pub before: Option<u64>,
+    pub limit: usize,
+}
+
 /// The conflict log's bookkeeping, in the state machine's `meta` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConflictLogState {

@@ -29,7 +29,7 @@ use crate::command::{
     decode_object, dot_of, encode_object, object_key, split_object_key, Change, Command, CommandResult, CommandV1,
     Condition, MergeRule, OutboxEntry, RemoteChange, Sibling, StoredObject,
 };
-use crate::conflicts::{ConflictLimits, ConflictLogState, ConflictRecord, ConflictState};
+use crate::conflicts::{ConflictLimits, ConflictLogState, ConflictQuery, ConflictRecord, ConflictState};
 use crate::log_store::LogDurability;
 use crate::merge::{self, Merge};
 use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -875,14 +875,8 @@ impl StateMachineReader {
     /// Up to `limit` conflict records newest first, with ids below `before`, that match the
     /// filter, each with where it stands now. A key narrows the scan to that key's records;
     /// otherwise the scan walks the log (bounded by its size limit).
-    pub fn conflicts(
-        &self,
-        dataset: Option<&str>,
-        key: Option<&str>,
-        state: Option<ConflictState>,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<(ConflictRecord, ConflictState)>, redb::Error> {
+    pub fn conflicts(&self, q: &ConflictQuery<'_>) -> Result<Vec<(ConflictRecord, ConflictState)>, redb::Error> {
+        let ConflictQuery { dataset, key, state, before, limit } = *q;
         let txn = self.shared.db.begin_read()?;
         let conflicts = txn.open_table(CONFLICTS)?;
         let objects = txn.open_table(OBJECTS)?;

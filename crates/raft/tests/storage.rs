@@ -443,7 +443,15 @@ async fn remote_batches_apply_exactly_once_and_refuse_gaps() {
     let x = sm.reader().get("d", "x").unwrap().unwrap();
     assert_eq!(x.value.as_deref(), Some(&b"local"[..]));
     assert_eq!(x.siblings.len(), 1, "the loser is kept until a write supersedes it");
-    let conflicts = sm.reader().conflicts(Some("d"), Some("x"), None, None, 10).unwrap();
+    let conflicts = sm
+        .reader()
+        .conflicts(&meridian_raft::conflicts::ConflictQuery {
+            dataset: Some("d"),
+            key: Some("x"),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0].0.versions.len(), 2);
     assert_eq!(conflicts[0].1, meridian_raft::conflicts::ConflictState::Resolved);

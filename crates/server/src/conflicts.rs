@@ -4,7 +4,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use meridian_api::{ConflictInfo, ConflictList, ConflictQuery, ErrorCode, SiblingInfo, VersionInfo};
-use meridian_node::{ConflictRecord, ConflictState};
+use meridian_node::{ConflictQuery as Filter, ConflictRecord, ConflictState};
 
 use crate::error::ApiError;
 use crate::keys::query_error;
@@ -65,7 +65,8 @@ pub async fn list(
         ));
     }
     let node = &state.node;
-    let (items, log) = node.conflicts(q.dataset.as_deref(), q.key.as_deref(), wanted, q.before, limit)?;
+    let query = Filter { dataset: q.dataset.as_deref(), key: q.key.as_deref(), state: wanted, before: q.before, limit };
+    let (items, log) = node.conflicts(&query)?;
     let next_before = if items.len() == limit { items.last().map(|(r, _)| r.id) } else { None };
     let region = node.spec().region.to_string();
     let items = items.into_iter().map(|(r, s)| info(&region, r, s)).collect();

@@ -270,20 +270,24 @@ pub async fn put_key(
     };
     let served = served_by(&state, served);
     match result {
-        WriteOutcome::Written { version, created } => {
-            let info = VersionInfo::from(&version);
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            let body = PutResponse {
-                dataset: dataset.to_string(),
-                key: key.to_string(),
-                version: info.clone(),
-                created,
-                served_by: served.clone(),
-            };
-            Ok(with_headers((status, Json(body)).into_response(), &served, Some(&info.etag)))
-        }
+        WriteOutcome::Written { version, created } => Ok(written(&dataset, &key, &version, created, served)),
         other => Err(write_refusal(other)),
     }
+}
+
+/// The answer to a write that stored a value: 201 if it created the key, else 200.
+fn written(dataset: &DatasetName, key: &Key, version: &Version, created: bool, served: ServedBy) -> Response {
+    let info = VersionInfo::from(version);
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let etag = info.etag.clone();
+    let body = PutResponse {
+        dataset: dataset.to_string(),
+        key: key.to_string(),
+        version: info,
+        created,
+        served_by: served.clone(),
+    };
+    with_headers((status, Json(body)).into_response(), &served, Some(&etag))
 }
 
 fn write_refusal(result: WriteOutcome) -> ApiError {
@@ -429,16 +433,7 @@ pub async fn op_key(
         WriteOutcome::Deleted { version } => (version, false),
         other => return Err(write_refusal(other)),
     };
-    let info = VersionInfo::from(&version);
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    let body = PutResponse {
-        dataset: dataset.to_string(),
-        key: key.to_string(),
-        version: info.clone(),
-        created,
-        served_by: served.clone(),
-    };
-    Ok(with_headers((status, Json(body)).into_response(), &served, Some(&info.etag)))
+    Ok(written(&dataset, &key, &version, created, served))
 }
 
 fn hex_encode(s: &str) -> String {
