@@ -145,7 +145,9 @@ fn refusal(e: NodeError) -> ClientReply {
         | NodeError::HomeImmutable(_)
         | NodeError::NoStalenessBound(_)
         | NodeError::WrongOperation(_)
-        | NodeError::TooLarge(_) => ClientReply::Refused(e.to_string()),
+        | NodeError::TooLarge(_)
+        | NodeError::ConflictNotFound(_)
+        | NodeError::InvalidResolution(_) => ClientReply::Refused(e.to_string()),
         NodeError::OutcomeUnknown(_) | NodeError::Storage(_) | NodeError::Internal(_) => {
             ClientReply::Unknown(e.to_string())
         }

@@ -131,6 +131,32 @@ pub struct ConflictList {
     pub expired: u64,
 }
 
+/// The body of `POST /v1/conflicts/{id}/resolve`: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    /// Keep this one of the conflict's versions (its etag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choose: Option<String>,
+    /// Write this JSON value instead (for a counter, set or map: reached by operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub value: Option<serde_json::Value>,
+    /// Delete the key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResolveResponse {
+    pub id: u64,
+    pub dataset: String,
+    pub key: String,
+    /// The version the resolving write got.
+    pub version: VersionInfo,
+    pub served_by: ServedBy,
+}
+
 /// Query parameters of a conflict listing.
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -18,8 +18,31 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// The sample policy the demo applies on first start (one dataset of each kind of rule).
 pub const DEMO_POLICY: &str = include_str!("demo-policy.toml");
 
-pub async fn run(base_port: u16, data_dir: Option<PathBuf>, wire_capture: Option<PathBuf>) -> anyhow::Result<()> {
+/// The largest clock skew a drill may give a region: a minute either way.
+pub const CLOCK_SKEW_MS_MAX: i64 = 60_000;
+
+/// Parse `REGION=MS` (MS may be negative) for `--clock-skew`.
+pub fn parse_skew(s: &str) -> Result<(String, i64), String> {
+    let (region, ms) = s.split_once('=').ok_or_else(|| format!("{s:?} is not REGION=MS, e.g. us-east=5000"))?;
+    let ms: i64 = ms.trim_start_matches('+').parse().map_err(|_| format!("{ms:?} is not a number of milliseconds"))?;
+    if ms.abs() > CLOCK_SKEW_MS_MAX {
+        return Err(format!("{ms} ms is beyond the drill's bound of ±{CLOCK_SKEW_MS_MAX} ms"));
+    }
+    Ok((region.to_owned(), ms))
+}
+
+pub async fn run(
+    base_port: u16,
+    data_dir: Option<PathBuf>,
+    wire_capture: Option<PathBuf>,
+    clock_skew: Vec<(String, i64)>,
+) -> anyhow::Result<()> {
     let config = ClusterConfig::demo(base_port);
+    for (region, _) in &clock_skew {
+        if !config.topology.regions().iter().any(|r| r.name.as_str() == region) {
+            anyhow::bail!("--clock-skew names {region:?}, which is not a demo region (us-east, eu-west, ap-south)");
+        }
+    }
     // A temporary directory unless the user asked to keep the data.
     let (_tmp, root) = match data_dir {
         Some(d) => (None, d),
@@ -42,7 +65,8 @@ pub async fn run(base_port: u16, data_dir: Option<PathBuf>, wire_capture: Option
         for spec in config.topology.region_nodes(&region.name) {
             let mut rx = stop_rx.clone();
             let dir = root.join(format!("node-{}", spec.id));
-            let (node, serving) = start_node(config.clone(), spec.id, dir, wire_capture.clone(), async move {
+            let skew = clock_skew.iter().filter(|(r, _)| r == region.name.as_str()).map(|(_, ms)| *ms).sum();
+            let (node, serving) = start_node(config.clone(), spec.id, dir, wire_capture.clone(), skew, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await

@@ -2,6 +2,7 @@
 //! benchmark (`bench`), and the command-line client for the public API.
 
 mod commands;
+mod conflicts;
 mod demo;
 mod policy;
 mod run;
@@ -74,6 +75,10 @@ enum Command {
         /// file per node), for residency audits.
         #[arg(long, value_name = "DIR")]
         wire_capture: Option<PathBuf>,
+        /// A clock-skew drill: run REGION's nodes with their wall clock moved by MS
+        /// milliseconds (negative: behind), up to a minute either way. Repeatable.
+        #[arg(long, value_name = "REGION=MS", value_parser = demo::parse_skew, allow_hyphen_values = true)]
+        clock_skew: Vec<(String, i64)>,
     },
     /// Store a JSON value under a key.
     Put {
@@ -126,6 +131,28 @@ enum Command {
         consistency: String,
         #[command(flatten)]
         client: ClientOpts,
+    },
+    /// An operation on a counter, set or map key: increment|decrement [AMOUNT],
+    /// add|remove MEMBER..., set FIELD=JSON..., delete FIELD...
+    ///
+    /// Datasets with kind counter, set or map merge concurrent operations from every home by
+    /// their kind's laws; a plain `put` on them is refused.
+    #[command(after_help = "Examples:\n  meridian op carts c1 add lamp desk\n  meridian op carts c1 remove lamp\n  \
+        meridian op visits home increment 3\n  meridian op settings u1 set theme='\"dark\"' size=12")]
+    Op {
+        dataset: String,
+        key: String,
+        /// increment, decrement, add, remove, set or delete.
+        op: String,
+        args: Vec<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Conflict records: where concurrent versions of a key met in a region, and how its rule
+    /// resolved them. List, show, and resolve them.
+    Conflicts {
+        #[command(subcommand)]
+        command: conflicts::ConflictsCommand,
     },
     /// Cluster-wide information.
     Cluster {
@@ -370,7 +397,9 @@ fn main() -> std::process::ExitCode {
             Command::Server { config, node, data_dir, wire_capture } => {
                 run::server(config, node, data_dir, wire_capture).await
             }
-            Command::Demo { base_port, data_dir, wire_capture } => demo::run(base_port, data_dir, wire_capture).await,
+            Command::Demo { base_port, data_dir, wire_capture, clock_skew } => {
+                demo::run(base_port, data_dir, wire_capture, clock_skew).await
+            }
             Command::Put { dataset, key, value, if_match, create_only, client } => {
                 commands::put(&client, &dataset, &key, value, if_match, create_only).await
             }
@@ -383,6 +412,8 @@ fn main() -> std::process::ExitCode {
             Command::List { dataset, prefix, limit, cursor, consistency, client } => {
                 commands::list(&client, &dataset, prefix, limit, cursor, &consistency).await
             }
+            Command::Op { dataset, key, op, args, client } => conflicts::op(&client, &dataset, &key, &op, &args).await,
+            Command::Conflicts { command } => conflicts::conflicts(command).await,
             Command::Cluster { command: ClusterCommand::Status { client } } => commands::cluster_status(&client).await,
             Command::Policy { command } => match command {
                 PolicyCommand::Check { file, config, json } => policy::check(&file, config.as_deref(), json),

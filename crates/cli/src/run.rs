@@ -16,6 +16,7 @@ pub async fn start_node(
     node_id: u64,
     data_dir: PathBuf,
     wire_capture: Option<PathBuf>,
+    clock_offset_ms: i64,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(Arc<Node>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let spec = config
@@ -31,6 +32,9 @@ pub async fn start_node(
         .with_context(|| format!("bind the peer listener of node {node_id} on {}", spec.peer_addr))?;
     let mut opts = NodeOptions::new(config, node_id, data_dir);
     opts.wire_capture = wire_capture;
+    if clock_offset_ms != 0 {
+        opts.clock = Arc::new(meridian_node::clock::OffsetClock { offset_ms: clock_offset_ms });
+    }
     let node = Node::start(opts).await.with_context(|| format!("start node {node_id}"))?;
     let serving = tokio::spawn(meridian_server::serve(node.clone(), api, peer, shutdown));
     Ok((node, serving))
@@ -44,7 +48,7 @@ pub async fn server(
 ) -> anyhow::Result<()> {
     let config = ClusterConfig::load(&config).context("load the cluster configuration")?;
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(format!("data/node-{node_id}")));
-    let (node, serving) = start_node(config, node_id, data_dir.clone(), wire_capture, async {
+    let (node, serving) = start_node(config, node_id, data_dir.clone(), wire_capture, 0, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

@@ -236,6 +236,67 @@ impl Client {
         })
     }
 
+    /// `POST /v1/datasets/{dataset}/keys/{key}/{op}`: an operation on a counter, set or map.
+    pub async fn op(
+        &self,
+        dataset: &str,
+        key: &str,
+        op: &str,
+        body: &meridian_api::OpRequest,
+    ) -> Result<PutResponse, ClientError> {
+        let url = self.key_url(dataset, key);
+        let (path, query) = url.split_once('?').map_or((url.as_str(), None), |(p, q)| (p, Some(q)));
+        let mut url = format!("{path}/{}", encode_segment(op));
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        self.send(self.http.post(url).json(body)).await
+    }
+
+    /// `GET /v1/conflicts`: the conflict records of the region of the node asked, newest first.
+    pub async fn conflicts(
+        &self,
+        dataset: Option<&str>,
+        key: Option<&str>,
+        state: Option<&str>,
+        before: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<meridian_api::ConflictList, ClientError> {
+        let mut params = Vec::new();
+        for (name, v) in [("dataset", dataset), ("key", key), ("state", state)] {
+            if let Some(v) = v {
+                params.push(format!("{name}={}", encode_query(v)));
+            }
+        }
+        if let Some(b) = before {
+            params.push(format!("before={b}"));
+        }
+        if let Some(l) = limit {
+            params.push(format!("limit={l}"));
+        }
+        let mut path = "/v1/conflicts".to_owned();
+        if !params.is_empty() {
+            path.push('?');
+            path.push_str(&params.join("&"));
+        }
+        self.send(self.http.get(self.url(&path))).await
+    }
+
+    /// `GET /v1/conflicts/{id}`.
+    pub async fn conflict(&self, id: u64) -> Result<meridian_api::ConflictInfo, ClientError> {
+        self.send(self.http.get(self.url(&format!("/v1/conflicts/{id}")))).await
+    }
+
+    /// `POST /v1/conflicts/{id}/resolve`.
+    pub async fn resolve(
+        &self,
+        id: u64,
+        req: &meridian_api::ResolveRequest,
+    ) -> Result<meridian_api::ResolveResponse, ClientError> {
+        self.send(self.http.post(self.url(&format!("/v1/conflicts/{id}/resolve"))).json(req)).await
+    }
+
     /// `GET /v1/policy`: the active policy entry and each region's copy of it.
     pub async fn policy_status(&self) -> Result<PolicyStatus, ClientError> {
         self.send(self.http.get(self.url("/v1/policy"))).await

@@ -49,6 +49,13 @@ pub enum NodeError {
     /// The write would make the key's value larger than the value limit: nothing was written.
     #[error("{0}")]
     TooLarge(String),
+    /// No conflict record with this id in this region.
+    #[error("{0}")]
+    ConflictNotFound(String),
+    /// A resolution that does not fit its conflict (a version it does not name, a value of
+    /// the wrong shape for the kind): nothing was written.
+    #[error("{0}")]
+    InvalidResolution(String),
     #[error("internal failure: {0}")]
     Internal(String),
 }
@@ -104,6 +111,8 @@ pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
         e @ NodeError::NoStalenessBound(_) => PeerError::Protocol(e.to_string()),
         NodeError::WrongOperation(m) => PeerError::WrongOperation(m),
         NodeError::TooLarge(m) => PeerError::TooLarge(m),
+        // Answered by the node asked, never sent on.
+        e @ (NodeError::ConflictNotFound(_) | NodeError::InvalidResolution(_)) => PeerError::Protocol(e.to_string()),
         NodeError::Storage(m) | NodeError::Internal(m) => PeerError::Internal(m),
     }
 }

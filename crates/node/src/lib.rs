@@ -31,6 +31,7 @@ pub mod policy;
 pub(crate) mod proposer;
 pub mod region;
 pub mod repair;
+pub mod resolve;
 pub mod supervisor;
 pub mod traffic;
 pub mod transport;
@@ -308,7 +309,21 @@ impl Node {
     }
     /// Bring the Raft gauges and log counters up to date (called before each scrape).
     pub fn refresh_metrics(&self) {
-        self.region.refresh_metrics()
+        self.region.refresh_metrics();
+        match self.reader().conflict_log() {
+            Ok(log) => {
+                let m = self.metrics();
+                m.conflict_records_held.set(log.held as i64);
+                m.conflict_records_expired.set(log.expired as i64);
+                for (dataset, rules) in &log.recorded {
+                    for (rule, n) in rules {
+                        let labels = metrics::ConflictLabels { dataset: dataset.clone(), rule: rule.clone() };
+                        m.conflicts_recorded.get_or_create(&labels).set(*n as i64);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the conflict log for metrics"),
+        }
     }
 
     // ---- policy operations (the policy store, reaching other regions through the gateway) --

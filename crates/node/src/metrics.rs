@@ -62,6 +62,9 @@ pub struct Metrics {
     pub anti_entropy_repaired: Family<LinkLabels, Counter>,
     pub purged: Family<DatasetLabels, Counter>,
     pub purge_held: Gauge,
+    pub conflicts_recorded: Family<ConflictLabels, Gauge>,
+    pub conflict_records_held: Gauge,
+    pub conflict_records_expired: Gauge,
     pub cross_region_bytes: Family<CrossRegionLabels, Counter>,
     pub replication_queued_changes: Family<DatasetLinkLabels, Gauge>,
     pub replication_queued_bytes: Family<DatasetLinkLabels, Gauge>,
@@ -115,6 +118,12 @@ pub struct ShadowLabels {
     pub destination: String,
     /// `would_ship` or `would_withhold`.
     pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConflictLabels {
+    pub dataset: String,
+    pub rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -174,6 +183,9 @@ impl Metrics {
             anti_entropy_rounds: add(&mut r, "anti_entropy_rounds", "Digest comparisons of this region (destination) against another (source)", Family::<LinkLabels, Counter>::default()),
             anti_entropy_repaired: add(&mut r, "anti_entropy_repaired_changes", "Copies repaired here (destination) from another region (source) after digests differed", Family::<LinkLabels, Counter>::default()),
             purged: add(&mut r, "replication_purged_copies", "Copies removed because the active policy no longer lets this region hold them", Family::<DatasetLabels, Counter>::default()),
+            conflicts_recorded: add(&mut r, "conflicts_recorded", "Conflicts this region has recorded since it began, by dataset and rule (read from the region's replicated conflict log, so every node of a region reports the same)", Family::<ConflictLabels, Gauge>::default()),
+            conflict_records_held: add(&mut r, "conflict_records_held", "Conflict records this region holds now", Gauge::default()),
+            conflict_records_expired: add(&mut r, "conflict_records_expired", "Conflict records this region's count and age bounds have dropped", Gauge::default()),
             purge_held: add(&mut r, "replication_purge_held_copies", "Copies this region may no longer hold but keeps until a region that may hold them has them", Gauge::default()),
             cross_region_bytes: add(&mut r, "peer_cross_region_bytes", "Message body bytes this node exchanged with nodes of other regions on calls it made, raw and on the wire", Family::<CrossRegionLabels, Counter>::default()),
             replication_queued_changes: add(&mut r, "replication_queued_changes", "Changes of the dataset waiting on the link (schedule, rate limit or congestion), in the window of the outbox the link last read", Family::<DatasetLinkLabels, Gauge>::default()),

@@ -1,9 +1,15 @@
 //! `/v1/conflicts`: the conflict records of the region of the node asked.
 
+use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::Json;
-use meridian_api::{ConflictInfo, ConflictList, ConflictQuery, ErrorCode, SiblingInfo, VersionInfo};
+use meridian_api::{
+    ConflictInfo, ConflictList, ConflictQuery, ErrorCode, ResolveRequest, ResolveResponse, SiblingInfo, VersionInfo,
+};
+use meridian_node::resolve::Resolution;
+use meridian_node::WriteOutcome;
 use meridian_node::{ConflictQuery as Filter, ConflictRecord, ConflictState};
 
 use crate::error::ApiError;
@@ -81,15 +87,81 @@ pub async fn show(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ConflictInfo>, ApiError> {
-    let Path(id) = path.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.to_string()))?;
-    let id: u64 = id.parse().map_err(|_| {
-        ApiError::new(ErrorCode::ConflictNotFound, format!("{id:?} is not a conflict id"))
-            .hint("ids are numbers, as `meridian conflicts list` shows them")
-    })?;
+    let id = parse_id(path)?;
     let region = state.node.spec().region.to_string();
     match state.node.conflict(id)? {
         Some((rec, st)) => Ok(Json(info(&region, rec, st))),
         None => Err(ApiError::new(ErrorCode::ConflictNotFound, format!("region {region} holds no conflict {id}"))
             .hint("ids are per region: ask a node of the region that listed it")),
     }
+}
+
+fn parse_id(path: Result<Path<String>, PathRejection>) -> Result<u64, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.to_string()))?;
+    id.parse().map_err(|_| {
+        ApiError::new(ErrorCode::ConflictNotFound, format!("{id:?} is not a conflict id"))
+            .hint("ids are numbers, as `meridian conflicts list` shows them")
+    })
+}
+
+#[utoipa::path(
+    post, path = "/v1/conflicts/{id}/resolve", params(("id" = u64, Path)),
+    request_body(content = ResolveRequest, content_type = "application/json"),
+    responses((status = 200, body = ResolveResponse), (status = 400, body = meridian_api::ErrorBody),
+              (status = 404, body = meridian_api::ErrorBody), (status = 409, body = meridian_api::ErrorBody),
+              (status = 503, body = meridian_api::ErrorBody))
+)]
+pub async fn resolve(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ResolveResponse>, ApiError> {
+    let id = parse_id(path)?;
+    let max = state.node.config().limits.value_bytes_max;
+    let bytes = crate::keys::read_json_body(max, &headers, body).await?;
+    let req: ResolveRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(ErrorCode::InvalidOperation, format!("the body is not a resolution: {e}"))
+            .hint(r#"send {"choose":"ETAG"}, {"value":JSON} or {"delete":true}"#)
+    })?;
+    let resolution = match (req.choose, req.value, req.delete) {
+        (Some(etag), None, false) => {
+            Resolution::Choose(etag.trim_matches('"').parse().map_err(|e: meridian_core::VersionParseError| {
+                ApiError::new(ErrorCode::InvalidVersion, e.to_string())
+            })?)
+        }
+        (None, Some(v), false) => Resolution::Value(v.to_string().into_bytes()),
+        (None, None, true) => Resolution::Delete,
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidOperation,
+                "a resolution is exactly one of choose, value or delete",
+            )
+            .hint(r#"send {"choose":"ETAG"}, {"value":JSON} or {"delete":true}"#))
+        }
+    };
+    // Named in the answer; the node looks the record up again (and answers 404 if it went).
+    let (record, _) = state.node.conflict(id)?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ConflictNotFound,
+            format!("region {} holds no conflict {id}", state.node.spec().region),
+        )
+    })?;
+    let (outcome, served) = state.node.resolve_conflict(id, resolution).await?;
+    let version = match outcome {
+        WriteOutcome::Written { version, .. } | WriteOutcome::Deleted { version } => version,
+        WriteOutcome::NotFound => {
+            return Err(ApiError::new(ErrorCode::KeyNotFound, "the key holds nothing to delete any more"))
+        }
+        WriteOutcome::PreconditionFailed { .. } => {
+            return Err(ApiError::new(ErrorCode::Internal, "a resolution carries no precondition"))
+        }
+    };
+    Ok(Json(ResolveResponse {
+        id,
+        dataset: record.dataset,
+        key: record.key,
+        version: VersionInfo::from(&version),
+        served_by: crate::keys::served_by(&state, served),
+    }))
 }

@@ -90,6 +90,10 @@ impl From<NodeError> for ApiError {
                 .hint("the regions' policy copies are converging after a change; retry shortly"),
             NodeError::WrongOperation(_) => ApiError::new(ErrorCode::WrongOperation, e.to_string())
                 .hint("`meridian policy explain DATASET KEY` shows the dataset's kind and conflict rule"),
+            NodeError::ConflictNotFound(_) => ApiError::new(ErrorCode::ConflictNotFound, e.to_string())
+                .hint("`meridian conflicts list` shows this region's records"),
+            NodeError::InvalidResolution(_) => ApiError::new(ErrorCode::InvalidOperation, e.to_string())
+                .hint("choose one of the conflict's versions (`meridian conflicts show ID`) or give a value"),
             NodeError::TooLarge(_) => ApiError::new(ErrorCode::ValueTooLarge, e.to_string())
                 .hint("split the value over several keys, or raise limits.value_bytes_max"),
             NodeError::Storage(_) | NodeError::Internal(_) => {

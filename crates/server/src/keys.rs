@@ -18,7 +18,7 @@ use meridian_node::{Consistency, Precondition, Served, WriteOutcome};
 use crate::error::{dataset_error, key_error, ApiError};
 use crate::AppState;
 
-fn served_by(state: &AppState, served: Served) -> ServedBy {
+pub(crate) fn served_by(state: &AppState, served: Served) -> ServedBy {
     let (region, zone) = match state.node.topology().node(served.node) {
         Some(n) => (n.region.to_string(), n.zone.to_string()),
         None => (String::from("?"), String::from("?")),

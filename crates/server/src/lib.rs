@@ -48,6 +48,7 @@ pub struct AppState {
         keys::op_key,
         conflicts::list,
         conflicts::show,
+        conflicts::resolve,
         keys::list_keys,
         cluster,
         health,
@@ -79,6 +80,7 @@ pub fn api_router(node: Arc<Node>) -> Router {
         .route("/v1/datasets/{dataset}/keys/{key}/{op}", post(keys::op_key))
         .route("/v1/conflicts", get(conflicts::list))
         .route("/v1/conflicts/{id}", get(conflicts::show))
+        .route("/v1/conflicts/{id}/resolve", post(conflicts::resolve))
         .route("/v1/policy", get(policy::status).post(policy::apply))
         .route("/v1/policy/plan", post(policy::plan))
         .route("/v1/policy/versions", get(policy::history))
