@@ -235,6 +235,21 @@ async fn partition_drill(extra: &[&str]) {
     })
     .await;
 
+    // Keys every region holds before the cut, for the deletes below.
+    for path in ["notes/keys/gone", "notes/keys/raced", "carts/keys/cleared"] {
+        let (method, url, body) = if path.starts_with("carts") {
+            (post.clone(), format!("{}/v1/datasets/{path}/add", eps[0]), serde_json::json!({"members": ["old"]}))
+        } else {
+            (reqwest::Method::PUT, format!("{}/v1/datasets/{path}", eps[0]), serde_json::json!("before"))
+        };
+        until_ok(path, || send(&http, method.clone(), url.clone(), Some(body.clone()))).await;
+        wait_until(&format!("every region holds {path}"), Duration::from_secs(30), || {
+            let (http, eps) = (http.clone(), eps.clone());
+            async move { local_reads(&http, &eps, path).await.iter().all(|(s, _)| *s == 200) }
+        })
+        .await;
+    }
+
     // The cut.
     for (a, b) in [(0, 1), (0, 2), (1, 2)] {
         let pair = serde_json::json!({ "regions": [REGIONS[a], REGIONS[b]] });
@@ -284,6 +299,36 @@ async fn partition_drill(extra: &[&str]) {
         assert!((200..300).contains(&s), "siblings put in {r}: {s} {b}");
         draft_values.push(serde_json::json!({"by": r}));
     }
+    // Deletes: one nobody contests; one racing a write (lww decides, the loser is recorded);
+    // a set cleared in one region while another adds to it (the add survives).
+    let del = |ep: &String, path: &str| {
+        let (http, url) = (http.clone(), format!("{ep}/v1/datasets/{path}"));
+        async move { send(&http, reqwest::Method::DELETE, url, None).await }
+    };
+    let (s, b) = del(&eps[0], "notes/keys/gone").await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = del(&eps[1], "notes/keys/raced").await;
+    assert_eq!(s, 200, "{b}");
+    let raced_delete = b["version"]["etag"].as_str().unwrap().to_owned();
+    let (s, b) = send(
+        &http,
+        reqwest::Method::PUT,
+        format!("{}/v1/datasets/notes/keys/raced", eps[2]),
+        Some(serde_json::json!("kept")),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let raced_write = b["version"]["etag"].as_str().unwrap().to_owned();
+    let (s, b) = del(&eps[0], "carts/keys/cleared").await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = send(
+        &http,
+        post.clone(),
+        format!("{}/v1/datasets/carts/keys/cleared/add", eps[1]),
+        Some(serde_json::json!({"members": ["new"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
 
     // The drill's skew is in effect: us-east stamps its writes about 5 s ahead of this
     // machine's clock. (The other regions' stamps follow the fastest clock they have merged
@@ -313,6 +358,47 @@ async fn partition_drill(extra: &[&str]) {
         let (http, ep) = (http.clone(), eps[2].clone());
         async move { send(&http, reqwest::Method::GET, format!("{ep}/v1/datasets/{path}?consistency=local"), None).await.1 }
     };
+    // No deleted key comes back: the uncontested delete holds everywhere.
+    wait_until("the deleted key stays deleted everywhere", Duration::from_secs(60), || {
+        let (http, eps) = (http.clone(), eps.clone());
+        async move { local_reads(&http, &eps, "notes/keys/gone").await.iter().all(|(s, _)| *s == 404) }
+    })
+    .await;
+    // The raced key: every region agrees, and whichever lost is in a conflict record.
+    wait_until("the raced key converges", Duration::from_secs(60), || {
+        let (http, eps) = (http.clone(), eps.clone());
+        async move {
+            let reads = local_reads(&http, &eps, "notes/keys/raced").await;
+            reads.iter().all(|r| *r == reads[0])
+        }
+    })
+    .await;
+    let mut raced_recorded = std::collections::BTreeSet::new();
+    for ep in &eps {
+        let (_, list) =
+            send(&http, reqwest::Method::GET, format!("{ep}/v1/conflicts?dataset=notes&key=raced"), None).await;
+        for item in list["items"].as_array().unwrap() {
+            for v in item["versions"].as_array().unwrap() {
+                raced_recorded.insert(v["version"]["etag"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert!(
+        raced_recorded.contains(&raced_delete) && raced_recorded.contains(&raced_write),
+        "the delete and the write that raced are both on record: {raced_recorded:?}"
+    );
+    // The cleared set keeps what was added concurrently, and only that.
+    wait_until("the cleared set converges", Duration::from_secs(60), || {
+        let (http, eps) = (http.clone(), eps.clone());
+        async move {
+            local_reads(&http, &eps, "carts/keys/cleared")
+                .await
+                .iter()
+                .all(|(s, v)| *s == 200 && v[0] == serde_json::json!(["new"]))
+        }
+    })
+    .await;
+
     // Sets: the OR-set result; counters: the sum of what was acknowledged; maps: every field.
     assert_eq!(
         read("carts/keys/c").await["value"],
