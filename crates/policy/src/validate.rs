@@ -306,8 +306,13 @@ fn check(
                         c.pos,
                         Rule::ConflictKindMismatch,
                         format!(
-                            "a {kind} merges by its own laws; conflict = \"{}\" would drop concurrent updates",
-                            c.value
+                            "a {kind} merges by its own laws; conflict = \"{}\" would {}",
+                            c.value,
+                            if c.value == ConflictRule::Lww {
+                                "drop concurrent updates"
+                            } else {
+                                "keep whole concurrent copies instead of merging them"
+                            }
                         ),
                     )
                     .hint("use conflict = \"crdt\""),
