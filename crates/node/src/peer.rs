@@ -136,7 +136,8 @@ pub enum PeerResponseV1 {
     ReplicationState(Result<RegionReplication, PeerError>),
     Repaired(Result<CommandResult, PeerError>),
     Digest(Result<RegionDigest, PeerError>),
-    DigestEntries(Result<Vec<(String, meridian_core::Version)>, PeerError>),
+    /// Keys and the version vectors of their copies.
+    DigestEntries(Result<Vec<(String, meridian_core::VersionVector)>, PeerError>),
     Objects(Result<Vec<(String, StoredObject)>, PeerError>),
 }
 

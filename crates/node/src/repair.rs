@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_core::{RegionId, Version};
+use meridian_core::{RegionId, Version, VersionVector};
 use meridian_raft::command::{Change, CommandV1};
 use meridian_raft::{CommandResult, StoredObject};
 use serde::Serialize;
@@ -178,14 +178,15 @@ impl Repair {
         self.local_digest(&with).map_err(to_peer_error)
     }
 
-    /// Keys and versions of `dataset` in `buckets` that this region and `with` may both hold.
+    /// Keys of `dataset` in `buckets` that this region and `with` may both hold, with their
+    /// copies' version vectors.
     fn local_digest_entries(
         &self,
         with: &RegionId,
         dataset: &str,
         buckets: &[u8],
         limit: usize,
-    ) -> Result<BTreeMap<String, Version>, NodeError> {
+    ) -> Result<BTreeMap<String, VersionVector>, NodeError> {
         self.deps.policy.refresh()?;
         let active = self.deps.policy.active();
         let here = self.here.clone();
@@ -196,7 +197,7 @@ impl Repair {
                 return;
             }
             if self.shared_by(active.as_deref(), &here, with, ds, key, obj) {
-                out.insert(key.to_owned(), obj.version.clone());
+                out.insert(key.to_owned(), obj.vv.clone());
             }
         })?;
         Ok(out)
@@ -208,7 +209,7 @@ impl Repair {
         dataset: &str,
         buckets: &[u8],
         limit: u32,
-    ) -> Result<Vec<(String, Version)>, PeerError> {
+    ) -> Result<Vec<(String, VersionVector)>, PeerError> {
         self.lead_or_refuse()?;
         let with = Self::peer_region(with, "digest entries")?;
         let limit = limit.min(DIGEST_ENTRIES_MAX) as usize;
@@ -351,14 +352,20 @@ impl Repair {
             };
             let (their_entries, _) = self.deps.transport.call_region(peer, req, unpack, true).await?;
             let local = self.local_digest_entries(peer, &d.dataset, &differing, usize::MAX)?;
-            // Only what the origin's link has already passed is a divergence: a newer change
-            // is still on its way (waiting for its schedule or rate limit, or in flight), and
+            // Their copy holds writes this one lacks (causally, whatever the clocks say); only
+            // writes the origin's link has already passed are a divergence: a newer change is
+            // still on its way (waiting for its schedule or rate limit, or in flight), and
             // pulling it here would bypass both.
             let (state, _) = self.deps.region.reader().replication().map_err(|e| NodeError::Storage(e.to_string()))?;
-            let passed = |v: &Version| state.merged.get(v.region.as_str()).is_some_and(|m| v.seq <= *m);
+            let empty = VersionVector::new();
             let needed: Vec<String> = their_entries
                 .into_iter()
-                .filter(|(k, v)| local.get(k).is_none_or(|mine| v > mine) && passed(v))
+                .filter(|(k, theirs)| {
+                    let mine = local.get(k).unwrap_or(&empty);
+                    let lacking: Vec<(&RegionId, u64)> = theirs.iter().filter(|(r, n)| mine.get(r) < *n).collect();
+                    !lacking.is_empty()
+                        && lacking.iter().all(|(r, n)| state.merged.get(r.as_str()).is_some_and(|m| n <= m))
+                })
                 .map(|(k, _)| k)
                 .collect();
             for keys in needed.chunks(FETCH_KEYS_MAX) {
