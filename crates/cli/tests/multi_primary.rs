@@ -358,6 +358,18 @@ async fn partition_drill(extra: &[&str]) {
         let (http, ep) = (http.clone(), eps[2].clone());
         async move { send(&http, reqwest::Method::GET, format!("{ep}/v1/datasets/{path}?consistency=local"), None).await.1 }
     };
+    // ap-south's clock runs 10 s behind us-east's: after merging us-east's writes its stamps
+    // run ahead of its own clock, and the metric says so.
+    if !extra.is_empty() {
+        let text = http.get(format!("{}/metrics", eps[2])).send().await.unwrap().text().await.unwrap();
+        let ahead: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("meridian_hlc_ahead_ms "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("meridian_hlc_ahead_ms is exported");
+        assert!(ahead >= 5_000, "ap-south's stamps run only {ahead} ms ahead of its clock");
+    }
+
     // No deleted key comes back: the uncontested delete holds everywhere.
     wait_until("the deleted key stays deleted everywhere", Duration::from_secs(60), || {
         let (http, eps) = (http.clone(), eps.clone());

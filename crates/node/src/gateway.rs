@@ -202,6 +202,18 @@ impl Gateway {
         Gateway { deps, hlc, commits, here, id, value_bytes_max }
     }
 
+    /// Set `meridian_hlc_ahead_ms`: how far the region's newest applied stamp runs ahead of
+    /// this node's wall clock.
+    pub(crate) fn refresh_clock_metrics(&self) {
+        match self.deps.region.reader().last_hlc() {
+            Ok(last) => {
+                let ahead = last.wall_ms().saturating_sub(self.deps.clock.now_ms());
+                self.deps.metrics.hlc_ahead_ms.set(i64::try_from(ahead).unwrap_or(i64::MAX));
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the applied HLC for metrics"),
+        }
+    }
+
     // ---- the client API ------------------------------------------------------------------
 
     /// Write `value` under (dataset, key) in a home region of the key. `home` is the

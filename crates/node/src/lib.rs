@@ -310,6 +310,7 @@ impl Node {
     /// Bring the Raft gauges and log counters up to date (called before each scrape).
     pub fn refresh_metrics(&self) {
         self.region.refresh_metrics();
+        self.gateway.refresh_clock_metrics();
         match self.reader().conflict_log() {
             Ok(log) => {
                 let m = self.metrics();

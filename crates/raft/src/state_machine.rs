@@ -950,6 +950,18 @@ impl StateMachineReader {
         Ok((replication, applied.region_seq))
     }
 
+    /// The highest HLC stamp this region has applied (its own writes' and every merged
+    /// change's): the region's timestamps never go below it.
+    pub fn last_hlc(&self) -> Result<HlcTimestamp, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let applied: AppliedState = match meta.get(META_APPLIED)? {
+            Some(v) => decode(v.value()).map_err(corrupt)?,
+            None => AppliedState::default(),
+        };
+        Ok(applied.last_hlc)
+    }
+
     /// Live keys and their bytes (key plus value) per dataset, by a full scan: a planning
     /// estimate for policy changes, never on a request path.
     pub fn dataset_sizes(&self) -> Result<std::collections::BTreeMap<String, (u64, u64)>, redb::Error> {
