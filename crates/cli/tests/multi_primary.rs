@@ -539,3 +539,72 @@ async fn a_three_way_partition_converges_by_every_rule_and_loses_no_acknowledged
 async fn the_same_with_wall_clocks_five_seconds_apart() {
     partition_drill(&["--clock-skew", "us-east=5000", "--clock-skew", "ap-south=-5000"]).await;
 }
+
+/// `meridian_tombstones_collected` as region `api`'s node reports it.
+async fn collected(http: &reqwest::Client, api: &str) -> u64 {
+    let Ok(r) = http.get(format!("{api}/metrics")).send().await else { return 0 };
+    r.text()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("meridian_tombstones_collected "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_collected_only_once_every_region_holds_them_and_a_key_can_live_again() {
+    let settings = "[replication]\nanti_entropy_interval_ms = 300\ntombstone_grace_ms = 1000\n";
+    let cluster = common::Cluster::start_regions(&REGIONS, settings);
+    let eps: Vec<String> = (0..3).map(|r| cluster.api_of(r).to_owned()).collect();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let policy = "format = 1\n[[dataset]]\nname = \"notes\"\nlocality = \"global\"\nclassification = \"internal\"\nhome = [\"us-east\", \"eu-west\", \"ap-south\"]\nconflict = \"lww\"\n";
+    until_ok("apply the policy", || {
+        send(&http, reqwest::Method::POST, format!("{}/v1/policy", eps[0]), Some(serde_json::json!({ "text": policy })))
+    })
+    .await;
+    let put = |ep: &String, key: &str, v: serde_json::Value| {
+        let (http, url) = (http.clone(), format!("{ep}/v1/datasets/notes/keys/{key}"));
+        async move { send(&http, reqwest::Method::PUT, url, Some(v)).await }
+    };
+    until_ok("write a", || put(&eps[0], "a", serde_json::json!(1))).await;
+    wait_until("every region holds a", Duration::from_secs(30), || {
+        let (http, eps) = (http.clone(), eps.clone());
+        async move { local_reads(&http, &eps, "notes/keys/a").await.iter().all(|(s, _)| *s == 200) }
+    })
+    .await;
+
+    // A tombstone while eu-west is cut off is not collected: eu-west has not merged it.
+    common::cli(&eps[0], &["chaos", "partition", "us-east", "eu-west"]);
+    let (s, b) = send(&http, reqwest::Method::DELETE, format!("{}/v1/datasets/notes/keys/a", eps[0]), None).await;
+    assert_eq!(s, 200, "{b}");
+    // Several passes past the grace period.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(collected(&http, &eps[0]).await, 0, "collected while a region that may hold it had not merged it");
+
+    // Healed: every region holds the same tombstone, then every region collects it.
+    common::cli(&eps[0], &["chaos", "heal"]);
+    for ep in &eps {
+        wait_until("every region collects the tombstone", Duration::from_secs(60), || {
+            let (http, ep) = (http.clone(), ep.clone());
+            async move { collected(&http, &ep).await >= 1 }
+        })
+        .await;
+    }
+    // Gone everywhere, and nothing brings it back: anti-entropy keeps running.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(local_reads(&http, &eps, "notes/keys/a").await.iter().all(|(s, _)| *s == 404));
+    // The key can live again, written anywhere.
+    let (s, b) = put(&eps[2], "a", serde_json::json!(2)).await;
+    assert_eq!(s, 201, "a collected key is new again: {b}");
+    wait_until("the new a reaches every region", Duration::from_secs(30), || {
+        let (http, eps) = (http.clone(), eps.clone());
+        async move {
+            local_reads(&http, &eps, "notes/keys/a")
+                .await
+                .iter()
+                .all(|(s, v)| *s == 200 && v[0] == serde_json::json!(2))
+        }
+    })
+    .await;
+}

@@ -95,6 +95,10 @@ pub struct ReplicationSettings {
     /// How long a conflict record is kept, in milliseconds. Every voter of a region must use
     /// the same value.
     pub conflict_record_age_ms: u64,
+    /// How long a tombstone is kept at least, in milliseconds, before its origin region may
+    /// collect it (it also waits until every region that may hold the key holds that same
+    /// tombstone and has merged every write it covers). Longer than any message can take.
+    pub tombstone_grace_ms: u64,
 }
 
 impl ReplicationSettings {
@@ -114,6 +118,7 @@ impl Default for ReplicationSettings {
             link_rate_bytes_per_sec: 0,
             conflict_records_max: meridian_raft::conflicts::CONFLICT_RECORDS_MAX,
             conflict_record_age_ms: meridian_raft::conflicts::CONFLICT_AGE_MS_MAX,
+            tombstone_grace_ms: TOMBSTONE_GRACE_MS_DEFAULT,
         }
     }
 }
@@ -123,6 +128,10 @@ pub const OUTBOX_ENTRIES_DEFAULT: u64 = meridian_raft::state_machine::OUTBOX_ENT
 /// Bounds on the replication settings.
 pub const OUTBOX_ENTRIES_RANGE: std::ops::RangeInclusive<u64> = 16..=50_000_000;
 pub const ANTI_ENTROPY_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 200..=86_400_000;
+/// A day.
+pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 86_400_000;
+/// From a second to a year.
+pub const TOMBSTONE_GRACE_MS_RANGE: std::ops::RangeInclusive<u64> = 1_000..=31_536_000_000;
 pub const CONFLICT_RECORDS_RANGE: std::ops::RangeInclusive<u64> = 1..=10_000_000;
 /// From a second to a year.
 pub const CONFLICT_RECORD_AGE_MS_RANGE: std::ops::RangeInclusive<u64> = 1_000..=31_536_000_000;
@@ -209,6 +218,13 @@ impl ClusterConfig {
                 "replication.anti_entropy_interval_ms must be between {} and {}",
                 ANTI_ENTROPY_INTERVAL_MS_RANGE.start(),
                 ANTI_ENTROPY_INTERVAL_MS_RANGE.end()
+            ));
+        }
+        if !TOMBSTONE_GRACE_MS_RANGE.contains(&rep.tombstone_grace_ms) {
+            problems.push(format!(
+                "replication.tombstone_grace_ms must be between {} and {}",
+                TOMBSTONE_GRACE_MS_RANGE.start(),
+                TOMBSTONE_GRACE_MS_RANGE.end()
             ));
         }
         if !CONFLICT_RECORDS_RANGE.contains(&rep.conflict_records_max) {

@@ -226,7 +226,13 @@ impl Node {
         let link_rate = config.replication.link_rate_bytes_per_sec;
         let links = Arc::new(Links::new(deps.clone(), supervisor.clone(), commits, link_rate));
         let interval = Duration::from_millis(config.replication.anti_entropy_interval_ms);
-        let repair = Arc::new(Repair::new(deps, links.clone(), gateway.clone(), interval));
+        let repair = Arc::new(Repair::new(
+            deps,
+            links.clone(),
+            gateway.clone(),
+            interval,
+            config.replication.tombstone_grace_ms,
+        ));
 
         if let Err(e) = policy.refresh() {
             tracing::warn!(error = %e, "load the policy copy");
@@ -311,6 +317,9 @@ impl Node {
     pub fn refresh_metrics(&self) {
         self.region.refresh_metrics();
         self.gateway.refresh_clock_metrics();
+        if let Ok(n) = self.reader().tombstones_collected() {
+            self.metrics().tombstones_collected.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         match self.reader().conflict_log() {
             Ok(log) => {
                 let m = self.metrics();
@@ -425,6 +434,9 @@ impl Node {
             }
             PeerRequestV1::FetchObjects { with, dataset, keys } => {
                 PeerResponseV1::Objects(self.repair.serve_fetch(&with, &dataset, &keys))
+            }
+            PeerRequestV1::CollectTombstones { source, dataset, keys } => {
+                PeerResponseV1::Collected(self.repair.serve_collect(&source, dataset, keys).await)
             }
             PeerRequestV1::ReplicationState => {
                 PeerResponseV1::ReplicationState(self.links.local_replication().map_err(error::to_peer_error))

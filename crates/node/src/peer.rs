@@ -67,6 +67,13 @@ pub enum PeerRequestV1 {
         dataset: String,
         keys: Vec<String>,
     },
+    /// Tombstones their origin region `source` found held alike everywhere: the answering
+    /// region's leader removes each that is still exactly the given object.
+    CollectTombstones {
+        source: String,
+        dataset: String,
+        keys: Vec<(String, StoredObject)>,
+    },
 }
 
 /// Changes sent outside a link's sequenced range: each applies only if newer than the copy
@@ -139,6 +146,7 @@ pub enum PeerResponseV1 {
     /// Keys and the version vectors of their copies.
     DigestEntries(Result<Vec<(String, meridian_core::VersionVector)>, PeerError>),
     Objects(Result<Vec<(String, StoredObject)>, PeerError>),
+    Collected(Result<CommandResult, PeerError>),
 }
 
 /// One region's replication state as one of its nodes has applied it.

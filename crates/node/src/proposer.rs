@@ -195,6 +195,13 @@ pub(crate) fn command_bytes(cmd: &CommandV1) -> usize {
             CommandV1::SetCursor { destination, .. } | CommandV1::SetBackfilled { destination, .. } => {
                 destination.len()
             }
+            CommandV1::CollectTombstones { dataset, keys } => {
+                dataset.len()
+                    + keys
+                        .iter()
+                        .map(|(k, o)| k.len() + o.encoded_len() + ENTRY_OVERHEAD_PER_WRITE_BYTES)
+                        .sum::<usize>()
+            }
             CommandV1::Purge { dataset, keys } => {
                 dataset.len() + keys.iter().map(|(k, _)| k.len() + ENTRY_OVERHEAD_PER_WRITE_BYTES).sum::<usize>()
             }

@@ -92,13 +92,25 @@ pub struct Repair {
     topology: Arc<Topology>,
     here: RegionId,
     interval: Duration,
+    /// A tombstone is kept at least this long (ms of this node's clock after its stamp).
+    tombstone_grace_ms: u64,
 }
+
+/// Tombstones one collection pass considers at most.
+const COLLECT_CANDIDATES_MAX: usize = 4096;
 
 impl Repair {
     /// `interval`: how often a round runs on the leader.
-    pub(crate) fn new(deps: Deps, links: Arc<Links>, gateway: Arc<Gateway>, interval: Duration) -> Repair {
+    /// `interval`: how often a round runs on the leader.
+    pub(crate) fn new(
+        deps: Deps,
+        links: Arc<Links>,
+        gateway: Arc<Gateway>,
+        interval: Duration,
+        tombstone_grace_ms: u64,
+    ) -> Repair {
         let (here, topology) = (deps.region.spec().region.clone(), deps.region.topology().clone());
-        Repair { deps, links, gateway, topology, here, interval }
+        Repair { deps, links, gateway, topology, here, interval, tombstone_grace_ms }
     }
 
     /// Both regions may hold this object under `active`.
@@ -317,6 +329,11 @@ impl Repair {
                     Err(e) => tracing::debug!(peer = %peer, error = %e, "anti-entropy round"),
                 }
             }
+            match self.collect_pass().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(collected = n, "collected tombstones every region holds alike"),
+                Err(e) => tracing::debug!(error = %e, "tombstone collection"),
+            }
         }
     }
 
@@ -405,6 +422,138 @@ impl Repair {
             CommandResult::Repaired { applied } => Ok(u64::from(applied)),
             other => Err(NodeError::Internal(format!("unexpected answer to a repair: {other:?}"))),
         }
+    }
+
+    /// Collect the tombstones this region originated once they are past their grace period and
+    /// every region that may hold the key holds that same tombstone (or has collected it) and
+    /// has merged every write it covers: no write concurrent with it is left anywhere, and no
+    /// link can deliver an older one. Every other region removes its copy first (each only if
+    /// still exactly this tombstone), this region's goes last, so a failed step is retried by
+    /// the next pass. Tombstones collected here.
+    pub(crate) async fn collect_pass(&self) -> Result<u64, NodeError> {
+        self.deps.policy.refresh()?;
+        let Some(active) = self.deps.policy.active() else { return Ok(0) };
+        let now = self.deps.clock.now_ms();
+        let here = self.here.clone();
+        let mut candidates: BTreeMap<String, Vec<(String, StoredObject)>> = BTreeMap::new();
+        let mut found = 0usize;
+        self.for_each_object(None, |ds, key, obj| {
+            let old_enough = obj.version.hlc.wall_ms().saturating_add(self.tombstone_grace_ms) <= now;
+            if found < COLLECT_CANDIDATES_MAX && obj.is_bare_tombstone() && obj.version.region == here && old_enough {
+                candidates.entry(ds.to_owned()).or_default().push((key.to_owned(), obj.clone()));
+                found += 1;
+            }
+        })?;
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // What every region has merged from each origin; a region that cannot answer holds
+        // collection back.
+        let mut merged: BTreeMap<RegionId, BTreeMap<String, u64>> = BTreeMap::new();
+        for (region, state) in self.links.replication_view().await {
+            match state {
+                Ok(s) => {
+                    merged.insert(region, s.merged.into_iter().collect());
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        // `region` has merged every write the tombstone covers (its own it holds anyway).
+        let covered = |region: &RegionId, obj: &StoredObject| {
+            obj.vv.iter().all(|(r, n)| {
+                r == region || merged.get(region).and_then(|m| m.get(r.as_str())).is_some_and(|&m| m >= n)
+            })
+        };
+        let others: Vec<RegionId> =
+            self.topology.regions().iter().map(|r| r.name.clone()).filter(|r| *r != here).collect();
+        let allows = |r: &RegionId, ds: &str, k: &str, o: &StoredObject| {
+            self.deps.policy.placement_allows(Some(&active), r, ds, k, o)
+        };
+        let mut total = 0u64;
+        for (dataset, objs) in candidates {
+            for chunk in objs.chunks(FETCH_KEYS_MAX) {
+                let mut keep: Vec<(String, StoredObject)> =
+                    chunk.iter().filter(|(_, o)| covered(&here, o)).cloned().collect();
+                for r in &others {
+                    let keys: Vec<String> =
+                        keep.iter().filter(|(k, o)| allows(r, &dataset, k, o)).map(|(k, _)| k.clone()).collect();
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let req = || PeerRequestV1::FetchObjects {
+                        with: here.to_string(),
+                        dataset: dataset.clone(),
+                        keys: keys.clone(),
+                    };
+                    let unpack = |resp| match resp {
+                        PeerResponseV1::Objects(r) => Some(r),
+                        _ => None,
+                    };
+                    let (theirs, _) = self.deps.transport.call_region(r, req, unpack, true).await?;
+                    // A fetch answer may stop at its byte bound after a live copy: then a key
+                    // missing from it says nothing.
+                    let complete = theirs.iter().all(|(_, o)| o.value.is_none());
+                    let theirs: BTreeMap<String, StoredObject> = theirs.into_iter().collect();
+                    keep.retain(|(k, o)| {
+                        !allows(r, &dataset, k, o)
+                            || (covered(r, o)
+                                && match theirs.get(k) {
+                                    Some(t) => t == o,
+                                    // Collected there already (by an earlier pass of this one).
+                                    None => complete,
+                                })
+                    });
+                }
+                if keep.is_empty() {
+                    continue;
+                }
+                for r in &others {
+                    let theirs: Vec<(String, StoredObject)> =
+                        keep.iter().filter(|(k, o)| allows(r, &dataset, k, o)).cloned().collect();
+                    if theirs.is_empty() {
+                        continue;
+                    }
+                    let req = || PeerRequestV1::CollectTombstones {
+                        source: here.to_string(),
+                        dataset: dataset.clone(),
+                        keys: theirs.clone(),
+                    };
+                    let unpack = |resp| match resp {
+                        PeerResponseV1::Collected(r) => Some(r),
+                        _ => None,
+                    };
+                    self.deps.transport.call_region(r, req, unpack, true).await?;
+                }
+                let cmd = CommandV1::CollectTombstones { dataset: dataset.clone(), keys: keep };
+                match self.deps.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_node_error)? {
+                    CommandResult::Collected { removed } => total += u64::from(removed),
+                    other => return Err(NodeError::Internal(format!("unexpected answer to a collection: {other:?}"))),
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Another region's collection of tombstones it originated: removed here through this
+    /// region's group, each only if the stored object is still exactly the one named.
+    pub(crate) async fn serve_collect(
+        &self,
+        source: &str,
+        dataset: String,
+        keys: Vec<(String, StoredObject)>,
+    ) -> Result<CommandResult, PeerError> {
+        self.lead_or_refuse()?;
+        let source = Self::peer_region(source, "a tombstone collection")?;
+        if keys.len() > FETCH_KEYS_MAX {
+            return Err(PeerError::Protocol(format!(
+                "a collection names {} keys; at most {FETCH_KEYS_MAX}",
+                keys.len()
+            )));
+        }
+        // Only the origin of a tombstone decides its collection.
+        let keys: Vec<(String, StoredObject)> = keys.into_iter().filter(|(_, o)| o.version.region == source).collect();
+        let cmd = CommandV1::CollectTombstones { dataset, keys };
+        self.deps.proposer.propose_if_leader(cmd).await.map_err(LocalError::into_peer_error)
     }
 
     /// Remove the copies the active placement no longer lets this region hold, each once a

@@ -438,9 +438,10 @@ fn kind_of(req: &PeerRequestV1) -> &'static str {
     match req {
         PeerRequestV1::ShipBatch(_) => "ship",
         PeerRequestV1::Repair(_) => "repair",
-        PeerRequestV1::Digest { .. } | PeerRequestV1::DigestEntries { .. } | PeerRequestV1::FetchObjects { .. } => {
-            "anti_entropy"
-        }
+        PeerRequestV1::Digest { .. }
+        | PeerRequestV1::DigestEntries { .. }
+        | PeerRequestV1::FetchObjects { .. }
+        | PeerRequestV1::CollectTombstones { .. } => "anti_entropy",
         PeerRequestV1::Raft(_) => "raft",
         _ => "other",
     }

@@ -78,6 +78,11 @@ pub enum CommandV1 {
     ApplyChanges { source: String, from_seq: u64, upto_seq: u64, fresh_ms: u64, changes: Vec<Change> },
     /// [`CommandV1::Repair`] with changes that carry their causal history.
     RepairChanges { source: String, changes: Vec<Change> },
+    /// Remove tombstones every region that may hold them holds alike: each key is removed
+    /// only if its stored object is still exactly the given one (a write since keeps it).
+    /// Decided by the tombstone's origin region, never shipped by links (see
+    /// `docs/conflicts.md`, "Deletes and tombstones").
+    CollectTombstones { dataset: String, keys: Vec<(String, StoredObject)> },
 }
 
 /// A precondition checked at apply time, inside the log's total order, which is what makes
@@ -138,6 +143,10 @@ pub enum CommandResult {
     KindMismatch {
         /// `None`: the key holds a plain JSON value.
         held: Option<CrdtKind>,
+    },
+    /// An applied [`CommandV1::CollectTombstones`]: `removed` tombstones were removed.
+    Collected {
+        removed: u32,
     },
 }
 
@@ -232,6 +241,12 @@ impl StoredObject {
 
     pub fn is_live(&self) -> bool {
         self.value.is_some()
+    }
+
+    /// A tombstone and nothing else: no value, no version kept beside it, no live state.
+    /// What tombstone collection may remove.
+    pub fn is_bare_tombstone(&self) -> bool {
+        self.value.is_none() && self.siblings.is_empty() && self.crdt.as_ref().is_none_or(|c| !c.is_live())
     }
 
     /// Every version kept, the one a read answers with first.

@@ -268,6 +268,9 @@ fn weight(e: &Entry) -> usize {
                 128 + dataset.len() + key.len() + value.as_ref().map_or(0, Vec::len)
             }
             CommandV1::Op { dataset, key, op, .. } => 128 + dataset.len() + key.len() + op.encoded_len(),
+            CommandV1::CollectTombstones { dataset, keys } => {
+                64 + dataset.len() + keys.iter().map(|(k, o)| 64 + k.len() + o.encoded_len()).sum::<usize>()
+            }
             CommandV1::Purge { dataset, keys } => {
                 64 + dataset.len() + keys.iter().map(|(k, _)| 64 + k.len()).sum::<usize>()
             }

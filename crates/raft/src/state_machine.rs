@@ -51,6 +51,8 @@ const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts")
 const CONFLICTS_BY_KEY: TableDefinition<&[u8], u64> = TableDefinition::new("conflicts_by_key");
 /// The conflict log's bookkeeping ([`ConflictLogState`]).
 const META_CONFLICTS: &str = "conflicts";
+/// Tombstones collected in this region, ever (a `u64`).
+const META_TOMBSTONES_COLLECTED: &str = "tombstones_collected";
 /// Snapshots since the conflict log start with these bytes.
 const SNAPSHOT_MAGIC_V4: &[u8] = b"MSNAP4\0";
 
@@ -157,6 +159,7 @@ struct SnapshotData {
     outbox: Vec<(u64, Vec<u8>)>,
     conflict_log: ConflictLogState,
     conflicts: Vec<(u64, Vec<u8>)>,
+    tombstones_collected: u64,
 }
 
 impl SnapshotData {
@@ -179,6 +182,7 @@ impl SnapshotData {
                 outbox: v3.outbox,
                 conflict_log: ConflictLogState::default(),
                 conflicts: Vec::new(),
+                tombstones_collected: 0,
             });
         }
         match decode::<SnapshotDataV2>(bytes) {
@@ -189,6 +193,7 @@ impl SnapshotData {
                 outbox: v2.outbox,
                 conflict_log: ConflictLogState::default(),
                 conflicts: Vec::new(),
+                tombstones_collected: 0,
             }),
             Err(_) => {
                 let v1: SnapshotDataV1 = decode(bytes)?;
@@ -199,6 +204,7 @@ impl SnapshotData {
                     outbox: Vec::new(),
                     conflict_log: ConflictLogState::default(),
                     conflicts: Vec::new(),
+                    tombstones_collected: 0,
                 })
             }
         }
@@ -351,6 +357,7 @@ impl StateMachineStore {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut conflicts = txn.open_table(CONFLICTS)?;
             let mut conflicts_by_key = txn.open_table(CONFLICTS_BY_KEY)?;
+            let mut meta = txn.open_table(META)?;
             for entry in entries {
                 assert!(
                     applied.last_applied.is_none_or(|l| l.index < entry.log_id.index),
@@ -374,6 +381,7 @@ impl StateMachineStore {
                             conflict_log: &mut conflict_log,
                             conflict_limits: self.conflict_limits,
                             values_max: self.values_max,
+                            meta: &mut meta,
                         };
                         apply_command(&mut t, &mut applied, &self.shared.region, cmd)?
                     }
@@ -386,7 +394,6 @@ impl StateMachineStore {
                 let now_ms = applied.last_hlc.wall_ms();
                 trim_conflicts(&mut conflicts, &mut conflicts_by_key, &mut conflict_log, self.conflict_limits, now_ms)?;
             }
-            let mut meta = txn.open_table(META)?;
             meta.insert(META_APPLIED, encode(&applied).as_slice())?;
             if replication != self.replication {
                 meta.insert(META_REPLICATION, encode(&replication).as_slice())?;
@@ -418,6 +425,8 @@ struct Tables<'a, 't> {
     conflict_log: &'a mut ConflictLogState,
     conflict_limits: ConflictLimits,
     values_max: usize,
+    /// Counters that change rarely (tombstones collected).
+    meta: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 /// The conflict log's bookkeeping in `meta`, or a fresh one.
@@ -555,6 +564,7 @@ fn apply_command(
                     | CommandV1::SetCursor { .. }
                     | CommandV1::Repair { .. }
                     | CommandV1::RepairChanges { .. }
+                    | CommandV1::CollectTombstones { .. }
                     | CommandV1::Purge { .. }
                     | CommandV1::SetBackfilled { .. } => {
                         return Ok(CommandResult::AtomicFailed { index: index as u32, current: None })
@@ -603,6 +613,27 @@ fn apply_command(
             }
             t.replication.purged += u64::from(removed);
             return Ok(CommandResult::Purged { removed });
+        }
+        CommandV1::CollectTombstones { dataset, keys } => {
+            let mut removed = 0u32;
+            for (key, expected) in keys {
+                let k = object_key(&dataset, &key);
+                let current = get_object(t.objects, &k)?;
+                if dataset.starts_with('_') || !expected.is_bare_tombstone() || current.as_ref() != Some(&expected) {
+                    continue;
+                }
+                t.objects.remove(k.as_slice())?;
+                removed += 1;
+            }
+            if removed > 0 {
+                let meta = &mut *t.meta;
+                let before: u64 = match meta.get(META_TOMBSTONES_COLLECTED)? {
+                    Some(v) => decode(v.value()).map_err(corrupt)?,
+                    None => 0,
+                };
+                meta.insert(META_TOMBSTONES_COLLECTED, encode(&(before + u64::from(removed))).as_slice())?;
+            }
+            return Ok(CommandResult::Collected { removed });
         }
         CommandV1::Check { dataset, key, condition } => {
             let live = live_version(t.objects, &dataset, &key)?;
@@ -950,6 +981,16 @@ impl StateMachineReader {
         Ok((replication, applied.region_seq))
     }
 
+    /// Tombstones this region has collected, ever.
+    pub fn tombstones_collected(&self) -> Result<u64, redb::Error> {
+        let txn = self.shared.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        match meta.get(META_TOMBSTONES_COLLECTED)? {
+            Some(v) => decode(v.value()).map_err(corrupt),
+            None => Ok(0),
+        }
+    }
+
     /// The highest HLC stamp this region has applied (its own writes' and every merged
     /// change's): the region's timestamps never go below it.
     pub fn last_hlc(&self) -> Result<HlcTimestamp, redb::Error> {
@@ -1113,7 +1154,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let (k, v) = item?;
                 conflicts.push((k.value(), v.value().to_vec()));
             }
-            let data = SnapshotData { applied, objects, replication, outbox, conflict_log, conflicts }.encode();
+            let tombstones_collected: u64 = match meta_t.get(META_TOMBSTONES_COLLECTED)? {
+                Some(v) => decode(v.value()).map_err(corrupt)?,
+                None => 0,
+            };
+            let data =
+                SnapshotData { applied, objects, replication, outbox, conflict_log, conflicts, tombstones_collected }
+                    .encode();
             write_snapshot_file(&self.shared.snapshot_path, &meta, &data).map_err(redb::Error::Io)?;
             Ok((meta, data))
         };
@@ -1208,6 +1255,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
                 let mut meta_t = txn.open_table(META)?;
                 meta_t.insert(META_CONFLICTS, encode(&snap.conflict_log).as_slice())?;
+                meta_t.insert(META_TOMBSTONES_COLLECTED, encode(&snap.tombstones_collected).as_slice())?;
                 meta_t.insert(META_APPLIED, encode(&snap.applied).as_slice())?;
                 meta_t.insert(META_REPLICATION, encode(&snap.replication).as_slice())?;
                 meta_t.remove(META_REPLICATION_V1)?;

@@ -685,3 +685,53 @@ async fn the_state_machine_waits_for_the_log_to_be_durable() {
     let _sm = apply.await.unwrap();
     assert_eq!(reader.get("d", "c").unwrap().unwrap().value.as_deref(), Some(&b"3"[..]));
 }
+
+fn cmd(index: u64, c: CommandV1) -> Entry {
+    Entry { log_id: log_id(1, index), payload: EntryPayload::Normal(Command::V1(c)) }
+}
+
+#[tokio::test]
+async fn a_collection_removes_a_tombstone_only_while_it_is_exactly_the_one_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    let del = |index: u64, key: &str| {
+        cmd(
+            index,
+            CommandV1::Delete {
+                dataset: "d".into(),
+                key: key.into(),
+                hlc: HlcTimestamp::new(index, 0),
+                condition: Condition::Always,
+            },
+        )
+    };
+    sm.apply(vec![put(1, "a", "1", 1, Condition::Always), del(2, "a"), put(3, "b", "1", 3, Condition::Always)])
+        .await
+        .unwrap();
+    let tomb = sm.reader().get("d", "a").unwrap().unwrap();
+    let live = sm.reader().get("d", "b").unwrap().unwrap();
+    assert!(tomb.is_bare_tombstone() && !live.is_bare_tombstone());
+    let collect = |index: u64, keys: Vec<(String, meridian_raft::StoredObject)>| {
+        cmd(index, CommandV1::CollectTombstones { dataset: "d".into(), keys })
+    };
+    // A live value, or a tombstone that is not the stored one, is never removed.
+    let mut other = tomb.clone();
+    other.vv.add(&meridian_core::Dot { region: meridian_core::RegionId::new("r9").unwrap(), counter: 1 });
+    let r = sm.apply(vec![collect(4, vec![("b".into(), live), ("a".into(), other)])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Collected { removed: 0 });
+    assert!(sm.reader().get("d", "a").unwrap().is_some() && sm.reader().get("d", "b").unwrap().is_some());
+    // Exactly the stored tombstone: removed, and counted.
+    let r = sm.apply(vec![collect(5, vec![("a".into(), tomb.clone())])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Collected { removed: 1 });
+    assert!(sm.reader().get("d", "a").unwrap().is_none());
+    assert_eq!(sm.reader().tombstones_collected().unwrap(), 1);
+    // A repeat finds nothing; a write after a tombstone keeps the key from being collected.
+    let r = sm.apply(vec![collect(6, vec![("a".into(), tomb)])]).await.unwrap();
+    assert_eq!(r[0], CommandResult::Collected { removed: 0 });
+    // The count survives a snapshot.
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut sm2 = StateMachineStore::open(dir2.path(), region()).unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(sm2.reader().tombstones_collected().unwrap(), 1);
+}
