@@ -735,3 +735,73 @@ async fn a_collection_removes_a_tombstone_only_while_it_is_exactly_the_one_named
     sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
     assert_eq!(sm2.reader().tombstones_collected().unwrap(), 1);
 }
+
+/// A change of `source`'s that did not see anything of this region's: concurrent with every
+/// local write to the key.
+fn concurrent(key: &str, hlc: u64, source: &str, seq: u64) -> meridian_raft::command::Change {
+    let v = meridian_core::Version { hlc: HlcTimestamp::new(hlc, 0), region: RegionId::new(source).unwrap(), seq };
+    meridian_raft::command::Change {
+        dataset: "d".into(),
+        key: key.into(),
+        object: meridian_raft::StoredObject::plain(v, Some(b"\"theirs\"".to_vec())),
+        rule: meridian_raft::command::MergeRule::Siblings,
+    }
+}
+
+#[tokio::test]
+async fn the_conflict_log_is_bounded_travels_in_snapshots_and_leaves_with_a_purged_key() {
+    use meridian_raft::conflicts::{ConflictLimits, ConflictQuery, ConflictState};
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachineStore::open(dir.path(), region()).unwrap();
+    sm.set_conflict_limits(ConflictLimits { records: 3, age_ms: 1_000_000 });
+    // Five keys written here, each met by a concurrent write from r2: five conflicts.
+    let mut entries: Vec<Entry> = (0..5).map(|i| put(i + 1, &format!("k{i}"), "1", 10, Condition::Always)).collect();
+    let changes: Vec<_> = (0..5).map(|i| concurrent(&format!("k{i}"), 20, "r2", i + 1)).collect();
+    entries.push(cmd(6, CommandV1::RepairChanges { source: "r2".into(), changes }));
+    sm.apply(entries).await.unwrap();
+    let all =
+        |sm: &StateMachineStore| sm.reader().conflicts(&ConflictQuery { limit: 100, ..Default::default() }).unwrap();
+    let records = all(&sm);
+    assert_eq!(
+        records.iter().map(|(r, _)| r.key.as_str()).collect::<Vec<_>>(),
+        ["k4", "k3", "k2"],
+        "newest first, oldest dropped"
+    );
+    assert!(records.iter().all(|(r, s)| *s == ConflictState::Open && r.versions.len() == 2), "{records:?}");
+    let log = sm.reader().conflict_log().unwrap();
+    assert_eq!((log.held, log.expired, log.recorded["d"]["siblings"]), (3, 2, 5));
+    // A snapshot carries the records and their bookkeeping.
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut sm2 = StateMachineStore::open(dir2.path(), region()).unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(all(&sm2).len(), 3);
+    assert_eq!(sm2.reader().conflict_log().unwrap().held, 3);
+    let by_key =
+        sm2.reader().conflicts(&ConflictQuery { dataset: Some("d"), key: Some("k3"), limit: 10, ..Default::default() });
+    assert_eq!(by_key.unwrap().len(), 1, "the index by key is rebuilt from the records");
+    // A purged key takes its records with it.
+    let k3 = sm.reader().get("d", "k3").unwrap().unwrap();
+    sm.apply(vec![cmd(7, CommandV1::Purge { dataset: "d".into(), keys: vec![("k3".into(), k3.version)] })])
+        .await
+        .unwrap();
+    assert_eq!(all(&sm).iter().map(|(r, _)| r.key.as_str()).collect::<Vec<_>>(), ["k4", "k2"]);
+    // A write that supersedes the siblings ends the conflict.
+    let ctx = sm.reader().get("d", "k4").unwrap().unwrap().vv;
+    sm.apply(vec![cmd(
+        8,
+        CommandV1::PutInContext {
+            dataset: "d".into(),
+            key: "k4".into(),
+            value: Some(b"\"merged\"".to_vec()),
+            hlc: HlcTimestamp::new(30, 0),
+            condition: Condition::Always,
+            context: ctx,
+        },
+    )])
+    .await
+    .unwrap();
+    let k4 = sm.reader().get("d", "k4").unwrap().unwrap();
+    assert!(k4.siblings.is_empty() && k4.value.as_deref() == Some(&b"\"merged\""[..]));
+    assert_eq!(all(&sm)[0].1, ConflictState::Superseded);
+}
