@@ -44,15 +44,32 @@ pub enum Merge {
     Changed { object: StoredObject, met: Vec<Sibling> },
 }
 
+/// The simulator's negative control: merge by the newest version alone, with no record, as
+/// before version vectors. Never set outside it.
+#[doc(hidden)]
+pub static PLAIN_LWW_FOR_NEGATIVE_CONTROL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Merge `incoming` into `local` under `rule`.
 /// `values_max`: the value limit, which bounds the values an object keeps together.
 pub fn merge(local: Option<&StoredObject>, incoming: &StoredObject, rule: MergeRule, values_max: usize) -> Merge {
+    if PLAIN_LWW_FOR_NEGATIVE_CONTROL.load(std::sync::atomic::Ordering::Relaxed) {
+        return match local {
+            Some(local) if local.version >= incoming.version => Merge::Seen,
+            _ => Merge::Changed { object: incoming.clone(), met: Vec::new() },
+        };
+    }
     let Some(local) = local else {
-        return Merge::Changed { object: canonical(incoming.clone(), rule, values_max), met: Vec::new() };
+        let met = meeting(None, siblings_of(incoming));
+        return Merge::Changed { object: canonical(incoming.clone(), rule, values_max), met };
     };
     match incoming.vv.compare(&local.vv) {
         Causality::Equal | Causality::Before => Merge::Seen,
-        Causality::After => Merge::Changed { object: canonical(incoming.clone(), rule, values_max), met: Vec::new() },
+        Causality::After => {
+            // Causally newer, but it may carry concurrent versions this copy never met (a
+            // region relaying what it merged): a meeting here too.
+            let met = meeting(Some(local), siblings_of(incoming));
+            Merge::Changed { object: canonical(incoming.clone(), rule, values_max), met }
+        }
         Causality::Concurrent => match (rule, &local.crdt, &incoming.crdt) {
             (MergeRule::Crdt, Some(mine), Some(theirs)) => {
                 let mut state = mine.clone();
@@ -92,15 +109,25 @@ fn merge_versions(local: &StoredObject, incoming: &StoredObject, rule: MergeRule
         .into_iter()
         .filter(|t| !local.vv.contains(&dot_of(&t.version)) && !kept_mine.iter().any(|m| m.version == t.version))
         .collect();
-    let conflict = !kept_mine.is_empty() && !new_theirs.is_empty();
     let mut all = kept_mine;
     all.extend(new_theirs);
     let mut vv = local.vv.clone();
     vv.merge(&incoming.vv);
-    let mut met = if conflict { all.clone() } else { Vec::new() };
-    met.sort_by(|a, b| lww_cmp(&a.version, &b.version));
+    let met = meeting(Some(local), all.clone());
     let object = assemble(all, vv, rule, values_max);
     Merge::Changed { object, met }
+}
+
+/// The concurrent versions a merge leaves, if they are a meeting this copy has not recorded:
+/// more than one, and at least one it did not keep before. In the order `lww` reads them
+/// (taken before the object's bounds drop any, so the record keeps them all).
+fn meeting(before: Option<&StoredObject>, mut versions: Vec<Sibling>) -> Vec<Sibling> {
+    let had = |v: &Version| before.is_some_and(|b| b.versions().any(|(bv, _)| bv == v));
+    if versions.len() < 2 || versions.iter().all(|s| had(&s.version)) {
+        return Vec::new();
+    }
+    versions.sort_by(|a, b| lww_cmp(&a.version, &b.version));
+    versions
 }
 
 /// Every version an object keeps, as siblings, the one a read answers with first.
@@ -338,6 +365,25 @@ mod tests {
         assert!(lww.obj.as_ref().unwrap().siblings.is_empty());
         assert!(!receive(&mut eu, &lww, MergeRule::Lww), "causally newer replaces");
         assert_eq!(eu.obj.as_ref().unwrap().value.as_deref(), Some(&b"4"[..]));
+    }
+
+    #[test]
+    fn a_region_that_receives_versions_already_merged_elsewhere_records_their_meeting_too() {
+        let mut eu = Copy { obj: None, seq: 0, ms: 0 };
+        let mut us = Copy { obj: None, seq: 0, ms: 0 };
+        write(&mut eu, 1, Some(1), 10);
+        write(&mut us, 2, Some(2), 10);
+        let from_us = us.clone();
+        assert!(receive(&mut eu, &from_us, MergeRule::Siblings), "eu-west meets us-east's write");
+        // ap-south has neither: eu-west's merged copy brings both at once.
+        let mut ap = Copy { obj: None, seq: 0, ms: 0 };
+        let from_eu = eu.clone();
+        assert!(receive(&mut ap, &from_eu, MergeRule::Siblings), "ap-south records the meeting it received");
+        // Again: nothing new, no second record.
+        assert!(!receive(&mut ap, &from_eu, MergeRule::Siblings));
+        let mut ap2 = Copy { obj: None, seq: 0, ms: 0 };
+        assert!(!receive(&mut ap2, &from_us, MergeRule::Siblings), "one version is no meeting");
+        assert!(receive(&mut ap2, &from_eu, MergeRule::Siblings), "causally newer, with a version it never met");
     }
 
     #[test]
