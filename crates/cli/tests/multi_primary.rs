@@ -436,9 +436,10 @@ async fn partition_drill(extra: &[&str]) {
 
     // lww: every acknowledged version is the final one or in a conflict record somewhere.
     let final_etag = read("notes/keys/k").await["version"]["etag"].as_str().unwrap().to_owned();
-    let mut recorded = std::collections::BTreeSet::new();
+    // In every region: every region that holds the key records every meeting of its versions.
     let mut lww_record = None;
     for ep in &eps {
+        let mut recorded = std::collections::BTreeSet::new();
         let (_, list) = send(&http, reqwest::Method::GET, format!("{ep}/v1/conflicts?dataset=notes&key=k"), None).await;
         for item in list["items"].as_array().unwrap() {
             assert_eq!(item["rule"], "lww");
@@ -447,12 +448,12 @@ async fn partition_drill(extra: &[&str]) {
                 recorded.insert(v["version"]["etag"].as_str().unwrap().to_owned());
             }
         }
-    }
-    for v in &lww_versions {
-        assert!(
-            *v == final_etag || recorded.contains(v),
-            "acknowledged {v} vanished: final {final_etag}, recorded {recorded:?}"
-        );
+        for v in &lww_versions {
+            assert!(
+                *v == final_etag || recorded.contains(v),
+                "acknowledged {v} vanished in {ep}: final {final_etag}, recorded {recorded:?}"
+            );
+        }
     }
 
     // Act on the conflict: keep a loser, through the region that recorded it; every region follows.
