@@ -18,6 +18,7 @@ pub mod delay_proxy;
 pub mod etcd;
 pub mod lag;
 pub mod load;
+pub mod merge;
 pub mod meridian;
 pub mod ports;
 pub mod procs;

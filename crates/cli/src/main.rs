@@ -471,12 +471,14 @@ fn main() -> std::process::ExitCode {
 enum BenchCommand {
     Lag(meridian_bench::lag::LagArgs),
     Bytes(meridian_bench::bytes::BytesArgs),
+    Merge(meridian_bench::merge::MergeArgs),
 }
 
 async fn bench(b: BenchArgs) -> anyhow::Result<()> {
     match b.command {
         Some(BenchCommand::Lag(args)) => return meridian_bench::lag::run_cli(args).await,
         Some(BenchCommand::Bytes(args)) => return meridian_bench::bytes::run_cli(args).await,
+        Some(BenchCommand::Merge(args)) => return meridian_bench::merge::run_cli(args).await,
         None => {}
     }
     let opts = meridian_bench::BenchOptions {
