@@ -448,7 +448,7 @@ fn conflict_index_key(dataset: &str, key: &str, id: u64) -> Vec<u8> {
     out
 }
 
-/// Write one conflict record, then trim the log to its bounds.
+/// Write one conflict record, then trim the log to its count bound.
 fn record_conflict(t: &mut Tables<'_, '_>, mut record: ConflictRecord) -> Result<(), redb::Error> {
     let log = &mut *t.conflict_log;
     record.id = log.next_id;
@@ -457,7 +457,12 @@ fn record_conflict(t: &mut Tables<'_, '_>, mut record: ConflictRecord) -> Result
     *log.recorded.entry(record.dataset.clone()).or_default().entry(record.rule.name().to_owned()).or_default() += 1;
     t.conflicts.insert(record.id, encode(&record).as_slice())?;
     t.conflicts_by_key.insert(conflict_index_key(&record.dataset, &record.key, record.id).as_slice(), record.id)?;
-    trim_conflicts(t.conflicts, t.conflicts_by_key, t.conflict_log, t.conflict_limits, record.at_ms)
+    // Over the count bound: trim now. The age bound is looked at once per batch (in
+    // `apply_batch`), not after every record.
+    if t.conflict_log.held > t.conflict_limits.records {
+        trim_conflicts(t.conflicts, t.conflicts_by_key, t.conflict_log, t.conflict_limits, record.at_ms)?;
+    }
+    Ok(())
 }
 
 /// Drop the oldest records while more are held than the bound, or they are older than the
