@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::nemesis::FAULTS;
 
 /// Paths the invariants only mean something if runs take them.
-pub const PATHS: [&str; 19] = [
+pub const PATHS: [&str; 23] = [
     "leader elected",
     "leader changed",
     "crash lost unsynced writes",
@@ -27,6 +27,10 @@ pub const PATHS: [&str; 19] = [
     "change backfilled or caught up",
     "copy purged",
     "key linearizable for stateright too",
+    "concurrent set adds merged",
+    "lww conflict recorded",
+    "set add found in every copy",
+    "lww write superseded by another region",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

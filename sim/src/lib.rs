@@ -63,6 +63,9 @@ pub struct RunConfig {
     pub lying_disks: bool,
     /// A policy that mirrors the restricted dataset everywhere (to prove the residency check).
     pub leaky_policy: bool,
+    /// Merge changes from other regions by the newest version alone, with no version vectors
+    /// and no conflict records (to prove the multi-primary check).
+    pub plain_lww: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -144,6 +147,7 @@ pub fn run_seed(cfg: &RunConfig) -> RunReport {
 fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
     let started = Instant::now();
     meridian_raft::rt::seed_thread_rng(cfg.seed);
+    meridian_raft::merge::PLAIN_LWW_FOR_NEGATIVE_CONTROL.store(cfg.plain_lww, Ordering::SeqCst);
     let allowed = [meridian_core::RegionId::new(workload::RESTRICTED_REGION).expect("a valid region")].into();
     let world = World::new(cfg.seed, cluster_config(), allowed, cfg.lying_disks, cfg.leaky_policy)
         .expect("a temporary directory for snapshots");
@@ -199,13 +203,15 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         // Let every region apply one log on all its nodes and every allowed copy converge,
         // then compare.
         let keys = world.keys.lock().expect("keys lock").clone();
+        let multi_keys = world.multi.lock().expect("multi lock").keys.clone();
         let regions: Vec<Vec<u64>> = world.regions().iter().map(|r| world.region_ids(r)).collect();
         let all = world.node_ids();
         let deadline = sim.elapsed() + invariants::convergence::CONVERGE_DEADLINE;
         let outcome = loop {
             let live = world.live();
             let settled = regions.iter().all(|ids| invariants::replicas_agree::settled(&live, ids).is_some());
-            let difference = invariants::convergence::difference(&live, &all, workload::MIRRORED, &keys);
+            let difference = invariants::convergence::difference(&live, &all, workload::MIRRORED, &keys)
+                .or_else(|| invariants::convergence::whole_difference(&live, &all, &multi_keys));
             if settled && difference.is_none() {
                 break Ok(());
             }
@@ -237,6 +243,28 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
                 for ids in &regions {
                     if let Err(v) = invariants::replicas_agree::check(&live, ids, &keys) {
                         violations.push(v);
+                    }
+                }
+                let mut multi = world.multi.lock().expect("multi lock");
+                match invariants::multi_primary::check(&mut multi, &live) {
+                    Ok(stats) => {
+                        cov.hit_n("set add found in every copy", stats.adds);
+                        cov.hit_n("lww write kept", stats.kept);
+                        cov.hit_n("lww write in a conflict record", stats.recorded);
+                        cov.hit_n("lww write superseded in its region", stats.superseded_here);
+                        cov.hit_n("lww write superseded by another region", stats.superseded_elsewhere);
+                    }
+                    Err(broken) => violations.extend(broken),
+                }
+                drop(multi);
+                // Conflicts each region recorded, by dataset and rule (one node per region:
+                // its nodes agree).
+                for ids in &regions {
+                    let Some(node) = ids.iter().find_map(|id| live.get(id)) else { continue };
+                    if let Ok(log) = node.node.reader().conflict_log() {
+                        let n = |d: &str, r: &str| log.recorded.get(d).and_then(|m| m.get(r)).copied().unwrap_or(0);
+                        cov.hit_n("concurrent set adds merged", n(workload::CARTS, "crdt"));
+                        cov.hit_n("lww conflict recorded", n(workload::NOTES, "lww"));
                     }
                 }
             }
@@ -272,6 +300,11 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
         })
         .count();
     cov.hit_n("acknowledged write", acked as u64);
+    {
+        let multi = world.multi.lock().expect("multi lock");
+        cov.hit_n("multi-primary call refused", multi.refused);
+        cov.hit_n("multi-primary call with unknown outcome", multi.unknown);
+    }
     if let Some(healed) = healed_at {
         if let Err(v) = invariants::acknowledged_writes::check(&history, healed.as_nanos() as u64) {
             violations.push(v);
@@ -298,6 +331,15 @@ fn run_on_this_thread(cfg: &RunConfig) -> RunReport {
     }
     for op in history.ops() {
         fnv(&mut fingerprint, format!("{op:?}").as_bytes());
+    }
+    {
+        let multi = world.multi.lock().expect("multi lock");
+        for add in &multi.adds {
+            fnv(&mut fingerprint, format!("{add:?}").as_bytes());
+        }
+        for put in &multi.puts {
+            fnv(&mut fingerprint, format!("{put:?}").as_bytes());
+        }
     }
     RunReport {
         seed: cfg.seed,

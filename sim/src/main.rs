@@ -17,8 +17,8 @@ const DURATION_MAX_SECS: u64 = 3_600;
 /// anti-entropy) on a simulated network, clocks and disks under seeded faults, and check its
 /// invariants: no restricted byte sent to or stored in a forbidden region, no two nodes of a
 /// region apply different entries at one log index, no acknowledged write lost, per-key
-/// linearizability, replicas of a region that agree, and allowed copies that converge after
-/// the heal.
+/// linearizability, replicas of a region that agree, allowed copies that converge after the
+/// heal, and no acknowledged multi-primary write that vanishes without a trace.
 ///
 /// Each seed replays exactly: a failing seed prints the command that reproduces it with a
 /// readable trace of events.
@@ -61,6 +61,12 @@ struct Args {
     #[arg(long)]
     leaky_policy: bool,
 
+    /// Merge changes from other regions by the newest version alone, with no version vectors
+    /// and no conflict records (what merging was before multi-primary datasets). The
+    /// multi-primary check should then fail: this proves it can.
+    #[arg(long)]
+    plain_lww: bool,
+
     /// Write each seed's event trace to DIR/seed-N.trace (a batch prints none).
     #[arg(long, value_name = "DIR")]
     trace_dir: Option<std::path::PathBuf>,
@@ -87,8 +93,13 @@ fn main() -> ExitCode {
     }
     let duration = Duration::from_secs(args.duration_secs);
     if let Some(seed) = args.seed {
-        let report =
-            run_seed(&RunConfig { seed, duration, lying_disks: args.lying_disks, leaky_policy: args.leaky_policy });
+        let report = run_seed(&RunConfig {
+            seed,
+            duration,
+            lying_disks: args.lying_disks,
+            leaky_policy: args.leaky_policy,
+            plain_lww: args.plain_lww,
+        });
         if args.child {
             return match serde_json::to_string(&report) {
                 Ok(json) => {
@@ -128,6 +139,9 @@ fn main() -> ExitCode {
     }
     if args.leaky_policy {
         flags.push("--leaky-policy");
+    }
+    if args.plain_lww {
+        flags.push("--plain-lww");
     }
     let reports = match run_batch(&seeds, args.duration_secs, &flags, jobs) {
         Ok(r) => r,

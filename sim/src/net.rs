@@ -9,7 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use meridian_core::NodeSpec;
+use meridian_core::crdt::CrdtOp;
+use meridian_core::{NodeSpec, Version};
 use meridian_node::peer::{PeerRequest, PeerRequestV1};
 use meridian_node::transport::{decompress_body, Wire, WireReply};
 use meridian_raft::network::RpcFailure;
@@ -33,6 +34,9 @@ pub const FRAME_BYTES_MAX: u32 = 64 << 20;
 pub enum ClientRequest {
     /// Write a JSON value (as text).
     Put { dataset: String, key: String, value: String },
+    /// An operation on a counter, set or map key (a multi-primary dataset's is applied in the
+    /// gateway's own region when it is a home).
+    Op { dataset: String, key: String, op: CrdtOp },
     /// A strong read (linearizable, served by the key's home region's leader), or with
     /// `local` a read of the nearest copy the policy allows.
     Get { dataset: String, key: String, local: bool },
@@ -42,7 +46,10 @@ pub enum ClientRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ClientReply {
-    Written,
+    /// Applied; the version it was given.
+    Written {
+        version: Version,
+    },
     Value(Option<String>),
     Applied {
         epoch: u64,
@@ -207,6 +214,7 @@ impl Wire for SimWire {
             let crossing = target.region != self.node.region;
             if crossing {
                 self.world.inspect_crossing(&self.node, target, "request", &raw, Some(&decoded));
+                self.world.observe_changes(&decoded);
             }
             let req = Request::Peer { body, compressed };
             let result = match self.fate(repeatable(&decoded)) {

@@ -3,7 +3,7 @@
 //! the simulated network, serving its peers and the clients.
 //!
 //! Clients reach it as they would reach the HTTP API: through the node's gateway, the same
-//! `put`/`get` the server calls, so routing (a write to the key's home region, a strong read to
+//! `put`/`op`/`get` the server calls, so routing (a write to the key's home region, a strong read to
 //! the home's leader, a local read from this region's copy, and never a restricted value into a
 //! region its policy keeps it out of) runs under simulation.
 
@@ -16,6 +16,7 @@ use meridian_raft::wal::{LogFiles, WalOptions};
 
 use crate::disk::Disk;
 use crate::net::{self, ClientReply, ClientRequest, Reply, Request, SimWire};
+use crate::workload::NOTES;
 use crate::world::{Live, SimClock, World};
 
 /// Run node `id` until the simulation crashes it.
@@ -88,8 +89,25 @@ async fn serve_client(node: &Node, world: &World, req: ClientRequest) -> ClientR
                 Ok(n) => n,
                 Err(reply) => return reply,
             };
-            match node.gateway().put(&dataset, &key, value.into_bytes(), Precondition::None, None).await {
-                Ok((WriteOutcome::Written { .. }, _)) => ClientReply::Written,
+            let reply = match node.gateway().put(&dataset, &key, value.into_bytes(), Precondition::None, None).await {
+                Ok((WriteOutcome::Written { version, .. }, _)) => ClientReply::Written { version },
+                Ok((other, _)) => ClientReply::Unknown(format!("unexpected result {other:?}")),
+                Err(e) => refusal(e),
+            };
+            // A multi-primary write applies in this region: its copies now hold the version
+            // alone, unless more came since (see invariants/multi_primary.rs).
+            if dataset.as_str() == NOTES {
+                world.observe_region(&node.spec().region, key.as_str());
+            }
+            reply
+        }
+        ClientRequest::Op { dataset, key, op } => {
+            let (dataset, key) = match names(&dataset, &key) {
+                Ok(n) => n,
+                Err(reply) => return reply,
+            };
+            match node.gateway().op(&dataset, &key, op, Precondition::None, None).await {
+                Ok((WriteOutcome::Written { version, .. }, _)) => ClientReply::Written { version },
                 Ok((other, _)) => ClientReply::Unknown(format!("unexpected result {other:?}")),
                 Err(e) => refusal(e),
             }

@@ -6,24 +6,40 @@
 //! The datasets (see [`Policy`]): `catalog`, written in us-east and mirrored everywhere;
 //! `vault`, restricted to eu-west, every value a fresh canary. Some reads of `vault` go to
 //! gateways outside eu-west on purpose: they must be refused, never answered.
+//!
+//! Multi-primary: `carts` (a set) and `notes` (documents, last writer wins) have a home in
+//! every region, so a gateway anywhere writes them in its own region, and the same key takes
+//! concurrent writes in several. Some of each client's calls add a member no one else adds
+//! (`c{client}-{n}`) to a `carts` key, or put a value no one else writes to a `notes` key;
+//! each acknowledged one is recorded for `invariants/multi_primary.rs`. They are not part of
+//! the linearizable history: concurrent writes in different homes are not linearizable, by
+//! design.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meridian_core::crdt::CrdtOp;
 use meridian_core::RegionId;
 use meridian_testkit::{Op, Outcome};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::invariants::multi_primary::AckedPut;
 use crate::net::{self, ClientReply, ClientRequest, Reply, Request};
 use crate::world::{sim_elapsed, World, CANARY_PREFIX};
+
+/// The multi-primary datasets, homed in all three regions in every policy.
+const MULTI_PRIMARY: &str = "[[dataset]]\nname = \"carts\"\nlocality = \"global\"\nclassification = \"internal\"\n\
+     home = [\"us-east\", \"eu-west\", \"ap-south\"]\nkind = \"set\"\nconflict = \"crdt\"\n\n\
+     [[dataset]]\nname = \"notes\"\nlocality = \"global\"\nclassification = \"internal\"\n\
+     home = [\"us-east\", \"eu-west\", \"ap-south\"]\nconflict = \"lww\"\n";
 
 /// The policies the operator applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     /// Applied first: `catalog` written in us-east and mirrored everywhere; `vault`
-    /// restricted to eu-west.
+    /// restricted to eu-west. `carts` and `notes` are homed everywhere in every policy.
     First,
     /// What the nemesis switches to for a while: `catalog` mirrored to eu-west only, so
     /// ap-south must purge its copies, and backfill them when the first policy comes back.
@@ -47,7 +63,8 @@ impl Policy {
              [[dataset]]\nname = \"catalog\"\nlocality = \"global\"\nclassification = \"public\"\n\
              home = [\"us-east\"]\nmirrors = {mirrors}\nsync = {{ mode = \"continuous\", max_lag = \"5s\" }}\n\
              consistency = \"strong\"\n\n\
-             [[dataset]]\nname = \"vault\"\nhome = [\"eu-west\"]\n{vault}\n"
+             [[dataset]]\nname = \"vault\"\nhome = [\"eu-west\"]\n{vault}\n\n\
+             {MULTI_PRIMARY}"
         )
     }
 }
@@ -57,6 +74,13 @@ pub const MIRRORED: &str = "catalog";
 pub const RESTRICTED: &str = "vault";
 /// The only region `vault` may reach.
 pub const RESTRICTED_REGION: &str = "eu-west";
+/// The multi-primary set and documents.
+pub const CARTS: &str = "carts";
+pub const NOTES: &str = "notes";
+/// Keys of each multi-primary dataset: few, so that regions write one key concurrently.
+pub const MULTI_PRIMARY_KEYS: u64 = 3;
+/// The share of a client's calls that write a multi-primary dataset.
+pub const MULTI_PRIMARY_SHARE: f64 = 0.2;
 
 /// Concurrent clients.
 pub const CLIENTS: u64 = 4;
@@ -147,6 +171,18 @@ async fn client(c: u64, world: Arc<World>) -> Result<(), String> {
     let allowed: Vec<u64> = world.region_ids(&RegionId::new(RESTRICTED_REGION).expect("a valid region"));
     let mut written = 0u64;
     while !world.healed() {
+        if rng.random_bool(MULTI_PRIMARY_SHARE) {
+            written += 1;
+            let key = format!("k{}", rng.random_range(0..MULTI_PRIMARY_KEYS));
+            let gateway = nodes[rng.random_range(0..nodes.len())];
+            if rng.random_bool(0.5) {
+                add(c, &world, gateway, &key, format!("c{c}-{written}")).await;
+            } else {
+                put_note(c, &world, gateway, &key, format!("\"c{c}-{written}\"")).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(1..60))).await;
+            continue;
+        }
         let dataset = if rng.random_bool(0.5) { MIRRORED } else { RESTRICTED };
         let key = format!("k{}", rng.random_range(0..KEYS));
         let gateway = nodes[rng.random_range(0..nodes.len())];
@@ -209,7 +245,7 @@ async fn write(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, va
     let complete = now_ns();
     let op = Op::write(c, &full, value, invoke, Some(complete));
     let op = match reply {
-        Ok(Reply::Client(ClientReply::Written)) => op,
+        Ok(Reply::Client(ClientReply::Written { .. })) => op,
         Ok(Reply::Client(ClientReply::Refused(_) | ClientReply::ResidencyRefused(_))) => {
             op.with_outcome(Outcome::Failed)
         }
@@ -217,6 +253,36 @@ async fn write(c: u64, world: &World, gateway: u64, dataset: &str, key: &str, va
         _ => Op::write(c, &full, value, invoke, None),
     };
     world.history.lock().expect("history lock").push(op);
+}
+
+/// Add `member` to `carts/key` through `gateway`; recorded if acknowledged.
+async fn add(c: u64, world: &World, gateway: u64, key: &str, member: String) {
+    world.multi.lock().expect("multi lock").keys.insert((CARTS.to_owned(), key.to_owned()));
+    let op = CrdtOp::Add(vec![member.clone()]);
+    let req = Request::Client(ClientRequest::Op { dataset: CARTS.into(), key: key.into(), op });
+    let reply = net::call(gateway, &req, CALL_TIMEOUT).await;
+    let mut multi = world.multi.lock().expect("multi lock");
+    match reply {
+        Ok(Reply::Client(ClientReply::Written { .. })) => multi.adds.push((key.to_owned(), member, c, now_ns())),
+        Ok(Reply::Client(ClientReply::Refused(_) | ClientReply::ResidencyRefused(_))) => multi.refused += 1,
+        _ => multi.unknown += 1,
+    }
+}
+
+/// Put `value` (unique) to `notes/key` through `gateway`; recorded with its version if
+/// acknowledged.
+async fn put_note(c: u64, world: &World, gateway: u64, key: &str, value: String) {
+    world.multi.lock().expect("multi lock").keys.insert((NOTES.to_owned(), key.to_owned()));
+    let req = Request::Client(ClientRequest::Put { dataset: NOTES.into(), key: key.into(), value: value.clone() });
+    let reply = net::call(gateway, &req, CALL_TIMEOUT).await;
+    let mut multi = world.multi.lock().expect("multi lock");
+    match reply {
+        Ok(Reply::Client(ClientReply::Written { version })) => {
+            multi.puts.push(AckedPut { client: c, key: key.to_owned(), version, value, at_ns: now_ns() })
+        }
+        Ok(Reply::Client(ClientReply::Refused(_) | ClientReply::ResidencyRefused(_))) => multi.refused += 1,
+        _ => multi.unknown += 1,
+    }
 }
 
 /// One read by client `c` through `gateway`: strong, recorded in the history if it returned,

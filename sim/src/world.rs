@@ -19,7 +19,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::disk::Disk;
+use crate::invariants::multi_primary;
 use crate::net::MessageFaults;
+use crate::workload::NOTES;
 
 /// Simulated wall-clock time starts here (2026-01-01T00:00:00Z).
 pub const EPOCH_MS: u64 = 1_767_225_600_000;
@@ -117,6 +119,9 @@ pub struct World {
     pub attempted: Mutex<BTreeSet<(String, String)>>,
     /// Every (key, value) a local read returned.
     pub local_answers: Mutex<Vec<(String, String)>>,
+    /// The multi-primary workload's acknowledged writes, and the histories of `notes`' versions
+    /// seen on the way.
+    pub multi: Mutex<multi_primary::Record>,
 }
 
 impl World {
@@ -155,6 +160,7 @@ impl World {
             local_reads: std::sync::atomic::AtomicU64::new(0),
             attempted: Mutex::new(BTreeSet::new()),
             local_answers: Mutex::new(Vec::new()),
+            multi: Mutex::new(multi_primary::Record::default()),
         }))
     }
 
@@ -243,6 +249,29 @@ impl World {
         }
     }
 
+    /// Note every object of `notes` a cross-region request carries (a link batch, a repair):
+    /// what it holds is what its sender's copy held when it was read.
+    pub fn observe_changes(&self, req: &PeerRequestV1) {
+        let changes = match req {
+            PeerRequestV1::ShipBatch(b) => b.changes.iter().chain(b.early.iter()),
+            PeerRequestV1::Repair(r) => r.changes.iter().chain([].iter()),
+            _ => return,
+        };
+        let mut multi = None;
+        for c in changes.filter(|c| c.dataset == NOTES) {
+            multi.get_or_insert_with(|| self.multi.lock().expect("multi lock")).observe(&c.key, &c.object);
+        }
+    }
+
+    /// Note the copies of `notes/key` every running node of `region` holds now.
+    pub fn observe_region(&self, region: &RegionId, key: &str) {
+        for live in self.live().values().filter(|l| l.region() == region) {
+            if let Ok(Some(obj)) = live.node.reader().get(NOTES, key) {
+                self.multi.lock().expect("multi lock").observe(key, &obj);
+            }
+        }
+    }
+
     /// Record an event at the current simulated time (inside a host).
     pub fn event(&self, line: String) {
         self.trace.lock().expect("trace lock").push(sim_elapsed(), line);
@@ -279,6 +308,7 @@ fn kind_of(req: &PeerRequestV1) -> &'static str {
         }
         PeerRequestV1::Status | PeerRequestV1::ReplicationState | PeerRequestV1::DatasetSizes => "status",
         PeerRequestV1::SetFaults(_) => "faults",
+        PeerRequestV1::CollectTombstones { .. } => "tombstone collection",
     }
 }
 

@@ -6,6 +6,7 @@ pub mod applied_entries_agree;
 pub mod convergence;
 pub mod linearizable;
 pub mod local_reads;
+pub mod multi_primary;
 pub mod replicas_agree;
 pub mod residency;
 
