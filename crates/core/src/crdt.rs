@@ -156,27 +156,36 @@ impl OrSet {
 }
 
 impl Crdt for OrSet {
+    /// In place: a dot survives if both copies hold it, or if one holds it and the other has
+    /// never seen it (had it seen it, its absence there is a remove).
     fn merge(&mut self, other: &Self) {
-        let names: BTreeSet<&String> = self.members.keys().chain(other.members.keys()).collect();
-        let mut merged = BTreeMap::new();
-        for name in names {
-            let empty = BTreeSet::new();
-            let mine = self.members.get(name).unwrap_or(&empty);
-            let theirs = other.members.get(name).unwrap_or(&empty);
-            // A dot survives if both copies hold it, or if one holds it and the other has
-            // never seen it (had it seen it, its absence there is a remove).
-            let dots: BTreeSet<Dot> = mine
-                .intersection(theirs)
-                .chain(mine.difference(theirs).filter(|d| !other.seen.contains(d)))
-                .chain(theirs.difference(mine).filter(|d| !self.seen.contains(d)))
-                .cloned()
-                .collect();
+        let OrSet { members, seen } = self;
+        members.retain(|name, mine| {
+            match other.members.get(name) {
+                None => mine.retain(|d| !other.seen.contains(d)),
+                Some(theirs) => {
+                    mine.retain(|d| theirs.contains(d) || !other.seen.contains(d));
+                    // A dot of theirs is in `mine` now exactly when it was before: the
+                    // retain kept every dot both hold.
+                    for d in theirs {
+                        if !seen.contains(d) && !mine.contains(d) {
+                            mine.insert(d.clone());
+                        }
+                    }
+                }
+            }
+            !mine.is_empty()
+        });
+        for (name, theirs) in &other.members {
+            if members.contains_key(name) {
+                continue;
+            }
+            let dots: BTreeSet<Dot> = theirs.iter().filter(|d| !seen.contains(d)).cloned().collect();
             if !dots.is_empty() {
-                merged.insert(name.clone(), dots);
+                members.insert(name.clone(), dots);
             }
         }
-        self.members = merged;
-        self.seen.merge(&other.seen);
+        seen.merge(&other.seen);
     }
 }
 
@@ -531,5 +540,56 @@ mod tests {
         let mut late = LwwMap::new();
         late.set("name", b"Old".to_vec(), at(1, "ap"));
         assert_eq!(merged(&m, &late), m, "an older write arriving later changes nothing");
+    }
+
+    /// The observed-remove merge as its paper defines it, member by member, rebuilt: what
+    /// the in-place merge must equal.
+    fn merged_by_definition(a: &OrSet, b: &OrSet) -> OrSet {
+        let names: BTreeSet<&String> = a.members.keys().chain(b.members.keys()).collect();
+        let mut members = BTreeMap::new();
+        for name in names {
+            let empty = BTreeSet::new();
+            let mine = a.members.get(name).unwrap_or(&empty);
+            let theirs = b.members.get(name).unwrap_or(&empty);
+            let dots: BTreeSet<Dot> = mine
+                .intersection(theirs)
+                .chain(mine.difference(theirs).filter(|d| !b.seen.contains(d)))
+                .chain(theirs.difference(mine).filter(|d| !a.seen.contains(d)))
+                .cloned()
+                .collect();
+            if !dots.is_empty() {
+                members.insert(name.clone(), dots);
+            }
+        }
+        let mut seen = a.seen.clone();
+        seen.merge(&b.seen);
+        OrSet { members, seen }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 10_000, ..Default::default() })]
+        /// Three copies take adds, removes and merges in any order; every merge in place
+        /// equals the definition's.
+        #[test]
+        fn the_set_merge_in_place_is_the_definition(
+            ops in proptest::collection::vec((0usize..3, 0u8..4, 0usize..3, 0u8..5), 0..40)
+        ) {
+            let regions = [r("ap"), r("eu"), r("us")];
+            let mut copies = [OrSet::new(), OrSet::new(), OrSet::new()];
+            for (at, what, from, m) in ops {
+                let member = format!("m{m}");
+                match what {
+                    0 => { copies[at].add(&regions[at], &member); }
+                    1 => { copies[at].remove(&member); }
+                    2 => copies[at].clear(),
+                    _ => {
+                        let expected = merged_by_definition(&copies[at], &copies[from]);
+                        let other = copies[from].clone();
+                        copies[at].merge(&other);
+                        proptest::prop_assert_eq!(&copies[at], &expected);
+                    }
+                }
+            }
+        }
     }
 }
