@@ -314,6 +314,27 @@ pub fn decode_object(bytes: &[u8]) -> Result<StoredObject, crate::DecodeError> {
     }
 }
 
+/// The version vector of an object record, read without decoding its values, siblings or
+/// state (the fields after it): what a merge looks at first.
+pub fn decode_object_vv(bytes: &[u8]) -> Result<VersionVector, crate::DecodeError> {
+    /// The leading fields of [`StoredObject`]'s encoding, the value borrowed.
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[allow(dead_code)] // read to reach the vector
+        version: Version,
+        #[allow(dead_code)]
+        #[serde(borrow)]
+        value: Option<&'a [u8]>,
+        vv: VersionVector,
+    }
+    match bytes.split_first() {
+        Some((&OBJECT_FORMAT, rest)) => postcard::take_from_bytes::<Head<'_>>(rest)
+            .map(|(head, _)| head.vv)
+            .map_err(|e| crate::DecodeError::Corrupt(e.to_string())),
+        _ => decode_object(bytes).map(|o| o.vv),
+    }
+}
+
 /// The storage key of (dataset, key): the dataset name, a NUL, then the key. Dataset names
 /// never contain NUL, so the first NUL always splits the two, and all keys of one dataset
 /// are contiguous and ordered by key bytes.
@@ -343,5 +364,51 @@ mod tests {
         assert_eq!(split_object_key(&a), Some(("orders", "a/b\u{e9}")));
         // every key of "ab" sorts before any key of "ab-x": NUL is the smallest byte.
         assert!(object_key("ab", "\u{10ffff}") < object_key("ab-x", "a"));
+    }
+
+    #[test]
+    fn the_vector_reads_from_the_head_of_every_form_of_object() {
+        use meridian_core::crdt::Stamp;
+        use meridian_core::RegionId;
+        let us = RegionId::new("us-east").unwrap();
+        let eu = RegionId::new("eu-west").unwrap();
+        let v = |region: &RegionId, seq: u64| Version {
+            hlc: HlcTimestamp::new(1_000 + seq, 0),
+            region: region.clone(),
+            seq,
+        };
+        let vv: VersionVector = [(us.clone(), 3), (eu.clone(), 2)].into_iter().collect();
+        let mut set = CrdtObject::new(CrdtKind::Set);
+        set.apply(&CrdtOp::Add(vec!["x".into()]), &us, &Stamp { hlc: HlcTimestamp::new(1, 0), region: us.clone() })
+            .unwrap();
+        let objects = [
+            StoredObject::plain(v(&us, 1), Some(b"\"a\"".to_vec())),
+            StoredObject::plain(v(&us, 2), None),
+            StoredObject {
+                version: v(&us, 3),
+                value: Some(vec![b'7'; 300]),
+                vv: vv.clone(),
+                siblings: vec![Sibling { version: v(&eu, 2), value: Some(b"1".to_vec()) }],
+                crdt: None,
+            },
+            StoredObject {
+                version: v(&eu, 2),
+                value: Some(b"[\"x\"]".to_vec()),
+                vv: vv.clone(),
+                siblings: vec![],
+                crdt: Some(set),
+            },
+        ];
+        for obj in objects {
+            assert_eq!(decode_object_vv(&encode_object(&obj)).unwrap(), obj.vv, "{obj:?}");
+        }
+        #[derive(Serialize)]
+        struct V1 {
+            version: Version,
+            value: Option<Vec<u8>>,
+        }
+        let legacy = crate::encode(&V1 { version: v(&us, 9), value: None });
+        assert_eq!(decode_object_vv(&legacy).unwrap(), StoredObject::plain(v(&us, 9), None).vv);
+        assert!(decode_object_vv(&[OBJECT_FORMAT, 0xff]).is_err(), "a cut record is corrupt, not an empty vector");
     }
 }

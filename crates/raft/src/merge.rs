@@ -95,6 +95,35 @@ pub fn merge(local: Option<&StoredObject>, incoming: &StoredObject, rule: MergeR
     }
 }
 
+/// What merging a change comes to when that is decided by the local copy's version vector
+/// alone (see [`shortcut`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortcut {
+    /// Everything the change carries is reflected here already.
+    Seen,
+    /// The change replaces the copy as it is, and meets nothing.
+    Replace,
+}
+
+/// What [`merge`] would answer, when the local copy's vector (`None`: no copy) decides it, so
+/// the copy need not be read in full: a change it dominates or equals was seen; a causally
+/// newer change that keeps a single version replaces it (most changes of every dataset). `None`
+/// when the full merge is needed.
+pub fn shortcut(local_vv: Option<&VersionVector>, incoming: &StoredObject) -> Option<Shortcut> {
+    if PLAIN_LWW_FOR_NEGATIVE_CONTROL.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let newer = match local_vv {
+        None => true,
+        Some(vv) => match incoming.vv.compare(vv) {
+            Causality::Equal | Causality::Before => return Some(Shortcut::Seen),
+            Causality::After => true,
+            Causality::Concurrent => false,
+        },
+    };
+    (newer && incoming.siblings.is_empty()).then_some(Shortcut::Replace)
+}
+
 /// Dotted-version-vector sync of the versions each side keeps: a version survives unless the
 /// other side's vector holds its dot and the other side no longer keeps it.
 fn merge_versions(local: &StoredObject, incoming: &StoredObject, rule: MergeRule, values_max: usize) -> Merge {
@@ -251,7 +280,16 @@ mod tests {
 
     fn receive(c: &mut Copy, from: &Copy, rule: MergeRule) -> bool {
         let Some(incoming) = &from.obj else { return false };
-        match merge(c.obj.as_ref(), incoming, rule, 1 << 20) {
+        let merged = merge(c.obj.as_ref(), incoming, rule, 1 << 20);
+        // Where the vector alone decides, it decides as the full merge does.
+        match shortcut(c.obj.as_ref().map(|o| &o.vv), incoming) {
+            Some(Shortcut::Seen) => assert_eq!(merged, Merge::Seen),
+            Some(Shortcut::Replace) => {
+                assert_eq!(merged, Merge::Changed { object: incoming.clone(), met: Vec::new() })
+            }
+            None => {}
+        }
+        match merged {
             Merge::Seen => false,
             Merge::Changed { object, met } => {
                 c.ms = c.ms.max(object.version.hlc.wall_ms());

@@ -26,12 +26,12 @@ use meridian_core::crdt::{CrdtObject, CrdtOp, Stamp};
 use meridian_core::VersionVector;
 
 use crate::command::{
-    decode_object, dot_of, encode_object, object_key, split_object_key, Change, Command, CommandResult, CommandV1,
-    Condition, MergeRule, OutboxEntry, RemoteChange, Sibling, StoredObject,
+    decode_object, decode_object_vv, dot_of, encode_object, object_key, split_object_key, Change, Command,
+    CommandResult, CommandV1, Condition, MergeRule, OutboxEntry, RemoteChange, Sibling, StoredObject,
 };
 use crate::conflicts::{ConflictLimits, ConflictLogState, ConflictQuery, ConflictRecord, ConflictState};
 use crate::log_store::LogDurability;
-use crate::merge::{self, Merge};
+use crate::merge::{self, Merge, Shortcut};
 use crate::{decode, encode, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
@@ -454,7 +454,17 @@ fn record_conflict(t: &mut Tables<'_, '_>, mut record: ConflictRecord) -> Result
     record.id = log.next_id;
     log.next_id += 1;
     log.held += 1;
-    *log.recorded.entry(record.dataset.clone()).or_default().entry(record.rule.name().to_owned()).or_default() += 1;
+    // Counted without allocating once the (dataset, rule) pair is known.
+    match log.recorded.get_mut(&record.dataset).and_then(|by_rule| by_rule.get_mut(record.rule.name())) {
+        Some(n) => *n += 1,
+        None => {
+            *log.recorded
+                .entry(record.dataset.clone())
+                .or_default()
+                .entry(record.rule.name().to_owned())
+                .or_default() += 1
+        }
+    }
     t.conflicts.insert(record.id, encode(&record).as_slice())?;
     t.conflicts_by_key.insert(conflict_index_key(&record.dataset, &record.key, record.id).as_slice(), record.id)?;
     // Over the count bound: trim now. The age bound is looked at once per batch (in
@@ -839,14 +849,26 @@ fn merge_change(
         return Ok(false);
     }
     let k = object_key(&c.dataset, &c.key);
+    // Most changes are decided by the copy's vector alone: read only that.
+    let local_vv = match t.objects.get(k.as_slice())? {
+        Some(v) => Some(decode_object_vv(v.value()).map_err(corrupt)?),
+        None => None,
+    };
+    match merge::shortcut(local_vv.as_ref(), &c.object) {
+        Some(Shortcut::Seen) => return Ok(false),
+        Some(Shortcut::Replace) => {
+            witness(applied, &c.object);
+            t.objects.insert(k.as_slice(), encode_object(&c.object).as_slice())?;
+            return Ok(true);
+        }
+        None => {}
+    }
     let current = get_object(t.objects, &k)?;
     let (object, met) = match merge::merge(current.as_ref(), &c.object, c.rule, t.values_max) {
         Merge::Seen => return Ok(false),
         Merge::Changed { object, met } => (object, met),
     };
-    for (v, _) in c.object.versions() {
-        applied.last_hlc = applied.last_hlc.max(v.hlc);
-    }
+    witness(applied, &c.object);
     t.objects.insert(k.as_slice(), encode_object(&object).as_slice())?;
     if !met.is_empty() {
         let record = ConflictRecord {
@@ -862,6 +884,13 @@ fn merge_change(
         record_conflict(t, record)?;
     }
     Ok(true)
+}
+
+/// Push the HLC past every version `obj` carries, so later local writes order after.
+fn witness(applied: &mut AppliedState, obj: &StoredObject) {
+    for (v, _) in obj.versions() {
+        applied.last_hlc = applied.last_hlc.max(v.hlc);
+    }
 }
 
 /// The version of the live value under (dataset, key), if there is one.
