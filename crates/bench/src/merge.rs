@@ -60,6 +60,7 @@ pub const ROUNDS_MAX: usize = 20;
 pub const BATCH_MAX: usize = 4096;
 pub const VALUE_BYTES_MIN: usize = 128;
 pub const VALUE_BYTES_MAX: usize = 65_536;
+pub const MIXES_MAX: usize = 4;
 
 /// HLC wall time of the first change of a workload (2026-01-01); each change is a
 /// millisecond after the one before it.
@@ -94,6 +95,12 @@ pub struct MergeArgs {
     /// a merged set renders about this long.
     #[arg(long, default_value_t = 256)]
     pub value_bytes: usize,
+    /// Shares of keys, in percent, whose two changes are concurrent, one mix per value: each
+    /// rule runs once per mix. The other keys' changes are ordered (each writer saw the other's
+    /// change), as most writes to a multi-home dataset are. 100 is the worst case: every change
+    /// is a merge that writes a conflict record.
+    #[arg(long, value_delimiter = ',', default_values_t = [5u8, 100])]
+    pub concurrent: Vec<u8>,
     /// Directory to create each run's store under (default: the system's temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -104,7 +111,16 @@ pub struct MergeArgs {
 
 impl Default for MergeArgs {
     fn default() -> Self {
-        MergeArgs { keys: 10_000, rounds: 3, batch: 256, warmup_keys: 1_000, value_bytes: 256, dir: None, json: false }
+        MergeArgs {
+            keys: 10_000,
+            rounds: 3,
+            batch: 256,
+            warmup_keys: 1_000,
+            value_bytes: 256,
+            concurrent: vec![5, 100],
+            dir: None,
+            json: false,
+        }
     }
 }
 
@@ -125,6 +141,15 @@ impl MergeArgs {
         }
         if !(VALUE_BYTES_MIN..=VALUE_BYTES_MAX).contains(&self.value_bytes) {
             bail!("--value-bytes must be between {VALUE_BYTES_MIN} and {VALUE_BYTES_MAX} (got {})", self.value_bytes);
+        }
+        if self.concurrent.is_empty() || self.concurrent.len() > MIXES_MAX {
+            bail!("--concurrent takes 1 to {MIXES_MAX} shares (got {})", self.concurrent.len());
+        }
+        if let Some(p) = self.concurrent.iter().find(|p| **p > 100) {
+            bail!("--concurrent shares are percentages from 0 to 100 (got {p})");
+        }
+        if (1..self.concurrent.len()).any(|i| self.concurrent[..i].contains(&self.concurrent[i])) {
+            bail!("--concurrent lists a share twice: {:?}", self.concurrent);
         }
         if let Some(dir) = &self.dir {
             if !dir.is_dir() {
@@ -172,8 +197,8 @@ impl Workload {
         }
     }
 
-    /// Whether every measured change is concurrent with the copy it meets.
-    pub fn concurrent(self) -> bool {
+    /// Whether it runs a rule (the baseline does not).
+    pub fn is_rule(self) -> bool {
         self != Workload::Baseline
     }
 }
@@ -207,10 +232,14 @@ impl Batch {
 #[derive(Debug, Clone)]
 struct Plan {
     workload: Workload,
+    /// Percent of keys whose changes are concurrent (0 for the baseline).
+    concurrent_pct: u8,
     untimed: Vec<Batch>,
-    /// Changes the untimed part makes concurrent (the warm-up pass's).
+    /// Conflicts the untimed part records (the warm-up pass's concurrent changes).
     untimed_concurrent: u64,
     timed: Vec<Batch>,
+    /// Conflicts the timed part records: one per change to a concurrent key.
+    timed_concurrent: u64,
     /// The measured keys.
     keys: Vec<String>,
 }
@@ -245,10 +274,25 @@ fn document(seed: u64, len: usize) -> Vec<u8> {
     format!("\"{}\"", letters(seed, len.saturating_sub(2))).into_bytes()
 }
 
+/// Whether key `i`'s changes are concurrent when `pct` percent of keys' are: spread evenly,
+/// exactly `floor(n * pct / 100)` of the first `n` keys.
+fn concurrent_key(i: usize, pct: u8) -> bool {
+    let p = usize::from(pct);
+    i * p / 100 != (i + 1) * p / 100
+}
+
+/// What the first region holds of a key: the history its next write builds on.
+#[derive(Debug, Clone, Default)]
+struct KeyState {
+    vv: VersionVector,
+    set: Option<CrdtObject>,
+}
+
 /// Builds the changes of one run, with each source region's sequence and the HLC moving on as
 /// a real region's would.
 struct Generator {
     workload: Workload,
+    concurrent_pct: u8,
     value_bytes: usize,
     batch: usize,
     first: RegionId,
@@ -266,9 +310,10 @@ enum Writer {
 }
 
 impl Generator {
-    fn new(workload: Workload, args: &MergeArgs) -> Self {
+    fn new(workload: Workload, concurrent_pct: u8, args: &MergeArgs) -> Self {
         Generator {
             workload,
+            concurrent_pct: if workload == Workload::Baseline { 0 } else { concurrent_pct },
             value_bytes: args.value_bytes,
             batch: args.batch,
             first: region(FIRST),
@@ -308,64 +353,58 @@ impl Generator {
         state.apply(&op, &version.region, &stamp).expect("set operations on a set");
     }
 
-    /// The object a region ships after writing `version`: `crdt` for a set, otherwise a
-    /// document; its vector holds the version's dot and nothing else (the writer saw no other
-    /// region's version of the key).
-    fn object(&self, version: Version, i: usize, crdt: Option<CrdtObject>) -> StoredObject {
-        let value = match &crdt {
+    /// The object a region ships after writing `version` on top of `vv`: `set` for a set,
+    /// otherwise a document.
+    fn object(&self, version: Version, i: usize, vv: VersionVector, set: Option<CrdtObject>) -> StoredObject {
+        let value = match &set {
             Some(state) => meridian_raft::merge::render(state),
             None => Some(document(i as u64 ^ (version.seq << 24) ^ version.hlc.as_u64(), self.value_bytes)),
         };
-        let vv: VersionVector = [(version.region.clone(), version.seq)].into_iter().collect();
-        StoredObject { version, value, vv, siblings: Vec::new(), crdt }
+        StoredObject { version, value, vv, siblings: Vec::new(), crdt: set }
     }
 
-    /// One batch from `w` of a change per key of `chunk` (`index` numbers the keys). For sets,
-    /// `states` holds the first region's state of each key of the chunk, and moves on.
-    fn batch_of(
-        &mut self,
-        w: Writer,
-        chunk: &[(usize, String)],
-        states: &mut [Option<CrdtObject>],
-        seeding: bool,
-    ) -> Batch {
+    /// One batch from `w` of a change per key of `chunk` (`index` numbers the keys). `states`
+    /// holds the first region's history of each key of the chunk, and moves on: the first
+    /// region always writes on top of it; the second writes on top of it when the key's
+    /// changes are ordered (and the first region then has its write), and on top of nothing
+    /// when they are concurrent.
+    fn batch_of(&mut self, w: Writer, chunk: &[(usize, String)], states: &mut [KeyState], seeding: bool) -> Batch {
         let mut changes = Vec::with_capacity(chunk.len());
         let mut from_seq = 0;
         let mut upto_seq = 0;
-        for ((i, key), state) in chunk.iter().zip(states.iter_mut()) {
+        for ((i, key), st) in chunk.iter().zip(states.iter_mut()) {
             let version = self.next_version(w);
             if from_seq == 0 {
                 from_seq = version.seq;
             }
             upto_seq = version.seq;
-            let crdt = if self.workload == Workload::Crdt {
-                Some(match (w, seeding) {
+            let shared = w == Writer::First || !concurrent_key(*i, self.concurrent_pct);
+            let (mut vv, prior) = if shared { (st.vv.clone(), st.set.clone()) } else { Default::default() };
+            vv.merge(&[(version.region.clone(), version.seq)].into_iter().collect());
+            let set = (self.workload == Workload::Crdt).then(|| {
+                let mut s = prior.unwrap_or_else(|| CrdtObject::new(CrdtKind::Set));
+                match (w, seeding) {
                     (Writer::First, true) => {
-                        let mut s = CrdtObject::new(CrdtKind::Set);
                         let members = (0..SET_MEMBERS).map(|j| self.member('a', *i, j)).collect();
                         Self::set_op(&mut s, CrdtOp::Add(members), &version);
-                        *state = Some(s.clone());
-                        s
                     }
                     (Writer::First, false) => {
                         // The home removes its oldest member and adds a new one.
-                        let mut s = state.clone().expect("every key was seeded");
                         Self::set_op(&mut s, CrdtOp::Remove(vec![self.member('a', *i, 0)]), &version);
                         Self::set_op(&mut s, CrdtOp::Add(vec![self.member('a', *i, SET_MEMBERS)]), &version);
-                        *state = Some(s.clone());
-                        s
                     }
                     (Writer::Second, _) => {
-                        let mut s = CrdtObject::new(CrdtKind::Set);
                         let members = (0..SET_MEMBERS).map(|j| self.member('b', *i, j)).collect();
                         Self::set_op(&mut s, CrdtOp::Add(members), &version);
-                        s
                     }
-                })
-            } else {
-                None
-            };
-            let object = self.object(version, *i, crdt);
+                }
+                s
+            });
+            if shared {
+                st.vv = vv.clone();
+                st.set = set.clone();
+            }
+            let object = self.object(version, *i, vv, set);
             changes.push(Change { dataset: DATASET.into(), key: key.clone(), object, rule: self.workload.rule() });
         }
         let source = match w {
@@ -376,7 +415,7 @@ impl Generator {
     }
 
     /// The first region's version of every key.
-    fn seed(&mut self, keys: &[(usize, String)], states: &mut [Option<CrdtObject>]) -> Vec<Batch> {
+    fn seed(&mut self, keys: &[(usize, String)], states: &mut [KeyState]) -> Vec<Batch> {
         keys.chunks(self.batch)
             .zip(states.chunks_mut(self.batch))
             .map(|(chunk, st)| self.batch_of(Writer::First, chunk, st, true))
@@ -385,7 +424,7 @@ impl Generator {
 
     /// Two changes per key, batch by batch as two links would deliver them: for each chunk
     /// of keys, a batch of first changes, then a batch of second changes.
-    fn passes(&mut self, keys: &[(usize, String)], states: &mut [Option<CrdtObject>]) -> Vec<Batch> {
+    fn passes(&mut self, keys: &[(usize, String)], states: &mut [KeyState]) -> Vec<Batch> {
         let (one, two) = match self.workload {
             Workload::Baseline => (Writer::First, Writer::First),
             _ => (Writer::Second, Writer::First),
@@ -397,34 +436,46 @@ impl Generator {
         }
         out
     }
+
+    /// Conflicts two changes per key record: both changes of every concurrent key.
+    fn conflicts_of(&self, keys: &[(usize, String)]) -> u64 {
+        2 * keys.iter().filter(|(i, _)| concurrent_key(*i, self.concurrent_pct)).count() as u64
+    }
 }
 
 fn keys(prefix: char, n: usize) -> Vec<(usize, String)> {
     (0..n).map(|i| (i, format!("{prefix}{i:06}"))).collect()
 }
 
-/// The stream of one run of `workload`: deterministic in the arguments, so every round applies
-/// the same changes.
-fn plan(workload: Workload, args: &MergeArgs) -> Plan {
-    let mut g = Generator::new(workload, args);
+/// The stream of one run of `workload` with `concurrent_pct` percent of keys concurrent:
+/// deterministic in the arguments, so every round applies the same changes.
+fn plan(workload: Workload, concurrent_pct: u8, args: &MergeArgs) -> Plan {
+    let mut g = Generator::new(workload, concurrent_pct, args);
     let measured = keys('k', args.keys);
     let warm = keys('w', args.warmup_keys);
-    let mut measured_states = vec![None; measured.len()];
-    let mut warm_states = vec![None; warm.len()];
+    let mut measured_states = vec![KeyState::default(); measured.len()];
+    let mut warm_states = vec![KeyState::default(); warm.len()];
     let mut untimed = g.seed(&warm, &mut warm_states);
     untimed.extend(g.seed(&measured, &mut measured_states));
-    let warmup = g.passes(&warm, &mut warm_states);
-    let untimed_concurrent =
-        if workload.concurrent() { warmup.iter().map(|b| b.changes.len() as u64).sum() } else { 0 };
-    untimed.extend(warmup);
+    untimed.extend(g.passes(&warm, &mut warm_states));
     let timed = g.passes(&measured, &mut measured_states);
-    Plan { workload, untimed, untimed_concurrent, timed, keys: measured.into_iter().map(|(_, k)| k).collect() }
+    Plan {
+        workload,
+        concurrent_pct: g.concurrent_pct,
+        untimed,
+        untimed_concurrent: g.conflicts_of(&warm),
+        timed,
+        timed_concurrent: g.conflicts_of(&measured),
+        keys: measured.into_iter().map(|(_, k)| k).collect(),
+    }
 }
 
 /// What one run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunOutcome {
     pub workload: Workload,
+    /// Percent of keys whose changes are concurrent (0 for the baseline).
+    pub concurrent_pct: u8,
     pub round: usize,
     /// Changes in the measured stream.
     pub changes: u64,
@@ -432,6 +483,8 @@ pub struct RunOutcome {
     pub applied: u64,
     /// Conflict records the measured stream wrote.
     pub conflicts: u64,
+    /// Conflict records it must write: one per change to a concurrent key.
+    pub expected_conflicts: u64,
     /// Sum of the timed apply calls.
     pub apply_secs: f64,
     pub changes_per_sec: f64,
@@ -458,6 +511,8 @@ fn recorded(sm: &StateMachineStore) -> anyhow::Result<u64> {
 /// call each. Returns the store for inspection.
 async fn run_plan(dir: &Path, plan: Plan, round: usize) -> anyhow::Result<(RunOutcome, StateMachineStore)> {
     let workload = plan.workload;
+    let concurrent_pct = plan.concurrent_pct;
+    let expected_conflicts = plan.timed_concurrent;
     let changes = plan.timed_changes();
     let mut sm = StateMachineStore::open(dir, region(HERE))
         .map_err(|e| anyhow!("open a state machine in {}: {e}", dir.display()))?;
@@ -496,10 +551,12 @@ async fn run_plan(dir: &Path, plan: Plan, round: usize) -> anyhow::Result<(RunOu
     let apply_secs: f64 = batch_latencies.iter().map(Duration::as_secs_f64).sum();
     let outcome = RunOutcome {
         workload,
+        concurrent_pct,
         round,
         changes,
         applied,
         conflicts,
+        expected_conflicts,
         apply_secs,
         changes_per_sec: changes as f64 / apply_secs.max(1e-9),
         batch_latencies,
@@ -508,13 +565,13 @@ async fn run_plan(dir: &Path, plan: Plan, round: usize) -> anyhow::Result<(RunOu
     Ok((outcome, sm))
 }
 
-/// Every measured change must have been applied, and for the concurrent workloads every one
-/// must have written a conflict record: otherwise the run measured something else.
+/// Every measured change must have been applied, and every change to a concurrent key must
+/// have written a conflict record (and no other): otherwise the run measured something else.
 fn check(o: &RunOutcome) -> anyhow::Result<()> {
     if o.applied != o.changes {
         bail!("{} round {}: {} of {} changes applied", o.workload.name(), o.round, o.applied, o.changes);
     }
-    let want = if o.workload.concurrent() { o.changes } else { 0 };
+    let want = o.expected_conflicts;
     if o.conflicts != want {
         bail!("{} round {}: {} conflict records, expected {want}", o.workload.name(), o.round, o.conflicts);
     }
@@ -572,6 +629,8 @@ pub struct BytesRow {
 pub struct WorkloadReport {
     pub workload: Workload,
     pub rule: &'static str,
+    /// Percent of keys whose changes are concurrent (rules only).
+    pub concurrent_pct: Option<u8>,
     /// Each run's changes per second, in run order.
     pub rates: Vec<f64>,
     pub median_rate: f64,
@@ -603,9 +662,12 @@ pub struct MergeReport {
     pub changes_per_run: u64,
     pub data_root: String,
     pub target_ratio: f64,
-    /// The baseline first, then lww, siblings, crdt.
+    /// The mixes run, in percent of keys concurrent.
+    pub concurrent: Vec<u8>,
+    /// The baseline first, then lww, siblings, crdt for each mix in turn.
     pub workloads: Vec<WorkloadReport>,
-    pub all_met: bool,
+    /// Whether every rule met the target in each mix, in the order of `concurrent`.
+    pub met_by_mix: Vec<(u8, bool)>,
     pub bytes: Vec<BytesRow>,
     pub runs: Vec<RunOutcome>,
 }
@@ -631,11 +693,13 @@ fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
 
 fn summarize(
     workload: Workload,
+    concurrent_pct: u8,
     runs: &[RunOutcome],
     baseline_median: Option<f64>,
     paired: Vec<f64>,
 ) -> WorkloadReport {
-    let mine: Vec<&RunOutcome> = runs.iter().filter(|r| r.workload == workload).collect();
+    let mine: Vec<&RunOutcome> =
+        runs.iter().filter(|r| r.workload == workload && r.concurrent_pct == concurrent_pct).collect();
     let rates: Vec<f64> = mine.iter().map(|r| r.changes_per_sec).collect();
     let mut lat: Vec<Duration> = mine.iter().flat_map(|r| r.batch_latencies.iter().copied()).collect();
     lat.sort();
@@ -644,6 +708,7 @@ fn summarize(
     WorkloadReport {
         workload,
         rule: workload.rule().name(),
+        concurrent_pct: workload.is_rule().then_some(concurrent_pct),
         median_rate,
         rates,
         batches: lat.len(),
@@ -665,6 +730,7 @@ async fn run_once(
     args: &MergeArgs,
     root: &Path,
     workload: Workload,
+    concurrent_pct: u8,
     round: usize,
     bytes: Option<&mut ByteSums>,
 ) -> anyhow::Result<RunOutcome> {
@@ -672,7 +738,7 @@ async fn run_once(
         .prefix(&format!("meridian-bench-merge-{}-", workload.name()))
         .tempdir_in(root)
         .with_context(|| format!("create a temporary directory under {}", root.display()))?;
-    let p = plan(workload, args);
+    let p = plan(workload, concurrent_pct, args);
     let keys = p.keys.clone();
     let (outcome, sm) = run_plan(dir.path(), p, round).await?;
     check(&outcome)?;
@@ -694,50 +760,74 @@ pub async fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<MergeReport> {
 
     // Bytes of the single-home changes: the baseline's measured stream as built.
     let mut single = ByteSums::default();
-    for b in &plan(Workload::Baseline, args).timed {
+    for b in &plan(Workload::Baseline, 0, args).timed {
         for c in &b.changes {
             single.add(c);
         }
     }
+    // Bytes of merged objects: what each rule left in the first round of the most concurrent
+    // mix.
+    let bytes_mix = args.concurrent.iter().copied().max().unwrap_or(100);
     let mut merged: Vec<(Workload, ByteSums)> = Workload::RULES.iter().map(|w| (*w, ByteSums::default())).collect();
 
-    let order: Vec<Workload> = Workload::RULES.iter().flat_map(|w| [Workload::Baseline, *w]).collect();
+    let order: Vec<(Workload, u8)> = args
+        .concurrent
+        .iter()
+        .flat_map(|&pct| Workload::RULES.iter().flat_map(move |w| [(Workload::Baseline, 0), (*w, pct)]))
+        .collect();
     let total = order.len() * args.rounds;
     let mut runs: Vec<RunOutcome> = Vec::with_capacity(total);
-    let mut paired: Vec<(Workload, f64)> = Vec::new();
+    let mut paired: Vec<(Workload, u8, f64)> = Vec::new();
     for round in 1..=args.rounds {
-        for &workload in &order {
-            let sums = if round == 1 { merged.iter_mut().find(|(w, _)| *w == workload).map(|(_, s)| s) } else { None };
-            let outcome = run_once(args, &root, workload, round, sums)
+        for &(workload, pct) in &order {
+            let sums = if round == 1 && pct == bytes_mix {
+                merged.iter_mut().find(|(w, _)| *w == workload).map(|(_, s)| s)
+            } else {
+                None
+            };
+            let outcome = run_once(args, &root, workload, pct, round, sums)
                 .await
-                .with_context(|| format!("{} run, round {round}", workload.name()))?;
+                .with_context(|| format!("{} run ({pct}% concurrent), round {round}", workload.name()))?;
             if !quiet {
+                let mix = if workload.is_rule() { format!("{pct}% concurrent") } else { String::new() };
                 eprintln!(
-                    "[{}/{total}] round {round} {:<8} {:>9.0} changes/s, {} conflicts",
+                    "[{}/{total}] round {round} {:<8} {mix:<15} {:>9.0} changes/s, {} conflicts",
                     runs.len() + 1,
                     workload.name(),
                     outcome.changes_per_sec,
                     outcome.conflicts
                 );
             }
-            if workload.concurrent() {
+            if workload.is_rule() {
                 if let Some(prev) = runs.last().filter(|r| r.workload == Workload::Baseline) {
-                    paired.push((workload, outcome.changes_per_sec / prev.changes_per_sec.max(1e-9)));
+                    paired.push((workload, pct, outcome.changes_per_sec / prev.changes_per_sec.max(1e-9)));
                 }
             }
             runs.push(outcome);
         }
     }
 
-    let baseline = summarize(Workload::Baseline, &runs, None, Vec::new());
+    let baseline = summarize(Workload::Baseline, 0, &runs, None, Vec::new());
     let mut workloads = vec![baseline.clone()];
-    for w in Workload::RULES {
-        let pr = paired.iter().filter(|(x, _)| *x == w).map(|(_, r)| *r).collect();
-        workloads.push(summarize(w, &runs, Some(baseline.median_rate), pr));
+    let mut met_by_mix = Vec::new();
+    for &pct in &args.concurrent {
+        let mut all = true;
+        for w in Workload::RULES {
+            let pr = paired.iter().filter(|(x, p, _)| *x == w && *p == pct).map(|(_, _, r)| *r).collect();
+            let report = summarize(w, pct, &runs, Some(baseline.median_rate), pr);
+            all &= report.met == Some(true);
+            workloads.push(report);
+        }
+        met_by_mix.push((pct, all));
     }
     let mut bytes = vec![single.row("single-home change")];
     for (w, sums) in &merged {
-        bytes.push(sums.row(&format!("{} object merged from two regions", w.name())));
+        let case = if bytes_mix == 100 {
+            format!("{} object merged from two regions", w.name())
+        } else {
+            format!("{} object, {bytes_mix}% of keys merged from two regions", w.name())
+        };
+        bytes.push(sums.row(&case));
     }
     Ok(MergeReport {
         machine: Machine::current(),
@@ -749,8 +839,9 @@ pub async fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<MergeReport> {
         changes_per_run: runs.first().map_or(0, |r| r.changes),
         data_root: root.display().to_string(),
         target_ratio: TARGET_RATIO,
-        all_met: workloads.iter().all(|w| w.met != Some(false)),
+        concurrent: args.concurrent.clone(),
         workloads,
+        met_by_mix,
         bytes,
         runs,
     })
@@ -795,9 +886,9 @@ pub fn render(r: &MergeReport) -> String {
             _ => String::new(),
         };
         t.add_row(vec![
-            match w.workload {
-                Workload::Baseline => "baseline (single-home, lww)".to_owned(),
-                _ => w.workload.name().to_owned(),
+            match (w.workload, w.concurrent_pct) {
+                (Workload::Baseline, _) | (_, None) => "baseline (single-home, lww)".to_owned(),
+                (_, Some(pct)) => format!("{}, {pct}% of keys concurrent", w.workload.name()),
             },
             format!("{:.0}", w.median_rate),
             runs,
@@ -820,8 +911,16 @@ pub fn render(r: &MergeReport) -> String {
         out,
         "Latencies are per ApplyChanges apply call, over every batch of every run of the workload (below 1000 \
          batches, p99.9 is the slowest). Ratio: median rate over the baseline's median; paired: each run over the \
-         baseline run just before it."
+         baseline run just before it. A concurrent key's two changes are both merges that write a conflict record; \
+         the other keys' changes are ordered (each writer saw the other's)."
     );
+    for (pct, met) in &r.met_by_mix {
+        let _ = writeln!(
+            out,
+            "{pct}% of keys concurrent: target ≥ {TARGET_RATIO} {} for every rule",
+            if *met { "met" } else { "not met" }
+        );
+    }
     let mut b = comfy_table::Table::new();
     b.set_header(vec!["change", "with version vectors (bytes)", "before them (bytes)", "ratio"]);
     for row in &r.bytes {
@@ -857,7 +956,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> MergeArgs {
-        MergeArgs { keys: 50, rounds: 1, batch: 16, warmup_keys: 10, ..MergeArgs::default() }
+        MergeArgs { keys: 50, rounds: 1, batch: 16, warmup_keys: 10, concurrent: vec![100], ..MergeArgs::default() }
     }
 
     #[test]
@@ -873,6 +972,10 @@ mod tests {
             MergeArgs { warmup_keys: WARMUP_KEYS_MAX + 1, ..tiny() },
             MergeArgs { value_bytes: VALUE_BYTES_MIN - 1, ..tiny() },
             MergeArgs { value_bytes: VALUE_BYTES_MAX + 1, ..tiny() },
+            MergeArgs { concurrent: vec![], ..tiny() },
+            MergeArgs { concurrent: vec![101], ..tiny() },
+            MergeArgs { concurrent: vec![5, 5], ..tiny() },
+            MergeArgs { concurrent: vec![1, 2, 3, 4, 5], ..tiny() },
             MergeArgs { dir: Some(PathBuf::from("/nonexistent/meridian-bench")), ..tiny() },
         ];
         for a in bad {
@@ -883,11 +986,50 @@ mod tests {
 
     #[test]
     fn values_have_their_size() {
-        let g = Generator::new(Workload::Crdt, &tiny());
+        let g = Generator::new(Workload::Crdt, 100, &tiny());
         assert_eq!(document(7, 256).len(), 256);
         assert!(serde_json::from_slice::<String>(&document(7, 256)).is_ok());
         assert_eq!(g.member('a', 3, 1).len(), g.member_len());
         assert_ne!(g.member('a', 3, 1), g.member('b', 3, 1));
+    }
+
+    #[test]
+    fn a_share_of_keys_is_concurrent_spread_evenly() {
+        let count = |n: usize, pct: u8| (0..n).filter(|i| concurrent_key(*i, pct)).count();
+        assert_eq!(count(1000, 0), 0);
+        assert_eq!(count(1000, 5), 50);
+        assert_eq!(count(1000, 100), 1000);
+        assert_eq!(count(50, 50), 25);
+        assert_eq!(count(19, 5), 0, "the first concurrent key of 5% is the twentieth");
+        assert!(concurrent_key(19, 5));
+    }
+
+    #[tokio::test]
+    async fn a_tiny_mix_records_exactly_its_concurrent_keys() {
+        let args = MergeArgs { concurrent: vec![50], ..tiny() };
+        for workload in Workload::RULES {
+            let dir = tempfile::tempdir().unwrap();
+            let p = plan(workload, 50, &args);
+            assert_eq!((p.timed_concurrent, p.untimed_concurrent), (50, 10), "two records per concurrent key");
+            let keys = p.keys.clone();
+            let (o, sm) = run_plan(dir.path(), p, 1).await.unwrap();
+            check(&o).unwrap();
+            assert_eq!(o.conflicts, 50, "{workload:?}");
+            let reader = sm.reader();
+            for (i, key) in keys.iter().enumerate() {
+                let obj = reader.get(DATASET, key).unwrap().unwrap();
+                assert!(obj.vv.get(&region(SECOND)) > 0, "{key}: both writers in the vector");
+                let versions = obj.live_versions().count();
+                match workload {
+                    Workload::Crdt => {
+                        let members: Vec<String> = serde_json::from_slice(obj.value.as_deref().unwrap()).unwrap();
+                        assert_eq!(members.len(), 2 * SET_MEMBERS, "{key}: {members:?}");
+                    }
+                    _ if concurrent_key(i, 50) => assert_eq!(versions, 2, "{key}: both concurrent versions kept"),
+                    _ => assert_eq!(versions, 1, "{key}: an ordered change replaces the copy"),
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -895,7 +1037,7 @@ mod tests {
         let args = tiny();
         for workload in [Workload::Baseline, Workload::Lww, Workload::Siblings, Workload::Crdt] {
             let dir = tempfile::tempdir().unwrap();
-            let p = plan(workload, &args);
+            let p = plan(workload, 100, &args);
             let keys = p.keys.clone();
             let warmup = p.untimed_concurrent;
             assert_eq!(p.timed_changes(), 100, "two changes per key");
@@ -906,7 +1048,7 @@ mod tests {
             check(&o).unwrap();
             let log = sm.reader().conflict_log().unwrap();
             let recorded = log.recorded.get(DATASET).and_then(|r| r.get(workload.rule().name())).copied();
-            if workload.concurrent() {
+            if workload.is_rule() {
                 assert_eq!(warmup, 20);
                 assert_eq!(recorded, Some(100 + 20), "{workload:?}: a record per concurrent change");
                 assert_eq!(log.held, 120);
@@ -941,19 +1083,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_report_covers_every_rule_and_both_forms_of_change() {
+    async fn the_report_covers_every_rule_of_every_mix_and_both_forms_of_change() {
         let dir = tempfile::tempdir().unwrap();
-        let args = MergeArgs { dir: Some(dir.path().to_path_buf()), ..tiny() };
+        let args = MergeArgs { dir: Some(dir.path().to_path_buf()), concurrent: vec![10, 100], ..tiny() };
         let r = run(&args, true).await.unwrap();
-        let names: Vec<&str> = r.workloads.iter().map(|w| w.workload.name()).collect();
-        assert_eq!(names, ["baseline", "lww", "siblings", "crdt"]);
-        assert_eq!(r.runs.len(), 6, "baseline before each rule");
+        let names: Vec<(&str, Option<u8>)> =
+            r.workloads.iter().map(|w| (w.workload.name(), w.concurrent_pct)).collect();
+        assert_eq!(
+            names,
+            [
+                ("baseline", None),
+                ("lww", Some(10)),
+                ("siblings", Some(10)),
+                ("crdt", Some(10)),
+                ("lww", Some(100)),
+                ("siblings", Some(100)),
+                ("crdt", Some(100))
+            ]
+        );
+        assert_eq!(r.runs.len(), 12, "baseline before each rule of each mix");
         assert_eq!(r.changes_per_run, 100);
         for w in &r.workloads {
-            assert_eq!(w.rates.len(), if w.workload == Workload::Baseline { 3 } else { 1 });
-            assert_eq!(w.conflicts_per_run, if w.workload.concurrent() { 100 } else { 0 });
-            assert_eq!(w.ratio.is_some(), w.workload.concurrent());
+            assert_eq!(w.rates.len(), if w.workload == Workload::Baseline { 6 } else { 1 });
+            let want = match w.concurrent_pct {
+                Some(pct) => 2 * (50 * u64::from(pct) / 100),
+                None => 0,
+            };
+            assert_eq!(w.conflicts_per_run, want, "{w:?}: 50 keys, two changes each");
+            assert_eq!(w.ratio.is_some(), w.workload.is_rule());
         }
+        assert_eq!(r.met_by_mix.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [10, 100]);
         assert_eq!(r.bytes.len(), 4);
         for row in &r.bytes {
             assert_eq!(row.changes, 50 * if row.case.starts_with("single") { 2 } else { 1 });
