@@ -101,6 +101,9 @@ pub struct MergeArgs {
     /// is a merge that writes a conflict record.
     #[arg(long, value_delimiter = ',', default_values_t = [5u8, 100])]
     pub concurrent: Vec<u8>,
+    /// Rules to run, comma-separated (each runs with its own baseline run before it).
+    #[arg(long, value_delimiter = ',', default_values_t = [RuleArg::Lww, RuleArg::Siblings, RuleArg::Crdt])]
+    pub rules: Vec<RuleArg>,
     /// Directory to create each run's store under (default: the system's temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -118,6 +121,7 @@ impl Default for MergeArgs {
             warmup_keys: 1_000,
             value_bytes: 256,
             concurrent: vec![5, 100],
+            rules: vec![RuleArg::Lww, RuleArg::Siblings, RuleArg::Crdt],
             dir: None,
             json: false,
         }
@@ -151,6 +155,9 @@ impl MergeArgs {
         if (1..self.concurrent.len()).any(|i| self.concurrent[..i].contains(&self.concurrent[i])) {
             bail!("--concurrent lists a share twice: {:?}", self.concurrent);
         }
+        if self.rules.is_empty() || (1..self.rules.len()).any(|i| self.rules[..i].contains(&self.rules[i])) {
+            bail!("--rules takes each of lww, siblings, crdt at most once (got {:?})", self.rules);
+        }
         if let Some(dir) = &self.dir {
             if !dir.is_dir() {
                 bail!("--dir {} is not a directory", dir.display());
@@ -161,6 +168,30 @@ impl MergeArgs {
 
     fn data_root(&self) -> PathBuf {
         self.dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+/// A rule `--rules` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuleArg {
+    Lww,
+    Siblings,
+    Crdt,
+}
+
+impl RuleArg {
+    fn workload(self) -> Workload {
+        match self {
+            RuleArg::Lww => Workload::Lww,
+            RuleArg::Siblings => Workload::Siblings,
+            RuleArg::Crdt => Workload::Crdt,
+        }
+    }
+}
+
+impl std::fmt::Display for RuleArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.workload().name())
     }
 }
 
@@ -768,12 +799,13 @@ pub async fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<MergeReport> {
     // Bytes of merged objects: what each rule left in the first round of the most concurrent
     // mix.
     let bytes_mix = args.concurrent.iter().copied().max().unwrap_or(100);
-    let mut merged: Vec<(Workload, ByteSums)> = Workload::RULES.iter().map(|w| (*w, ByteSums::default())).collect();
+    let rules: Vec<Workload> = args.rules.iter().map(|r| r.workload()).collect();
+    let mut merged: Vec<(Workload, ByteSums)> = rules.iter().map(|w| (*w, ByteSums::default())).collect();
 
     let order: Vec<(Workload, u8)> = args
         .concurrent
         .iter()
-        .flat_map(|&pct| Workload::RULES.iter().flat_map(move |w| [(Workload::Baseline, 0), (*w, pct)]))
+        .flat_map(|&pct| rules.iter().flat_map(move |w| [(Workload::Baseline, 0), (*w, pct)]))
         .collect();
     let total = order.len() * args.rounds;
     let mut runs: Vec<RunOutcome> = Vec::with_capacity(total);
@@ -812,7 +844,7 @@ pub async fn run(args: &MergeArgs, quiet: bool) -> anyhow::Result<MergeReport> {
     let mut met_by_mix = Vec::new();
     for &pct in &args.concurrent {
         let mut all = true;
-        for w in Workload::RULES {
+        for &w in &rules {
             let pr = paired.iter().filter(|(x, p, _)| *x == w && *p == pct).map(|(_, _, r)| *r).collect();
             let report = summarize(w, pct, &runs, Some(baseline.median_rate), pr);
             all &= report.met == Some(true);
@@ -976,6 +1008,8 @@ mod tests {
             MergeArgs { concurrent: vec![101], ..tiny() },
             MergeArgs { concurrent: vec![5, 5], ..tiny() },
             MergeArgs { concurrent: vec![1, 2, 3, 4, 5], ..tiny() },
+            MergeArgs { rules: vec![], ..tiny() },
+            MergeArgs { rules: vec![RuleArg::Crdt, RuleArg::Crdt], ..tiny() },
             MergeArgs { dir: Some(PathBuf::from("/nonexistent/meridian-bench")), ..tiny() },
         ];
         for a in bad {

@@ -55,20 +55,34 @@ impl VersionVector {
 
     /// Record the next write of `region`, and return its dot.
     pub fn increment(&mut self, region: &RegionId) -> Dot {
-        let slot = self.slots.entry(region.clone()).or_insert(0);
+        let slot = self.slot_mut(region);
         *slot = slot.checked_add(1).expect("a region's write counter never reaches u64::MAX");
         Dot { region: region.clone(), counter: *slot }
     }
 
     /// Whether the write `dot` is included.
     pub fn contains(&self, dot: &Dot) -> bool {
-        dot.counter != 0 && self.get(&dot.region) >= dot.counter
+        self.includes(&dot.region, dot.counter)
+    }
+
+    /// Whether write `counter` of `region` is included: [`VersionVector::contains`] without
+    /// building the dot.
+    pub fn includes(&self, region: &RegionId, counter: u64) -> bool {
+        counter != 0 && self.get(region) >= counter
+    }
+
+    /// The slot of `region`, created at 0; the name is cloned only when it is new.
+    fn slot_mut(&mut self, region: &RegionId) -> &mut u64 {
+        if !self.slots.contains_key(region) {
+            self.slots.insert(region.clone(), 0);
+        }
+        self.slots.get_mut(region).expect("inserted above")
     }
 
     /// Include everything `other` includes.
     pub fn merge(&mut self, other: &VersionVector) {
         for (region, &n) in &other.slots {
-            let slot = self.slots.entry(region.clone()).or_insert(0);
+            let slot = self.slot_mut(region);
             *slot = (*slot).max(n);
         }
     }
@@ -78,7 +92,7 @@ impl VersionVector {
         if dot.counter == 0 {
             return;
         }
-        let slot = self.slots.entry(dot.region.clone()).or_insert(0);
+        let slot = self.slot_mut(&dot.region);
         *slot = (*slot).max(dot.counter);
     }
 

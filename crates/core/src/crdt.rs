@@ -207,6 +207,7 @@ impl Stamp {
 /// One field of a map: a value, or a tombstone (`None`, the field was deleted), stamped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
+    #[serde(with = "crate::byte_strings::option_bytes")]
     pub value: Option<Vec<u8>>,
     pub stamp: Stamp,
 }

@@ -4,6 +4,7 @@
 //! wall-clock time in. That keeps every rule here testable by property tests and lets the
 //! simulator drive time.
 
+pub mod byte_strings;
 pub mod causal;
 pub mod crdt;
 pub mod hlc;

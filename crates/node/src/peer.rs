@@ -237,6 +237,7 @@ pub struct WriteRequest {
     pub dataset: String,
     pub key: String,
     /// The JSON text, or `None` to delete.
+    #[serde(with = "meridian_core::byte_strings::option_bytes")]
     pub value: Option<Vec<u8>>,
     pub condition: Condition,
     /// What the write does to the versions the key holds.

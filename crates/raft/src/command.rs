@@ -19,7 +19,14 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandV1 {
     /// Store a JSON value (as its text) under (dataset, key).
-    Put { dataset: String, key: String, value: Vec<u8>, hlc: HlcTimestamp, condition: Condition },
+    Put {
+        dataset: String,
+        key: String,
+        #[serde(with = "meridian_core::byte_strings::bytes")]
+        value: Vec<u8>,
+        hlc: HlcTimestamp,
+        condition: Condition,
+    },
     /// Replace the value with a tombstone.
     Delete { dataset: String, key: String, hlc: HlcTimestamp, condition: Condition },
     /// Several writes from different clients proposed as one log entry, applied in order, each
@@ -67,6 +74,7 @@ pub enum CommandV1 {
     PutInContext {
         dataset: String,
         key: String,
+        #[serde(with = "meridian_core::byte_strings::option_bytes")]
         value: Option<Vec<u8>>,
         hlc: HlcTimestamp,
         condition: Condition,
@@ -158,6 +166,7 @@ pub struct RemoteChange {
     pub key: String,
     pub version: Version,
     /// The JSON text; `None` is a tombstone.
+    #[serde(with = "meridian_core::byte_strings::option_bytes")]
     pub value: Option<Vec<u8>>,
 }
 
@@ -214,6 +223,7 @@ pub struct OutboxEntry {
 pub struct StoredObject {
     pub version: Version,
     /// The JSON text; `None` is a tombstone.
+    #[serde(with = "meridian_core::byte_strings::option_bytes")]
     pub value: Option<Vec<u8>>,
     /// Every write this object reflects, by region: a version's dot is (its region, its
     /// region sequence).
@@ -228,6 +238,7 @@ pub struct StoredObject {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sibling {
     pub version: Version,
+    #[serde(with = "meridian_core::byte_strings::option_bytes")]
     pub value: Option<Vec<u8>>,
 }
 
@@ -285,6 +296,7 @@ pub fn dot_of(v: &Version) -> Dot {
 #[derive(Deserialize)]
 struct StoredObjectV1 {
     version: Version,
+    #[serde(with = "meridian_core::byte_strings::option_bytes")]
     value: Option<Vec<u8>>,
 }
 

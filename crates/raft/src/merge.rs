@@ -19,7 +19,7 @@ use std::cmp::Ordering;
 use meridian_core::crdt::{Crdt, CrdtObject, CrdtState};
 use meridian_core::{Causality, Version, VersionVector};
 
-use crate::command::{dot_of, MergeRule, Sibling, StoredObject};
+use crate::command::{MergeRule, Sibling, StoredObject};
 
 /// Versions an object keeps at most (the one a read answers with and its siblings). Beyond
 /// this, or beyond the value limit in bytes of values together, the last in [`lww_cmp`] order
@@ -49,39 +49,43 @@ pub enum Merge {
 #[doc(hidden)]
 pub static PLAIN_LWW_FOR_NEGATIVE_CONTROL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Merge `incoming` into `local` under `rule`.
+/// Merge `incoming` into `local` under `rule`. Both are taken by value: a merge moves the
+/// versions it keeps and copies only what a conflict record needs.
 /// `values_max`: the value limit, which bounds the values an object keeps together.
-pub fn merge(local: Option<&StoredObject>, incoming: &StoredObject, rule: MergeRule, values_max: usize) -> Merge {
+pub fn merge(local: Option<StoredObject>, incoming: StoredObject, rule: MergeRule, values_max: usize) -> Merge {
     if PLAIN_LWW_FOR_NEGATIVE_CONTROL.load(std::sync::atomic::Ordering::Relaxed) {
         return match local {
             Some(local) if local.version >= incoming.version => Merge::Seen,
-            _ => Merge::Changed { object: incoming.clone(), met: Vec::new() },
+            _ => Merge::Changed { object: incoming, met: Vec::new() },
         };
     }
     let Some(local) = local else {
-        let met = meeting(None, siblings_of(incoming));
-        return Merge::Changed { object: canonical(incoming.clone(), rule, values_max), met };
+        let met = if incoming.siblings.is_empty() { Vec::new() } else { sorted(siblings_of(&incoming)) };
+        return Merge::Changed { object: canonical(incoming, rule, values_max), met };
     };
     match incoming.vv.compare(&local.vv) {
         Causality::Equal | Causality::Before => Merge::Seen,
         Causality::After => {
             // Causally newer, but it may carry concurrent versions this copy never met (a
             // region relaying what it merged): a meeting here too.
-            let met = meeting(Some(local), siblings_of(incoming));
-            Merge::Changed { object: canonical(incoming.clone(), rule, values_max), met }
+            let had = |v: &Version| local.versions().any(|(lv, _)| lv == v);
+            let met = if incoming.siblings.is_empty() || incoming.versions().all(|(v, _)| had(v)) {
+                Vec::new()
+            } else {
+                sorted(siblings_of(&incoming))
+            };
+            Merge::Changed { object: canonical(incoming, rule, values_max), met }
         }
-        Causality::Concurrent => match (rule, &local.crdt, &incoming.crdt) {
-            (MergeRule::Crdt, Some(mine), Some(theirs)) => {
-                let mut state = mine.clone();
-                state.merge(theirs);
-                let mut vv = local.vv.clone();
-                vv.merge(&incoming.vv);
-                let version = local.version.clone().max(incoming.version.clone());
-                let met = vec![
-                    Sibling { version: local.version.clone(), value: local.value.clone() },
-                    Sibling { version: incoming.version.clone(), value: incoming.value.clone() },
-                ];
+        Causality::Concurrent => match (rule, local.crdt.is_some(), incoming.crdt.is_some()) {
+            (MergeRule::Crdt, true, true) => {
+                let StoredObject { version: lv, value: lval, mut vv, crdt: mine, .. } = local;
+                let StoredObject { version: iv, value: ival, vv: ivv, crdt: theirs, .. } = incoming;
+                let mut state = mine.expect("checked above");
+                state.merge(&theirs.expect("checked above"));
+                vv.merge(&ivv);
+                let version = lv.clone().max(iv.clone());
                 let value = render(&state);
+                let met = vec![Sibling { version: lv, value: lval }, Sibling { version: iv, value: ival }];
                 Merge::Changed {
                     object: StoredObject { version, value, vv, siblings: Vec::new(), crdt: Some(state) },
                     met,
@@ -126,35 +130,33 @@ pub fn shortcut(local_vv: Option<&VersionVector>, incoming: &StoredObject) -> Op
 
 /// Dotted-version-vector sync of the versions each side keeps: a version survives unless the
 /// other side's vector holds its dot and the other side no longer keeps it.
-fn merge_versions(local: &StoredObject, incoming: &StoredObject, rule: MergeRule, values_max: usize) -> Merge {
-    let theirs: Vec<Sibling> = siblings_of(incoming);
-    let mine: Vec<Sibling> = siblings_of(local);
-    let kept_mine: Vec<Sibling> = mine
-        .iter()
-        .filter(|s| !incoming.vv.contains(&dot_of(&s.version)) || theirs.iter().any(|t| t.version == s.version))
-        .cloned()
+fn merge_versions(local: StoredObject, incoming: StoredObject, rule: MergeRule, values_max: usize) -> Merge {
+    let StoredObject { version: lv, value: lval, mut vv, siblings: lsib, .. } = local;
+    let StoredObject { version: iv, value: ival, vv: ivv, siblings: isib, .. } = incoming;
+    let theirs: Vec<Sibling> = std::iter::once(Sibling { version: iv, value: ival }).chain(isib).collect();
+    let mut all: Vec<Sibling> = std::iter::once(Sibling { version: lv, value: lval })
+        .chain(lsib)
+        .filter(|s| !seen_by(&ivv, &s.version) || theirs.iter().any(|t| t.version == s.version))
         .collect();
-    let new_theirs: Vec<Sibling> = theirs
-        .into_iter()
-        .filter(|t| !local.vv.contains(&dot_of(&t.version)) && !kept_mine.iter().any(|m| m.version == t.version))
-        .collect();
-    let mut all = kept_mine;
-    all.extend(new_theirs);
-    let mut vv = local.vv.clone();
-    vv.merge(&incoming.vv);
-    let met = meeting(Some(local), all.clone());
+    let kept_mine = all.len();
+    // A version of theirs this copy's vector holds was seen here: kept already, or dropped by
+    // a write that saw it.
+    all.extend(theirs.into_iter().filter(|t| !seen_by(&vv, &t.version)));
+    vv.merge(&ivv);
+    // A meeting this copy has not recorded: more than one version, and one it did not hold.
+    let met = if all.len() >= 2 && all.len() > kept_mine { sorted(all.clone()) } else { Vec::new() };
     let object = assemble(all, vv, rule, values_max);
     Merge::Changed { object, met }
 }
 
-/// The concurrent versions a merge leaves, if they are a meeting this copy has not recorded:
-/// more than one, and at least one it did not keep before. In the order `lww` reads them
-/// (taken before the object's bounds drop any, so the record keeps them all).
-fn meeting(before: Option<&StoredObject>, mut versions: Vec<Sibling>) -> Vec<Sibling> {
-    let had = |v: &Version| before.is_some_and(|b| b.versions().any(|(bv, _)| bv == v));
-    if versions.len() < 2 || versions.iter().all(|s| had(&s.version)) {
-        return Vec::new();
-    }
+/// Whether `vv` holds the dot of `v`.
+fn seen_by(vv: &VersionVector, v: &Version) -> bool {
+    vv.includes(&v.region, v.seq)
+}
+
+/// Versions in the order `lww` reads them (taken before an object's bounds drop any, so a
+/// conflict record keeps them all).
+fn sorted(mut versions: Vec<Sibling>) -> Vec<Sibling> {
     versions.sort_by(|a, b| lww_cmp(&a.version, &b.version));
     versions
 }
@@ -187,7 +189,7 @@ pub fn assemble(mut versions: Vec<Sibling>, vv: VersionVector, rule: MergeRule, 
         MergeRule::Lww | MergeRule::Crdt => 0,
     };
     let main = versions.remove(front);
-    debug_assert!(versions.iter().all(|s| vv.contains(&dot_of(&s.version))), "vv covers every version kept");
+    debug_assert!(versions.iter().all(|s| seen_by(&vv, &s.version)), "vv covers every version kept");
     StoredObject { version: main.version, value: main.value, vv, siblings: versions, crdt: None }
 }
 
@@ -231,6 +233,8 @@ pub fn render(obj: &CrdtObject) -> Option<Vec<u8>> {
 mod tests {
     use meridian_core::crdt::{CrdtKind, CrdtOp, Stamp};
     use meridian_core::{HlcTimestamp, RegionId};
+
+    use crate::command::dot_of;
     use proptest::prelude::*;
 
     use super::*;
@@ -280,7 +284,7 @@ mod tests {
 
     fn receive(c: &mut Copy, from: &Copy, rule: MergeRule) -> bool {
         let Some(incoming) = &from.obj else { return false };
-        let merged = merge(c.obj.as_ref(), incoming, rule, 1 << 20);
+        let merged = merge(c.obj.clone(), incoming.clone(), rule, 1 << 20);
         // Where the vector alone decides, it decides as the full merge does.
         match shortcut(c.obj.as_ref().map(|o| &o.vv), incoming) {
             Some(Shortcut::Seen) => assert_eq!(merged, Merge::Seen),
@@ -397,7 +401,7 @@ mod tests {
         assert!(receive(&mut sib, &eu, MergeRule::Siblings));
         assert_eq!(sib.obj.as_ref().unwrap().live_versions().count(), 2);
         // The base again: seen.
-        assert_eq!(merge(lww.obj.as_ref(), base.obj.as_ref().unwrap(), MergeRule::Lww, 1 << 20), Merge::Seen);
+        assert_eq!(merge(lww.obj.clone(), base.obj.clone().unwrap(), MergeRule::Lww, 1 << 20), Merge::Seen);
         // A write that saw both supersedes both.
         write(&mut lww, 2, Some(4), 30);
         assert!(lww.obj.as_ref().unwrap().siblings.is_empty());

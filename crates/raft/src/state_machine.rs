@@ -128,6 +128,7 @@ fn read_replication(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> R
 #[derive(Serialize, Deserialize)]
 struct SnapshotDataV1 {
     applied: AppliedState,
+    #[serde(with = "meridian_core::byte_strings::pairs")]
     objects: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -135,8 +136,10 @@ struct SnapshotDataV1 {
 #[derive(Deserialize)]
 struct SnapshotDataV2 {
     applied: AppliedState,
+    #[serde(with = "meridian_core::byte_strings::pairs")]
     objects: Vec<(Vec<u8>, Vec<u8>)>,
     replication: ReplicationStateV1,
+    #[serde(with = "meridian_core::byte_strings::numbered")]
     outbox: Vec<(u64, Vec<u8>)>,
 }
 
@@ -145,8 +148,10 @@ struct SnapshotDataV2 {
 #[derive(Deserialize)]
 struct SnapshotDataV3 {
     applied: AppliedState,
+    #[serde(with = "meridian_core::byte_strings::pairs")]
     objects: Vec<(Vec<u8>, Vec<u8>)>,
     replication: ReplicationState,
+    #[serde(with = "meridian_core::byte_strings::numbered")]
     outbox: Vec<(u64, Vec<u8>)>,
 }
 
@@ -154,10 +159,13 @@ struct SnapshotDataV3 {
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     applied: AppliedState,
+    #[serde(with = "meridian_core::byte_strings::pairs")]
     objects: Vec<(Vec<u8>, Vec<u8>)>,
     replication: ReplicationState,
+    #[serde(with = "meridian_core::byte_strings::numbered")]
     outbox: Vec<(u64, Vec<u8>)>,
     conflict_log: ConflictLogState,
+    #[serde(with = "meridian_core::byte_strings::numbered")]
     conflicts: Vec<(u64, Vec<u8>)>,
     tombstones_collected: u64,
 }
@@ -214,6 +222,7 @@ impl SnapshotData {
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
+    #[serde(with = "meridian_core::byte_strings::bytes")]
     data: Vec<u8>,
 }
 
@@ -849,26 +858,29 @@ fn merge_change(
         return Ok(false);
     }
     let k = object_key(&c.dataset, &c.key);
-    // Most changes are decided by the copy's vector alone: read only that.
-    let local_vv = match t.objects.get(k.as_slice())? {
-        Some(v) => Some(decode_object_vv(v.value()).map_err(corrupt)?),
-        None => None,
-    };
-    match merge::shortcut(local_vv.as_ref(), &c.object) {
-        Some(Shortcut::Seen) => return Ok(false),
-        Some(Shortcut::Replace) => {
-            witness(applied, &c.object);
-            t.objects.insert(k.as_slice(), encode_object(&c.object).as_slice())?;
-            return Ok(true);
+    // Most changes are decided by the copy's vector alone: read only that, and decode the rest
+    // of the copy from the same lookup only when the full merge needs it.
+    let current = {
+        let held = t.objects.get(k.as_slice())?;
+        let held = held.as_ref().map(|g| g.value());
+        let local_vv = held.map(decode_object_vv).transpose().map_err(corrupt)?;
+        match merge::shortcut(local_vv.as_ref(), &c.object) {
+            Some(Shortcut::Seen) => return Ok(false),
+            Some(Shortcut::Replace) => None,
+            None => Some(held.map(decode_object).transpose().map_err(corrupt)?),
         }
-        None => {}
-    }
-    let current = get_object(t.objects, &k)?;
-    let (object, met) = match merge::merge(current.as_ref(), &c.object, c.rule, t.values_max) {
+    };
+    let Some(current) = current else {
+        witness(applied, &c.object);
+        t.objects.insert(k.as_slice(), encode_object(&c.object).as_slice())?;
+        return Ok(true);
+    };
+    let newest = c.object.versions().map(|(v, _)| v.hlc).max().expect("an object has a version");
+    let (object, met) = match merge::merge(current, c.object, c.rule, t.values_max) {
         Merge::Seen => return Ok(false),
         Merge::Changed { object, met } => (object, met),
     };
-    witness(applied, &c.object);
+    applied.last_hlc = applied.last_hlc.max(newest);
     t.objects.insert(k.as_slice(), encode_object(&object).as_slice())?;
     if !met.is_empty() {
         let record = ConflictRecord {
