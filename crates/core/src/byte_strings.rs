@@ -98,6 +98,9 @@ pub mod option_bytes {
 pub mod pairs {
     use super::*;
 
+    /// Rows of (storage key, record).
+    pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
     pub fn serialize<S: Serializer>(v: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(v.len()))?;
         for (a, b) in v {
@@ -106,7 +109,7 @@ pub mod pairs {
         seq.end()
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Rows, D::Error> {
         Vec::<(Owned, Owned)>::deserialize(d).map(|v| v.into_iter().map(|(a, b)| (a.0, b.0)).collect())
     }
 }

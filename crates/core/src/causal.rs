@@ -118,6 +118,11 @@ impl VersionVector {
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
+
+    /// Regions with a slot.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
 }
 
 impl FromIterator<(RegionId, u64)> for VersionVector {

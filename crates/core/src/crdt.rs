@@ -15,7 +15,7 @@
 //! last-writer-wins register; Bieniusa et al., "An optimized conflict-free replicated set"
 //! (arXiv:1210.3368, 2012) for the observed-remove set with a causal context.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -105,8 +105,37 @@ impl Crdt for PnCounter {
 /// removed, so a merge can tell "removed here" from "not yet seen here".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrSet {
-    members: BTreeMap<String, BTreeSet<Dot>>,
+    members: BTreeMap<String, Dots>,
     seen: VersionVector,
+}
+
+/// The dots of the adds that put one member in a set: in order, without repeats. Almost
+/// always one (an add replaces the dots this copy had seen), so a vector rather than a tree:
+/// one small allocation per member instead of a tree node. Encoded as a sequence in order,
+/// byte for byte what a `BTreeSet<Dot>` was, and put in order again when read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+struct Dots(Vec<Dot>);
+
+impl<'de> Deserialize<'de> for Dots {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut dots = Vec::<Dot>::deserialize(d)?;
+        dots.sort();
+        dots.dedup();
+        Ok(Dots(dots))
+    }
+}
+
+impl Dots {
+    fn contains(&self, d: &Dot) -> bool {
+        self.0.binary_search(d).is_ok()
+    }
+
+    fn insert(&mut self, d: Dot) {
+        if let Err(at) = self.0.binary_search(&d) {
+            self.0.insert(at, d);
+        }
+    }
 }
 
 impl OrSet {
@@ -117,7 +146,7 @@ impl OrSet {
     /// `region` adds `member`: a new dot replaces the ones this copy had seen for it.
     pub fn add(&mut self, region: &RegionId, member: &str) -> Dot {
         let dot = self.seen.increment(region);
-        self.members.insert(member.to_owned(), BTreeSet::from([dot.clone()]));
+        self.members.insert(member.to_owned(), Dots(vec![dot.clone()]));
         dot
     }
 
@@ -162,27 +191,28 @@ impl Crdt for OrSet {
         let OrSet { members, seen } = self;
         members.retain(|name, mine| {
             match other.members.get(name) {
-                None => mine.retain(|d| !other.seen.contains(d)),
+                None => mine.0.retain(|d| !other.seen.contains(d)),
                 Some(theirs) => {
-                    mine.retain(|d| theirs.contains(d) || !other.seen.contains(d));
+                    mine.0.retain(|d| theirs.contains(d) || !other.seen.contains(d));
                     // A dot of theirs is in `mine` now exactly when it was before: the
                     // retain kept every dot both hold.
-                    for d in theirs {
+                    for d in &theirs.0 {
                         if !seen.contains(d) && !mine.contains(d) {
                             mine.insert(d.clone());
                         }
                     }
                 }
             }
-            !mine.is_empty()
+            !mine.0.is_empty()
         });
         for (name, theirs) in &other.members {
             if members.contains_key(name) {
                 continue;
             }
-            let dots: BTreeSet<Dot> = theirs.iter().filter(|d| !seen.contains(d)).cloned().collect();
+            // A subsequence of theirs, so still in order.
+            let dots: Vec<Dot> = theirs.0.iter().filter(|d| !seen.contains(d)).cloned().collect();
             if !dots.is_empty() {
-                members.insert(name.clone(), dots);
+                members.insert(name.clone(), Dots(dots));
             }
         }
         seen.merge(&other.seen);
@@ -482,7 +512,21 @@ impl Crdt for CrdtObject {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    #[test]
+    fn dots_encode_as_the_ordered_set_they_replace_and_are_ordered_when_read() {
+        let d = |r: &str, n: u64| Dot { region: RegionId::new(r).unwrap(), counter: n };
+        let tree: BTreeSet<Dot> = [d("us-east", 3), d("ap-south", 9), d("eu-west", 1), d("ap-south", 2)].into();
+        let dots = Dots(tree.iter().cloned().collect());
+        assert_eq!(postcard::to_stdvec(&dots).unwrap(), postcard::to_stdvec(&tree).unwrap());
+        let shuffled = vec![d("us-east", 3), d("ap-south", 9), d("ap-south", 9), d("eu-west", 1), d("ap-south", 2)];
+        let read: Dots = postcard::from_bytes(&postcard::to_stdvec(&shuffled).unwrap()).unwrap();
+        assert_eq!(read, dots, "sorted, without the repeat");
+        assert!(read.contains(&d("ap-south", 9)) && !read.contains(&d("ap-south", 8)));
+    }
 
     fn r(s: &str) -> RegionId {
         RegionId::new(s).expect("region")
@@ -549,9 +593,10 @@ mod tests {
         let names: BTreeSet<&String> = a.members.keys().chain(b.members.keys()).collect();
         let mut members = BTreeMap::new();
         for name in names {
-            let empty = BTreeSet::new();
-            let mine = a.members.get(name).unwrap_or(&empty);
-            let theirs = b.members.get(name).unwrap_or(&empty);
+            let tree = |s: &OrSet| -> BTreeSet<Dot> {
+                s.members.get(name).map(|d| d.0.iter().cloned().collect()).unwrap_or_default()
+            };
+            let (mine, theirs) = (&tree(a), &tree(b));
             let dots: BTreeSet<Dot> = mine
                 .intersection(theirs)
                 .chain(mine.difference(theirs).filter(|d| !b.seen.contains(d)))
@@ -559,7 +604,7 @@ mod tests {
                 .cloned()
                 .collect();
             if !dots.is_empty() {
-                members.insert(name.clone(), dots);
+                members.insert(name.clone(), Dots(dots.into_iter().collect()));
             }
         }
         let mut seen = a.seen.clone();

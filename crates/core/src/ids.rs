@@ -75,10 +75,80 @@ macro_rules! simple_name {
     };
 }
 
-simple_name!(
-    /// A region: a set of zones with low round-trip time between them; the unit of residency.
-    RegionId, "region name", PLACE_NAME_BYTES_MAX
-);
+/// A region: a set of zones with low round-trip time between them; the unit of residency.
+///
+/// Held inline (the name's bytes, zero-padded, and its length) rather than as a `String`:
+/// every version, dot and version-vector slot names a region, so cloning or decoding one
+/// must not allocate. Names never contain NUL, so comparing the padded bytes orders and
+/// equates regions exactly as their names do (tested below). On the wire and in every
+/// format it is its name, as a string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId {
+    bytes: [u8; PLACE_NAME_BYTES_MAX],
+    len: u8,
+}
+
+impl RegionId {
+    pub fn new(s: impl AsRef<str>) -> Result<Self, NameError> {
+        let s = s.as_ref();
+        check_simple_name("region name", s, PLACE_NAME_BYTES_MAX)?;
+        let mut bytes = [0u8; PLACE_NAME_BYTES_MAX];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        Ok(RegionId { bytes, len: s.len() as u8 })
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).expect("a region name is ASCII, checked when made")
+    }
+}
+
+impl TryFrom<String> for RegionId {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Self::new(s)
+    }
+}
+
+impl From<RegionId> for String {
+    fn from(v: RegionId) -> String {
+        v.as_str().to_owned()
+    }
+}
+
+impl fmt::Display for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RegionId").field(&self.as_str()).finish()
+    }
+}
+
+impl Serialize for RegionId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RegionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = RegionId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a region name")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RegionId, E> {
+                RegionId::new(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Name)
+    }
+}
+
 simple_name!(
     /// A zone: a fault domain inside a region, holding one node of that region.
     ZoneId, "zone name", PLACE_NAME_BYTES_MAX
@@ -155,6 +225,26 @@ mod tests {
         assert!(matches!(Key::new("k".repeat(KEY_BYTES_MAX + 1)), Err(NameError::TooLong { .. })));
         assert!(matches!(Key::new("a\nb"), Err(NameError::BadCharacter { .. })));
         assert!(matches!(Key::new(""), Err(NameError::Empty { .. })));
+    }
+
+    #[test]
+    fn regions_order_and_encode_as_their_names() {
+        let names = ["a", "a-", "a0", "ab", "ap-south", "ap-south-1", "eu-west", "us-east", "us_east", &"z".repeat(32)];
+        for a in names {
+            let ra = RegionId::new(a).unwrap();
+            assert_eq!(ra.as_str(), a);
+            assert_eq!(format!("{ra:?}"), format!("RegionId({a:?})"));
+            assert_eq!(postcard::to_stdvec(&ra).unwrap(), postcard::to_stdvec(a).unwrap());
+            assert_eq!(postcard::from_bytes::<RegionId>(&postcard::to_stdvec(a).unwrap()).unwrap(), ra);
+            assert_eq!(serde_json::from_str::<RegionId>(&serde_json::to_string(&ra).unwrap()).unwrap(), ra);
+            for b in names {
+                let rb = RegionId::new(b).unwrap();
+                assert_eq!(ra.cmp(&rb), a.cmp(b), "{a} against {b}");
+                assert_eq!(ra == rb, a == b);
+            }
+        }
+        assert!(matches!(RegionId::new("z".repeat(33)), Err(NameError::TooLong { .. })));
+        assert!(postcard::from_bytes::<RegionId>(&postcard::to_stdvec("Bad").unwrap()).is_err());
     }
 
     #[test]

@@ -153,8 +153,7 @@ impl Repair {
     }
 
     fn peer_region(with: &str, what: &str) -> Result<RegionId, PeerError> {
-        RegionId::new(with.to_owned())
-            .map_err(|_| PeerError::Protocol(format!("{what} for an invalid region {with:?}")))
+        RegionId::new(with).map_err(|_| PeerError::Protocol(format!("{what} for an invalid region {with:?}")))
     }
 
     fn lead_or_refuse(&self) -> Result<(), PeerError> {

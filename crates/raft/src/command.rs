@@ -305,9 +305,13 @@ pub const OBJECT_FORMAT: u8 = 2;
 
 /// Encode an object for the objects table.
 pub fn encode_object(obj: &StoredObject) -> Vec<u8> {
-    let mut out = vec![OBJECT_FORMAT];
-    out.extend(postcard::to_stdvec(obj).expect("postcard encodes our own types"));
-    out
+    // Sized once for what it will hold (its values, and for a conflict-free state about as
+    // much again), so encoding neither grows the buffer step by step nor copies it after.
+    let values: usize = obj.versions().map(|(_, v)| v.map_or(0, <[u8]>::len)).sum();
+    let state = if obj.crdt.is_some() { 2 * values + 256 } else { 0 };
+    let mut out = Vec::with_capacity(1 + values + state + 64 * (1 + obj.siblings.len()) + 16 * obj.vv.len());
+    out.push(OBJECT_FORMAT);
+    postcard::to_extend(obj, out).expect("postcard encodes our own types")
 }
 
 /// Decode an object record in either form: one written before version vectors reads as a

@@ -55,10 +55,16 @@ pub const FORMAT_VERSION: u8 = 1;
 
 /// Encode a value with the leading format byte.
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_VERSION];
+    encode_sized(value, 64)
+}
+
+/// [`encode`] into a buffer made for about `bytes` bytes, so a large record is written
+/// without growing its buffer step by step.
+pub(crate) fn encode_sized<T: serde::Serialize>(value: &T, bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + bytes);
+    out.push(FORMAT_VERSION);
     // postcard's serializer only fails on types it cannot represent, which ours never are.
-    out.extend(postcard::to_stdvec(value).expect("postcard encodes our own types"));
-    out
+    postcard::to_extend(value, out).expect("postcard encodes our own types")
 }
 
 /// Decode a record written by [`encode`], refusing unknown format versions.

@@ -474,7 +474,10 @@ fn record_conflict(t: &mut Tables<'_, '_>, mut record: ConflictRecord) -> Result
                 .or_default() += 1
         }
     }
-    t.conflicts.insert(record.id, encode(&record).as_slice())?;
+    let values: usize =
+        record.versions.iter().chain([&record.outcome]).map(|s| s.value.as_ref().map_or(0, Vec::len)).sum();
+    t.conflicts
+        .insert(record.id, crate::encode_sized(&record, values + 64 * (2 + record.versions.len())).as_slice())?;
     t.conflicts_by_key.insert(conflict_index_key(&record.dataset, &record.key, record.id).as_slice(), record.id)?;
     // Over the count bound: trim now. The age bound is looked at once per batch (in
     // `apply_batch`), not after every record.

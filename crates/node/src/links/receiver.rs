@@ -19,7 +19,7 @@ use crate::peer::PeerError;
 
 /// The batch's source region, if it is another region of this cluster.
 pub(crate) fn check_source(source: &str, topology: &Topology, here: &RegionId) -> Result<RegionId, PeerError> {
-    let Ok(source) = RegionId::new(source.to_owned()) else {
+    let Ok(source) = RegionId::new(source) else {
         return Err(PeerError::Protocol(format!("batch from an invalid region name {source:?}")));
     };
     if topology.regions().iter().all(|r| r.name != source) || source == *here {
