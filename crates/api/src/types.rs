@@ -265,6 +265,31 @@ pub struct RegionStatus {
     /// Why the region could not be reached, when it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The answering node's probes of this region (absent for the node's own region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<RegionHealth>,
+}
+
+/// How one node's probes find another region: reachable or not (with hysteresis), and how far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegionHealth {
+    /// `up`, `down`, or `unknown` before the first verdict.
+    pub reachability: String,
+    /// Smoothed round-trip time of the successful probes, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// The last successful probe's round trip, in milliseconds.
+    pub last_rtt_ms: Option<f64>,
+    /// Milliseconds since a probe last succeeded.
+    pub last_ok_ms_ago: Option<u64>,
+    /// Milliseconds since the verdict last changed.
+    pub since_ms_ago: Option<u64>,
+    /// Probes in a row that failed.
+    pub consecutive_failures: u32,
+    pub probes: u64,
+    pub failures: u64,
+    /// Why the last failed probe failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

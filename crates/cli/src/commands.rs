@@ -125,8 +125,13 @@ pub async fn cluster_status(opts: &ClientOpts) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut t = Table::new();
-    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["region", "zone", "node", "api", "role", "term", "applied"]);
+    t.load_style(UTF8_FULL_CONDENSED)
+        .set_header(vec!["region", "zone", "node", "api", "role", "term", "applied", "health", "rtt ms"]);
     for region in &r.regions {
+        let (health, rtt) = match &region.health {
+            None => ("here".to_owned(), "-".to_owned()),
+            Some(h) => (h.reachability.clone(), h.rtt_ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1}"))),
+        };
         for n in &region.nodes {
             let role = match (region.reachable, region.leader) {
                 (false, _) => "unreachable".to_owned(),
@@ -142,14 +147,26 @@ pub async fn cluster_status(opts: &ClientOpts) -> anyhow::Result<()> {
                 role,
                 region.term.to_string(),
                 region.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                health.clone(),
+                rtt.clone(),
             ]);
         }
     }
     println!("{t}");
     println!(
-        "answered by node {} ({}/{}); term and applied index are as reported by one node of each region",
+        "answered by node {} ({}/{}); term and applied index are as reported by one node of each region; \
+         health and round trip are that node's probes of each other region",
         r.node.id, r.node.region, r.node.zone
     );
+    for region in &r.regions {
+        if let Some(h) = region.health.as_ref().filter(|h| h.reachability != "up") {
+            let why = h.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            println!(
+                "region {} is {} to this node ({} probes in a row failed){why}",
+                region.name, h.reachability, h.consecutive_failures
+            );
+        }
+    }
     for region in r.regions.iter().filter(|r| !r.reachable) {
         println!("region {} unreachable: {}", region.name, region.error.as_deref().unwrap_or("?"));
     }

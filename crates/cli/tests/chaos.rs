@@ -33,6 +33,30 @@ fn partition_heal_and_delay_between_regions() {
         assert_eq!(s["links"][0]["cut"], true, "node at {port}: {s}");
     }
 
+    // Region health: eu-west's probes find us-east down (after three failed probes in a row,
+    // not one); ap-south's still find it up; each node's own region is "here".
+    let us_seen_from = |endpoint: &str| -> serde_json::Value {
+        let s = cli_json(endpoint, &["cluster", "status"]);
+        s["regions"].as_array().unwrap().iter().find(|r| r["name"] == "us-east").unwrap()["health"].clone()
+    };
+    wait_for(|| us_seen_from(&eu)["reachability"] == "down", "eu-west to find us-east down");
+    let h = us_seen_from(&eu);
+    assert!(h["consecutive_failures"].as_u64().unwrap() >= 3, "{h}");
+    assert!(h["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{h}");
+    let h = us_seen_from(&ap);
+    assert_eq!(h["reachability"], "up", "ap-south is not cut from us-east: {h}");
+    assert!(h["rtt_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{h}");
+    let own = cli_json(&us, &["cluster", "status"]);
+    let own = own["regions"].as_array().unwrap().iter().find(|r| r["name"] == "us-east").unwrap().clone();
+    assert!(own.get("health").is_none(), "a node does not probe its own region: {own}");
+    let (ok, out, _) = cli(&eu, &["cluster", "status"]);
+    assert!(ok && out.contains("health") && out.contains("region us-east is down to this node"), "{out}");
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { reqwest::get(format!("{eu}/metrics")).await.unwrap().text().await.unwrap() });
+    assert!(metrics.contains("meridian_region_reachable{region=\"us-east\"} 0"), "{metrics}");
+    assert!(metrics.contains("meridian_region_reachable{region=\"ap-south\"} 1"), "{metrics}");
+
     // The catalog lives in us-east: eu-west cannot reach it, ap-south can; eu-west's own data
     // (orders) is untouched, since faults never touch messages inside a region.
     let (ok, _, err) = cli(&eu, &["put", "catalog", "c1", "1"]);
@@ -53,6 +77,7 @@ fn partition_heal_and_delay_between_regions() {
     assert!(ok && out.contains("no faults"), "{out}{err}");
     let (ok, _, err) = cli(&eu, &["put", "catalog", "c2", "2"]);
     assert!(ok, "healed: {err}");
+    wait_for(|| us_seen_from(&eu)["reachability"] == "up", "eu-west to find us-east up after the heal");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = cli_json(&us, &["policy", "status"]);
@@ -84,4 +109,13 @@ fn partition_heal_and_delay_between_regions() {
     assert_eq!(s["links"].as_array().unwrap().len(), 1, "a refused change changed the table: {s}");
     let (ok, out, _) = cli(&us, &["chaos", "heal", "us-east", "eu-west"]);
     assert!(ok && out.contains("no faults"), "{out}");
+}
+
+/// Wait for `cond`, up to 30 s (probes run every second; a verdict takes two or three).
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -25,6 +25,8 @@ struct ConfigFile {
     raft: RaftSettings,
     #[serde(default)]
     replication: ReplicationSettings,
+    #[serde(default)]
+    health: HealthSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -124,6 +126,35 @@ impl Default for ReplicationSettings {
 }
 
 /// Default outbox bound (entries hold a key, not a value: about 100 bytes each).
+/// How each node probes the other regions (see `crate::health`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    /// Time between the starts of two probe rounds.
+    pub probe_interval_ms: u64,
+    /// How long one node of a region has to answer a probe.
+    pub probe_timeout_ms: u64,
+    /// Probes in a row that must fail before a region is marked down.
+    pub down_after_failures: u32,
+    /// Probes in a row that must succeed before a region marked down is marked up again.
+    pub up_after_successes: u32,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            probe_interval_ms: 1_000,
+            probe_timeout_ms: 1_000,
+            down_after_failures: 3,
+            up_after_successes: 2,
+        }
+    }
+}
+
+pub const PROBE_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=60_000;
+pub const PROBE_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=30_000;
+pub const PROBE_STREAK_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+
 pub const OUTBOX_ENTRIES_DEFAULT: u64 = meridian_raft::state_machine::OUTBOX_ENTRIES_MAX;
 /// Bounds on the replication settings.
 pub const OUTBOX_ENTRIES_RANGE: std::ops::RangeInclusive<u64> = 16..=50_000_000;
@@ -144,6 +175,7 @@ pub struct ClusterConfig {
     pub clock: ClockSettings,
     pub raft: RaftSettings,
     pub replication: ReplicationSettings,
+    pub health: HealthSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +198,7 @@ impl ClusterConfig {
             clock: ClockSettings::default(),
             raft: RaftSettings::default(),
             replication: ReplicationSettings::default(),
+            health: HealthSettings::default(),
         }
     }
 
@@ -241,6 +274,31 @@ impl ClusterConfig {
                 CONFLICT_RECORD_AGE_MS_RANGE.end()
             ));
         }
+        let h = &file.health;
+        if !PROBE_INTERVAL_MS_RANGE.contains(&h.probe_interval_ms) {
+            problems.push(format!(
+                "health.probe_interval_ms must be between {} and {}",
+                PROBE_INTERVAL_MS_RANGE.start(),
+                PROBE_INTERVAL_MS_RANGE.end()
+            ));
+        }
+        if !PROBE_TIMEOUT_MS_RANGE.contains(&h.probe_timeout_ms) {
+            problems.push(format!(
+                "health.probe_timeout_ms must be between {} and {}",
+                PROBE_TIMEOUT_MS_RANGE.start(),
+                PROBE_TIMEOUT_MS_RANGE.end()
+            ));
+        }
+        for (name, n) in [("down_after_failures", h.down_after_failures), ("up_after_successes", h.up_after_successes)]
+        {
+            if !PROBE_STREAK_RANGE.contains(&n) {
+                problems.push(format!(
+                    "health.{name} must be between {} and {}",
+                    PROBE_STREAK_RANGE.start(),
+                    PROBE_STREAK_RANGE.end()
+                ));
+            }
+        }
         match (topology, problems.is_empty()) {
             (Some(topology), true) => Ok(ClusterConfig {
                 topology,
@@ -248,6 +306,7 @@ impl ClusterConfig {
                 clock: file.clock,
                 raft: file.raft,
                 replication: file.replication,
+                health: file.health,
             }),
             _ => Err(ConfigError::Invalid { path: origin.to_owned(), problems }),
         }
@@ -267,6 +326,7 @@ impl ClusterConfig {
             clock: self.clock.clone(),
             raft: self.raft.clone(),
             replication: self.replication.clone(),
+            health: self.health.clone(),
         };
         toml::to_string(&file).expect("configuration serializes")
     }
@@ -290,5 +350,36 @@ mod tests {
         let text = "regions = []\nnodes = []\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 150\n";
         let err = ClusterConfig::parse(text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("no regions") && err.contains("election_timeout_min_ms"), "{err}");
+    }
+
+    #[test]
+    fn health_settings_are_bounded_and_round_trip() {
+        let mut c = ClusterConfig::demo(7000);
+        c.health.probe_interval_ms = 250;
+        c.health.down_after_failures = 5;
+        let again = ClusterConfig::parse(&c.to_toml(), "demo").unwrap();
+        assert_eq!(again.health, c.health);
+        let base = ClusterConfig::demo(7000).to_toml();
+        for (bad, field) in [
+            ("probe_interval_ms = 5", "probe_interval_ms"),
+            ("probe_timeout_ms = 0", "probe_timeout_ms"),
+            ("down_after_failures = 0", "down_after_failures"),
+            ("up_after_successes = 1000", "up_after_successes"),
+        ] {
+            let text = base.replace("[health]\n", &format!("[health]\n{bad}\n"));
+            let text = text.replace(&format!("{field} = {}\n", default_of(field)), "");
+            let err = ClusterConfig::parse(&text, "x.toml").unwrap_err().to_string();
+            assert!(err.contains(&format!("health.{field} must be between")), "{bad}: {err}");
+        }
+    }
+
+    fn default_of(field: &str) -> u64 {
+        let d = HealthSettings::default();
+        match field {
+            "probe_interval_ms" => d.probe_interval_ms,
+            "probe_timeout_ms" => d.probe_timeout_ms,
+            "down_after_failures" => u64::from(d.down_after_failures),
+            _ => u64::from(d.up_after_successes),
+        }
     }
 }

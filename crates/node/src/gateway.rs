@@ -394,12 +394,13 @@ impl Gateway {
         Ok(placed)
     }
 
-    /// Where a write goes under `placement`: this region if it is a home, else the first
-    /// home; without a governing policy, this region.
+    /// Where a write goes under `placement`: this region if it is a home, else the nearest
+    /// home this node's probes find up, else one not known to be down, else the first home
+    /// (see [`crate::health::nearest`]); without a governing policy, this region.
     fn choose(&self, placement: Option<&Placement>) -> RegionId {
         match placement {
-            Some(p) if !p.homes.contains(&self.here) => p.homes[0].clone(),
-            _ => self.here.clone(),
+            Some(p) => self.deps.health.nearest(&p.homes).unwrap_or_else(|| self.here.clone()),
+            None => self.here.clone(),
         }
     }
 

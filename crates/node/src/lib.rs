@@ -23,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod health;
 pub mod limits;
 pub mod links;
 pub mod metrics;
@@ -128,6 +129,8 @@ pub(crate) struct Deps {
     pub(crate) transport: PeerTransport,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// This node's probes of the other regions: which are up, and how far.
+    pub(crate) health: Arc<health::Health>,
 }
 
 pub struct Node {
@@ -141,6 +144,7 @@ pub struct Node {
     gateway: Arc<Gateway>,
     links: Arc<Links>,
     repair: Arc<Repair>,
+    health: Arc<health::Health>,
     transport: PeerTransport,
     metrics: Arc<Metrics>,
     supervisor: Arc<Supervisor>,
@@ -208,6 +212,14 @@ impl Node {
         let (proposer, proposer_worker) = Proposer::new(region.clone());
         let proposer = Arc::new(proposer);
         let policy = Arc::new(PolicyStore::new(&region, metrics.clone()));
+        let health = Arc::new(health::Health::new(
+            spec.region.clone(),
+            topology.clone(),
+            transport.clone(),
+            clock.clone(),
+            metrics.clone(),
+            config.health.clone(),
+        ));
         let deps = Deps {
             region: region.clone(),
             proposer: proposer.clone(),
@@ -215,6 +227,7 @@ impl Node {
             transport: transport.clone(),
             metrics: metrics.clone(),
             clock,
+            health: health.clone(),
         };
         let commits = Arc::new(CommitBell::default());
         let gateway = Arc::new(Gateway::new(
@@ -243,6 +256,7 @@ impl Node {
         supervisor.spawn_worker("policy-sync", policy.clone().run_sync(region.clone(), gateway.clone()));
         links.start();
         supervisor.spawn_worker("anti-entropy", repair.clone().run());
+        supervisor.spawn_worker("region-health", health.clone().run());
         Ok(Arc::new(Node {
             spec,
             config,
@@ -252,6 +266,7 @@ impl Node {
             gateway,
             links,
             repair,
+            health,
             transport,
             metrics,
             supervisor,
@@ -476,6 +491,12 @@ impl Node {
     }
 
     // ---- cluster status -----------------------------------------------------------------
+
+    /// This node's probes of every other region (see [`health`]), and the wall-clock time
+    /// they are read at (what their times compare with).
+    pub fn region_health(&self) -> (std::collections::BTreeMap<RegionId, health::RegionHealth>, u64) {
+        (self.health.regions(), self.health.now_ms())
+    }
 
     /// Every region's status: this node's own view for its region, and for each other region
     /// the answer of the first of its nodes that replies.

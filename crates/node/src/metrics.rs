@@ -25,6 +25,11 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    pub region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -37,6 +42,10 @@ pub struct Metrics {
     pub peer_errors: Family<KindLabels, Counter>,
     pub hlc_refusals: Counter,
     pub hlc_ahead_ms: Gauge,
+    pub region_reachable: Family<RegionLabels, Gauge>,
+    pub region_probe_rtt_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub region_probe_failures: Family<RegionLabels, Counter>,
+    pub region_reachability_changes: Family<RegionLabels, Counter>,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_last_log_index: Gauge,
@@ -161,6 +170,10 @@ impl Metrics {
             peer_errors: add(&mut r, "peer_rpc_errors", "Failed node-to-node calls by kind", Family::<KindLabels, Counter>::default()),
             hlc_refusals: add(&mut r, "hlc_refusals", "Timestamps refused because the HLC would run ahead of the wall clock by more than the maximum offset", Counter::default()),
             hlc_ahead_ms: add(&mut r, "hlc_ahead_ms", "How far the newest timestamp this region has applied runs ahead of this node's wall clock, in milliseconds: a clock behind the other regions' shows here, long before writes are refused", Gauge::default()),
+            region_reachable: add(&mut r, "region_reachable", "1 while this node's probes find the region up, 0 while down or not yet known (with hysteresis: health.down_after_failures and health.up_after_successes)", Family::<RegionLabels, Gauge>::default()),
+            region_probe_rtt_seconds: add(&mut r, "region_probe_rtt_seconds", "Smoothed round-trip time of this node's successful probes of the region", Family::<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default()),
+            region_probe_failures: add(&mut r, "region_probe_failures", "Probes of the region that no node of it answered in time", Family::<RegionLabels, Counter>::default()),
+            region_reachability_changes: add(&mut r, "region_reachability_changes", "Times this node's verdict on the region changed (unknown, up, down)", Family::<RegionLabels, Counter>::default()),
             raft_term: add(&mut r, "raft_term", "Current Raft term of this node's region group", Gauge::default()),
             raft_is_leader: add(&mut r, "raft_is_leader", "1 when this node leads its region's Raft group", Gauge::default()),
             raft_last_log_index: add(&mut r, "raft_last_log_index", "Index of the last entry in this node's Raft log", Gauge::default()),

@@ -320,11 +320,13 @@ pub async fn verify(
 pub async fn cluster(State(state): State<AppState>) -> Json<ClusterResponse> {
     let node = &state.node;
     let views = node.cluster_view().await;
+    let (probed, now_ms) = node.region_health();
     let regions = views
         .into_iter()
         .map(|v| {
             let nodes = node.topology().region_nodes(&v.region).into_iter().map(node_info).collect();
-            match v.report {
+            let health = probed.get(&v.region).map(|h| region_health(h, now_ms));
+            let status = match v.report {
                 Ok(r) => RegionStatus {
                     name: v.region.to_string(),
                     reachable: true,
@@ -335,6 +337,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterResponse> {
                     applied_index: r.applied_index,
                     nodes,
                     error: None,
+                    health: None,
                 },
                 Err(e) => RegionStatus {
                     name: v.region.to_string(),
@@ -346,11 +349,27 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterResponse> {
                     applied_index: None,
                     nodes,
                     error: Some(e),
+                    health: None,
                 },
-            }
+            };
+            RegionStatus { health, ..status }
         })
         .collect();
     Json(ClusterResponse { node: node_info(node.spec()), regions })
+}
+
+fn region_health(h: &meridian_node::health::RegionHealth, now_ms: u64) -> meridian_api::RegionHealth {
+    meridian_api::RegionHealth {
+        reachability: h.reachability.name().to_owned(),
+        rtt_ms: h.rtt_ms,
+        last_rtt_ms: h.last_rtt_ms,
+        last_ok_ms_ago: h.last_ok_at_ms.map(|t| now_ms.saturating_sub(t)),
+        since_ms_ago: h.since_ms.map(|t| now_ms.saturating_sub(t)),
+        consecutive_failures: h.consecutive_failed,
+        probes: h.probes,
+        failures: h.failures,
+        last_error: h.last_error.clone(),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/health", responses(
