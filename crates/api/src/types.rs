@@ -201,10 +201,11 @@ pub struct ListResponse {
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ReadQuery {
-    /// `strong` (default: linearizable, served by the region's leader), `local` or
-    /// `eventual` (served by the node asked when its region holds a copy), or `bounded`
-    /// (served by the node asked when its region's copy is at most `max_staleness` behind
-    /// every home, else by a home).
+    /// `strong` (linearizable, served by a home region's leader), `local` or `eventual`
+    /// (served by the node asked when its region holds a copy), or `bounded` (served by the
+    /// node asked when its region's copy is at most `max_staleness` behind every home, else by
+    /// a home). Default: the dataset's `consistency` in the policy (itself `strong` by
+    /// default).
     pub consistency: Option<String>,
     /// With `consistency=bounded`: how stale the answer may be (`500ms`, `2s`); default: the
     /// dataset's `max_staleness`.
@@ -232,7 +233,8 @@ pub struct ListQuery {
     pub limit: Option<String>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
-    /// `strong` (default), `local`, `eventual` or `bounded` (as for a read).
+    /// `strong`, `local`, `eventual` or `bounded` (as for a read); default: the dataset's
+    /// `consistency` in the policy.
     pub consistency: Option<String>,
     /// With `consistency=bounded`: how stale the listing may be.
     pub max_staleness: Option<String>,

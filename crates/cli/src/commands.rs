@@ -65,8 +65,8 @@ pub async fn put(
     Ok(())
 }
 
-pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: &str) -> anyhow::Result<()> {
-    let r = client(opts).get(dataset, key, Some(consistency)).await.map_err(fail)?;
+pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: Option<&str>) -> anyhow::Result<()> {
+    let r = client(opts).get(dataset, key, consistency).await.map_err(fail)?;
     if opts.json {
         print_json(&r);
     } else {
@@ -95,10 +95,10 @@ pub async fn list(
     prefix: Option<String>,
     limit: usize,
     cursor: Option<String>,
-    consistency: &str,
+    consistency: Option<&str>,
 ) -> anyhow::Result<()> {
     let r = client(opts)
-        .list(dataset, prefix.as_deref(), Some(limit), cursor.as_deref(), Some(consistency))
+        .list(dataset, prefix.as_deref(), Some(limit), cursor.as_deref(), consistency)
         .await
         .map_err(fail)?;
     if opts.json {

@@ -99,10 +99,12 @@ enum Command {
     Get {
         dataset: String,
         key: String,
-        /// strong (linearizable, via a home region's leader), local (the node asked, if its region
-        /// holds a copy, else a home) or eventual (the nearest copy).
-        #[arg(long, default_value = "strong")]
-        consistency: String,
+        /// strong (linearizable, via a home region's leader), bounded (as stale as the dataset's
+        /// max_staleness allows), local (the node asked, if its region holds a copy, else a
+        /// home) or eventual (the nearest copy). Default: the dataset's `consistency` in the
+        /// policy (itself strong unless the policy says otherwise).
+        #[arg(long)]
+        consistency: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -127,8 +129,9 @@ enum Command {
         /// Continue from a previous page's cursor.
         #[arg(long)]
         cursor: Option<String>,
-        #[arg(long, default_value = "strong")]
-        consistency: String,
+        /// As for `get`; default: the dataset's `consistency` in the policy.
+        #[arg(long)]
+        consistency: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -404,13 +407,13 @@ fn main() -> std::process::ExitCode {
                 commands::put(&client, &dataset, &key, value, if_match, create_only).await
             }
             Command::Get { dataset, key, consistency, client } => {
-                commands::get(&client, &dataset, &key, &consistency).await
+                commands::get(&client, &dataset, &key, consistency.as_deref()).await
             }
             Command::Delete { dataset, key, if_match, client } => {
                 commands::delete(&client, &dataset, &key, if_match).await
             }
             Command::List { dataset, prefix, limit, cursor, consistency, client } => {
-                commands::list(&client, &dataset, prefix, limit, cursor, &consistency).await
+                commands::list(&client, &dataset, prefix, limit, cursor, consistency.as_deref()).await
             }
             Command::Op { dataset, key, op, args, client } => conflicts::op(&client, &dataset, &key, &op, &args).await,
             Command::Conflicts { command } => conflicts::conflicts(command).await,

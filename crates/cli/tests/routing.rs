@@ -1,6 +1,6 @@
-//! Routing by region health, through the real binary: a write taken in a region that is not a
-//! home goes to the nearest home that region's probes find up, and to another home once that
-//! one is cut off.
+//! Routing through the real binary: a read that names no level reads at its dataset's; a
+//! write taken in a region that is not a home goes to the nearest home that region's probes
+//! find up, and to another home once that one is cut off.
 
 mod common;
 
@@ -17,6 +17,14 @@ locality = "global"
 classification = "internal"
 home = ["ap-south", "us-east"]
 conflict = "lww"
+
+[[dataset]]
+name = "feed"
+locality = "global"
+classification = "public"
+home = ["us-east"]
+mirrors = "all-allowed"
+consistency = "local"
 "#;
 
 fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
@@ -35,7 +43,7 @@ fn seen(endpoint: &str, region: &str) -> String {
 }
 
 #[test]
-fn writes_go_to_the_nearest_home_up_and_around_one_cut_off() {
+fn reads_take_their_datasets_level_and_writes_go_to_the_nearest_home_up() {
     let (demo, base, _) = common::start_demo(None);
     let _stop = Stop(demo);
     let us = format!("http://127.0.0.1:{base}");
@@ -45,6 +53,23 @@ fn writes_go_to_the_nearest_home_up_and_around_one_cut_off() {
     std::fs::write(&file, POLICY).unwrap();
     let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
     assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+
+    // A read that names no level reads at the dataset's: feed's is local, so a mirror serves
+    // it; notes names none, so strong, from a home's leader.
+    let ap = format!("http://127.0.0.1:{}", base + 7);
+    let (ok, _, err) = cli(&us, &["put", "feed", "f1", "\"hello\""]);
+    assert!(ok, "{err}");
+    wait_for(
+        || {
+            let (ok, _, err) = cli(&ap, &["get", "feed", "f1"]);
+            ok && err.contains("served by ap-south/") && err.contains(", local)")
+        },
+        "feed/f1 served by ap-south's copy at the dataset's default level",
+    );
+    let (ok, _, err) = cli(&ap, &["get", "feed", "f1", "--consistency", "strong"]);
+    assert!(ok && err.contains("served by us-east/"), "a level named wins over the default: {err}");
+    let (ok, out, err) = cli(&us, &["get", "feed", "f1", "--consistency", "session"]);
+    assert!(!ok && err.contains("invalid_consistency"), "{out}{err}");
 
     wait_for(|| seen(&eu, "us-east") == "up" && seen(&eu, "ap-south") == "up", "eu-west to find both homes up");
     // Both up: the nearer home takes it, not the first listed.
@@ -64,7 +89,6 @@ fn writes_go_to_the_nearest_home_up_and_around_one_cut_off() {
     let (ok, out, err) = cli(&eu, &["put", "notes", "n2", "2"]);
     assert!(ok && out.contains("served by ap-south/") && out.contains("forwarded-to-home"), "{out}{err}");
     // ap-south, not cut from us-east, still sends its own writes nowhere else: it is a home.
-    let ap = format!("http://127.0.0.1:{}", base + 7);
     let (ok, out, err) = cli(&ap, &["put", "notes", "n3", "3"]);
     assert!(ok && out.contains("served by ap-south/"), "{out}{err}");
 
@@ -74,6 +98,8 @@ fn writes_go_to_the_nearest_home_up_and_around_one_cut_off() {
     wait_for(|| seen(&eu, "us-east") == "up", "eu-west to find us-east up again");
     let (ok, out, err) = cli(&eu, &["put", "notes", "n4", "4"]);
     assert!(ok && out.contains("served by us-east/"), "{out}{err}");
+    let (ok, _, err) = cli(&eu, &["get", "notes", "n4"]);
+    assert!(ok && err.contains("served by us-east/") && err.contains("forwarded-to-home"), "strong by default: {err}");
     // Every write reached both homes.
     for key in ["n1", "n2", "n3", "n4"] {
         for home in [&us, &ap] {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use meridian_core::crdt::{CrdtKind, CrdtOp};
 use meridian_core::{DatasetName, Hlc, HlcTimestamp, Key, NodeId, RegionId, Version, VersionVector};
-use meridian_policy::{ConflictRule, Placement};
+use meridian_policy::{ConflictRule, Consistency as PolicyConsistency, Placement};
 use meridian_raft::command::CommandV1;
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use tokio::time::Instant;
@@ -86,6 +86,9 @@ pub enum Consistency {
     Eventual,
     /// At most this many milliseconds stale (`None`: the dataset's `max_staleness`).
     Bounded(Option<u64>),
+    /// Whatever the dataset's policy names (`consistency`, default `strong`): what a request
+    /// that names no level asks for.
+    DatasetDefault,
 }
 
 /// How a node serves a read in its own region.
@@ -430,6 +433,22 @@ impl Gateway {
         placed: &Placed,
     ) -> Result<Option<ReadConsistency>, NodeError> {
         let at_home = *home_region == self.here;
+        let consistency = match consistency {
+            Consistency::DatasetDefault => match placed {
+                Ok(Some(p)) => match p.consistency {
+                    PolicyConsistency::Strong => Consistency::Strong,
+                    PolicyConsistency::Bounded => Consistency::Bounded(None),
+                    PolicyConsistency::Local => Consistency::Local,
+                    PolicyConsistency::Eventual => Consistency::Eventual,
+                    // Refused by the validator until session tokens exist; a version that
+                    // names it anyway reads strongly, the strongest level.
+                    PolicyConsistency::Session => Consistency::Strong,
+                },
+                // No governing policy (or a refusal, reported elsewhere): the safe default.
+                _ => Consistency::Strong,
+            },
+            c => c,
+        };
         Ok(match consistency {
             Consistency::Strong => at_home.then_some(ReadConsistency::Strong),
             Consistency::Local | Consistency::Eventual => {
@@ -447,6 +466,7 @@ impl Gateway {
                 }
                 None => at_home.then_some(ReadConsistency::Strong),
             },
+            Consistency::DatasetDefault => unreachable!("resolved above"),
         })
     }
 

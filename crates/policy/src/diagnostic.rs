@@ -62,6 +62,7 @@ rules! {
     StalenessRequired => "staleness_required",
     ReleaseAfterMismatch => "release_after_mismatch",
     NoDatasets => "no_datasets",
+    NotSupported => "not_supported",
 }
 
 impl fmt::Display for Rule {

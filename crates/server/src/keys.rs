@@ -60,7 +60,8 @@ fn parse_names(dataset: String, key: String) -> Result<(DatasetName, Key), ApiEr
 
 fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Consistency, ApiError> {
     let level = match c {
-        None | Some("strong") => Consistency::Strong,
+        None => Consistency::DatasetDefault,
+        Some("strong") => Consistency::Strong,
         Some("local") => Consistency::Local,
         Some("eventual") => Consistency::Eventual,
         Some("bounded") => Consistency::Bounded(None),
@@ -78,6 +79,10 @@ fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Con
     };
     match (level, max_staleness) {
         (_, None) => Ok(level),
+        (Consistency::DatasetDefault, Some(_)) => {
+            Err(ApiError::new(ErrorCode::InvalidQuery, "max_staleness applies only to consistency=bounded")
+                .hint("add consistency=bounded"))
+        }
         (Consistency::Bounded(_), Some(m)) => {
             let d = meridian_policy::units::Dur::parse(m).map_err(|e| {
                 ApiError::new(ErrorCode::InvalidQuery, format!("max_staleness={m:?}: {e}"))
