@@ -178,6 +178,18 @@ pub struct ClusterConfig {
     pub health: HealthSettings,
 }
 
+/// Report `name` unless `value` lies in `range`.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    problems: &mut Vec<String>,
+    name: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) {
+    if !range.contains(&value) {
+        problems.push(format!("{name} must be between {} and {}", range.start(), range.end()));
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("read {path}: {source}")]
@@ -239,66 +251,26 @@ impl ClusterConfig {
             problems.push("raft.snapshot_every_entries must be at least 1".into());
         }
         let rep = &file.replication;
-        if !OUTBOX_ENTRIES_RANGE.contains(&rep.outbox_entries_max) {
-            problems.push(format!(
-                "replication.outbox_entries_max must be between {} and {}",
-                OUTBOX_ENTRIES_RANGE.start(),
-                OUTBOX_ENTRIES_RANGE.end()
-            ));
-        }
-        if !ANTI_ENTROPY_INTERVAL_MS_RANGE.contains(&rep.anti_entropy_interval_ms) {
-            problems.push(format!(
-                "replication.anti_entropy_interval_ms must be between {} and {}",
-                ANTI_ENTROPY_INTERVAL_MS_RANGE.start(),
-                ANTI_ENTROPY_INTERVAL_MS_RANGE.end()
-            ));
-        }
-        if !TOMBSTONE_GRACE_MS_RANGE.contains(&rep.tombstone_grace_ms) {
-            problems.push(format!(
-                "replication.tombstone_grace_ms must be between {} and {}",
-                TOMBSTONE_GRACE_MS_RANGE.start(),
-                TOMBSTONE_GRACE_MS_RANGE.end()
-            ));
-        }
-        if !CONFLICT_RECORDS_RANGE.contains(&rep.conflict_records_max) {
-            problems.push(format!(
-                "replication.conflict_records_max must be between {} and {}",
-                CONFLICT_RECORDS_RANGE.start(),
-                CONFLICT_RECORDS_RANGE.end()
-            ));
-        }
-        if !CONFLICT_RECORD_AGE_MS_RANGE.contains(&rep.conflict_record_age_ms) {
-            problems.push(format!(
-                "replication.conflict_record_age_ms must be between {} and {}",
-                CONFLICT_RECORD_AGE_MS_RANGE.start(),
-                CONFLICT_RECORD_AGE_MS_RANGE.end()
-            ));
-        }
         let h = &file.health;
-        if !PROBE_INTERVAL_MS_RANGE.contains(&h.probe_interval_ms) {
-            problems.push(format!(
-                "health.probe_interval_ms must be between {} and {}",
-                PROBE_INTERVAL_MS_RANGE.start(),
-                PROBE_INTERVAL_MS_RANGE.end()
-            ));
-        }
-        if !PROBE_TIMEOUT_MS_RANGE.contains(&h.probe_timeout_ms) {
-            problems.push(format!(
-                "health.probe_timeout_ms must be between {} and {}",
-                PROBE_TIMEOUT_MS_RANGE.start(),
-                PROBE_TIMEOUT_MS_RANGE.end()
-            ));
-        }
-        for (name, n) in [("down_after_failures", h.down_after_failures), ("up_after_successes", h.up_after_successes)]
-        {
-            if !PROBE_STREAK_RANGE.contains(&n) {
-                problems.push(format!(
-                    "health.{name} must be between {} and {}",
-                    PROBE_STREAK_RANGE.start(),
-                    PROBE_STREAK_RANGE.end()
-                ));
-            }
-        }
+        in_range(&mut problems, "replication.outbox_entries_max", rep.outbox_entries_max, OUTBOX_ENTRIES_RANGE);
+        in_range(
+            &mut problems,
+            "replication.anti_entropy_interval_ms",
+            rep.anti_entropy_interval_ms,
+            ANTI_ENTROPY_INTERVAL_MS_RANGE,
+        );
+        in_range(&mut problems, "replication.tombstone_grace_ms", rep.tombstone_grace_ms, TOMBSTONE_GRACE_MS_RANGE);
+        in_range(&mut problems, "replication.conflict_records_max", rep.conflict_records_max, CONFLICT_RECORDS_RANGE);
+        in_range(
+            &mut problems,
+            "replication.conflict_record_age_ms",
+            rep.conflict_record_age_ms,
+            CONFLICT_RECORD_AGE_MS_RANGE,
+        );
+        in_range(&mut problems, "health.probe_interval_ms", h.probe_interval_ms, PROBE_INTERVAL_MS_RANGE);
+        in_range(&mut problems, "health.probe_timeout_ms", h.probe_timeout_ms, PROBE_TIMEOUT_MS_RANGE);
+        in_range(&mut problems, "health.down_after_failures", h.down_after_failures, PROBE_STREAK_RANGE);
+        in_range(&mut problems, "health.up_after_successes", h.up_after_successes, PROBE_STREAK_RANGE);
         match (topology, problems.is_empty()) {
             (Some(topology), true) => Ok(ClusterConfig {
                 topology,

@@ -326,7 +326,7 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterResponse> {
         .map(|v| {
             let nodes = node.topology().region_nodes(&v.region).into_iter().map(node_info).collect();
             let health = probed.get(&v.region).map(|h| region_health(h, now_ms));
-            let status = match v.report {
+            let mut status = match v.report {
                 Ok(r) => RegionStatus {
                     name: v.region.to_string(),
                     reachable: true,
@@ -352,7 +352,8 @@ pub async fn cluster(State(state): State<AppState>) -> Json<ClusterResponse> {
                     health: None,
                 },
             };
-            RegionStatus { health, ..status }
+            status.health = health;
+            status
         })
         .collect();
     Json(ClusterResponse { node: node_info(node.spec()), regions })
