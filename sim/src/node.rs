@@ -156,6 +156,7 @@ fn refusal(e: NodeError) -> ClientReply {
         NodeError::ResidencyRefused(m, _) => ClientReply::ResidencyRefused(m),
         NodeError::NoLeader
         | NodeError::Unavailable { .. }
+        | NodeError::NoRegion { .. }
         | NodeError::ClockSkew(_)
         | NodeError::DatasetNotInPolicy(_)
         | NodeError::HomeUnknown(_)

@@ -301,6 +301,7 @@ fn kind_of(req: &PeerRequestV1) -> &'static str {
         PeerRequestV1::Raft(_) => "raft",
         PeerRequestV1::Write(_) | PeerRequestV1::WriteAtomic(_) => "forwarded write",
         PeerRequestV1::Read { .. } | PeerRequestV1::List { .. } => "forwarded read",
+        PeerRequestV1::ReadCopy { .. } | PeerRequestV1::ListCopy { .. } => "copy read",
         PeerRequestV1::ShipBatch(_) => "link batch",
         PeerRequestV1::Repair(_) => "repair",
         PeerRequestV1::Digest { .. } | PeerRequestV1::DigestEntries { .. } | PeerRequestV1::FetchObjects { .. } => {

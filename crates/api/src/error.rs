@@ -45,6 +45,7 @@ codes! {
     InvalidCursor => "invalid_cursor": "The listing cursor was not produced by this API.",
     NoLeader => "no_leader": "The region has no elected leader at the moment (an election is under way or a quorum is lost). Retry after the Retry-After delay.",
     Unavailable => "unavailable": "The node that must serve this request cannot be reached. Retry after the Retry-After delay.",
+    RegionUnavailable => "region_unavailable": "No region that may serve this request could: each was down, unreachable, without a leader or (for a bounded read) too stale. `regions_tried` names each with its cause; nothing was applied. Retry after the Retry-After delay.",
     OutcomeUnknown => "outcome_unknown": "The write was sent to the leader but no answer came back in time; it may or may not have been applied. Read the key before retrying a non-idempotent write.",
     ClockSkew => "clock_skew": "The node's hybrid clock would run too far ahead of its wall clock; the node's clock needs attention.",
     PolicyInvalid => "policy_invalid": "The policy document breaks one or more rules; `problems` lists each with its line, column, rule and hint. Nothing was changed.",
@@ -79,11 +80,22 @@ pub struct ErrorBody {
     /// For `policy_invalid`: every problem in the document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problems: Option<Vec<crate::policy::PolicyProblem>>,
+    /// For `region_unavailable`: each region tried (or known down), in order, with why it
+    /// did not serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions_tried: Option<Vec<crate::types::SkippedRegion>>,
 }
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody { code, message: message.into(), hint: None, current_version: None, problems: None }
+        ErrorBody {
+            code,
+            message: message.into(),
+            hint: None,
+            current_version: None,
+            problems: None,
+            regions_tried: None,
+        }
     }
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());

@@ -17,8 +17,11 @@ pub use types::*;
 /// Header naming the node that served a request: `region/zone/node-ID`.
 pub const HEADER_SERVED_BY: &str = "meridian-served-by";
 /// Header saying why that node served it (`leader`, `local`, `forwarded-to-leader`,
-/// `forwarded-to-home`).
+/// `forwarded-to-home`, `nearest-copy`, `fresh-copy`).
 pub const HEADER_ROUTE_REASON: &str = "meridian-route-reason";
+/// Header naming the regions a request passed over before the one that served it, each with
+/// its cause: `eu-west=down, us-east=unreachable` (absent when none was).
+pub const HEADER_ROUTE_SKIPPED: &str = "meridian-route-skipped";
 /// A key's causal context: returned by a read, sent back with a write to supersede exactly
 /// the versions the read saw.
 pub const HEADER_CONTEXT: &str = "meridian-context";

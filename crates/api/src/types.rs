@@ -37,8 +37,24 @@ pub struct ServedBy {
     pub region: String,
     pub zone: String,
     pub node: u64,
-    /// `leader`, `local` or `forwarded-to-leader`.
+    /// `leader`, `local`, `forwarded-to-leader`, `forwarded-to-home`, `nearest-copy` or
+    /// `fresh-copy` (docs/requests.md says when each is given).
     pub reason: String,
+    /// The regions passed over on the way, in the order they were considered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedRegion>,
+}
+
+/// A region a request did not get an answer from, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SkippedRegion {
+    pub region: String,
+    /// `down` (marked down by the node's probes, not tried), `unreachable`, `no-leader`,
+    /// `stale` (a bounded read's copy was staler than the bound) or `no-copy`.
+    pub cause: String,
+    /// The failure as the gateway saw it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -53,16 +53,23 @@ pub async fn put(
         print_json(&r);
     } else {
         println!(
-            "{} {dataset}/{key} version {} (served by {}/{}/node-{}, {})",
+            "{} {dataset}/{key} version {} ({})",
             if r.created { "created" } else { "updated" },
             r.version.etag,
-            r.served_by.region,
-            r.served_by.zone,
-            r.served_by.node,
-            r.served_by.reason
+            served_text(&r.served_by)
         );
     }
     Ok(())
+}
+
+/// `served by REGION/ZONE/node-N, REASON`, and the regions passed over on the way, if any.
+pub(crate) fn served_text(s: &meridian_api::ServedBy) -> String {
+    let mut text = format!("served by {}/{}/node-{}, {}", s.region, s.zone, s.node, s.reason);
+    if !s.skipped.is_empty() {
+        let each: Vec<String> = s.skipped.iter().map(|k| format!("{} ({})", k.region, k.cause)).collect();
+        text.push_str(&format!("; passed over {}", each.join(", ")));
+    }
+    text
 }
 
 pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: Option<&str>) -> anyhow::Result<()> {
@@ -71,10 +78,7 @@ pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: Optio
         print_json(&r);
     } else {
         println!("{}", r.value);
-        eprintln!(
-            "version {} (served by {}/{}/node-{}, {})",
-            r.version.etag, r.served_by.region, r.served_by.zone, r.served_by.node, r.served_by.reason
-        );
+        eprintln!("version {} ({})", r.version.etag, served_text(&r.served_by));
     }
     Ok(())
 }

@@ -100,10 +100,7 @@ pub async fn op(opts: &ClientOpts, dataset: &str, key: &str, op: &str, args: &[S
     if opts.json {
         print_json(&r);
     } else {
-        println!(
-            "{op} {dataset}/{key}: version {} (served by {}/{}/node-{}, {})",
-            r.version.etag, r.served_by.region, r.served_by.zone, r.served_by.node, r.served_by.reason
-        );
+        println!("{op} {dataset}/{key}: version {} ({})", r.version.etag, crate::commands::served_text(&r.served_by));
     }
     Ok(())
 }

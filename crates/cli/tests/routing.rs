@@ -110,3 +110,113 @@ fn reads_take_their_datasets_level_and_writes_go_to_the_nearest_home_up() {
         }
     }
 }
+
+/// `prices` is held in us-east and ap-south only, so eu-west reads it from another region;
+/// `quotes` is mirrored everywhere and read bounded to 3 s by default.
+const COPIES: &str = r#"format = 1
+
+[[dataset]]
+name = "prices"
+locality = "global"
+classification = "internal"
+home = ["us-east"]
+mirrors = ["ap-south"]
+consistency = "eventual"
+
+[[dataset]]
+name = "quotes"
+locality = "global"
+classification = "internal"
+home = ["us-east"]
+mirrors = "all-allowed"
+consistency = "bounded"
+max_staleness = "3s"
+
+[[dataset]]
+name = "notes"
+locality = "global"
+classification = "internal"
+home = ["ap-south", "us-east"]
+conflict = "lww"
+"#;
+
+#[test]
+fn reads_go_to_the_nearest_copy_that_serves_them_and_say_what_they_passed_over() {
+    let (demo, base, _) = common::start_demo(None);
+    let _stop = Stop(demo);
+    let (us, eu, ap) = (
+        format!("http://127.0.0.1:{base}"),
+        format!("http://127.0.0.1:{}", base + 4),
+        format!("http://127.0.0.1:{}", base + 7),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, COPIES).unwrap();
+    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
+    assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+    for (dataset, key) in [("prices", "p1"), ("quotes", "q1")] {
+        let (ok, out, err) = cli(&us, &["put", dataset, key, "1"]);
+        assert!(ok, "{out}{err}");
+        wait_for(
+            || cli(&ap, &["get", dataset, key, "--consistency", "local"]).0,
+            &format!("{dataset}/{key} in ap-south's copy"),
+        );
+    }
+    wait_for(|| seen(&eu, "us-east") == "up" && seen(&eu, "ap-south") == "up", "eu-west to find both regions up");
+
+    // eu-west holds no copy of prices: its eventual read goes to the nearest region that
+    // does (us-east, 40 ms away, before ap-south, 75).
+    let (ok, _, err) = cli(&eu, &["get", "prices", "p1"]);
+    assert!(ok && err.contains("served by us-east/") && err.contains("nearest-copy"), "{err}");
+    assert!(!err.contains("passed over"), "nothing was passed over: {err}");
+
+    // Cut from us-east: at once, before any probe has said so, reads and writes move on to
+    // the next region and say which one they passed over.
+    let (ok, out, err) = cli(&eu, &["chaos", "partition", "eu-west", "us-east"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&eu, &["get", "prices", "p1"]);
+    assert!(ok && err.contains("served by ap-south/") && err.contains("nearest-copy"), "{err}");
+    assert!(err.contains("passed over us-east ("), "{err}");
+    let (ok, out, err) = cli(&eu, &["put", "notes", "n1", "1"]);
+    assert!(ok && out.contains("served by ap-south/") && out.contains("passed over us-east ("), "{out}{err}");
+
+    // eu-west's own copy of quotes grows staler than its 3 s bound: the bounded read goes to
+    // ap-south, whose copy is fresh, not to the stale one here.
+    wait_for(
+        || {
+            let (ok, _, err) = cli(&eu, &["get", "quotes", "q1"]);
+            ok && err.contains("served by ap-south/") && err.contains("fresh-copy")
+        },
+        "a bounded read in eu-west served by ap-south's fresh copy",
+    );
+    let (ok, _, err) = cli(&eu, &["get", "quotes", "q1", "--consistency", "local"]);
+    assert!(ok && err.contains("served by eu-west/") && err.contains(", local"), "local still reads here: {err}");
+
+    // Cut from both: no region holding prices can serve eu-west; the answer is a 503 that
+    // names each region tried and says when to retry.
+    let (ok, out, err) = cli(&eu, &["chaos", "partition", "eu-west", "ap-south"]);
+    assert!(ok, "{out}{err}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, retry, body) = rt.block_on(async {
+        let r = reqwest::get(format!("{eu}/v1/datasets/prices/keys/p1")).await.unwrap();
+        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        (r.status().as_u16(), retry, r.json::<serde_json::Value>().await.unwrap())
+    });
+    assert_eq!((status, retry.as_deref()), (503, Some("1")), "{body}");
+    assert_eq!(body["code"], "region_unavailable", "{body}");
+    let tried: Vec<&str> =
+        body["regions_tried"].as_array().unwrap().iter().map(|r| r["region"].as_str().unwrap()).collect();
+    assert_eq!(tried.len(), 2, "{body}");
+    assert!(tried.contains(&"us-east") && tried.contains(&"ap-south"), "{body}");
+    let (ok, out, err) = cli(&eu, &["get", "prices", "p1"]);
+    assert!(!ok && err.contains("region_unavailable") && err.contains("ap-south"), "{out}{err}");
+    // A write has the same answer when no home takes it; nothing was applied.
+    let (ok, out, err) = cli(&eu, &["put", "notes", "n2", "2"]);
+    assert!(!ok && err.contains("region_unavailable"), "{out}{err}");
+
+    let (ok, _, err) = cli(&eu, &["chaos", "heal"]);
+    assert!(ok, "{err}");
+    wait_for(|| cli(&eu, &["get", "prices", "p1"]).0, "eu-west reads prices again after the heal");
+    let (ok, out, err) = cli(&ap, &["get", "notes", "n2", "--consistency", "local"]);
+    assert!(!ok && err.contains("key_not_found"), "the refused write was never applied: {out}{err}");
+}

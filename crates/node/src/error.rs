@@ -14,8 +14,15 @@ use crate::peer::PeerError;
 pub enum NodeError {
     #[error("the region has no leader right now")]
     NoLeader,
+    /// Nothing was applied: the node could not be reached, or refused before applying.
+    /// (Invariant: every path that yields it proves the request was never applied, so a
+    /// gateway may send a write on to another home.)
     #[error("node {node} could not be reached: {reason}")]
     Unavailable { node: NodeId, reason: String },
+    /// No region that may serve the request could: each was tried (or known down) and failed
+    /// for the reason given. Nothing was applied.
+    #[error("{message}; {}", tried_text(tried))]
+    NoRegion { message: String, tried: Vec<Skip> },
     #[error("the write reached the leader but its outcome is unknown: {0}")]
     OutcomeUnknown(String),
     #[error("{0}")]
@@ -60,6 +67,56 @@ pub enum NodeError {
     Internal(String),
 }
 
+/// A region a request passed over or tried without an answer, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub region: RegionId,
+    pub cause: SkipCause,
+    /// The failure as it was seen (empty for a region passed over as down).
+    pub detail: String,
+}
+
+/// Why a region did not serve a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipCause {
+    /// Marked down by this node's probes, and not tried because another region answered.
+    Down,
+    /// Tried: no node answered in its share of the request's time.
+    Unreachable,
+    /// Tried: no leader to serve a write or strong read.
+    NoLeader,
+    /// Tried: its copy was staler than the read allows.
+    Stale,
+    /// Tried: under its own policy it holds no copy of the key (a policy change in flight).
+    NoCopy,
+}
+
+impl SkipCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipCause::Down => "down",
+            SkipCause::Unreachable => "unreachable",
+            SkipCause::NoLeader => "no-leader",
+            SkipCause::Stale => "stale",
+            SkipCause::NoCopy => "no-copy",
+        }
+    }
+}
+
+fn tried_text(tried: &[Skip]) -> String {
+    if tried.is_empty() {
+        return "no region was tried".into();
+    }
+    let each: Vec<String> = tried
+        .iter()
+        .map(|s| match s.detail.is_empty() {
+            true => format!("{} ({})", s.region, s.cause.as_str()),
+            false => format!("{} ({}: {})", s.region, s.cause.as_str(), s.detail),
+        })
+        .collect();
+    format!("tried {}", each.join("; "))
+}
+
 impl NodeError {
     pub(crate) fn storage(e: impl std::fmt::Display) -> NodeError {
         NodeError::Storage(e.to_string())
@@ -102,6 +159,7 @@ pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
         NodeError::NoLeader => PeerError::NotLeader { leader: None },
         NodeError::ClockSkew(m) => PeerError::ClockSkew(m),
         NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
+        e @ NodeError::NoRegion { .. } => PeerError::Unavailable(e.to_string()),
         NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
         NodeError::PolicyRefused(m)
         | NodeError::DatasetNotInPolicy(m)
@@ -127,6 +185,8 @@ pub(crate) fn peer_error(node: NodeId, e: PeerError) -> NodeError {
         PeerError::WrongOperation(m) => NodeError::WrongOperation(m),
         PeerError::TooLarge(m) => NodeError::TooLarge(m),
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
+        // Copy reads: the gateway tries the next region; alone, each is a region unable to serve.
+        e @ (PeerError::NoCopy(_) | PeerError::Stale { .. }) => NodeError::Unavailable { node, reason: e.to_string() },
     }
 }
 

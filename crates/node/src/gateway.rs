@@ -31,13 +31,14 @@ use meridian_raft::command::CommandV1;
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use tokio::time::Instant;
 
-use crate::error::{peer_error, to_peer_error, LocalError, NodeError};
+use crate::error::{peer_error, to_peer_error, LocalError, NodeError, Skip, SkipCause};
+use crate::health::Reachability;
 use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT};
 use crate::links::CommitBell;
 use crate::metrics::KindLabels;
-use crate::peer::{PeerError, PeerRequestV1, PeerResponseV1, WriteEffect, WriteOp, WriteRequest};
+use crate::peer::{CopyNeed, PeerError, PeerRequestV1, PeerResponseV1, WriteEffect, WriteOp, WriteRequest};
 use crate::policy::{self, WriteRules};
-use crate::transport::leader_backoff;
+use crate::transport::{leader_backoff, AnyFailure};
 use crate::Deps;
 use meridian_core::limits::LIST_LIMIT_MAX;
 use meridian_raft::network::RpcFailure;
@@ -45,6 +46,37 @@ use meridian_raft::network::RpcFailure;
 /// A key's placement under the governing policy version (`None`: no version governs it), or
 /// why the policy refuses the key.
 type Placed = Result<Option<Placement>, NodeError>;
+
+/// Regions in the order a request tries them, each with its reachability as this node's
+/// probes see it ([`crate::health::ranked`]).
+type Ranked = Vec<(RegionId, Reachability)>;
+
+/// How a read is served.
+enum ReadPlan {
+    /// From this node's state (through the region's leader for `Strong`).
+    Here(ReadConsistency),
+    /// At a home's leader, the homes tried in turn.
+    Strong(Ranked),
+    /// From another region's copy that meets the need, nearest first.
+    Copy(Ranked, CopyNeed),
+}
+
+/// One region's failure to serve, as [`Gateway::first_to_serve`] takes it: `Skip` proves
+/// nothing was applied, so the next region is tried; `Fail` ends the request.
+enum Tried {
+    Skip(SkipCause, String),
+    Fail(NodeError),
+}
+
+impl From<NodeError> for Tried {
+    fn from(e: NodeError) -> Tried {
+        match e {
+            NodeError::Unavailable { reason, .. } => Tried::Skip(SkipCause::Unreachable, reason),
+            NodeError::NoLeader => Tried::Skip(SkipCause::NoLeader, "no leader".into()),
+            e => Tried::Fail(e),
+        }
+    }
+}
 
 /// Why a node served a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +86,12 @@ pub enum RouteReason {
     ForwardedToLeader,
     /// Sent to a home region of the key (another region's leader).
     ForwardedToHome,
+    /// A `local` or `eventual` read served by the nearest other region holding a copy (this
+    /// one holds none).
+    NearestCopy,
+    /// A `bounded` read served by the nearest other region whose copy is within the bound
+    /// (this region's is not, or it holds none).
+    FreshCopy,
 }
 
 impl RouteReason {
@@ -63,15 +101,26 @@ impl RouteReason {
             RouteReason::Local => "local",
             RouteReason::ForwardedToLeader => "forwarded-to-leader",
             RouteReason::ForwardedToHome => "forwarded-to-home",
+            RouteReason::NearestCopy => "nearest-copy",
+            RouteReason::FreshCopy => "fresh-copy",
         }
     }
 }
 
 /// Who served a request, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Served {
     pub node: NodeId,
     pub reason: RouteReason,
+    /// The regions passed over on the way: tried without an answer, or known down, in the
+    /// order they were considered.
+    pub skipped: Vec<Skip>,
+}
+
+impl Served {
+    pub fn by(node: NodeId, reason: RouteReason) -> Served {
+        Served { node, reason, skipped: Vec::new() }
+    }
 }
 
 /// A read's consistency, as the client asked for it.
@@ -80,9 +129,9 @@ pub enum Consistency {
     /// Linearizable: a home region's leader confirms its leadership with a quorum (read
     /// index), waits until it has applied that far, then reads.
     Strong,
-    /// The nearest copy: this node's if its region holds one, else a home's.
+    /// This node's copy if its region holds one, else the nearest other region's copy.
     Local,
-    /// Routed as `Local` today: the nearest copy that converges.
+    /// The nearest copy (routed as `Local`): it converges, with no bound on how stale.
     Eventual,
     /// At most this many milliseconds stale (`None`: the dataset's `max_staleness`).
     Bounded(Option<u64>),
@@ -229,8 +278,8 @@ impl Gateway {
         precondition: Precondition,
         home: Option<&str>,
     ) -> Result<(WriteOutcome, Served), NodeError> {
-        let region = self.route_put(dataset, key, home).await?;
-        self.write_one(&region, dataset, key, Some(value), WriteEffect::Replace, precondition).await
+        let homes = self.route_put(dataset, key, home).await?;
+        self.write_one(homes, dataset, key, Some(value), WriteEffect::Replace, precondition).await
     }
 
     /// Write `value` (`None`: delete) superseding exactly the versions `context` saw; the
@@ -245,8 +294,8 @@ impl Gateway {
         precondition: Precondition,
         home: Option<&str>,
     ) -> Result<(WriteOutcome, Served), NodeError> {
-        let region = self.route_put(dataset, key, home).await?;
-        self.write_one(&region, dataset, key, value, WriteEffect::InContext(context), precondition).await
+        let homes = self.route_put(dataset, key, home).await?;
+        self.write_one(homes, dataset, key, value, WriteEffect::InContext(context), precondition).await
     }
 
     /// Apply an operation to a counter, set or map key in a home region of the key.
@@ -258,8 +307,8 @@ impl Gateway {
         precondition: Precondition,
         home: Option<&str>,
     ) -> Result<(WriteOutcome, Served), NodeError> {
-        let region = self.route_put(dataset, key, home).await?;
-        self.write_one(&region, dataset, key, None, WriteEffect::Op(op), precondition).await
+        let homes = self.route_put(dataset, key, home).await?;
+        self.write_one(homes, dataset, key, None, WriteEffect::Op(op), precondition).await
     }
 
     /// Delete (dataset, key) in a home region of the key: a tombstone with a new version.
@@ -272,14 +321,16 @@ impl Gateway {
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let home = self.parse_home(home)?;
         let placed = self.place(dataset, key, home.as_ref())?;
-        let region = self.home_region_for(&placed)?;
-        self.write_one(&region, dataset, key, None, WriteEffect::Replace, precondition).await
+        let homes = self.home_order(&placed)?;
+        self.write_one(homes, dataset, key, None, WriteEffect::Replace, precondition).await
     }
 
-    /// One client write (a value, or a tombstone with `None`; or an operation) in `region`.
+    /// One client write (a value, or a tombstone with `None`; or an operation) in the first
+    /// of `homes` that takes it: a home that could not be reached, or had no leader, never
+    /// applied it, so the next is tried.
     async fn write_one(
         &self,
-        region: &RegionId,
+        homes: Ranked,
         dataset: &DatasetName,
         key: &Key,
         value: Option<Vec<u8>>,
@@ -293,7 +344,12 @@ impl Gateway {
             condition: precondition.condition(),
             effect,
         };
-        let (result, served) = self.write_in(region, WriteOp::One(req)).await?;
+        let what = format!("no home of {dataset}/{key} could take the write");
+        let attempt = |region: RegionId, by: Instant| {
+            let op = WriteOp::One(req.clone());
+            async move { self.write_in_until(&region, by, op).await.map_err(Tried::from) }
+        };
+        let (result, served) = self.first_to_serve(what, homes, attempt).await?;
         Ok((WriteOutcome::of(result)?, served))
     }
 
@@ -306,15 +362,32 @@ impl Gateway {
         consistency: Consistency,
         home: Option<&str>,
     ) -> Result<(Option<Object>, Served), NodeError> {
-        let home = self.parse_home(home)?;
-        let placed = self.place(dataset, key, home.as_ref())?;
-        let region = self.home_region_for(&placed)?;
-        let (obj, served) = match self.serve_here(consistency, &region, dataset, &placed)? {
-            Some(c) => self.read(dataset.as_str(), key.as_str(), c).await?,
-            None => {
+        let home_attr = self.parse_home(home)?;
+        let placed = self.place(dataset, key, home_attr.as_ref())?;
+        let homes = self.home_order(&placed)?;
+        let (ds, k) = (dataset.as_str(), key.as_str());
+        let (obj, served) = match self.read_plan(consistency, homes, dataset, &placed)? {
+            ReadPlan::Here(c) => self.read(ds, k, c).await?,
+            plan => {
                 // Residency: never fetch a value into a region its policy keeps it out of.
                 self.check_value_may_come_here(dataset, key, &placed)?;
-                self.read_in(&region, dataset.as_str(), key.as_str()).await?
+                let home = home_attr.as_ref().map(|h| h.to_string());
+                let request = |need| PeerRequestV1::ReadCopy {
+                    dataset: ds.into(),
+                    key: k.into(),
+                    home: home.clone(),
+                    to: self.here.to_string(),
+                    need,
+                };
+                let unpack = |r| match r {
+                    PeerResponseV1::Read(r) => Some(r),
+                    _ => None,
+                };
+                let strong = |region: RegionId, by: Instant| async move {
+                    self.read_in_until(&region, by, ds, k).await.map_err(Tried::from)
+                };
+                let what = format!("no region holding {dataset}/{key} could serve the read");
+                self.serve_plan(what, plan, strong, request, unpack).await?
             }
         };
         Ok((obj.map(|o| Object::shown(o, &placed)), served))
@@ -333,24 +406,43 @@ impl Gateway {
         home: Option<&str>,
     ) -> Result<(Page, Served), NodeError> {
         let limit = limit.clamp(1, LIST_LIMIT_MAX);
-        let home = self.parse_home(home)?;
+        let home_attr = self.parse_home(home)?;
         let probe = if prefix.is_empty() { "_" } else { prefix };
         // The server checks that a prefix could begin a key; one that reaches here anyway is a
         // caller's bug, not the client's.
         let probe = Key::new(probe).map_err(|e| NodeError::Internal(format!("unchecked prefix: {e}")))?;
-        let placed = self.place(dataset, &probe, home.as_ref())?;
-        let region = match self.home_region_for(&placed) {
+        let placed = self.place(dataset, &probe, home_attr.as_ref())?;
+        let homes = match self.home_order(&placed) {
             Ok(r) => r,
-            Err(NodeError::HomeUnknown(_)) if home.is_none() => self.here.clone(),
+            Err(NodeError::HomeUnknown(_)) if home_attr.is_none() => vec![(self.here.clone(), Reachability::Up)],
             Err(e) => return Err(e),
         };
-        let (items, served) = match self.serve_here(consistency, &region, dataset, &placed)? {
-            Some(c) => self.list_local(dataset.as_str(), prefix, after, limit, c).await?,
-            None => {
+        let ds = dataset.as_str();
+        let (items, served) = match self.read_plan(consistency, homes, dataset, &placed)? {
+            ReadPlan::Here(c) => self.list_local(ds, prefix, after, limit, c).await?,
+            plan => {
                 // Keys are data too: a listing is not fetched into a region the policy keeps
                 // them out of.
                 self.check_value_may_come_here(dataset, &probe, &placed)?;
-                self.list_in(&region, dataset.as_str(), prefix, after, limit).await?
+                let home = home_attr.as_ref().map(|h| h.to_string());
+                let request = |need| PeerRequestV1::ListCopy {
+                    dataset: ds.into(),
+                    prefix: prefix.into(),
+                    after: after.map(str::to_owned),
+                    limit: limit as u32,
+                    home: home.clone(),
+                    to: self.here.to_string(),
+                    need,
+                };
+                let unpack = |r| match r {
+                    PeerResponseV1::List(r) => Some(r),
+                    _ => None,
+                };
+                let strong = |region: RegionId, by: Instant| async move {
+                    self.list_in_until(&region, by, ds, prefix, after, limit).await.map_err(Tried::from)
+                };
+                let what = format!("no region holding {dataset} could serve the listing");
+                self.serve_plan(what, plan, strong, request, unpack).await?
             }
         };
         Ok((Page { items: items.into_iter().map(|(k, o)| (k, o.version)).collect() }, served))
@@ -397,9 +489,9 @@ impl Gateway {
         Ok(placed)
     }
 
-    /// Where a write goes under `placement`: this region if it is a home, else the nearest
-    /// home this node's probes find up, else one not known to be down, else the first home
-    /// (see [`crate::health::nearest`]); without a governing policy, this region.
+    /// Where a write goes first under `placement`: this region if it is a home, else the
+    /// nearest home this node's probes find up, else one not known to be down, else the first
+    /// home (see [`crate::health::nearest`]); without a governing policy, this region.
     fn choose(&self, placement: Option<&Placement>) -> RegionId {
         match placement {
             Some(p) => self.deps.health.nearest(&p.homes).unwrap_or_else(|| self.here.clone()),
@@ -407,11 +499,13 @@ impl Gateway {
         }
     }
 
-    /// The region a write (or strong read) of the key placed so must go to; a refusal is
-    /// counted by its kind.
-    fn home_region_for(&self, placed: &Placed) -> Result<RegionId, NodeError> {
+    /// The homes a write (or strong read) of the key placed so is tried at, in order (see
+    /// [`crate::health::ranked`]); without a governing policy, this region alone. A refusal
+    /// is counted by its kind.
+    fn home_order(&self, placed: &Placed) -> Result<Ranked, NodeError> {
         match placed {
-            Ok(p) => Ok(self.choose(p.as_ref())),
+            Ok(Some(p)) if !p.homes.is_empty() => Ok(self.deps.health.ranked(&p.homes)),
+            Ok(_) => Ok(vec![(self.here.clone(), Reachability::Up)]),
             Err(e) => {
                 self.count_refusal(match e {
                     NodeError::DatasetNotInPolicy(_) => "dataset_not_in_policy",
@@ -423,17 +517,67 @@ impl Gateway {
         }
     }
 
-    /// Whether to serve a read from this node's applied state (and at which level), given the
-    /// region it would otherwise go to; `None`: it goes to that region.
-    fn serve_here(
+    /// The other regions holding a copy of the key placed so (homes, then mirrors), in the
+    /// order a read tries them.
+    fn copy_order(&self, placed: &Placed) -> Ranked {
+        let Ok(Some(p)) = placed else { return Vec::new() };
+        let holders: Vec<RegionId> = p.homes.iter().chain(&p.mirrors).filter(|r| **r != self.here).cloned().collect();
+        self.deps.health.ranked(&holders)
+    }
+
+    /// How to serve a read at `consistency`, given the key's homes in the order a strong read
+    /// tries them:
+    /// - `strong`: here through the leader if this region is a home, else at the homes;
+    /// - `local`, `eventual`: this node's copy if its region holds one, else the nearest other
+    ///   copy;
+    /// - `bounded`: this node's copy if it is within the bound, else the nearest other copy
+    ///   that is (a home's always is).
+    fn read_plan(
         &self,
         consistency: Consistency,
-        home_region: &RegionId,
+        homes: Ranked,
         dataset: &DatasetName,
         placed: &Placed,
-    ) -> Result<Option<ReadConsistency>, NodeError> {
-        let at_home = *home_region == self.here;
-        let consistency = match consistency {
+    ) -> Result<ReadPlan, NodeError> {
+        let at_home = homes.first().is_some_and(|(r, _)| *r == self.here);
+        let holds_here = matches!(placed, Ok(Some(p)) if p.holds_copy(&self.here));
+        let any = CopyNeed { max_staleness_ms: None };
+        Ok(match self.level(consistency, placed) {
+            Consistency::Strong if at_home => ReadPlan::Here(ReadConsistency::Strong),
+            Consistency::Strong => ReadPlan::Strong(homes),
+            Consistency::Local | Consistency::Eventual if at_home || holds_here => {
+                ReadPlan::Here(ReadConsistency::Local)
+            }
+            Consistency::Local | Consistency::Eventual => ReadPlan::Copy(self.copy_order(placed), any),
+            Consistency::Bounded(max) => match self.local_staleness(placed)? {
+                Some((staleness, budget)) => {
+                    let max = max.or(budget).ok_or_else(|| NodeError::NoStalenessBound(dataset.to_string()))?;
+                    if staleness <= max {
+                        ReadPlan::Here(ReadConsistency::Local)
+                    } else if at_home {
+                        ReadPlan::Here(ReadConsistency::Strong)
+                    } else {
+                        ReadPlan::Copy(self.copy_order(placed), CopyNeed { max_staleness_ms: Some(max) })
+                    }
+                }
+                // No governing policy: every copy is this region's own.
+                None if at_home => ReadPlan::Here(ReadConsistency::Strong),
+                None => {
+                    let budget = match placed {
+                        Ok(Some(p)) => p.max_staleness.map(|d| d.ms()),
+                        _ => None,
+                    };
+                    let max = max.or(budget).ok_or_else(|| NodeError::NoStalenessBound(dataset.to_string()))?;
+                    ReadPlan::Copy(self.copy_order(placed), CopyNeed { max_staleness_ms: Some(max) })
+                }
+            },
+            Consistency::DatasetDefault => unreachable!("level() resolves it"),
+        })
+    }
+
+    /// The level a read asks for, with the dataset's default resolved.
+    fn level(&self, consistency: Consistency, placed: &Placed) -> Consistency {
+        match consistency {
             Consistency::DatasetDefault => match placed {
                 Ok(Some(p)) => match p.consistency {
                     PolicyConsistency::Strong => Consistency::Strong,
@@ -448,26 +592,98 @@ impl Gateway {
                 _ => Consistency::Strong,
             },
             c => c,
-        };
-        Ok(match consistency {
-            Consistency::Strong => at_home.then_some(ReadConsistency::Strong),
-            Consistency::Local | Consistency::Eventual => {
-                let holds = matches!(placed, Ok(Some(p)) if p.holds_copy(&self.here));
-                (at_home || holds).then_some(ReadConsistency::Local)
-            }
-            Consistency::Bounded(max) => match self.local_staleness(placed)? {
-                Some((staleness, budget)) => {
-                    let max = max.or(budget).ok_or_else(|| NodeError::NoStalenessBound(dataset.to_string()))?;
-                    if staleness <= max {
-                        Some(ReadConsistency::Local)
-                    } else {
-                        at_home.then_some(ReadConsistency::Strong)
+        }
+    }
+
+    /// Serve a read planned for other regions: strongly at the homes in turn (`strong`), or
+    /// from the first copy, nearest first, that meets the plan's need (`copy`: any node of
+    /// the region answers from its own state, or refuses).
+    async fn serve_plan<T, F, Fut>(
+        &self,
+        what: String,
+        plan: ReadPlan,
+        strong: F,
+        request: impl Fn(CopyNeed) -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+    ) -> Result<(T, Served), NodeError>
+    where
+        F: Fn(RegionId, Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, Served), Tried>>,
+    {
+        match plan {
+            ReadPlan::Strong(homes) => self.first_to_serve(what, homes, strong).await,
+            ReadPlan::Copy(holders, need) => {
+                let reason =
+                    if need.max_staleness_ms.is_some() { RouteReason::FreshCopy } else { RouteReason::NearestCopy };
+                let (request, unpack) = (&request, &unpack);
+                let attempt = |region: RegionId, by: Instant| async move {
+                    match self.deps.transport.call_any(&region, by, || request(need), unpack).await {
+                        Ok((v, node)) => Ok((v, Served::by(node, reason))),
+                        Err((_, AnyFailure::Unreachable(e))) => Err(Tried::Skip(SkipCause::Unreachable, e)),
+                        Err((_, AnyFailure::Refused(e @ PeerError::Stale { .. }))) => {
+                            Err(Tried::Skip(SkipCause::Stale, e.to_string()))
+                        }
+                        Err((_, AnyFailure::Refused(e @ PeerError::NoCopy(_)))) => {
+                            Err(Tried::Skip(SkipCause::NoCopy, e.to_string()))
+                        }
+                        Err((node, AnyFailure::Refused(e))) => Err(Tried::from(peer_error(node, e))),
                     }
+                };
+                self.first_to_serve(what, holders, attempt).await
+            }
+            ReadPlan::Here(_) => Err(NodeError::Internal("a read planned here was sent elsewhere".into())),
+        }
+    }
+
+    /// Try `attempt` in each region of `order` until one serves, giving each an even share of
+    /// the request's time left. A region that fails in a way that proves nothing was applied
+    /// ([`Tried::Skip`]) passes the request on; any other failure ends it. Regions marked down
+    /// that were not tried are named in the answer too. When every region fails: the one
+    /// region's own error if there was one, else [`NodeError::NoRegion`] naming each.
+    async fn first_to_serve<T, F, Fut>(&self, what: String, order: Ranked, attempt: F) -> Result<(T, Served), NodeError>
+    where
+        F: Fn(RegionId, Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, Served), Tried>>,
+    {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let n = order.len();
+        let mut tried: Vec<Skip> = Vec::new();
+        let mut only: Option<NodeError> = None;
+        for (i, (region, _)) in order.iter().enumerate() {
+            let now = Instant::now();
+            if now >= deadline {
+                tried.push(Skip {
+                    region: region.clone(),
+                    cause: SkipCause::Unreachable,
+                    detail: "not tried: the request's time ran out".into(),
+                });
+                continue;
+            }
+            let share = deadline.saturating_duration_since(now) / u32::try_from(n - i).unwrap_or(u32::MAX);
+            match attempt(region.clone(), now + share).await {
+                Ok((v, mut served)) => {
+                    served.skipped = tried;
+                    let later_down = order[i + 1..].iter().filter(|(_, s)| *s == Reachability::Down);
+                    served.skipped.extend(later_down.map(|(r, _)| Skip {
+                        region: r.clone(),
+                        cause: SkipCause::Down,
+                        detail: String::new(),
+                    }));
+                    return Ok((v, served));
                 }
-                None => at_home.then_some(ReadConsistency::Strong),
-            },
-            Consistency::DatasetDefault => unreachable!("resolved above"),
-        })
+                Err(Tried::Fail(e)) => return Err(e),
+                Err(Tried::Skip(cause, detail)) => {
+                    if n == 1 {
+                        only = Some(match cause {
+                            SkipCause::NoLeader => NodeError::NoLeader,
+                            _ => NodeError::Unavailable { node: 0, reason: format!("region {region}: {detail}") },
+                        });
+                    }
+                    tried.push(Skip { region: region.clone(), cause, detail });
+                }
+            }
+        }
+        Err(only.unwrap_or(NodeError::NoRegion { message: what, tried }))
     }
 
     /// For a bounded-staleness read here: `None` if this region holds no copy of the key;
@@ -514,13 +730,14 @@ impl Gateway {
         }
     }
 
-    /// Where a PUT of (dataset, key) goes: its home region (see [`Gateway::place`]), plus, for a
-    /// user-homed key whose home comes from the `home` attribute (no region prefix), a check
-    /// that the key does not already live in another region: its home never changes. The
-    /// check reads the home region and, if the key is new there, every other region; two
-    /// first writes racing from different regions with different homes can still both land
-    /// (a home directory is the fix).
-    async fn route_put(&self, dataset: &DatasetName, key: &Key, home: Option<&str>) -> Result<RegionId, NodeError> {
+    /// Where a PUT of (dataset, key) goes: its homes in the order they are tried (see
+    /// [`Gateway::home_order`]), or, for a user-homed key whose home comes from the `home`
+    /// attribute (no region prefix), that one home, once a check finds the key does not
+    /// already live in another region: its home never changes. The check reads the home
+    /// region and, if the key is new there, every other region; two first writes racing from
+    /// different regions with different homes can still both land (a home directory is the
+    /// fix).
+    async fn route_put(&self, dataset: &DatasetName, key: &Key, home: Option<&str>) -> Result<Ranked, NodeError> {
         let home = self.parse_home(home)?;
         // One deadline for the whole check, not one per region asked.
         match tokio::time::timeout(REQUEST_TIMEOUT, self.route_put_checked(dataset, key, home.as_ref())).await {
@@ -537,20 +754,21 @@ impl Gateway {
         dataset: &DatasetName,
         key: &Key,
         home: Option<&RegionId>,
-    ) -> Result<RegionId, NodeError> {
+    ) -> Result<Ranked, NodeError> {
         let placed = self.place(dataset, key, home)?;
-        let region = self.home_region_for(&placed)?;
+        let homes = self.home_order(&placed)?;
         if home.is_none() {
-            return Ok(region);
+            return Ok(homes);
         }
-        let Some(p) = placed.as_ref().map_err(Clone::clone)? else { return Ok(region) };
+        let Some(p) = placed.as_ref().map_err(Clone::clone)? else { return Ok(homes) };
         let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
         if !from_attribute {
-            return Ok(region);
+            return Ok(homes);
         }
+        let region = homes[0].0.clone();
         let (ds, k) = (dataset.as_str(), key.as_str());
         if self.read_in(&region, ds, k).await?.0.is_some_and(|o| o.is_live()) {
-            return Ok(region);
+            return Ok(homes);
         }
         let others: Vec<RegionId> =
             self.deps.region.topology().regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
@@ -572,7 +790,7 @@ impl Gateway {
                 }
             }
         }
-        Ok(region)
+        Ok(homes)
     }
 
     // ---- writes in a region --------------------------------------------------------------
@@ -581,6 +799,16 @@ impl Gateway {
     /// leader over the peer transport. Also the path of the node's own records (`_policy`,
     /// `_audit`), which no dataset policy governs.
     pub(crate) async fn write_in(&self, region: &RegionId, op: WriteOp) -> Result<(CommandResult, Served), NodeError> {
+        self.write_in_until(region, Instant::now() + REQUEST_TIMEOUT, op).await
+    }
+
+    /// [`Gateway::write_in`], giving up on another region at `deadline`.
+    async fn write_in_until(
+        &self,
+        region: &RegionId,
+        deadline: Instant,
+        op: WriteOp,
+    ) -> Result<(CommandResult, Served), NodeError> {
         if *region == self.here {
             return self.write_local(op).await;
         }
@@ -592,8 +820,8 @@ impl Gateway {
             PeerResponseV1::Write(r) => Some(r),
             _ => None,
         };
-        let (result, node) = self.deps.transport.call_region(region, request, unpack, false).await?;
-        Ok((result, Served { node, reason: RouteReason::ForwardedToHome }))
+        let (result, node) = self.deps.transport.call_region_until(region, deadline, request, unpack, false).await?;
+        Ok((result, Served::by(node, RouteReason::ForwardedToHome)))
     }
 
     /// Apply a write in this node's region, forwarding it to the leader if this node is not it.
@@ -603,7 +831,7 @@ impl Gateway {
         loop {
             attempt += 1;
             let leader = match self.write_here(&op).await {
-                Ok(result) => return Ok((result, Served { node: self.id, reason: RouteReason::Leader })),
+                Ok(result) => return Ok((result, Served::by(self.id, RouteReason::Leader))),
                 Err(LocalError::Other(e)) => return Err(e),
                 Err(LocalError::NotLeader(leader)) => leader,
             };
@@ -616,7 +844,7 @@ impl Gateway {
                 };
                 match self.deps.transport.call(leader, request, remaining).await {
                     Ok(PeerResponseV1::Write(Ok(result))) => {
-                        return Ok((result, Served { node: leader, reason: RouteReason::ForwardedToLeader }))
+                        return Ok((result, Served::by(leader, RouteReason::ForwardedToLeader)))
                     }
                     // Not applied: leadership moved. Retry below.
                     Ok(PeerResponseV1::Write(Err(PeerError::NotLeader { .. }))) => {}
@@ -784,6 +1012,17 @@ impl Gateway {
         dataset: &str,
         key: &str,
     ) -> Result<(Option<StoredObject>, Served), NodeError> {
+        self.read_in_until(region, Instant::now() + REQUEST_TIMEOUT, dataset, key).await
+    }
+
+    /// [`Gateway::read_in`], giving up on another region at `deadline`.
+    async fn read_in_until(
+        &self,
+        region: &RegionId,
+        deadline: Instant,
+        dataset: &str,
+        key: &str,
+    ) -> Result<(Option<StoredObject>, Served), NodeError> {
         if *region == self.here {
             return self.read(dataset, key, ReadConsistency::Strong).await;
         }
@@ -792,14 +1031,27 @@ impl Gateway {
             PeerResponseV1::Read(r) => Some(r),
             _ => None,
         };
-        let (v, node) = self.deps.transport.call_region(region, request, unpack, true).await?;
-        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
+        let (v, node) = self.deps.transport.call_region_until(region, deadline, request, unpack, true).await?;
+        Ok((v, Served::by(node, RouteReason::ForwardedToHome)))
     }
 
     /// A strong listing in `region`.
     pub(crate) async fn list_in(
         &self,
         region: &RegionId,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, StoredObject)>, Served), NodeError> {
+        self.list_in_until(region, Instant::now() + REQUEST_TIMEOUT, dataset, prefix, after, limit).await
+    }
+
+    /// A strong listing in `region`, giving up on another region at `deadline`.
+    async fn list_in_until(
+        &self,
+        region: &RegionId,
+        deadline: Instant,
         dataset: &str,
         prefix: &str,
         after: Option<&str>,
@@ -813,8 +1065,8 @@ impl Gateway {
             PeerResponseV1::List(r) => Some(r),
             _ => None,
         };
-        let (v, node) = self.deps.transport.call_region(region, request, unpack, true).await?;
-        Ok((v, Served { node, reason: RouteReason::ForwardedToHome }))
+        let (v, node) = self.deps.transport.call_region_until(region, deadline, request, unpack, true).await?;
+        Ok((v, Served::by(node, RouteReason::ForwardedToHome)))
     }
 
     /// Live keys and bytes per dataset as one node of `region` holds them.
@@ -843,14 +1095,14 @@ impl Gateway {
         unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
     ) -> Result<(T, Served), NodeError> {
         if consistency == ReadConsistency::Local {
-            return Ok((local()?, Served { node: self.id, reason: RouteReason::Local }));
+            return Ok((local()?, Served::by(self.id, RouteReason::Local)));
         }
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let leader = match self.deps.region.read_index().await {
-                Ok(()) => return Ok((local()?, Served { node: self.id, reason: RouteReason::Leader })),
+                Ok(()) => return Ok((local()?, Served::by(self.id, RouteReason::Leader))),
                 Err(LocalError::Other(e)) => return Err(e),
                 Err(LocalError::NotLeader(l)) => l,
             };
@@ -860,7 +1112,7 @@ impl Gateway {
                 // Reads change nothing: any transport failure may be retried.
                 if let Ok(reply) = self.deps.transport.call(leader, request(), remaining).await {
                     match unpack(reply) {
-                        Some(Ok(v)) => return Ok((v, Served { node: leader, reason: RouteReason::ForwardedToLeader })),
+                        Some(Ok(v)) => return Ok((v, Served::by(leader, RouteReason::ForwardedToLeader))),
                         Some(Err(PeerError::NotLeader { .. })) => {}
                         Some(Err(e)) => return Err(peer_error(leader, e)),
                         None => return Err(NodeError::Internal("unexpected reply to a read".into())),
@@ -897,6 +1149,80 @@ impl Gateway {
         let limit = (limit as usize).min(LIST_LIMIT_MAX);
         self.serve_strong(|| self.deps.region.reader().list(dataset, prefix, after, limit).map_err(NodeError::storage))
             .await
+    }
+
+    /// A read of this node's own copy asked by a gateway in region `to` (see
+    /// [`PeerRequestV1::ReadCopy`]).
+    pub(crate) fn serve_read_copy(
+        &self,
+        dataset: &str,
+        key: &str,
+        home: Option<&str>,
+        to: &str,
+        need: CopyNeed,
+    ) -> Result<Option<StoredObject>, PeerError> {
+        self.check_copy(dataset, key, home, to, need)?;
+        self.deps.region.reader().get(dataset, key).map_err(|e| to_peer_error(NodeError::storage(e)))
+    }
+
+    /// A listing of this node's own copy asked by a gateway in region `to`, placed by its
+    /// prefix as the gateway placed it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn serve_list_copy(
+        &self,
+        dataset: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+        home: Option<&str>,
+        to: &str,
+        need: CopyNeed,
+    ) -> Result<Vec<(String, StoredObject)>, PeerError> {
+        let probe = if prefix.is_empty() { "_" } else { prefix };
+        self.check_copy(dataset, probe, home, to, need)?;
+        let limit = (limit as usize).min(LIST_LIMIT_MAX);
+        self.deps.region.reader().list(dataset, prefix, after, limit).map_err(|e| to_peer_error(NodeError::storage(e)))
+    }
+
+    /// Whether this node may answer a copy read of (dataset, key) for region `to`: under this
+    /// region's own copy of the policy, this region holds a copy, `to` may hold the key's
+    /// bytes, and the copy here is as fresh as `need` asks.
+    fn check_copy(
+        &self,
+        dataset: &str,
+        key: &str,
+        home: Option<&str>,
+        to: &str,
+        need: CopyNeed,
+    ) -> Result<(), PeerError> {
+        let bad = |e: String| PeerError::Protocol(e);
+        let dataset = DatasetName::new(dataset).map_err(|e| bad(e.to_string()))?;
+        let key = Key::new(key).map_err(|e| bad(e.to_string()))?;
+        let to = RegionId::new(to).map_err(|e| bad(e.to_string()))?;
+        let home = self.parse_home(home).map_err(to_peer_error)?;
+        self.deps.policy.refresh().map_err(to_peer_error)?;
+        let placed = self.deps.policy.placement(&dataset, &key, home.as_ref());
+        if let Some(p) = placed.as_ref().map_err(|e| to_peer_error(e.clone()))? {
+            if !p.holds_copy(&self.here) {
+                return Err(PeerError::NoCopy(format!(
+                    "{} holds no copy of {dataset}/{key} under its policy",
+                    self.here
+                )));
+            }
+            if !p.is_allowed(&to) {
+                return Err(PeerError::NoCopy(format!(
+                    "{dataset}/{key} may not be sent to {to} under {}'s policy",
+                    self.here
+                )));
+            }
+        }
+        if let Some(bound_ms) = need.max_staleness_ms {
+            let staleness_ms = self.local_staleness(&placed).map_err(to_peer_error)?.map_or(0, |(s, _)| s);
+            if staleness_ms > bound_ms {
+                return Err(PeerError::Stale { staleness_ms, bound_ms });
+            }
+        }
+        Ok(())
     }
 
     async fn serve_strong<T>(&self, read: impl Fn() -> Result<T, NodeError>) -> Result<T, PeerError> {

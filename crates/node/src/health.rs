@@ -174,6 +174,12 @@ impl Health {
         nearest(candidates, &self.here, &regions).cloned()
     }
 
+    /// `candidates` in the order a request should try them: see [`ranked`].
+    pub fn ranked(&self, candidates: &[RegionId]) -> Vec<(RegionId, Reachability)> {
+        let regions = self.regions.lock().expect("health lock");
+        ranked(candidates, &self.here, &regions).into_iter().map(|(r, s)| (r.clone(), s)).collect()
+    }
+
     /// Every other region's health, in region order.
     pub fn regions(&self) -> BTreeMap<RegionId, RegionHealth> {
         self.regions.lock().expect("health lock").clone()
@@ -251,18 +257,41 @@ pub fn nearest<'a>(
     here: &RegionId,
     health: &BTreeMap<RegionId, RegionHealth>,
 ) -> Option<&'a RegionId> {
-    if let Some(h) = candidates.iter().find(|c| *c == here) {
-        return Some(h);
-    }
-    let state = |r: &RegionId| health.get(r).map_or(Reachability::Unknown, |h| h.reachability);
-    let rtt = |r: &RegionId| health.get(r).and_then(|h| h.rtt_ms).unwrap_or(f64::MAX);
-    let mut best: Option<&RegionId> = None;
-    for c in candidates.iter().filter(|c| state(c) == Reachability::Up) {
-        if best.is_none_or(|b| rtt(c) < rtt(b)) {
-            best = Some(c);
+    ranked(candidates, here, health).into_iter().next().map(|(r, _)| r)
+}
+
+/// `candidates` in the order a request should try them, each with its reachability as this
+/// node sees it: this node's own region first (always up), then the regions marked up, nearest
+/// (lowest smoothed round trip) first, then those without a verdict, then those marked down;
+/// within each group the candidates keep their order (the policy's preference).
+pub fn ranked<'a>(
+    candidates: &'a [RegionId],
+    here: &RegionId,
+    health: &BTreeMap<RegionId, RegionHealth>,
+) -> Vec<(&'a RegionId, Reachability)> {
+    let state = |r: &RegionId| {
+        if r == here {
+            Reachability::Up
+        } else {
+            health.get(r).map_or(Reachability::Unknown, |h| h.reachability)
         }
-    }
-    best.or_else(|| candidates.iter().find(|c| state(c) == Reachability::Unknown)).or(candidates.first())
+    };
+    let group = |r: &RegionId, s: Reachability| match s {
+        _ if r == here => 0u8,
+        Reachability::Up => 1,
+        Reachability::Unknown => 2,
+        Reachability::Down => 3,
+    };
+    let rtt = |r: &RegionId| health.get(r).and_then(|h| h.rtt_ms).unwrap_or(f64::MAX);
+    let mut out: Vec<(&RegionId, Reachability)> = candidates.iter().map(|c| (c, state(c))).collect();
+    // A stable sort: equal keys keep the policy's order.
+    out.sort_by(|(a, sa), (b, sb)| {
+        group(a, *sa).cmp(&group(b, *sb)).then_with(|| match sa {
+            Reachability::Up => rtt(a).total_cmp(&rtt(b)),
+            _ => std::cmp::Ordering::Equal,
+        })
+    });
+    out
 }
 
 #[cfg(test)]
@@ -293,6 +322,13 @@ mod tests {
         assert_eq!(pick(&[], &health), None);
         // Before any probe, the policy's order, as before health existed.
         assert_eq!(pick(&[ap.clone(), us.clone()], &BTreeMap::new()), Some(ap.clone()));
+
+        // The whole order a request tries: here, up by round trip, unknown, down.
+        health.get_mut(&ap).unwrap().reachability = Reachability::Up;
+        health.insert(r("ca-central"), at(Reachability::Up, Some(20.0)));
+        let all = [sa.clone(), us.clone(), ap.clone(), eu.clone(), r("ca-central")];
+        let order: Vec<&str> = ranked(&all, &eu, &health).into_iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(order, ["eu-west", "ca-central", "ap-south", "sa-east", "us-east"]);
     }
 
     fn s() -> HealthSettings {

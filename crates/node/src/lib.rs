@@ -62,6 +62,7 @@ use crate::supervisor::Supervisor;
 use crate::transport::PeerTransport;
 
 pub use crate::error::NodeError;
+pub use crate::error::{Skip, SkipCause};
 pub use crate::gateway::{Consistency, Object, Page, Precondition, RouteReason, Served, WriteOutcome};
 pub use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT, STATUS_TIMEOUT};
 pub use meridian_raft::conflicts::{ConflictLogState, ConflictQuery, ConflictRecord, ConflictState};
@@ -437,6 +438,12 @@ impl Node {
             PeerRequestV1::List { dataset, prefix, after, limit } => {
                 PeerResponseV1::List(self.gateway.serve_list(&dataset, &prefix, after.as_deref(), limit).await)
             }
+            PeerRequestV1::ReadCopy { dataset, key, home, to, need } => {
+                PeerResponseV1::Read(self.gateway.serve_read_copy(&dataset, &key, home.as_deref(), &to, need))
+            }
+            PeerRequestV1::ListCopy { dataset, prefix, after, limit, home, to, need } => PeerResponseV1::List(
+                self.gateway.serve_list_copy(&dataset, &prefix, after.as_deref(), limit, home.as_deref(), &to, need),
+            ),
             PeerRequestV1::Status => PeerResponseV1::Status(self.region.report()),
             PeerRequestV1::DatasetSizes => {
                 PeerResponseV1::DatasetSizes(self.gateway.local_dataset_sizes().map_err(error::to_peer_error))

@@ -67,6 +67,29 @@ pub enum PeerRequestV1 {
         dataset: String,
         keys: Vec<String>,
     },
+    /// A read of the answering node's own copy, for the levels that need no leader (`local`,
+    /// `eventual`, `bounded`): served only if the node's region holds a copy of the key under
+    /// its own policy, region `to` (the asking gateway's) may hold the key's bytes, and the
+    /// copy meets `need`; refused otherwise (`NoCopy`, `Stale`). Any node of the region may
+    /// answer. `home`: the user-locality attribute, for a user-homed key without a prefix.
+    ReadCopy {
+        dataset: String,
+        key: String,
+        home: Option<String>,
+        to: String,
+        need: CopyNeed,
+    },
+    /// A listing of the answering node's own copy, on the terms of `ReadCopy` (placed by the
+    /// prefix, as the gateway places a listing).
+    ListCopy {
+        dataset: String,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+        home: Option<String>,
+        to: String,
+        need: CopyNeed,
+    },
     /// Tombstones their origin region `source` found held alike everywhere: the answering
     /// region's leader removes each that is still exactly the given object.
     CollectTombstones {
@@ -74,6 +97,15 @@ pub enum PeerRequestV1 {
         dataset: String,
         keys: Vec<(String, StoredObject)>,
     },
+}
+
+/// What a copy must meet to serve a read (`ReadCopy`, `ListCopy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyNeed {
+    /// At most this stale, in milliseconds (`None`: any copy will do). A home's copy is never
+    /// stale; a mirror's staleness is the time since the moment as of which it has merged
+    /// everything every home committed.
+    pub max_staleness_ms: Option<u64>,
 }
 
 /// Changes sent outside a link's sequenced range: each applies only if newer than the copy
@@ -285,6 +317,20 @@ pub enum PeerError {
     /// The write would make the key's value larger than the value limit: nothing was written.
     #[error("{0}")]
     TooLarge(String),
+    /// A copy read asked of a region that holds no copy of the key (or may not send it to the
+    /// asking region) under its own policy.
+    #[error("no copy here: {0}")]
+    NoCopy(String),
+    /// A copy read whose copy here is staler than the read allows.
+    #[error("{}", stale_text(*staleness_ms, *bound_ms))]
+    Stale { staleness_ms: u64, bound_ms: u64 },
+}
+
+fn stale_text(staleness_ms: u64, bound_ms: u64) -> String {
+    match staleness_ms {
+        u64::MAX => format!("the copy here has not yet heard from every home (the bound is {bound_ms} ms)"),
+        s => format!("the copy here is {s} ms stale (the bound is {bound_ms} ms)"),
+    }
 }
 
 /// One node's view of its region's Raft group.

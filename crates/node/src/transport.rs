@@ -203,6 +203,17 @@ struct Inner {
     metrics: Arc<Metrics>,
     faults: Arc<FaultTable>,
     capture: Option<WireCapture>,
+    /// Where [`PeerTransport::call_any`] starts in a region's nodes, turning each call.
+    rotation: std::sync::atomic::AtomicUsize,
+}
+
+/// Why no node of a region answered [`PeerTransport::call_any`] with a value.
+#[derive(Debug, Clone)]
+pub enum AnyFailure {
+    /// The node answered with a refusal.
+    Refused(PeerError),
+    /// No answer: not reachable, timed out, or an answer the caller cannot read.
+    Unreachable(String),
 }
 
 /// A record of every byte this node sends to or receives from another region, for residency
@@ -241,7 +252,8 @@ impl PeerTransport {
         capture: Option<WireCapture>,
     ) -> Self {
         let faults = Arc::new(FaultTable::default());
-        PeerTransport { inner: Arc::new(Inner { wire, topology, region, metrics, faults, capture }) }
+        let rotation = std::sync::atomic::AtomicUsize::new(0);
+        PeerTransport { inner: Arc::new(Inner { wire, topology, region, metrics, faults, capture, rotation }) }
     }
 
     /// The fault table this transport obeys.
@@ -293,11 +305,24 @@ impl PeerTransport {
         unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
         idempotent: bool,
     ) -> Result<(T, NodeId), NodeError> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        self.call_region_until(region, deadline, request, unpack, idempotent).await
+    }
+
+    /// [`PeerTransport::call_region`], giving up at `deadline` (a gateway trying several
+    /// regions in turn gives each a share of the request's time).
+    pub async fn call_region_until<T>(
+        &self,
+        region: &RegionId,
+        deadline: tokio::time::Instant,
+        request: impl Fn() -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+        idempotent: bool,
+    ) -> Result<(T, NodeId), NodeError> {
         let nodes: Vec<NodeId> = self.inner.topology.region_nodes(region).iter().map(|n| n.id).collect();
         if nodes.is_empty() {
             return Err(NodeError::Internal(format!("region {region} has no nodes")));
         }
-        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         let mut next = 0usize;
         let mut hint: Option<NodeId> = None;
         let mut last_error = String::from("no answer");
@@ -330,6 +355,40 @@ impl PeerTransport {
             tokio::time::sleep(leader_backoff(attempt)).await;
         }
         Err(NodeError::Unavailable { node: nodes[0], reason: format!("region {region}: {last_error}") })
+    }
+
+    /// Send a request that any node of `region` may answer from its own state (a read of its
+    /// copy): each node once, starting at a different one each call, until one answers with a
+    /// value, by `deadline`. A node that refuses (its copy is too stale, say) passes the
+    /// request to the next; the last refusal or failure is the error, with the node it came
+    /// from.
+    pub async fn call_any<T>(
+        &self,
+        region: &RegionId,
+        deadline: tokio::time::Instant,
+        request: impl Fn() -> PeerRequestV1,
+        unpack: impl Fn(PeerResponseV1) -> Option<Result<T, PeerError>>,
+    ) -> Result<(T, NodeId), (NodeId, AnyFailure)> {
+        let nodes: Vec<NodeId> = self.inner.topology.region_nodes(region).iter().map(|n| n.id).collect();
+        let start = self.inner.rotation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut last = (0, AnyFailure::Unreachable(format!("region {region} has no nodes")));
+        for i in 0..nodes.len() {
+            let target = nodes[(start + i) % nodes.len()];
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                last = (target, AnyFailure::Unreachable(format!("no time left to ask node {target}")));
+                break;
+            }
+            last = match self.call(target, request(), remaining).await {
+                Ok(reply) => match unpack(reply) {
+                    Some(Ok(v)) => return Ok((v, target)),
+                    Some(Err(e)) => (target, AnyFailure::Refused(e)),
+                    None => (target, AnyFailure::Unreachable(format!("node {target} sent an unexpected reply"))),
+                },
+                Err(e) => (target, AnyFailure::Unreachable(format!("node {target}: {e}"))),
+            };
+        }
+        Err(last)
     }
 
     async fn call_inner(&self, target: NodeId, req: PeerRequestV1) -> Result<PeerResponseV1, RpcFailure> {

@@ -10,12 +10,13 @@ use meridian_node::NodeError;
 
 #[derive(Debug)]
 pub struct ApiError {
-    pub body: ErrorBody,
+    /// Boxed: every handler returns `Result<_, ApiError>`, and the body is large.
+    pub body: Box<ErrorBody>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { body: ErrorBody::new(code, message) }
+        ApiError { body: Box::new(ErrorBody::new(code, message)) }
     }
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.body.hint = Some(hint.into());
@@ -38,7 +39,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         RouteNotFound | KeyNotFound => StatusCode::NOT_FOUND,
         PreconditionFailed => StatusCode::PRECONDITION_FAILED,
-        NoLeader | Unavailable | ClockSkew => StatusCode::SERVICE_UNAVAILABLE,
+        NoLeader | Unavailable | RegionUnavailable | ClockSkew => StatusCode::SERVICE_UNAVAILABLE,
         OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
         PolicyInvalid | HomeUnknown => StatusCode::BAD_REQUEST,
         PolicyVersionNotFound | NoPolicy => StatusCode::NOT_FOUND,
@@ -53,7 +54,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = status_of(self.body.code);
         let retry = status == StatusCode::SERVICE_UNAVAILABLE;
-        let mut resp = (status, Json(self.body)).into_response();
+        let mut resp = (status, Json(*self.body)).into_response();
         if retry {
             resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
         }
@@ -67,6 +68,13 @@ impl From<NodeError> for ApiError {
             NodeError::NoLeader => ApiError::new(ErrorCode::NoLeader, e.to_string())
                 .hint("an election is under way or a majority of the region's zones is down; retry shortly"),
             NodeError::Unavailable { .. } => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+            NodeError::NoRegion { tried, .. } => {
+                let mut err = ApiError::new(ErrorCode::RegionUnavailable, e.to_string()).hint(
+                    "every region that may serve this key was tried; `meridian cluster status` shows which are down",
+                );
+                err.body.regions_tried = Some(tried.iter().map(crate::keys::skipped_region).collect());
+                err
+            }
             NodeError::OutcomeUnknown(_) => ApiError::new(ErrorCode::OutcomeUnknown, e.to_string())
                 .hint("read the key to learn whether the write took effect before retrying it"),
             NodeError::ClockSkew(_) => ApiError::new(ErrorCode::ClockSkew, e.to_string())

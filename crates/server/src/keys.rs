@@ -8,12 +8,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use meridian_api::{
     DeleteResponse, ErrorCode, GetResponse, ListItem, ListQuery, ListResponse, OpRequest, PutResponse, ReadQuery,
-    ServedBy, VersionInfo, WriteQuery, HEADER_CONTEXT, HEADER_ROUTE_REASON, HEADER_SERVED_BY,
+    ServedBy, SkippedRegion, VersionInfo, WriteQuery, HEADER_CONTEXT, HEADER_ROUTE_REASON, HEADER_ROUTE_SKIPPED,
+    HEADER_SERVED_BY,
 };
 use meridian_core::crdt::CrdtOp;
 use meridian_core::limits::{KEY_BYTES_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
 use meridian_core::{DatasetName, Key, Version, VersionVector};
-use meridian_node::{Consistency, Precondition, Served, WriteOutcome};
+use meridian_node::{Consistency, Precondition, Served, Skip, WriteOutcome};
 
 use crate::error::{dataset_error, key_error, ApiError};
 use crate::AppState;
@@ -23,7 +24,12 @@ pub(crate) fn served_by(state: &AppState, served: Served) -> ServedBy {
         Some(n) => (n.region.to_string(), n.zone.to_string()),
         None => (String::from("?"), String::from("?")),
     };
-    ServedBy { region, zone, node: served.node, reason: served.reason.as_str().to_owned() }
+    let skipped = served.skipped.iter().map(skipped_region).collect();
+    ServedBy { region, zone, node: served.node, reason: served.reason.as_str().to_owned(), skipped }
+}
+
+pub(crate) fn skipped_region(s: &Skip) -> SkippedRegion {
+    SkippedRegion { region: s.region.to_string(), cause: s.cause.as_str().to_owned(), detail: s.detail.clone() }
 }
 
 fn with_headers(mut resp: Response, served: &ServedBy, etag: Option<&str>) -> Response {
@@ -34,6 +40,12 @@ fn with_headers(mut resp: Response, served: &ServedBy, etag: Option<&str>) -> Re
     }
     if let Ok(v) = HeaderValue::from_str(&served.reason) {
         h.insert(HEADER_ROUTE_REASON, v);
+    }
+    if !served.skipped.is_empty() {
+        let each: Vec<String> = served.skipped.iter().map(|s| format!("{}={}", s.region, s.cause)).collect();
+        if let Ok(v) = HeaderValue::from_str(&each.join(", ")) {
+            h.insert(HEADER_ROUTE_SKIPPED, v);
+        }
     }
     if let Some(etag) = etag {
         if let Ok(v) = HeaderValue::from_str(&format!("\"{etag}\"")) {
