@@ -118,7 +118,7 @@ async fn serve_client(node: &Node, world: &World, req: ClientRequest) -> ClientR
                 Err(reply) => return reply,
             };
             let consistency = if local { Consistency::Local } else { Consistency::Strong };
-            match node.gateway().get(&dataset, &key, consistency, None).await {
+            match node.gateway().get(&dataset, &key, consistency.into(), None).await {
                 Ok((obj, _)) => {
                     ClientReply::Value(obj.and_then(|o| o.value).map(|v| String::from_utf8_lossy(&v).into_owned()))
                 }

@@ -59,6 +59,7 @@ codes! {
     PolicyRefused => "policy_refused": "The region that received the write is not a home for this key under its active policy; nothing was written. Retry: the gateway routes by the newest policy.",
     WrongOperation => "wrong_operation": "The dataset's kind or conflict rule does not take this write: a PUT on a counter, set or map dataset (use its operations), an operation of another kind, or a causal context on a dataset whose rule is not `siblings`. Nothing was written.",
     InvalidOperation => "invalid_operation": "The operation is unknown for this path, or its body lacks or misuses a field (amount, members, fields).",
+    InvalidSession => "invalid_session": "The Meridian-Session header is not a session token this cluster signed: edited, made by another cluster, malformed or longer than 4096 bytes. Nothing was done; send the token back exactly as it came, or none.",
     InvalidContext => "invalid_context": "The Meridian-Context header is not a causal context as a read returned it (REGION:N[,REGION:N...]).",
     ConflictNotFound => "conflict_not_found": "This region holds no conflict record with this id (ids are per region, and old records expire).",
     Internal => "internal": "An unexpected failure inside the node. It is logged with details; the request may be retried.",

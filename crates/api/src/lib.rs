@@ -22,6 +22,9 @@ pub const HEADER_ROUTE_REASON: &str = "meridian-route-reason";
 /// Header naming the regions a request passed over before the one that served it, each with
 /// its cause: `eu-west=down, us-east=unreachable` (absent when none was).
 pub const HEADER_ROUTE_SKIPPED: &str = "meridian-route-skipped";
+/// A session token: returned by every data answer of a cluster with a session key, sent back
+/// with the next request so that a `session` read sees what the client wrote and read before.
+pub const HEADER_SESSION: &str = "meridian-session";
 /// A key's causal context: returned by a read, sent back with a write to supersede exactly
 /// the versions the read saw.
 pub const HEADER_CONTEXT: &str = "meridian-context";

@@ -11,7 +11,26 @@ use serde::Serialize;
 use crate::ClientOpts;
 
 pub(crate) fn client(opts: &ClientOpts) -> Client {
-    Client::new(&opts.endpoint, Duration::from_secs(opts.timeout_secs)).with_home(opts.home.clone())
+    let session = opts.session.clone().or_else(|| {
+        let text = std::fs::read_to_string(opts.session_file.as_ref()?).ok()?;
+        Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+    });
+    Client::new(&opts.endpoint, Duration::from_secs(opts.timeout_secs))
+        .with_home(opts.home.clone())
+        .with_session(session)
+}
+
+/// After a data command: write the session's token back to `--session-file`, or print it
+/// on stderr when one was passed with `--session`.
+pub(crate) fn carry_session(opts: &ClientOpts, c: &Client) -> anyhow::Result<()> {
+    let Some(token) = c.session() else { return Ok(()) };
+    if let Some(path) = &opts.session_file {
+        std::fs::write(path, format!("{token}\n"))
+            .map_err(|e| anyhow::anyhow!("write the session to {}: {e}", path.display()))?;
+    } else if opts.session.is_some() {
+        eprintln!("session {token}");
+    }
+    Ok(())
 }
 
 /// Turn a client error into the CLI's message: code first, so scripts can grep it.
@@ -48,7 +67,9 @@ pub async fn put(
         (None, true) => Precondition::IfAbsent,
         (None, false) => Precondition::None,
     };
-    let r = client(opts).put_raw(dataset, key, value, &pre).await.map_err(fail)?;
+    let c = client(opts);
+    let r = c.put_raw(dataset, key, value, &pre).await.map_err(fail)?;
+    carry_session(opts, &c)?;
     if opts.json {
         print_json(&r);
     } else {
@@ -73,7 +94,9 @@ pub(crate) fn served_text(s: &meridian_api::ServedBy) -> String {
 }
 
 pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: Option<&str>) -> anyhow::Result<()> {
-    let r = client(opts).get(dataset, key, consistency).await.map_err(fail)?;
+    let c = client(opts);
+    let r = c.get(dataset, key, consistency).await.map_err(fail)?;
+    carry_session(opts, &c)?;
     if opts.json {
         print_json(&r);
     } else {
@@ -84,7 +107,9 @@ pub async fn get(opts: &ClientOpts, dataset: &str, key: &str, consistency: Optio
 }
 
 pub async fn delete(opts: &ClientOpts, dataset: &str, key: &str, if_match: Option<String>) -> anyhow::Result<()> {
-    let r = client(opts).delete(dataset, key, if_match.as_deref()).await.map_err(fail)?;
+    let c = client(opts);
+    let r = c.delete(dataset, key, if_match.as_deref()).await.map_err(fail)?;
+    carry_session(opts, &c)?;
     if opts.json {
         print_json(&r);
     } else {
@@ -101,10 +126,9 @@ pub async fn list(
     cursor: Option<String>,
     consistency: Option<&str>,
 ) -> anyhow::Result<()> {
-    let r = client(opts)
-        .list(dataset, prefix.as_deref(), Some(limit), cursor.as_deref(), consistency)
-        .await
-        .map_err(fail)?;
+    let c = client(opts);
+    let r = c.list(dataset, prefix.as_deref(), Some(limit), cursor.as_deref(), consistency).await.map_err(fail)?;
+    carry_session(opts, &c)?;
     if opts.json {
         print_json(&r);
         return Ok(());

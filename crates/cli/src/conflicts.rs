@@ -96,7 +96,9 @@ fn op_request(op: &str, args: &[String]) -> anyhow::Result<OpRequest> {
 
 pub async fn op(opts: &ClientOpts, dataset: &str, key: &str, op: &str, args: &[String]) -> anyhow::Result<()> {
     let req = op_request(op, args)?;
-    let r = client(opts).op(dataset, key, op, &req).await.map_err(fail)?;
+    let c = client(opts);
+    let r = c.op(dataset, key, op, &req).await.map_err(fail)?;
+    crate::commands::carry_session(opts, &c)?;
     if opts.json {
         print_json(&r);
     } else {

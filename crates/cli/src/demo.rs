@@ -37,7 +37,7 @@ pub async fn run(
     wire_capture: Option<PathBuf>,
     clock_skew: Vec<(String, i64)>,
 ) -> anyhow::Result<()> {
-    let config = ClusterConfig::demo(base_port);
+    let mut config = ClusterConfig::demo(base_port);
     for (region, _) in &clock_skew {
         if !config.topology.regions().iter().any(|r| r.name.as_str() == region) {
             anyhow::bail!("--clock-skew names {region:?}, which is not a demo region (us-east, eu-west, ap-south)");
@@ -55,6 +55,7 @@ pub async fn run(
             (Some(t), p)
         }
     };
+    config.session_key = Some(session_key(&root)?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut nodes: Vec<Arc<Node>> = Vec::new();
     let mut servers = Vec::new();
@@ -169,4 +170,25 @@ fn print_banner(config: &ClusterConfig, root: &std::path::Path, base_port: u16, 
     println!("Links ship each write to the regions its policy lets hold a copy: a catalog write in us-east");
     println!("is readable with --consistency local from any region a moment later; profiles never leave home.");
     println!("Press Ctrl-C to stop.");
+}
+
+/// The demo's session key: kept in its data directory, so that tokens stay valid when a kept
+/// demo (`--data-dir`) starts again.
+fn session_key(root: &std::path::Path) -> anyhow::Result<meridian_node::session::SessionKey> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = root.join("session.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return meridian_node::session::SessionKey::from_hex(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    let key = meridian_node::session::SessionKey::random().context("read the system's random source")?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    std::io::Write::write_all(&mut f, key.to_hex().as_bytes()).with_context(|| format!("write {}", path.display()))?;
+    Ok(key)
 }

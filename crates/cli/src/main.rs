@@ -43,6 +43,15 @@ pub struct ClientOpts {
     /// Give the same one on every request for that key (it is stored only there).
     #[arg(long, global = true)]
     pub home: Option<String>,
+    /// Send this session token (the Meridian-Session of an earlier answer), so that a
+    /// `--consistency session` read sees what that session wrote and read, in any region.
+    /// The answer's token is printed on stderr.
+    #[arg(long, global = true, env = "MERIDIAN_SESSION")]
+    pub session: Option<String>,
+    /// Carry the session in this file: send the token it holds (if it exists), and write
+    /// the answer's token back after each get, put, delete, list and op.
+    #[arg(long, global = true, conflicts_with = "session")]
+    pub session_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -100,9 +109,10 @@ enum Command {
         dataset: String,
         key: String,
         /// strong (linearizable, via a home region's leader), bounded (as stale as the dataset's
-        /// max_staleness allows), local (the node asked, if its region holds a copy, else a
-        /// home) or eventual (the nearest copy). Default: the dataset's `consistency` in the
-        /// policy (itself strong unless the policy says otherwise).
+        /// max_staleness allows), session (sees what the session of --session or
+        /// --session-file wrote and read), local (the node asked, if its region holds a copy,
+        /// else the nearest copy) or eventual (the nearest copy). Default: the dataset's
+        /// `consistency` in the policy (itself strong unless the policy says otherwise).
         #[arg(long)]
         consistency: Option<String>,
         #[command(flatten)]

@@ -68,7 +68,7 @@ fn reads_take_their_datasets_level_and_writes_go_to_the_nearest_home_up() {
     );
     let (ok, _, err) = cli(&ap, &["get", "feed", "f1", "--consistency", "strong"]);
     assert!(ok && err.contains("served by us-east/"), "a level named wins over the default: {err}");
-    let (ok, out, err) = cli(&us, &["get", "feed", "f1", "--consistency", "session"]);
+    let (ok, out, err) = cli(&us, &["get", "feed", "f1", "--consistency", "sometimes"]);
     assert!(!ok && err.contains("invalid_consistency"), "{out}{err}");
 
     wait_for(|| seen(&eu, "us-east") == "up" && seen(&eu, "ap-south") == "up", "eu-west to find both homes up");
@@ -219,4 +219,78 @@ fn reads_go_to_the_nearest_copy_that_serves_them_and_say_what_they_passed_over()
     wait_for(|| cli(&eu, &["get", "prices", "p1"]).0, "eu-west reads prices again after the heal");
     let (ok, out, err) = cli(&ap, &["get", "notes", "n2", "--consistency", "local"]);
     assert!(!ok && err.contains("key_not_found"), "the refused write was never applied: {out}{err}");
+}
+
+/// `posts` reads at `session` by default; `feedback` at `local`.
+const SESSIONS: &str = r#"format = 1
+
+[[dataset]]
+name = "posts"
+locality = "global"
+classification = "internal"
+home = ["us-east"]
+mirrors = "all-allowed"
+consistency = "session"
+"#;
+
+#[test]
+fn a_session_reads_its_own_writes_in_another_region_and_forged_tokens_are_refused() {
+    let (demo, base, _) = common::start_demo(None);
+    let _stop = Stop(demo);
+    let (us, eu, ap) = (
+        format!("http://127.0.0.1:{base}"),
+        format!("http://127.0.0.1:{}", base + 4),
+        format!("http://127.0.0.1:{}", base + 7),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, SESSIONS).unwrap();
+    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
+    assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+    let session = dir.path().join("session");
+    let s = session.to_str().unwrap();
+
+    // eu-west is cut from the home: its own copy cannot have what the session writes next.
+    let (ok, out, err) = cli(&eu, &["chaos", "partition", "eu-west", "us-east"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&us, &["put", "posts", "p1", "\"first\"", "--session-file", s]);
+    assert!(ok, "{out}{err}");
+    let token = std::fs::read_to_string(&session).unwrap();
+    assert!(token.starts_with("ms1.us-east="), "the file holds the write's token: {token}");
+
+    // Without the session, eu-west answers from its own copy, which has not got the write.
+    let (ok, out, err) = cli(&eu, &["get", "posts", "p1", "--consistency", "local"]);
+    assert!(!ok && err.contains("key_not_found"), "{out}{err}");
+    // With it, the read never answers without the write: it waits for, or goes to, a copy
+    // that has it (ap-south's, once its link delivers), or says none can serve it yet.
+    let read = |value: &str| {
+        let (ok, out, err) = cli(&eu, &["get", "posts", "p1", "--session-file", s]);
+        if ok {
+            assert_eq!(out.trim(), value, "a session read answered without the session's write: {err}");
+            assert!(err.contains("served by ap-south/") && err.contains("session-copy"), "{err}");
+            assert!(err.contains("passed over us-east ("), "{err}");
+        } else {
+            assert!(err.contains("region_unavailable") && err.contains("behind"), "{out}{err}");
+        }
+        ok
+    };
+    wait_for(|| read("\"first\""), "a session read in eu-west served by ap-south's copy");
+
+    // Monotonic: a newer write, then reads that never go back to the older value.
+    let (ok, out, err) = cli(&us, &["put", "posts", "p1", "\"second\"", "--session-file", s]);
+    assert!(ok, "{out}{err}");
+    wait_for(|| read("\"second\""), "the session's second write read in eu-west");
+
+    // An edited token and a malformed one are refused, and nothing is read with them.
+    let token = std::fs::read_to_string(&session).unwrap().trim().to_owned();
+    let (slots, tag) = token.rsplit_once('.').unwrap();
+    let seq: u64 = slots.rsplit_once('=').unwrap().1.parse().unwrap();
+    let lowered = format!("{}={}.{tag}", slots.rsplit_once('=').unwrap().0, seq - 1);
+    for bad in [lowered.as_str(), "ms1.us-east=1.00", "not-a-token"] {
+        let (ok, out, err) = cli(&ap, &["get", "posts", "p1", "--session", bad]);
+        assert!(!ok && err.contains("invalid_session"), "{bad}: {out}{err}");
+    }
+    // Passed explicitly, a good token works and its successor is printed.
+    let (ok, out, err) = cli(&ap, &["get", "posts", "p1", "--session", &token]);
+    assert!(ok && out.trim() == "\"second\"" && err.contains("session ms1."), "{out}{err}");
 }

@@ -1,13 +1,17 @@
 //! A typed client for Meridian's public HTTP API, used by the CLI and the tests.
 //!
 //! Errors keep the server's stable code, so callers branch on [`ErrorCode`], never on text.
+//! A client carries its session: every answer's `Meridian-Session` token goes back with the
+//! next request, so `consistency=session` reads see what this client wrote and read before,
+//! in whichever region they are served.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meridian_api::{
     ClusterResponse, DeleteResponse, ErrorBody, ErrorCode, Explanation, GetResponse, HealthResponse, ListResponse,
     PolicyApplyRequest, PolicyApplyResponse, PolicyDocumentBody, PolicyHistory, PolicyPlan, PolicyRollbackRequest,
-    PolicyStatus, PolicyVersionBody, PutResponse,
+    PolicyStatus, PolicyVersionBody, PutResponse, HEADER_SESSION,
 };
 use serde::de::DeserializeOwned;
 
@@ -49,6 +53,27 @@ pub struct Client {
     http: reqwest::Client,
     /// The `home` parameter sent with key requests (user-homed datasets).
     home: Option<String>,
+    /// The session token of the newest answer, sent with every request (clones share it: a
+    /// clone is the same session).
+    session: Arc<Mutex<Option<String>>>,
+}
+
+/// Whether session token `a` has seen at least everything `b` has: each of `b`'s slots
+/// (`ms1.region=seq,....tag`) is at most `a`'s. Tokens that cannot be read cover nothing.
+fn covers(a: &str, b: &str) -> bool {
+    fn slots(t: &str) -> Option<std::collections::BTreeMap<&str, u64>> {
+        let body = t.strip_prefix("ms1.")?;
+        let (slots, _) = body.rsplit_once('.')?;
+        slots
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.split_once('=').and_then(|(r, n)| Some((r, n.parse().ok()?))))
+            .collect()
+    }
+    match (slots(a), slots(b)) {
+        (Some(a), Some(b)) => b.iter().all(|(r, n)| a.get(r).is_some_and(|m| m >= n)),
+        _ => false,
+    }
 }
 
 /// Percent-encode one path segment (everything but unreserved characters).
@@ -87,7 +112,33 @@ impl Client {
             .no_proxy()
             .build()
             .expect("build HTTP client");
-        Client { endpoint: endpoint.trim_end_matches('/').to_owned(), http, home: None }
+        Client {
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            http,
+            home: None,
+            session: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Start from this session token (`Meridian-Session` as an earlier answer gave it), for a
+    /// session that moves between clients or processes.
+    pub fn with_session(self, token: Option<String>) -> Self {
+        *self.session.lock().expect("session lock") = token;
+        self
+    }
+
+    /// The session token to carry on: the newest answer's, or the one held if that one has
+    /// seen more (answers to concurrent requests can arrive out of order).
+    pub fn session(&self) -> Option<String> {
+        self.session.lock().expect("session lock").clone()
+    }
+
+    fn keep_session(&self, token: &str) {
+        let mut held = self.session.lock().expect("session lock");
+        let keep_held = held.as_deref().is_some_and(|h| covers(h, token) && !covers(token, h));
+        if !keep_held {
+            *held = Some(token.to_owned());
+        }
     }
 
     pub fn endpoint(&self) -> &str {
@@ -114,11 +165,18 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let req = match self.session() {
+            Some(token) => req.header(HEADER_SESSION, token),
+            None => req,
+        };
         let resp = req
             .send()
             .await
             .map_err(|e| ClientError::Transport { endpoint: self.endpoint.clone(), message: e.to_string() })?;
         let status = resp.status().as_u16();
+        if let Some(token) = resp.headers().get(HEADER_SESSION).and_then(|v| v.to_str().ok()) {
+            self.keep_session(token);
+        }
         let bytes = resp
             .bytes()
             .await
@@ -390,6 +448,15 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_covers_another_when_each_of_its_slots_is_as_far() {
+        let (a, b) = ("ms1.eu-west=3,us-east=9.ff", "ms1.us-east=7.00");
+        assert!(covers(a, b) && !covers(b, a));
+        assert!(covers(a, "ms1..00"), "every token covers the empty session");
+        assert!(!covers("ms1.eu-west=3.ff", "ms1.us-east=1.ff"), "neither covers the other");
+        assert!(!covers("garbage", b) && !covers(a, "garbage"));
+    }
 
     #[test]
     fn segments_are_encoded() {

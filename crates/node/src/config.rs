@@ -27,6 +27,34 @@ struct ConfigFile {
     replication: ReplicationSettings,
     #[serde(default)]
     health: HealthSettings,
+    #[serde(default, skip_serializing_if = "SessionSettings::is_empty")]
+    session: SessionSettings,
+}
+
+/// `[session]`: the key session tokens are signed with, shared by every node of the cluster.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct SessionSettings {
+    /// 32 to 64 bytes as hex. Without it the node issues no session tokens and refuses
+    /// `consistency=session`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+impl SessionSettings {
+    fn is_empty(&self) -> bool {
+        self.key.is_none()
+    }
+}
+
+impl std::fmt::Debug for SessionSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.key.is_some() {
+            "SessionSettings { key: <redacted> }"
+        } else {
+            "SessionSettings { key: None }"
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -176,6 +204,8 @@ pub struct ClusterConfig {
     pub raft: RaftSettings,
     pub replication: ReplicationSettings,
     pub health: HealthSettings,
+    /// The key session tokens are signed with (`[session] key`); `None`: no tokens.
+    pub session_key: Option<crate::session::SessionKey>,
 }
 
 /// Report `name` unless `value` lies in `range`.
@@ -211,6 +241,7 @@ impl ClusterConfig {
             raft: RaftSettings::default(),
             replication: ReplicationSettings::default(),
             health: HealthSettings::default(),
+            session_key: None,
         }
     }
 
@@ -271,6 +302,14 @@ impl ClusterConfig {
         in_range(&mut problems, "health.probe_timeout_ms", h.probe_timeout_ms, PROBE_TIMEOUT_MS_RANGE);
         in_range(&mut problems, "health.down_after_failures", h.down_after_failures, PROBE_STREAK_RANGE);
         in_range(&mut problems, "health.up_after_successes", h.up_after_successes, PROBE_STREAK_RANGE);
+        let session_key = match file.session.key.as_deref().map(crate::session::SessionKey::from_hex) {
+            None => None,
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
+                problems.push(format!("session.key: {e}"));
+                None
+            }
+        };
         match (topology, problems.is_empty()) {
             (Some(topology), true) => Ok(ClusterConfig {
                 topology,
@@ -279,6 +318,7 @@ impl ClusterConfig {
                 raft: file.raft,
                 replication: file.replication,
                 health: file.health,
+                session_key,
             }),
             _ => Err(ConfigError::Invalid { path: origin.to_owned(), problems }),
         }
@@ -299,6 +339,7 @@ impl ClusterConfig {
             raft: self.raft.clone(),
             replication: self.replication.clone(),
             health: self.health.clone(),
+            session: SessionSettings { key: self.session_key.as_ref().map(|k| k.to_hex()) },
         };
         toml::to_string(&file).expect("configuration serializes")
     }
@@ -322,6 +363,19 @@ mod tests {
         let text = "regions = []\nnodes = []\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 150\n";
         let err = ClusterConfig::parse(text, "x.toml").unwrap_err().to_string();
         assert!(err.contains("no regions") && err.contains("election_timeout_min_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_session_key_is_checked_round_trips_and_is_never_printed() {
+        let mut c = ClusterConfig::demo(7000);
+        assert!(!c.to_toml().contains("[session]"), "no key, no section");
+        c.session_key = Some(crate::session::SessionKey::from_hex(&"3c".repeat(32)).unwrap());
+        let again = ClusterConfig::parse(&c.to_toml(), "x.toml").unwrap();
+        assert_eq!(again.session_key, c.session_key);
+        assert!(!format!("{again:?}").contains("3c3c"), "Debug must not show the key");
+        let short = c.to_toml().replace(&"3c".repeat(32), "3c3c");
+        let err = ClusterConfig::parse(&short, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("session.key") && err.contains("32 to 64 bytes"), "{err}");
     }
 
     #[test]

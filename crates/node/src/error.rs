@@ -89,6 +89,8 @@ pub enum SkipCause {
     Stale,
     /// Tried: under its own policy it holds no copy of the key (a policy change in flight).
     NoCopy,
+    /// Tried: its copy had not yet applied everything the session token names.
+    Behind,
 }
 
 impl SkipCause {
@@ -99,6 +101,7 @@ impl SkipCause {
             SkipCause::NoLeader => "no-leader",
             SkipCause::Stale => "stale",
             SkipCause::NoCopy => "no-copy",
+            SkipCause::Behind => "behind",
         }
     }
 }
@@ -186,7 +189,9 @@ pub(crate) fn peer_error(node: NodeId, e: PeerError) -> NodeError {
         PeerError::TooLarge(m) => NodeError::TooLarge(m),
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
         // Copy reads: the gateway tries the next region; alone, each is a region unable to serve.
-        e @ (PeerError::NoCopy(_) | PeerError::Stale { .. }) => NodeError::Unavailable { node, reason: e.to_string() },
+        e @ (PeerError::NoCopy(_) | PeerError::Stale { .. } | PeerError::Behind(_)) => {
+            NodeError::Unavailable { node, reason: e.to_string() }
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::error::{peer_error, to_peer_error, LocalError, NodeError, Skip, SkipCause};
 use crate::health::Reachability;
-use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT};
+use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT, SESSION_POLL, SESSION_WAIT};
 use crate::links::CommitBell;
 use crate::metrics::KindLabels;
 use crate::peer::{CopyNeed, PeerError, PeerRequestV1, PeerResponseV1, WriteEffect, WriteOp, WriteRequest};
@@ -59,6 +59,9 @@ enum ReadPlan {
     Strong(Ranked),
     /// From another region's copy that meets the need, nearest first.
     Copy(Ranked, CopyNeed),
+    /// A session read: here once this node's copy has applied what it needs (waiting
+    /// briefly), else from another region's copy that has.
+    Session(Ranked, CopyNeed),
 }
 
 /// One region's failure to serve, as [`Gateway::first_to_serve`] takes it: `Skip` proves
@@ -92,6 +95,9 @@ pub enum RouteReason {
     /// A `bounded` read served by the nearest other region whose copy is within the bound
     /// (this region's is not, or it holds none).
     FreshCopy,
+    /// A `session` read served by the nearest other region whose copy has applied what the
+    /// session has seen (this region's had not, within a brief wait, or it holds none).
+    SessionCopy,
 }
 
 impl RouteReason {
@@ -103,6 +109,7 @@ impl RouteReason {
             RouteReason::ForwardedToHome => "forwarded-to-home",
             RouteReason::NearestCopy => "nearest-copy",
             RouteReason::FreshCopy => "fresh-copy",
+            RouteReason::SessionCopy => "session-copy",
         }
     }
 }
@@ -135,9 +142,27 @@ pub enum Consistency {
     Eventual,
     /// At most this many milliseconds stale (`None`: the dataset's `max_staleness`).
     Bounded(Option<u64>),
+    /// A copy that has applied every write of the key's homes that the session (the read's
+    /// `session` argument, a session token's vector) has seen: read-your-writes and
+    /// monotonic reads across regions.
+    Session,
     /// Whatever the dataset's policy names (`consistency`, default `strong`): what a request
     /// that names no level asks for.
     DatasetDefault,
+}
+
+/// A read's level, and what the client's session has seen (for `Session`, or a dataset whose
+/// default it is; `None`: no session).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadAt<'a> {
+    pub consistency: Consistency,
+    pub session: Option<&'a VersionVector>,
+}
+
+impl From<Consistency> for ReadAt<'_> {
+    fn from(consistency: Consistency) -> Self {
+        ReadAt { consistency, session: None }
+    }
 }
 
 /// How a node serves a read in its own region.
@@ -359,14 +384,15 @@ impl Gateway {
         &self,
         dataset: &DatasetName,
         key: &Key,
-        consistency: Consistency,
+        at: ReadAt<'_>,
         home: Option<&str>,
     ) -> Result<(Option<Object>, Served), NodeError> {
+        let ReadAt { consistency, session } = at;
         let home_attr = self.parse_home(home)?;
         let placed = self.place(dataset, key, home_attr.as_ref())?;
         let homes = self.home_order(&placed)?;
         let (ds, k) = (dataset.as_str(), key.as_str());
-        let (obj, served) = match self.read_plan(consistency, homes, dataset, &placed)? {
+        let (obj, served) = match self.settle(self.read_plan(consistency, homes, dataset, &placed, session)?).await? {
             ReadPlan::Here(c) => self.read(ds, k, c).await?,
             plan => {
                 // Residency: never fetch a value into a region its policy keeps it out of.
@@ -402,9 +428,10 @@ impl Gateway {
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-        consistency: Consistency,
+        at: ReadAt<'_>,
         home: Option<&str>,
     ) -> Result<(Page, Served), NodeError> {
+        let ReadAt { consistency, session } = at;
         let limit = limit.clamp(1, LIST_LIMIT_MAX);
         let home_attr = self.parse_home(home)?;
         let probe = if prefix.is_empty() { "_" } else { prefix };
@@ -418,7 +445,7 @@ impl Gateway {
             Err(e) => return Err(e),
         };
         let ds = dataset.as_str();
-        let (items, served) = match self.read_plan(consistency, homes, dataset, &placed)? {
+        let (items, served) = match self.settle(self.read_plan(consistency, homes, dataset, &placed, session)?).await? {
             ReadPlan::Here(c) => self.list_local(ds, prefix, after, limit, c).await?,
             plan => {
                 // Keys are data too: a listing is not fetched into a region the policy keeps
@@ -532,17 +559,34 @@ impl Gateway {
     ///   copy;
     /// - `bounded`: this node's copy if it is within the bound, else the nearest other copy
     ///   that is (a home's always is).
+    /// - `session`: this node's copy if its region holds one and it has applied what the
+    ///   session needs (after a brief wait), else the nearest other copy that has.
     fn read_plan(
         &self,
         consistency: Consistency,
         homes: Ranked,
         dataset: &DatasetName,
         placed: &Placed,
+        session: Option<&VersionVector>,
     ) -> Result<ReadPlan, NodeError> {
         let at_home = homes.first().is_some_and(|(r, _)| *r == self.here);
         let holds_here = matches!(placed, Ok(Some(p)) if p.holds_copy(&self.here));
-        let any = CopyNeed { max_staleness_ms: None };
+        let any = CopyNeed { max_staleness_ms: None, applied: Vec::new() };
+        let bound = |max| CopyNeed { max_staleness_ms: Some(max), applied: Vec::new() };
         Ok(match self.level(consistency, placed) {
+            Consistency::Session => {
+                let key_homes: Vec<RegionId> = match placed {
+                    Ok(Some(p)) => p.homes.clone(),
+                    _ => vec![self.here.clone()],
+                };
+                let applied = session.map(|s| crate::session::requirement(s, &key_homes)).unwrap_or_default();
+                let need = CopyNeed { max_staleness_ms: None, applied };
+                if at_home || holds_here || !matches!(placed, Ok(Some(_))) {
+                    ReadPlan::Session(self.copy_order(placed), need)
+                } else {
+                    ReadPlan::Copy(self.copy_order(placed), need)
+                }
+            }
             Consistency::Strong if at_home => ReadPlan::Here(ReadConsistency::Strong),
             Consistency::Strong => ReadPlan::Strong(homes),
             Consistency::Local | Consistency::Eventual if at_home || holds_here => {
@@ -557,7 +601,7 @@ impl Gateway {
                     } else if at_home {
                         ReadPlan::Here(ReadConsistency::Strong)
                     } else {
-                        ReadPlan::Copy(self.copy_order(placed), CopyNeed { max_staleness_ms: Some(max) })
+                        ReadPlan::Copy(self.copy_order(placed), bound(max))
                     }
                 }
                 // No governing policy: every copy is this region's own.
@@ -568,11 +612,30 @@ impl Gateway {
                         _ => None,
                     };
                     let max = max.or(budget).ok_or_else(|| NodeError::NoStalenessBound(dataset.to_string()))?;
-                    ReadPlan::Copy(self.copy_order(placed), CopyNeed { max_staleness_ms: Some(max) })
+                    ReadPlan::Copy(self.copy_order(placed), bound(max))
                 }
             },
             Consistency::DatasetDefault => unreachable!("level() resolves it"),
         })
+    }
+
+    /// Turn a session plan into where it is served: here once this node's copy has applied
+    /// what the session needs (waiting at most [`SESSION_WAIT`] for it), else at the other
+    /// copies. Other plans pass through.
+    async fn settle(&self, plan: ReadPlan) -> Result<ReadPlan, NodeError> {
+        let ReadPlan::Session(others, need) = plan else { return Ok(plan) };
+        let deadline = Instant::now() + SESSION_WAIT;
+        loop {
+            let (state, region_seq) = self.deps.region.reader().replication().map_err(NodeError::storage)?;
+            if crate::session::applied(&need.applied, &self.here, region_seq, &state.merged) {
+                return Ok(ReadPlan::Here(ReadConsistency::Local));
+            }
+            if Instant::now() >= deadline {
+                self.deps.metrics.session_forwards.inc();
+                return Ok(ReadPlan::Session(others, need));
+            }
+            tokio::time::sleep(SESSION_POLL).await;
+        }
     }
 
     /// The level a read asks for, with the dataset's default resolved.
@@ -584,9 +647,7 @@ impl Gateway {
                     PolicyConsistency::Bounded => Consistency::Bounded(None),
                     PolicyConsistency::Local => Consistency::Local,
                     PolicyConsistency::Eventual => Consistency::Eventual,
-                    // Refused by the validator until session tokens exist; a version that
-                    // names it anyway reads strongly, the strongest level.
-                    PolicyConsistency::Session => Consistency::Strong,
+                    PolicyConsistency::Session => Consistency::Session,
                 },
                 // No governing policy (or a refusal, reported elsewhere): the safe default.
                 _ => Consistency::Strong,
@@ -612,12 +673,15 @@ impl Gateway {
     {
         match plan {
             ReadPlan::Strong(homes) => self.first_to_serve(what, homes, strong).await,
-            ReadPlan::Copy(holders, need) => {
-                let reason =
-                    if need.max_staleness_ms.is_some() { RouteReason::FreshCopy } else { RouteReason::NearestCopy };
-                let (request, unpack) = (&request, &unpack);
+            ReadPlan::Copy(holders, need) | ReadPlan::Session(holders, need) => {
+                let reason = match (&need.max_staleness_ms, need.applied.is_empty()) {
+                    (Some(_), _) => RouteReason::FreshCopy,
+                    (None, false) => RouteReason::SessionCopy,
+                    (None, true) => RouteReason::NearestCopy,
+                };
+                let (request, unpack, need) = (&request, &unpack, &need);
                 let attempt = |region: RegionId, by: Instant| async move {
-                    match self.deps.transport.call_any(&region, by, || request(need), unpack).await {
+                    match self.deps.transport.call_any(&region, by, || request(need.clone()), unpack).await {
                         Ok((v, node)) => Ok((v, Served::by(node, reason))),
                         Err((_, AnyFailure::Unreachable(e))) => Err(Tried::Skip(SkipCause::Unreachable, e)),
                         Err((_, AnyFailure::Refused(e @ PeerError::Stale { .. }))) => {
@@ -625,6 +689,9 @@ impl Gateway {
                         }
                         Err((_, AnyFailure::Refused(e @ PeerError::NoCopy(_)))) => {
                             Err(Tried::Skip(SkipCause::NoCopy, e.to_string()))
+                        }
+                        Err((_, AnyFailure::Refused(e @ PeerError::Behind(_)))) => {
+                            Err(Tried::Skip(SkipCause::Behind, e.to_string()))
                         }
                         Err((node, AnyFailure::Refused(e))) => Err(Tried::from(peer_error(node, e))),
                     }
@@ -1214,6 +1281,14 @@ impl Gateway {
                     "{dataset}/{key} may not be sent to {to} under {}'s policy",
                     self.here
                 )));
+            }
+        }
+        if !need.applied.is_empty() {
+            let (state, region_seq) =
+                self.deps.region.reader().replication().map_err(|e| to_peer_error(NodeError::storage(e)))?;
+            if !crate::session::applied(&need.applied, &self.here, region_seq, &state.merged) {
+                let want: Vec<String> = need.applied.iter().map(|(r, n)| format!("{r} up to {n}")).collect();
+                return Err(PeerError::Behind(format!("the session has seen {}", want.join(", "))));
             }
         }
         if let Some(bound_ms) = need.max_staleness_ms {

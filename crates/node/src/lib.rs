@@ -33,6 +33,7 @@ pub(crate) mod proposer;
 pub mod region;
 pub mod repair;
 pub mod resolve;
+pub mod session;
 pub mod supervisor;
 pub mod traffic;
 pub mod transport;
@@ -63,7 +64,7 @@ use crate::transport::PeerTransport;
 
 pub use crate::error::NodeError;
 pub use crate::error::{Skip, SkipCause};
-pub use crate::gateway::{Consistency, Object, Page, Precondition, RouteReason, Served, WriteOutcome};
+pub use crate::gateway::{Consistency, Object, Page, Precondition, ReadAt, RouteReason, Served, WriteOutcome};
 pub use crate::limits::{LEADER_ATTEMPTS_MAX, REQUEST_TIMEOUT, STATUS_TIMEOUT};
 pub use meridian_raft::conflicts::{ConflictLogState, ConflictQuery, ConflictRecord, ConflictState};
 
@@ -883,7 +884,7 @@ mod tests {
             // The mirror has it: the link shipped it.
             let start = std::time::Instant::now();
             loop {
-                let (obj, _) = nodes[1].gateway().get(&ds, &key, Consistency::Local, None).await.expect("get");
+                let (obj, _) = nodes[1].gateway().get(&ds, &key, Consistency::Local.into(), None).await.expect("get");
                 if obj.is_some() {
                     break;
                 }

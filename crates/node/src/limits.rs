@@ -16,6 +16,11 @@ use crate::peer::PEER_BODY_BYTES_MAX;
 
 /// How long a write or strong read may take end to end, forwarding included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a `session` read waits for this node's copy to apply what the session has seen
+/// before it asks another region's copy.
+pub const SESSION_WAIT: Duration = Duration::from_millis(250);
+/// How often it looks meanwhile.
+pub const SESSION_POLL: Duration = Duration::from_millis(10);
 /// Most attempts to reach a leader for one request (each after proof nothing was applied).
 pub const LEADER_ATTEMPTS_MAX: u32 = 20;
 /// Longest pause between two attempts to reach a leader.

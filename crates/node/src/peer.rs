@@ -4,6 +4,7 @@
 //! version it does not know answers with an error rather than guessing. Errors cross the
 //! wire as typed variants, never as Rust `Display` strings to be parsed.
 
+use meridian_core::RegionId;
 use meridian_raft::network::{RaftReply, RaftRequest};
 use meridian_raft::{CommandResult, Condition, StoredObject};
 use serde::{Deserialize, Serialize};
@@ -100,12 +101,15 @@ pub enum PeerRequestV1 {
 }
 
 /// What a copy must meet to serve a read (`ReadCopy`, `ListCopy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyNeed {
     /// At most this stale, in milliseconds (`None`: any copy will do). A home's copy is never
     /// stale; a mirror's staleness is the time since the moment as of which it has merged
     /// everything every home committed.
     pub max_staleness_ms: Option<u64>,
+    /// Source region → sequence the copy must have applied (a `session` read: its own
+    /// region's writes by its region sequence, another's by what it has merged from it).
+    pub applied: Vec<(RegionId, u64)>,
 }
 
 /// Changes sent outside a link's sequenced range: each applies only if newer than the copy
@@ -321,6 +325,9 @@ pub enum PeerError {
     /// asking region) under its own policy.
     #[error("no copy here: {0}")]
     NoCopy(String),
+    /// A session read whose copy here has not yet applied everything the session has seen.
+    #[error("the copy here is behind the session: {0}")]
+    Behind(String),
     /// A copy read whose copy here is staler than the read allows.
     #[error("{}", stale_text(*staleness_ms, *bound_ms))]
     Stale { staleness_ms: u64, bound_ms: u64 },

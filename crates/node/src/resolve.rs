@@ -79,7 +79,7 @@ impl Node {
                     .placement(&dataset, &key, None)?
                     .map(|p| p.kind)
                     .ok_or_else(|| NodeError::WrongOperation(format!("no policy governs {dataset} any more")))?;
-                let (current, _) = gw.get(&dataset, &key, Consistency::Strong, None).await?;
+                let (current, _) = gw.get(&dataset, &key, Consistency::Strong.into(), None).await?;
                 let current = current.and_then(|o| o.value);
                 let ops = ops_towards(kind, current.as_deref(), &target)?;
                 let mut last = None;

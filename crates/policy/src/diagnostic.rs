@@ -62,7 +62,6 @@ rules! {
     StalenessRequired => "staleness_required",
     ReleaseAfterMismatch => "release_after_mismatch",
     NoDatasets => "no_datasets",
-    NotSupported => "not_supported",
 }
 
 impl fmt::Display for Rule {

@@ -341,16 +341,6 @@ fn check(
 
     // Read defaults.
     let consistency = r.consistency.as_ref().map_or(Consistency::Strong, |c| c.value);
-    if let Some(c) = r.consistency.as_ref().filter(|c| c.value == Consistency::Session) {
-        diags.push(
-            Diagnostic::at(
-                c.pos,
-                Rule::NotSupported,
-                "consistency = \"session\" needs session tokens, which this release does not have yet",
-            )
-            .hint("use strong, bounded (with max_staleness), local or eventual"),
-        );
-    }
     match (&r.consistency, &r.max_staleness) {
         (Some(c), None) if c.value == Consistency::Bounded => diags.push(
             Diagnostic::at(c.pos, Rule::StalenessRequired, "consistency = \"bounded\" needs max_staleness")

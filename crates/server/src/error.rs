@@ -29,7 +29,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
         InvalidDatasetName | InvalidKey | KeyTooLong | MalformedJson | InvalidVersion | InvalidPrecondition
-        | InvalidConsistency | InvalidQuery | InvalidCursor | InvalidOperation | InvalidContext => {
+        | InvalidConsistency | InvalidQuery | InvalidCursor | InvalidOperation | InvalidContext | InvalidSession => {
             StatusCode::BAD_REQUEST
         }
         WrongOperation => StatusCode::CONFLICT,

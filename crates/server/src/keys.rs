@@ -9,12 +9,13 @@ use axum::Json;
 use meridian_api::{
     DeleteResponse, ErrorCode, GetResponse, ListItem, ListQuery, ListResponse, OpRequest, PutResponse, ReadQuery,
     ServedBy, SkippedRegion, VersionInfo, WriteQuery, HEADER_CONTEXT, HEADER_ROUTE_REASON, HEADER_ROUTE_SKIPPED,
-    HEADER_SERVED_BY,
+    HEADER_SERVED_BY, HEADER_SESSION,
 };
 use meridian_core::crdt::CrdtOp;
 use meridian_core::limits::{KEY_BYTES_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX};
 use meridian_core::{DatasetName, Key, Version, VersionVector};
-use meridian_node::{Consistency, Precondition, Served, Skip, WriteOutcome};
+use meridian_node::session::SessionKey;
+use meridian_node::{Consistency, Precondition, ReadAt, Served, Skip, WriteOutcome};
 
 use crate::error::{dataset_error, key_error, ApiError};
 use crate::AppState;
@@ -77,16 +78,10 @@ fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Con
         Some("local") => Consistency::Local,
         Some("eventual") => Consistency::Eventual,
         Some("bounded") => Consistency::Bounded(None),
-        Some("session") => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidConsistency,
-                "consistency=session needs session tokens, which this release does not have yet",
-            )
-            .hint("use consistency=strong, bounded, local or eventual"))
-        }
+        Some("session") => Consistency::Session,
         Some(other) => {
             return Err(ApiError::new(ErrorCode::InvalidConsistency, format!("unknown consistency {other:?}"))
-                .hint("use consistency=strong, bounded, local or eventual"))
+                .hint("use consistency=strong, bounded, session, local or eventual"))
         }
     };
     match (level, max_staleness) {
@@ -105,6 +100,57 @@ fn parse_consistency(c: Option<&str>, max_staleness: Option<&str>) -> Result<Con
         (_, Some(_)) => {
             Err(ApiError::new(ErrorCode::InvalidQuery, "max_staleness applies only to consistency=bounded"))
         }
+    }
+}
+
+/// A request's session: the token it carried, checked, and what its answer adds to it. A
+/// node without a session key neither reads nor issues tokens.
+pub(crate) struct Session {
+    key: Option<SessionKey>,
+    seen: VersionVector,
+}
+
+impl Session {
+    pub(crate) fn of(state: &AppState, headers: &HeaderMap) -> Result<Session, ApiError> {
+        let key = state.node.config().session_key.clone();
+        let mut seen = VersionVector::new();
+        if let (Some(k), Some(v)) = (&key, headers.get(HEADER_SESSION)) {
+            let text = v
+                .to_str()
+                .map_err(|_| ApiError::new(ErrorCode::InvalidSession, format!("{HEADER_SESSION} is not ASCII text")))?;
+            seen = meridian_node::session::decode(k, text).map_err(|e| {
+                ApiError::new(ErrorCode::InvalidSession, e.to_string())
+                    .hint("send back a Meridian-Session header exactly as this cluster returned it, or none")
+            })?;
+        }
+        Ok(Session { key, seen })
+    }
+
+    /// What a read at `level` may go by; an explicit `session` read needs a key.
+    fn for_read(&self, level: Consistency) -> Result<Option<&VersionVector>, ApiError> {
+        match (&self.key, level) {
+            (None, Consistency::Session) => Err(ApiError::new(
+                ErrorCode::InvalidConsistency,
+                "consistency=session needs session tokens, and this node has no session key",
+            )
+            .hint("set [session] key in the cluster configuration (docs/configuration.md), or read at another level")),
+            (None, _) => Ok(None),
+            (Some(_), _) => Ok(Some(&self.seen)),
+        }
+    }
+
+    fn saw(&mut self, version: &Version) {
+        self.seen.add(&meridian_core::Dot { region: version.region.clone(), counter: version.seq });
+    }
+
+    /// Put the session, with what this answer showed, on the answer.
+    fn stamp(&self, mut resp: Response) -> Response {
+        if let Some(k) = &self.key {
+            if let Ok(v) = HeaderValue::from_str(&meridian_node::session::encode(k, &self.seen)) {
+                resp.headers_mut().insert(HEADER_SESSION, v);
+            }
+        }
+        resp
     }
 }
 
@@ -278,6 +324,7 @@ pub async fn put_key(
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
     let context = parse_context(&headers)?;
+    let mut session = Session::of(&state, &headers)?;
     let value = read_json_body(state.node.config().limits.value_bytes_max, &headers, body).await?;
     let gw = state.node.gateway();
     let home = q.home.as_deref();
@@ -287,7 +334,10 @@ pub async fn put_key(
     };
     let served = served_by(&state, served);
     match result {
-        WriteOutcome::Written { version, created } => Ok(written(&dataset, &key, &version, created, served)),
+        WriteOutcome::Written { version, created } => {
+            session.saw(&version);
+            Ok(session.stamp(written(&dataset, &key, &version, created, served)))
+        }
         other => Err(write_refusal(other)),
     }
 }
@@ -335,13 +385,24 @@ pub async fn get_key(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path((dataset, key)) = path.map_err(path_error)?;
     let (dataset, key) = parse_names(dataset, key)?;
     let Query(q) = query.map_err(query_error)?;
     let level = parse_consistency(q.consistency.as_deref(), q.max_staleness.as_deref())?;
-    let (obj, served) = state.node.gateway().get(&dataset, &key, level, q.home.as_deref()).await?;
+    let mut session = Session::of(&state, &headers)?;
+    let seen = session.for_read(level)?;
+    let (obj, served) = state
+        .node
+        .gateway()
+        .get(&dataset, &key, ReadAt { consistency: level, session: seen }, q.home.as_deref())
+        .await?;
     let served = served_by(&state, served);
+    // A tombstone read is seen too: a later session read must not bring the value back.
+    if let Some(o) = &obj {
+        session.seen.merge(&o.context);
+    }
     let (obj, value) = match obj {
         Some(o) => match o.value.clone() {
             Some(v) => (o, v),
@@ -373,7 +434,7 @@ pub async fn get_key(
     if let Ok(v) = HeaderValue::from_str(&context) {
         resp.headers_mut().insert(HEADER_CONTEXT, v);
     }
-    Ok(resp)
+    Ok(session.stamp(resp))
 }
 
 #[utoipa::path(
@@ -394,6 +455,7 @@ pub async fn delete_key(
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
     let context = parse_context(&headers)?;
+    let mut session = Session::of(&state, &headers)?;
     let gw = state.node.gateway();
     let home = q.home.as_deref();
     let (result, served) = match context {
@@ -410,7 +472,8 @@ pub async fn delete_key(
                 version: info.clone(),
                 served_by: served.clone(),
             };
-            Ok(with_headers(Json(body).into_response(), &served, Some(&info.etag)))
+            session.saw(&version);
+            Ok(session.stamp(with_headers(Json(body).into_response(), &served, Some(&info.etag))))
         }
         other => Err(write_refusal(other)),
     }
@@ -437,6 +500,7 @@ pub async fn op_key(
     let (dataset, key) = parse_names(dataset, key)?;
     let condition = parse_condition(&headers)?;
     let Query(q) = query.map_err(query_error)?;
+    let mut session = Session::of(&state, &headers)?;
     let max = state.node.config().limits.value_bytes_max;
     let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
         ApiError::new(ErrorCode::ValueTooLarge, format!("the operation's body is larger than {max} bytes"))
@@ -450,7 +514,8 @@ pub async fn op_key(
         WriteOutcome::Deleted { version } => (version, false),
         other => return Err(write_refusal(other)),
     };
-    Ok(written(&dataset, &key, &version, created, served))
+    session.saw(&version);
+    Ok(session.stamp(written(&dataset, &key, &version, created, served)))
 }
 
 fn hex_encode(s: &str) -> String {
@@ -476,6 +541,7 @@ pub async fn list_keys(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<ListQuery>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path(dataset) = path.map_err(path_error)?;
     let dataset = DatasetName::new(dataset).map_err(dataset_error)?;
@@ -511,15 +577,30 @@ pub async fn list_keys(
                 .hint("pass next_cursor back unchanged")
         })?),
     };
-    let (page, served) =
-        state.node.gateway().list(&dataset, &prefix, after.as_deref(), limit, level, q.home.as_deref()).await?;
+    let mut session = Session::of(&state, &headers)?;
+    let seen = session.for_read(level)?;
+    let (page, served) = state
+        .node
+        .gateway()
+        .list(
+            &dataset,
+            &prefix,
+            after.as_deref(),
+            limit,
+            ReadAt { consistency: level, session: seen },
+            q.home.as_deref(),
+        )
+        .await?;
     let served = served_by(&state, served);
     let items = page.items;
+    for (_, version) in &items {
+        session.saw(version);
+    }
     let next_cursor = if items.len() == limit { items.last().map(|(k, _)| hex_encode(k)) } else { None };
     let items =
         items.into_iter().map(|(key, version)| ListItem { key, version: VersionInfo::from(&version) }).collect();
     let body = ListResponse { dataset: dataset.to_string(), items, next_cursor, served_by: served.clone() };
-    Ok(with_headers(Json(body).into_response(), &served, None))
+    Ok(session.stamp(with_headers(Json(body).into_response(), &served, None)))
 }
 
 #[cfg(test)]

@@ -128,7 +128,8 @@ impl Cluster {
     /// appended to the configuration file. Waits for every region's leader.
     pub fn start_regions(names: &[&str], extra: &str) -> Cluster {
         let dir = tempfile::Builder::new().prefix("meridian-it-").tempdir().unwrap();
-        let mut text = String::new();
+        // Every node of the cluster signs session tokens with the same key.
+        let mut text = format!("[session]\nkey = \"{}\"\n\n", "6d".repeat(32));
         for name in names {
             text.push_str(&format!("[[regions]]\nname = \"{name}\"\n\n"));
         }
