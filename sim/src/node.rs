@@ -157,6 +157,8 @@ fn refusal(e: NodeError) -> ClientReply {
         NodeError::NoLeader
         | NodeError::Unavailable { .. }
         | NodeError::NoRegion { .. }
+        | NodeError::NotPromoted(_)
+        | NodeError::PromotionRefused(_)
         | NodeError::ClockSkew(_)
         | NodeError::DatasetNotInPolicy(_)
         | NodeError::HomeUnknown(_)

@@ -302,6 +302,9 @@ fn kind_of(req: &PeerRequestV1) -> &'static str {
         PeerRequestV1::Write(_) | PeerRequestV1::WriteAtomic(_) => "forwarded write",
         PeerRequestV1::Read { .. } | PeerRequestV1::List { .. } => "forwarded read",
         PeerRequestV1::ReadCopy { .. } | PeerRequestV1::ListCopy { .. } => "copy read",
+        PeerRequestV1::Failover { .. } | PeerRequestV1::Promote { .. } | PeerRequestV1::EndPromotion { .. } => {
+            "failover"
+        }
         PeerRequestV1::ShipBatch(_) => "link batch",
         PeerRequestV1::Repair(_) => "repair",
         PeerRequestV1::Digest { .. } | PeerRequestV1::DigestEntries { .. } | PeerRequestV1::FetchObjects { .. } => {

@@ -46,6 +46,7 @@ codes! {
     NoLeader => "no_leader": "The region has no elected leader at the moment (an election is under way or a quorum is lost). Retry after the Retry-After delay.",
     Unavailable => "unavailable": "The node that must serve this request cannot be reached. Retry after the Retry-After delay.",
     RegionUnavailable => "region_unavailable": "No region that may serve this request could: each was down, unreachable, without a leader or (for a bounded read) too stale. `regions_tried` names each with its cause; nothing was applied. Retry after the Retry-After delay.",
+    PromotionRefused => "promotion_refused": "The region cannot be promoted for this dataset now: a home still answers, the region's lag is over the dataset's rpo, or it is not one of the dataset's failover targets (the message says which). Nothing changed; force promotes despite the first two.",
     OutcomeUnknown => "outcome_unknown": "The write was sent to the leader but no answer came back in time; it may or may not have been applied. Read the key before retrying a non-idempotent write.",
     ClockSkew => "clock_skew": "The node's hybrid clock would run too far ahead of its wall clock; the node's clock needs attention.",
     PolicyInvalid => "policy_invalid": "The policy document breaks one or more rules; `problems` lists each with its line, column, rule and hint. Nothing was changed.",

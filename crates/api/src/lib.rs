@@ -6,11 +6,13 @@
 
 pub mod chaos;
 pub mod error;
+pub mod failover;
 pub mod policy;
 pub mod types;
 
 pub use chaos::*;
 pub use error::{ErrorBody, ErrorCode};
+pub use failover::*;
 pub use policy::*;
 pub use types::*;
 

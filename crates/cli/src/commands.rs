@@ -370,3 +370,89 @@ pub async fn replication_verify(opts: &ClientOpts, dataset: Option<&str>) -> any
     }
     Ok(())
 }
+
+fn ms_ago(at_ms: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    format!("{:.1} s ago", now.saturating_sub(at_ms) as f64 / 1000.0)
+}
+
+fn promotion_line(p: &meridian_api::PromotionInfo) -> String {
+    let state = match p.ended_ms {
+        None => "active".to_owned(),
+        Some(end) => format!("ended {}", ms_ago(end)),
+    };
+    let lag = p.lag_ms.map_or("unknown".to_owned(), |l| format!("{l} ms"));
+    format!(
+        "{} in {} for {}: epoch {}, {state}, since {}, lag {lag}{}{} ({})",
+        p.dataset,
+        p.region,
+        p.homes.join(", "),
+        p.epoch,
+        ms_ago(p.since_ms),
+        if p.manual { ", by an operator" } else { "" },
+        if p.forced { ", forced" } else { "" },
+        p.reason
+    )
+}
+
+pub async fn failover_status(opts: &ClientOpts, events: usize) -> anyhow::Result<()> {
+    let s = client(opts).failover_status(Some(events)).await.map_err(fail)?;
+    if opts.json {
+        print_json(&s);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(vec!["region", "dataset", "epoch", "state", "lag ms", "since", "by"]);
+    for r in &s.regions {
+        for p in &r.promotions {
+            t.add_row(vec![
+                r.region.clone(),
+                p.dataset.clone(),
+                p.epoch.to_string(),
+                p.ended_ms.map_or("active".to_owned(), |e| format!("ended {}", ms_ago(e))),
+                p.lag_ms.map_or("?".to_owned(), |l| l.to_string()),
+                ms_ago(p.since_ms),
+                if p.manual { "operator" } else { "automatic" }.to_owned(),
+            ]);
+        }
+    }
+    if s.regions.iter().all(|r| r.promotions.is_empty()) {
+        println!("no region has been promoted");
+    } else {
+        println!("{t}");
+    }
+    for r in &s.regions {
+        if let Some(e) = &r.error {
+            println!("{}: could not be read: {e}", r.region);
+        }
+        for e in &r.events {
+            println!("{} {}: {} {} epoch {}: {}", r.region, ms_ago(e.at_ms), e.kind, e.dataset, e.epoch, e.detail);
+        }
+    }
+    Ok(())
+}
+
+pub async fn failover_promote(opts: &ClientOpts, dataset: &str, region: &str, force: bool) -> anyhow::Result<()> {
+    let req = meridian_api::PromoteRequest { dataset: dataset.to_owned(), region: region.to_owned(), force };
+    let r = client(opts).failover_promote(&req).await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+    } else if let Some(p) = &r.promotion {
+        println!("promoted {}", promotion_line(p));
+    }
+    Ok(())
+}
+
+pub async fn failover_end(opts: &ClientOpts, dataset: &str, region: &str) -> anyhow::Result<()> {
+    let req = meridian_api::EndPromotionRequest { dataset: dataset.to_owned(), region: region.to_owned() };
+    let r = client(opts).failover_end(&req).await.map_err(fail)?;
+    if opts.json {
+        print_json(&r);
+    } else {
+        match &r.promotion {
+            Some(p) => println!("ended {}", promotion_line(p)),
+            None => println!("{region} holds no active promotion for {dataset}"),
+        }
+    }
+    Ok(())
+}

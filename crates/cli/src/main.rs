@@ -191,6 +191,13 @@ enum Command {
         #[command(subcommand)]
         command: ChaosCommand,
     },
+    /// Region failover: which regions stand in for unreachable homes, and their history.
+    /// A dataset with `failover.order` fails over by itself once every home has been down
+    /// for `[failover] promote_after_ms`; these commands show it and let an operator act.
+    Failover {
+        #[command(subcommand)]
+        command: FailoverCommand,
+    },
     /// Benchmark against etcd (needs Debian's etcd-server): in-region writes against a
     /// three-member cluster, or with `lag`, cross-region lag against `etcdctl make-mirror`;
     /// with `bytes`, cross-region bytes under a selective policy against an allow-all one.
@@ -211,6 +218,38 @@ enum ReplicationCommand {
         /// Compare only this dataset.
         #[arg(long)]
         dataset: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailoverCommand {
+    /// Every region's promotions (active and ended) and the newest entries of its history.
+    Status {
+        /// History entries per region (at most 1000).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        events: u64,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Promote REGION (one of DATASET's failover.order) to take DATASET's writes. Without
+    /// --force, every home must be marked down and REGION's lag within the dataset's rpo.
+    /// An operator's promotion stays until `meridian failover end`.
+    Promote {
+        dataset: String,
+        region: String,
+        /// Promote even if a home still answers or the lag is over the rpo: writes the home
+        /// took that REGION lacks will meet REGION's as conflicts when the home returns.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// End REGION's promotion for DATASET: it stops taking the dataset's writes.
+    End {
+        dataset: String,
+        region: String,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -466,6 +505,15 @@ fn main() -> std::process::ExitCode {
                         loss_percent,
                     };
                     commands::chaos(&client, commands::ChaosOp::Delay(fault)).await
+                }
+            },
+            Command::Failover { command } => match command {
+                FailoverCommand::Status { events, client } => commands::failover_status(&client, events as usize).await,
+                FailoverCommand::Promote { dataset, region, force, client } => {
+                    commands::failover_promote(&client, &dataset, &region, force).await
+                }
+                FailoverCommand::End { dataset, region, client } => {
+                    commands::failover_end(&client, &dataset, &region).await
                 }
             },
             Command::Bench(b) => bench(b).await,

@@ -382,6 +382,29 @@ impl Client {
     }
 
     /// `GET /v1/admin/chaos`: the fault-injection table of the node asked.
+    /// Every region's failover promotions and the newest `events` entries of its history.
+    pub async fn failover_status(&self, events: Option<usize>) -> Result<meridian_api::FailoverStatus, ClientError> {
+        let path = match events {
+            Some(n) => format!("/v1/failover?events={n}"),
+            None => "/v1/failover".to_owned(),
+        };
+        self.send(self.http.get(self.url(&path))).await
+    }
+
+    pub async fn failover_promote(
+        &self,
+        req: &meridian_api::PromoteRequest,
+    ) -> Result<meridian_api::PromotionResponse, ClientError> {
+        self.send(self.http.post(self.url("/v1/failover/promote")).json(req)).await
+    }
+
+    pub async fn failover_end(
+        &self,
+        req: &meridian_api::EndPromotionRequest,
+    ) -> Result<meridian_api::PromotionResponse, ClientError> {
+        self.send(self.http.post(self.url("/v1/failover/end")).json(req)).await
+    }
+
     pub async fn chaos_status(&self) -> Result<meridian_api::ChaosStatus, ClientError> {
         self.send(self.http.get(self.url("/v1/admin/chaos"))).await
     }

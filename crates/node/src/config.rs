@@ -29,6 +29,8 @@ struct ConfigFile {
     health: HealthSettings,
     #[serde(default, skip_serializing_if = "SessionSettings::is_empty")]
     session: SessionSettings,
+    #[serde(default)]
+    failover: crate::failover::FailoverSettings,
 }
 
 /// `[session]`: the key session tokens are signed with, shared by every node of the cluster.
@@ -206,6 +208,7 @@ pub struct ClusterConfig {
     pub health: HealthSettings,
     /// The key session tokens are signed with (`[session] key`); `None`: no tokens.
     pub session_key: Option<crate::session::SessionKey>,
+    pub failover: crate::failover::FailoverSettings,
 }
 
 /// Report `name` unless `value` lies in `range`.
@@ -242,6 +245,7 @@ impl ClusterConfig {
             replication: ReplicationSettings::default(),
             health: HealthSettings::default(),
             session_key: None,
+            failover: crate::failover::FailoverSettings::default(),
         }
     }
 
@@ -302,6 +306,12 @@ impl ClusterConfig {
         in_range(&mut problems, "health.probe_timeout_ms", h.probe_timeout_ms, PROBE_TIMEOUT_MS_RANGE);
         in_range(&mut problems, "health.down_after_failures", h.down_after_failures, PROBE_STREAK_RANGE);
         in_range(&mut problems, "health.up_after_successes", h.up_after_successes, PROBE_STREAK_RANGE);
+        in_range(
+            &mut problems,
+            "failover.promote_after_ms",
+            file.failover.promote_after_ms,
+            crate::failover::PROMOTE_AFTER_MS_RANGE,
+        );
         let session_key = match file.session.key.as_deref().map(crate::session::SessionKey::from_hex) {
             None => None,
             Some(Ok(k)) => Some(k),
@@ -319,6 +329,7 @@ impl ClusterConfig {
                 replication: file.replication,
                 health: file.health,
                 session_key,
+                failover: file.failover,
             }),
             _ => Err(ConfigError::Invalid { path: origin.to_owned(), problems }),
         }
@@ -340,6 +351,7 @@ impl ClusterConfig {
             replication: self.replication.clone(),
             health: self.health.clone(),
             session: SessionSettings { key: self.session_key.as_ref().map(|k| k.to_hex()) },
+            failover: self.failover.clone(),
         };
         toml::to_string(&file).expect("configuration serializes")
     }

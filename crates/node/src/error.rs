@@ -38,6 +38,14 @@ pub enum NodeError {
     /// The region asked is not a home for the key under its own active policy.
     #[error("{0}")]
     PolicyRefused(String),
+    /// The region asked is a failover target of the key's dataset but holds no active
+    /// promotion for it: nothing was applied.
+    #[error("{0}")]
+    NotPromoted(String),
+    /// A promotion the checks do not allow (a home answers, the lag is over the rpo, not a
+    /// target): nothing changed.
+    #[error("{0}")]
+    PromotionRefused(String),
     /// A user-homed key already lives in another region than the home asked for.
     #[error("{0}")]
     HomeImmutable(String),
@@ -91,6 +99,8 @@ pub enum SkipCause {
     NoCopy,
     /// Tried: its copy had not yet applied everything the session token names.
     Behind,
+    /// Tried: a failover target holding no active promotion for the dataset.
+    NotPromoted,
 }
 
 impl SkipCause {
@@ -102,6 +112,7 @@ impl SkipCause {
             SkipCause::Stale => "stale",
             SkipCause::NoCopy => "no-copy",
             SkipCause::Behind => "behind",
+            SkipCause::NotPromoted => "not-promoted",
         }
     }
 }
@@ -164,6 +175,8 @@ pub(crate) fn to_peer_error(e: NodeError) -> PeerError {
         NodeError::Unavailable { reason, .. } => PeerError::Unavailable(reason),
         e @ NodeError::NoRegion { .. } => PeerError::Unavailable(e.to_string()),
         NodeError::OutcomeUnknown(m) => PeerError::OutcomeUnknown(m),
+        NodeError::NotPromoted(m) => PeerError::NotPromoted(m),
+        NodeError::PromotionRefused(m) => PeerError::PromotionRefused(m),
         NodeError::PolicyRefused(m)
         | NodeError::DatasetNotInPolicy(m)
         | NodeError::HomeUnknown(m)
@@ -187,6 +200,8 @@ pub(crate) fn peer_error(node: NodeId, e: PeerError) -> NodeError {
         PeerError::PolicyRefused(m) => NodeError::PolicyRefused(m),
         PeerError::WrongOperation(m) => NodeError::WrongOperation(m),
         PeerError::TooLarge(m) => NodeError::TooLarge(m),
+        PeerError::NotPromoted(m) => NodeError::NotPromoted(m),
+        PeerError::PromotionRefused(m) => NodeError::PromotionRefused(m),
         PeerError::Internal(m) | PeerError::Protocol(m) => NodeError::Internal(format!("node {node}: {m}")),
         // Copy reads: the gateway tries the next region; alone, each is a region unable to serve.
         e @ (PeerError::NoCopy(_) | PeerError::Stale { .. } | PeerError::Behind(_)) => {

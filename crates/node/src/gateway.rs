@@ -76,6 +76,7 @@ impl From<NodeError> for Tried {
         match e {
             NodeError::Unavailable { reason, .. } => Tried::Skip(SkipCause::Unreachable, reason),
             NodeError::NoLeader => Tried::Skip(SkipCause::NoLeader, "no leader".into()),
+            NodeError::NotPromoted(m) => Tried::Skip(SkipCause::NotPromoted, m),
             e => Tried::Fail(e),
         }
     }
@@ -98,6 +99,8 @@ pub enum RouteReason {
     /// A `session` read served by the nearest other region whose copy has applied what the
     /// session has seen (this region's had not, within a brief wait, or it holds none).
     SessionCopy,
+    /// A write taken by a failover target promoted while the key's homes are unreachable.
+    Promoted,
 }
 
 impl RouteReason {
@@ -110,6 +113,7 @@ impl RouteReason {
             RouteReason::NearestCopy => "nearest-copy",
             RouteReason::FreshCopy => "fresh-copy",
             RouteReason::SessionCopy => "session-copy",
+            RouteReason::Promoted => "promoted",
         }
     }
 }
@@ -346,8 +350,8 @@ impl Gateway {
     ) -> Result<(WriteOutcome, Served), NodeError> {
         let home = self.parse_home(home)?;
         let placed = self.place(dataset, key, home.as_ref())?;
-        let homes = self.home_order(&placed)?;
-        self.write_one(homes, dataset, key, None, WriteEffect::Replace, precondition).await
+        let order = self.write_order(&placed)?;
+        self.write_one(order, dataset, key, None, WriteEffect::Replace, precondition).await
     }
 
     /// One client write (a value, or a tombstone with `None`; or an operation) in the first
@@ -355,7 +359,7 @@ impl Gateway {
     /// applied it, so the next is tried.
     async fn write_one(
         &self,
-        homes: Ranked,
+        (homes, targets): (Ranked, Vec<RegionId>),
         dataset: &DatasetName,
         key: &Key,
         value: Option<Vec<u8>>,
@@ -370,9 +374,16 @@ impl Gateway {
             effect,
         };
         let what = format!("no home of {dataset}/{key} could take the write");
+        let targets = &targets;
         let attempt = |region: RegionId, by: Instant| {
             let op = WriteOp::One(req.clone());
-            async move { self.write_in_until(&region, by, op).await.map_err(Tried::from) }
+            async move {
+                let (result, mut served) = self.write_in_until(&region, by, op).await.map_err(Tried::from)?;
+                if targets.contains(&region) {
+                    served.reason = RouteReason::Promoted;
+                }
+                Ok((result, served))
+            }
         };
         let (result, served) = self.first_to_serve(what, homes, attempt).await?;
         Ok((WriteOutcome::of(result)?, served))
@@ -542,6 +553,23 @@ impl Gateway {
                 Err(e.clone())
             }
         }
+    }
+
+    /// The regions a write of the key placed so is tried at, in order, and which of them are
+    /// failover targets rather than homes: the homes not marked down (as [`Gateway::home_order`]
+    /// ranks them), then the dataset's failover targets in the policy's order (each takes the
+    /// write only while it holds an active promotion), then the homes marked down.
+    fn write_order(&self, placed: &Placed) -> Result<(Ranked, Vec<RegionId>), NodeError> {
+        let homes = self.home_order(placed)?;
+        let p = match placed {
+            Ok(Some(p)) if !p.failover.is_empty() => p,
+            _ => return Ok((homes, Vec::new())),
+        };
+        let targets: Vec<RegionId> = p.failover.iter().filter(|t| !p.homes.contains(t)).cloned().collect();
+        let (down, mut order): (Ranked, Ranked) = homes.into_iter().partition(|(_, s)| *s == Reachability::Down);
+        order.extend(targets.iter().map(|t| (t.clone(), self.deps.health.reachability(t))));
+        order.extend(down);
+        Ok((order, targets))
     }
 
     /// The other regions holding a copy of the key placed so (homes, then mirrors), in the
@@ -804,7 +832,12 @@ impl Gateway {
     /// region and, if the key is new there, every other region; two first writes racing from
     /// different regions with different homes can still both land (a home directory is the
     /// fix).
-    async fn route_put(&self, dataset: &DatasetName, key: &Key, home: Option<&str>) -> Result<Ranked, NodeError> {
+    async fn route_put(
+        &self,
+        dataset: &DatasetName,
+        key: &Key,
+        home: Option<&str>,
+    ) -> Result<(Ranked, Vec<RegionId>), NodeError> {
         let home = self.parse_home(home)?;
         // One deadline for the whole check, not one per region asked.
         match tokio::time::timeout(REQUEST_TIMEOUT, self.route_put_checked(dataset, key, home.as_ref())).await {
@@ -821,21 +854,21 @@ impl Gateway {
         dataset: &DatasetName,
         key: &Key,
         home: Option<&RegionId>,
-    ) -> Result<Ranked, NodeError> {
+    ) -> Result<(Ranked, Vec<RegionId>), NodeError> {
         let placed = self.place(dataset, key, home)?;
-        let homes = self.home_order(&placed)?;
+        let order = self.write_order(&placed)?;
         if home.is_none() {
-            return Ok(homes);
+            return Ok(order);
         }
-        let Some(p) = placed.as_ref().map_err(Clone::clone)? else { return Ok(homes) };
+        let Some(p) = placed.as_ref().map_err(Clone::clone)? else { return Ok(order) };
         let from_attribute = p.regions.iter().any(|d| d.reason == meridian_policy::Reason::HomeFromAttribute);
         if !from_attribute {
-            return Ok(homes);
+            return Ok(order);
         }
-        let region = homes[0].0.clone();
+        let region = self.home_order(&placed)?[0].0.clone();
         let (ds, k) = (dataset.as_str(), key.as_str());
         if self.read_in(&region, ds, k).await?.0.is_some_and(|o| o.is_live()) {
-            return Ok(homes);
+            return Ok(order);
         }
         let others: Vec<RegionId> =
             self.deps.region.topology().regions().iter().map(|r| r.name.clone()).filter(|r| *r != region).collect();
@@ -857,7 +890,7 @@ impl Gateway {
                 }
             }
         }
-        Ok(homes)
+        Ok(order)
     }
 
     // ---- writes in a region --------------------------------------------------------------
@@ -949,13 +982,15 @@ impl Gateway {
         // an older one can never make this region store what its policy forbids here.
         // Reserved namespaces (`_policy`, `_audit`) are the cluster's own records: no dataset
         // policy governs them.
-        let (guard, rules) = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
+        let (guard, rules, promotions) = if reqs.iter().any(|r| !r.dataset.starts_with('_')) {
             self.deps.policy.catch_up_for_writes(&self.deps.region).await?;
-            let (condition, rules) = self.deps.policy.guard(self, reqs).await.map_err(LocalError::Other)?;
-            (Some(condition), rules)
+            let (condition, rules, promotions) = self.deps.policy.guard(self, reqs).await.map_err(LocalError::Other)?;
+            (Some(condition), rules, promotions)
         } else {
-            (None, vec![None; reqs.len()])
+            (None, vec![None; reqs.len()], Vec::new())
         };
+        // The checks ahead of the writes: the policy copy, then each promotion stood on.
+        let checks = usize::from(guard.is_some()) + promotions.len();
         let hlc = {
             let mut hlc = self.hlc.lock().expect("hlc lock");
             match hlc.now(self.deps.clock.now_ms()) {
@@ -997,6 +1032,9 @@ impl Gateway {
                 condition: condition.clone(),
             });
         }
+        for (key, condition) in promotions {
+            cmds.push(CommandV1::Check { dataset: crate::failover::NAMESPACE.into(), key, condition });
+        }
         let cmd = match (op, guard.is_some()) {
             (WriteOp::One(_), false) => writes.into_iter().next().expect("one write"),
             (WriteOp::One(_), true) | (WriteOp::Atomic(_), _) => {
@@ -1010,23 +1048,27 @@ impl Gateway {
         if guard.is_none() {
             return Ok(result);
         }
-        // Unwrap the guard: its own failure means the policy moved under the write.
+        // Unwrap the guard: a check's own failure means the policy or a promotion moved under
+        // the write.
         let policy_moved = || {
             LocalError::Other(NodeError::PolicyRefused(
-                "the policy changed while the write was in flight; nothing was written, retry".into(),
+                "the policy or a failover promotion changed while the write was in flight; nothing was written, retry"
+                    .into(),
             ))
         };
         match (op, result) {
-            (_, CommandResult::AtomicFailed { index: 0, .. }) => Err(policy_moved()),
+            (_, CommandResult::AtomicFailed { index, .. }) if (index as usize) < checks => Err(policy_moved()),
             (WriteOp::One(_), CommandResult::AtomicFailed { current, .. }) => {
                 Ok(CommandResult::PreconditionFailed { current })
             }
-            (WriteOp::One(_), CommandResult::Batch(mut results)) if results.len() == 2 => Ok(results.remove(1)),
-            (WriteOp::Atomic(_), CommandResult::AtomicFailed { index, current }) => {
-                Ok(CommandResult::AtomicFailed { index: index - 1, current })
+            (WriteOp::One(_), CommandResult::Batch(mut results)) if results.len() == checks + 1 => {
+                Ok(results.remove(checks))
             }
-            (WriteOp::Atomic(_), CommandResult::Batch(mut results)) if !results.is_empty() => {
-                results.remove(0);
+            (WriteOp::Atomic(_), CommandResult::AtomicFailed { index, current }) => {
+                Ok(CommandResult::AtomicFailed { index: index - checks as u32, current })
+            }
+            (WriteOp::Atomic(_), CommandResult::Batch(mut results)) if results.len() >= checks => {
+                results.drain(..checks);
                 Ok(CommandResult::Batch(results))
             }
             (_, other) => {

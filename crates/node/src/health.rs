@@ -174,6 +174,14 @@ impl Health {
         nearest(candidates, &self.here, &regions).cloned()
     }
 
+    /// `region`'s reachability as this node sees it (its own region is always up).
+    pub fn reachability(&self, region: &RegionId) -> Reachability {
+        if *region == self.here {
+            return Reachability::Up;
+        }
+        self.regions.lock().expect("health lock").get(region).map_or(Reachability::Unknown, |h| h.reachability)
+    }
+
     /// `candidates` in the order a request should try them: see [`ranked`].
     pub fn ranked(&self, candidates: &[RegionId]) -> Vec<(RegionId, Reachability)> {
         let regions = self.regions.lock().expect("health lock");

@@ -22,6 +22,7 @@ pub mod chaos;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod gateway;
 pub mod health;
 pub mod limits;
@@ -147,6 +148,7 @@ pub struct Node {
     links: Arc<Links>,
     repair: Arc<Repair>,
     health: Arc<health::Health>,
+    failover: Arc<failover::Failover>,
     transport: PeerTransport,
     metrics: Arc<Metrics>,
     supervisor: Arc<Supervisor>,
@@ -241,6 +243,7 @@ impl Node {
         let link_rate = config.replication.link_rate_bytes_per_sec;
         let links = Arc::new(Links::new(deps.clone(), supervisor.clone(), commits, link_rate));
         let interval = Duration::from_millis(config.replication.anti_entropy_interval_ms);
+        let failover = Arc::new(failover::Failover::new(deps.clone(), gateway.clone(), config.failover.clone()));
         let repair = Arc::new(Repair::new(
             deps,
             links.clone(),
@@ -259,6 +262,8 @@ impl Node {
         links.start();
         supervisor.spawn_worker("anti-entropy", repair.clone().run());
         supervisor.spawn_worker("region-health", health.clone().run());
+        let round = Duration::from_millis(config.health.probe_interval_ms);
+        supervisor.spawn_worker("failover", failover.clone().run(round));
         Ok(Arc::new(Node {
             spec,
             config,
@@ -269,6 +274,7 @@ impl Node {
             links,
             repair,
             health,
+            failover,
             transport,
             metrics,
             supervisor,
@@ -424,6 +430,95 @@ impl Node {
         self.repair.verify(dataset).await
     }
 
+    // ---- failover ------------------------------------------------------------------------
+
+    /// Every region's promotions and newest `events` history entries (this region's from this
+    /// node; each other's from any node there that answers).
+    pub async fn failover_status(
+        &self,
+        events: usize,
+    ) -> Vec<(RegionId, Result<(Vec<failover::Promotion>, Vec<failover::FailoverEvent>), NodeError>)> {
+        let events = events.min(failover::EVENTS_MAX);
+        let regions: Vec<RegionId> = self.topology().regions().iter().map(|r| r.name.clone()).collect();
+        let asks = regions.iter().map(|r| async move {
+            if *r == self.spec.region {
+                return self.local_failover(events).map_err(|e| error::peer_error(self.spec.id, e));
+            }
+            let unpack = |reply| match reply {
+                PeerResponseV1::Failover(r) => Some(r),
+                _ => None,
+            };
+            let deadline = tokio::time::Instant::now() + limits::STATUS_TIMEOUT;
+            let request = || PeerRequestV1::Failover { events: events as u32 };
+            match self.transport.call_any(r, deadline, request, unpack).await {
+                Ok((v, _)) => Ok(v),
+                Err((node, transport::AnyFailure::Refused(e))) => Err(error::peer_error(node, e)),
+                Err((node, transport::AnyFailure::Unreachable(reason))) => Err(NodeError::Unavailable { node, reason }),
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        regions.into_iter().zip(answers).collect()
+    }
+
+    fn local_failover(
+        &self,
+        events: usize,
+    ) -> Result<(Vec<failover::Promotion>, Vec<failover::FailoverEvent>), peer::PeerError> {
+        let promotions = self.failover.promotions().map_err(error::to_peer_error)?;
+        let mut history = self.failover.events().map_err(error::to_peer_error)?;
+        let skip = history.len().saturating_sub(events.min(failover::EVENTS_MAX));
+        history.drain(..skip);
+        Ok((promotions, history))
+    }
+
+    /// Promote `region` for `dataset`, as an operator asked: at that region's leader.
+    pub async fn promote(
+        &self,
+        dataset: &str,
+        region: &RegionId,
+        force: bool,
+    ) -> Result<failover::Promotion, NodeError> {
+        let request = || PeerRequestV1::Promote { dataset: dataset.to_owned(), force };
+        let unpack = |reply| match reply {
+            PeerResponseV1::Promotion(r) => Some(r),
+            _ => None,
+        };
+        let (p, _) = self.transport.call_region(region, request, unpack, false).await?;
+        p.ok_or_else(|| NodeError::Internal("a promotion answered with none".into()))
+    }
+
+    /// End `region`'s promotion for `dataset`, as an operator asked (`None`: there was none).
+    pub async fn end_promotion(
+        &self,
+        dataset: &str,
+        region: &RegionId,
+    ) -> Result<Option<failover::Promotion>, NodeError> {
+        let request = || PeerRequestV1::EndPromotion { dataset: dataset.to_owned() };
+        let unpack = |reply| match reply {
+            PeerResponseV1::Promotion(r) => Some(r),
+            _ => None,
+        };
+        Ok(self.transport.call_region(region, request, unpack, false).await?.0)
+    }
+
+    async fn promote_here(&self, dataset: &str, force: bool) -> Result<failover::Promotion, peer::PeerError> {
+        self.region.lead_or_refuse().map_err(error::LocalError::into_peer_error)?;
+        let ds = DatasetName::new(dataset).map_err(|e| peer::PeerError::PromotionRefused(e.to_string()))?;
+        match self.failover.promote(&ds, force, true).await {
+            Ok(p) => Ok(p),
+            Err(failover::PromoteError::Refused(r)) => Err(peer::PeerError::PromotionRefused(format!(
+                "{} cannot be promoted for {dataset}: {r}",
+                self.spec.region
+            ))),
+            Err(failover::PromoteError::Node(e)) => Err(error::to_peer_error(e)),
+        }
+    }
+
+    async fn end_here(&self, dataset: &str) -> Result<Option<failover::Promotion>, peer::PeerError> {
+        self.region.lead_or_refuse().map_err(error::LocalError::into_peer_error)?;
+        self.failover.end(dataset, "an operator ended it").await.map_err(error::to_peer_error)
+    }
+
     // ---- peer endpoint ---------------------------------------------------------------------
 
     /// Answer a request from another node: each goes to the component that owns it.
@@ -446,6 +541,11 @@ impl Node {
                 self.gateway.serve_list_copy(&dataset, &prefix, after.as_deref(), limit, home.as_deref(), &to, need),
             ),
             PeerRequestV1::Status => PeerResponseV1::Status(self.region.report()),
+            PeerRequestV1::Failover { events } => PeerResponseV1::Failover(self.local_failover(events as usize)),
+            PeerRequestV1::Promote { dataset, force } => {
+                PeerResponseV1::Promotion(self.promote_here(&dataset, force).await.map(Some))
+            }
+            PeerRequestV1::EndPromotion { dataset } => PeerResponseV1::Promotion(self.end_here(&dataset).await),
             PeerRequestV1::DatasetSizes => {
                 PeerResponseV1::DatasetSizes(self.gateway.local_dataset_sizes().map_err(error::to_peer_error))
             }

@@ -91,6 +91,21 @@ pub enum PeerRequestV1 {
         to: String,
         need: CopyNeed,
     },
+    /// This region's failover records: its promotions and the newest `events` entries of its
+    /// history (any node of the region may answer).
+    Failover {
+        events: u32,
+    },
+    /// Promote the answering region for `dataset` (to its leader), as an operator asked.
+    Promote {
+        dataset: String,
+        force: bool,
+    },
+    /// End the answering region's promotion for `dataset` (to its leader), as an operator
+    /// asked.
+    EndPromotion {
+        dataset: String,
+    },
     /// Tombstones their origin region `source` found held alike everywhere: the answering
     /// region's leader removes each that is still exactly the given object.
     CollectTombstones {
@@ -183,6 +198,8 @@ pub enum PeerResponseV1 {
     DigestEntries(Result<Vec<(String, meridian_core::VersionVector)>, PeerError>),
     Objects(Result<Vec<(String, StoredObject)>, PeerError>),
     Collected(Result<CommandResult, PeerError>),
+    Failover(Result<(Vec<crate::failover::Promotion>, Vec<crate::failover::FailoverEvent>), PeerError>),
+    Promotion(Result<Option<crate::failover::Promotion>, PeerError>),
 }
 
 /// One region's replication state as one of its nodes has applied it.
@@ -325,6 +342,12 @@ pub enum PeerError {
     /// asking region) under its own policy.
     #[error("no copy here: {0}")]
     NoCopy(String),
+    /// A failover target holding no active promotion for the write's dataset: nothing applied.
+    #[error("not promoted: {0}")]
+    NotPromoted(String),
+    /// A promotion the checks do not allow: nothing changed.
+    #[error("promotion refused: {0}")]
+    PromotionRefused(String),
     /// A session read whose copy here has not yet applied everything the session has seen.
     #[error("the copy here is behind the session: {0}")]
     Behind(String),

@@ -739,7 +739,7 @@ impl PolicyStore {
         &self,
         gw: &Gateway,
         reqs: &[WriteRequest],
-    ) -> Result<(Condition, Vec<Option<WriteRules>>), NodeError> {
+    ) -> Result<(Condition, Vec<Option<WriteRules>>, Vec<(String, Condition)>), NodeError> {
         let here = self.here.clone();
         let refuse = |message: String| {
             self.metrics
@@ -757,9 +757,11 @@ impl PolicyStore {
                     "region {here} holds no copy of the cluster's policy yet; it is catching up from the authority"
                 )));
             }
-            return Ok((Condition::IfAbsent, vec![None; reqs.len()]));
+            return Ok((Condition::IfAbsent, vec![None; reqs.len()], Vec::new()));
         };
         let mut rules = Vec::with_capacity(reqs.len());
+        // Promotions a write here stands on, pinned like the policy copy.
+        let mut promotions: Vec<(String, Condition)> = Vec::new();
         for r in reqs {
             let (Ok(ds), Ok(key)) = (DatasetName::new(r.dataset.as_str()), Key::new(r.key.as_str())) else {
                 return Err(NodeError::Internal(format!(
@@ -771,6 +773,25 @@ impl PolicyStore {
                 Ok(None) => rules.push(None),
                 Ok(Some(p)) if p.homes.contains(&here) => {
                     rules.push(Some(WriteRules { kind: p.kind, conflict: p.conflict }))
+                }
+                // A failover target takes the dataset's writes only while it holds an active
+                // promotion, and only with that record unchanged when the write applies.
+                Ok(Some(p)) if p.failover.contains(&here) => {
+                    match crate::failover::guard_check(&self.reader, &r.dataset)? {
+                        Some((key, condition, _)) => {
+                            if !promotions.iter().any(|(k, _)| *k == key) {
+                                promotions.push((key, condition));
+                            }
+                            rules.push(Some(WriteRules { kind: p.kind, conflict: p.conflict }))
+                        }
+                        None => {
+                            return Err(NodeError::NotPromoted(format!(
+                            "region {here} is a failover target of {} but holds no active promotion; its homes are {}",
+                            r.dataset,
+                            join(&p.homes)
+                        )))
+                        }
+                    }
                 }
                 Ok(Some(p)) => {
                     return Err(refuse(format!(
@@ -785,7 +806,7 @@ impl PolicyStore {
                 Err(e) => return Err(e),
             }
         }
-        Ok((Condition::IfMatch(active.stored_as.clone()), rules))
+        Ok((Condition::IfMatch(active.stored_as.clone()), rules, promotions))
     }
 
     /// The rule a change of (dataset, key) merges by here, if `active` lets `region` hold the

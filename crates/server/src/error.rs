@@ -32,7 +32,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | InvalidConsistency | InvalidQuery | InvalidCursor | InvalidOperation | InvalidContext | InvalidSession => {
             StatusCode::BAD_REQUEST
         }
-        WrongOperation => StatusCode::CONFLICT,
+        WrongOperation | PromotionRefused => StatusCode::CONFLICT,
         ConflictNotFound => StatusCode::NOT_FOUND,
         ValueTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -94,6 +94,10 @@ impl From<NodeError> for ApiError {
                     regions.join(" or ")
                 ))
             }
+            NodeError::NotPromoted(_) => ApiError::new(ErrorCode::PolicyRefused, e.to_string())
+                .hint("the key's homes are unreachable and no failover target is promoted yet; retry shortly"),
+            NodeError::PromotionRefused(_) => ApiError::new(ErrorCode::PromotionRefused, e.to_string())
+                .hint("`meridian failover status` shows the history; --force promotes despite the checks"),
             NodeError::PolicyRefused(_) => ApiError::new(ErrorCode::PolicyRefused, e.to_string())
                 .hint("the regions' policy copies are converging after a change; retry shortly"),
             NodeError::WrongOperation(_) => ApiError::new(ErrorCode::WrongOperation, e.to_string())

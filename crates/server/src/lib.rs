@@ -9,6 +9,7 @@
 pub mod chaos;
 pub mod conflicts;
 pub mod error;
+pub mod failover;
 pub mod keys;
 pub mod policy;
 
@@ -52,6 +53,9 @@ pub struct AppState {
         keys::list_keys,
         cluster,
         health,
+        failover::status,
+        failover::promote,
+        failover::end,
         policy::status,
         policy::apply,
         policy::plan,
@@ -92,6 +96,9 @@ pub fn api_router(node: Arc<Node>) -> Router {
         .route("/v1/admin/chaos/partition", post(chaos::partition))
         .route("/v1/admin/chaos/heal", post(chaos::heal))
         .route("/v1/admin/chaos/delay", post(chaos::delay))
+        .route("/v1/failover", get(failover::status))
+        .route("/v1/failover/promote", post(failover::promote))
+        .route("/v1/failover/end", post(failover::end))
         .route("/v1/replication", get(replication))
         .route("/v1/replication/verify", get(verify))
         .route("/v1/cluster", get(cluster))
