@@ -107,6 +107,21 @@ fn a_cut_off_home_fails_over_to_its_first_target_and_takes_its_writes_back_on_re
     assert!(out.contains("passed over us-east ("), "{out}");
     let (ok, out, err) = cli(&eu, &["put", "orders", "o1", "\"changed during\""]);
     assert!(ok && out.contains("served by eu-west/"), "{out}{err}");
+    // ledger (no rpo) failed over to eu-west too; an operator who ends that promotion while
+    // the home is still away is not overruled by the next round.
+    wait_for(
+        || promotion(&eu, "eu-west", "ledger").is_some_and(|p| p["ended_ms"].is_null() && p["epoch"] == 2),
+        "eu-west promoted for ledger (epoch 2, after the operator's epoch 1)",
+    );
+    let (ok, out, err) = cli(&eu, &["failover", "end", "ledger", "eu-west"]);
+    assert!(ok && out.contains("ended"), "{out}{err}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        promotion(&eu, "eu-west", "ledger").unwrap()["ended_ms"].is_u64(),
+        "promoted again after an operator's end"
+    );
+    let (ok, out, err) = cli(&ap, &["put", "ledger", "l2", "2"]);
+    assert!(!ok && err.contains("region_unavailable") && err.contains("not-promoted"), "{out}{err}");
     // Reads keep working from the copies.
     let (ok, out, err) = cli(&ap, &["get", "orders", "o2", "--consistency", "eventual"]);
     assert!(ok || err.contains("key_not_found"), "{out}{err}");

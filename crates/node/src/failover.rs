@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::NodeError;
 use crate::gateway::Gateway;
 use crate::health::Reachability;
-use crate::peer::{WriteEffect, WriteOp, WriteRequest};
+use crate::peer::{PeerRequestV1, PeerResponseV1, WriteEffect, WriteOp, WriteRequest};
 use crate::Deps;
 
 /// The reserved namespace of failover records, in each region's own state.
@@ -49,6 +49,8 @@ const EVENT_PREFIX: &str = "event/";
 pub const EVENTS_MAX: usize = 1000;
 /// The longest detail text an event keeps.
 const DETAIL_CHARS_MAX: usize = 300;
+/// How long a promotion waits for the other regions to say which epochs they know.
+const EPOCH_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `[failover]` settings (every node of the cluster shares them).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -333,15 +335,22 @@ impl Failover {
     }
 
     /// One more than the highest epoch for `dataset` this region and every other region that
-    /// answers know of.
+    /// answers within [`EPOCH_ASK_TIMEOUT`] know of (any node of each may answer: a dead home
+    /// costs that long at most).
     async fn next_epoch(&self, dataset: &str) -> u64 {
-        let key = promotion_key(dataset);
         let mut highest = self.promotion(dataset).ok().flatten().map_or(0, |p| p.epoch);
         let others: Vec<RegionId> =
             self.deps.region.topology().regions().iter().map(|r| r.name.clone()).filter(|r| *r != self.here).collect();
-        let found = futures::future::join_all(others.iter().map(|r| self.gateway.read_in(r, NAMESPACE, &key))).await;
-        for (obj, _) in found.into_iter().flatten() {
-            if let Some(p) = obj.as_ref().and_then(decode::<Promotion>) {
+        let deadline = tokio::time::Instant::now() + EPOCH_ASK_TIMEOUT;
+        let unpack = |reply| match reply {
+            PeerResponseV1::Failover(r) => Some(r),
+            _ => None,
+        };
+        let asks = others
+            .iter()
+            .map(|r| self.deps.transport.call_any(r, deadline, || PeerRequestV1::Failover { events: 0 }, unpack));
+        for ((promotions, _), _) in futures::future::join_all(asks).await.into_iter().flatten() {
+            for p in promotions.iter().filter(|p| p.dataset == dataset) {
                 highest = highest.max(p.epoch);
             }
         }
@@ -367,13 +376,19 @@ impl Failover {
                 continue;
             }
             let state = |r: &RegionId| health.get(r).map_or(Reachability::Unknown, |h| h.reachability);
-            let current = match self.promotion(ds) {
-                Ok(p) => p.filter(Promotion::is_active),
+            let record = match self.promotion(ds) {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(dataset = ds, error = %e, "read the promotion record");
                     continue;
                 }
             };
+            // Ended while the homes are still down (an operator's end): not promoted again
+            // until a home has come back and gone away again.
+            let outage_since = rules.homes.iter().filter_map(|h| health.get(h).and_then(|s| s.since_ms)).min();
+            let ended_this_outage =
+                record.as_ref().and_then(|p| p.ended_ms).zip(outage_since).is_some_and(|(ended, since)| ended >= since);
+            let current = record.filter(Promotion::is_active);
             if let Some(p) = current {
                 if let Some(back) = rules.homes.iter().find(|h| state(h) == Reachability::Up).filter(|_| !p.manual) {
                     let why = format!("home {back} is reachable again: its writes go home, and this epoch's follow");
@@ -394,7 +409,7 @@ impl Failover {
             });
             // The first target of the list that is up (this region is, to itself).
             let first_up = rules.failover.iter().find(|t| **t == self.here || state(t) == Reachability::Up);
-            if !down_long || first_up != Some(&self.here) {
+            if !down_long || first_up != Some(&self.here) || ended_this_outage {
                 self.refused.lock().expect("failover lock").remove(ds);
                 continue;
             }
