@@ -34,35 +34,37 @@ def cli(*args, at=US):
     r = subprocess.run([M, *args, "--endpoint", at], capture_output=True, text=True)
     return r.returncode == 0, r.stdout + r.stderr
 
-def until(ok, limit=60):
+def until(ok, limit=60, what="?"):
     t = time.monotonic()
     while not ok():
         if time.monotonic() - t > limit:
-            raise SystemExit("timed out")
+            raise SystemExit("timed out waiting for " + what)
         time.sleep(0.05)
     return time.monotonic() - t
 
 demo = subprocess.Popen([M, "demo", "--base-port", str(B)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 try:
-    until(lambda: cli("cluster", "status")[0])
+    # The demo applies its own sample policy once its regions have leaders: wait for it.
+    until(lambda: "carts" in cli("policy", "status")[1], what="the demo")
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(POLICY)
-    assert cli("policy", "apply", f.name)[0]
-    assert cli("put", "prices", "p1", "1")[0]
-    until(lambda: cli("get", "prices", "p1", "--consistency", "local", at=AP)[0])
+    ok, out = cli("policy", "apply", f.name)
+    assert ok, out
+    until(lambda: cli("put", "prices", "p1", "1")[0], what="the first write")
+    until(lambda: cli("get", "prices", "p1", "--consistency", "local", at=AP)[0], what="the copy in ap-south")
     reads, writes, backs = [], [], []
     for trial in range(3):
         time.sleep(3)
         t0 = time.monotonic()
         cli("chaos", "partition", "us-east", "eu-west", at=EU)
         cli("chaos", "partition", "us-east", "ap-south", at=EU)
-        until(lambda: "served by ap-south" in cli("get", "prices", "p1", "--consistency", "eventual", at=EU)[1])
+        until(lambda: "served by ap-south" in cli("get", "prices", "p1", "--consistency", "eventual", at=EU)[1], what="the rerouted read")
         reads.append(time.monotonic() - t0)
-        until(lambda: "served by eu-west" in cli("put", "orders", f"t{trial}", "1", "--timeout-secs", "3", at=AP)[1])
+        until(lambda: "served by eu-west" in cli("put", "orders", f"t{trial}", "1", "--timeout-secs", "3", at=AP)[1], what="the promoted write")
         writes.append(time.monotonic() - t0)
         t1 = time.monotonic()
         cli("chaos", "heal", at=EU)
-        until(lambda: "served by us-east" in cli("put", "orders", f"b{trial}", "1", at=AP)[1])
+        until(lambda: "served by us-east" in cli("put", "orders", f"b{trial}", "1", at=AP)[1], what="the write home")
         backs.append(time.monotonic() - t1)
     print("cut -> read rerouted s:", " ".join(f"{x:.2f}" for x in reads))
     print("cut -> write taken by the stand-in s:", " ".join(f"{x:.2f}" for x in writes))
