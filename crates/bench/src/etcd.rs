@@ -116,11 +116,23 @@ impl EtcdCluster {
         http: &Client,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::start_with(etcd_bin, dir, plan, http, timeout, &[]).await
+    }
+
+    /// [`EtcdCluster::start`] with `extra` arguments for every member (election timing, say).
+    pub async fn start_with(
+        etcd_bin: &Path,
+        dir: &Path,
+        plan: &PortPlan,
+        http: &Client,
+        timeout: Duration,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         check_binary(etcd_bin)?;
         let mut guard = ProcessGuard::new();
         for i in 0..3 {
             let mut cmd = Command::new(etcd_bin);
-            cmd.args(member_args(dir, plan, i));
+            cmd.args(member_args(dir, plan, i)).args(extra);
             let log: PathBuf = dir.join(format!("e{}.log", i + 1));
             guard.spawn(&format!("etcd member e{}", i + 1), cmd, &log)?;
         }
@@ -182,6 +194,11 @@ impl EtcdCluster {
     /// Fails if a member has exited, naming its log.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
         self.guard.ensure_running()
+    }
+
+    /// Kills member `i` (SIGKILL), as a crash would.
+    pub fn kill_member(&mut self, i: usize) -> anyhow::Result<()> {
+        self.guard.kill_one(i)
     }
 
     /// Kills the members now (also done on drop).

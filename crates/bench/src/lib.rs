@@ -16,6 +16,7 @@ pub mod base64;
 pub mod bytes;
 pub mod delay_proxy;
 pub mod etcd;
+pub mod failover;
 pub mod lag;
 pub mod load;
 pub mod merge;

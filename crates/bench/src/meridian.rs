@@ -141,6 +141,11 @@ impl MeridianCluster {
         }
     }
 
+    /// Kills node `i + 1` (SIGKILL), as a crash would.
+    pub fn kill_member(&mut self, i: usize) -> anyhow::Result<()> {
+        self.guard.kill_one(i)
+    }
+
     /// Fails if a node has exited, naming its log.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
         self.guard.ensure_running()

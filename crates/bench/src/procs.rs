@@ -57,6 +57,14 @@ impl ProcessGuard {
         Ok(())
     }
 
+    /// Kills member `i` with SIGKILL and reaps it (a crash, not a shutdown).
+    pub fn kill_one(&mut self, i: usize) -> anyhow::Result<()> {
+        let m = self.members.get_mut(i).with_context(|| format!("no member {i}"))?;
+        m.child.kill().with_context(|| format!("killing {}", m.name))?;
+        m.child.wait().with_context(|| format!("reaping {}", m.name))?;
+        Ok(())
+    }
+
     /// Kills and reaps every member. Idempotent.
     pub fn kill_all(&mut self) {
         for m in &mut self.members {

@@ -533,6 +533,9 @@ enum BenchCommand {
     Lag(meridian_bench::lag::LagArgs),
     Bytes(meridian_bench::bytes::BytesArgs),
     Merge(meridian_bench::merge::MergeArgs),
+    /// In-region failover against etcd: kill -9 the leader of a fresh three-member cluster
+    /// and time the first successful write through a follower, trials alternating.
+    Failover(meridian_bench::failover::FailoverArgs),
 }
 
 async fn bench(b: BenchArgs) -> anyhow::Result<()> {
@@ -540,6 +543,7 @@ async fn bench(b: BenchArgs) -> anyhow::Result<()> {
         Some(BenchCommand::Lag(args)) => return meridian_bench::lag::run_cli(args).await,
         Some(BenchCommand::Bytes(args)) => return meridian_bench::bytes::run_cli(args).await,
         Some(BenchCommand::Merge(args)) => return meridian_bench::merge::run_cli(args).await,
+        Some(BenchCommand::Failover(args)) => return meridian_bench::failover::run_cli(args).await,
         None => {}
     }
     let opts = meridian_bench::BenchOptions {

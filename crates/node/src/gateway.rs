@@ -960,7 +960,9 @@ impl Gateway {
             if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
                 return Err(NodeError::NoLeader);
             }
-            tokio::time::sleep(leader_backoff(attempt)).await;
+            // Back off, but retry as soon as this node learns of another leader: after a
+            // leader dies, the pause ends when the election does, not on a fixed schedule.
+            self.deps.region.await_leader_change(leader, leader_backoff(attempt)).await;
         }
     }
 
@@ -1231,7 +1233,9 @@ impl Gateway {
             if attempt >= LEADER_ATTEMPTS_MAX || Instant::now() >= deadline {
                 return Err(NodeError::NoLeader);
             }
-            tokio::time::sleep(leader_backoff(attempt)).await;
+            // Back off, but retry as soon as this node learns of another leader: after a
+            // leader dies, the pause ends when the election does, not on a fixed schedule.
+            self.deps.region.await_leader_change(leader, leader_backoff(attempt)).await;
         }
     }
 

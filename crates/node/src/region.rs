@@ -90,6 +90,14 @@ impl RegionGroup {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
+    /// Wait at most `max` for this node to learn of a leader other than `from` (the winner of
+    /// a new election; any leader when `from` is `None`).
+    pub(crate) async fn await_leader_change(&self, from: Option<NodeId>, max: std::time::Duration) {
+        let mut metrics = self.raft.metrics();
+        let changed = metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != from);
+        let _ = tokio::time::timeout(max, changed).await;
+    }
+
     pub fn leader_hint(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
     }
