@@ -43,6 +43,11 @@ pub struct FailoverArgs {
     /// First port of the range the clusters use.
     #[arg(long, default_value_t = 24100)]
     pub base_port: u16,
+    /// Meridian's election timeout window, MIN-MAX in milliseconds (default: the node's own
+    /// default, 400-800). openraft's leader lease is the maximum, so a narrower window fails
+    /// over sooner; etcd keeps `--election-timeout 400` either way.
+    #[arg(long, value_parser = parse_window)]
+    pub meridian_election_ms: Option<(u64, u64)>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -147,7 +152,14 @@ async fn trial(system: System, args: &FailoverArgs, exe: &std::path::Path, plan:
         }
         System::Meridian => {
             ensure_free(&plan.meridian_ports())?;
-            let mut c = MeridianCluster::start(exe, dir.path(), plan, &http, START_TIMEOUT).await?;
+            let mut config = crate::meridian::render_config(plan);
+            if let Some((min, max)) = args.meridian_election_ms {
+                config.push_str(&format!(
+                    "\n[raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = {min}\nelection_timeout_max_ms = {max}\n"
+                ));
+            }
+            let ports = plan.meridian_api.to_vec();
+            let mut c = MeridianCluster::start_config(exe, dir.path(), &config, &ports, &http, START_TIMEOUT).await?;
             let leader = c.leader_url(&http, START_TIMEOUT).await.context("no Meridian leader")?;
             let urls = c.api_urls().to_vec();
             let (li, fi) = pick(&urls, &leader)?;
@@ -157,6 +169,18 @@ async fn trial(system: System, args: &FailoverArgs, exe: &std::path::Path, plan:
             t
         }
     }
+}
+
+fn parse_window(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not MIN-MAX, e.g. 400-450"))?;
+    let parse = |x: &str| x.trim().parse::<u64>().map_err(|_| format!("{x:?} is not a number of milliseconds"));
+    let (min, max) = (parse(a)?, parse(b)?);
+    if !(201..=60_000).contains(&min) || max <= min || max > 60_000 {
+        return Err(format!(
+            "{s}: the minimum must be 201 to 60000 ms (more than two 100 ms heartbeats) and below the maximum"
+        ));
+    }
+    Ok((min, max))
 }
 
 /// The leader's index and a follower's.
