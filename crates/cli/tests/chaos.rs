@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cli, cli_json, Stop};
+use common::{cli, cli_json, wait_for, Stop};
 
 #[test]
 fn partition_heal_and_delay_between_regions() {
@@ -109,13 +109,4 @@ fn partition_heal_and_delay_between_regions() {
     assert_eq!(s["links"].as_array().unwrap().len(), 1, "a refused change changed the table: {s}");
     let (ok, out, _) = cli(&us, &["chaos", "heal", "us-east", "eu-west"]);
     assert!(ok && out.contains("no faults"), "{out}");
-}
-
-/// Wait for `cond`, up to 30 s (probes run every second; a verdict takes two or three).
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }

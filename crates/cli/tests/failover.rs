@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{cli, cli_json, Stop};
+use common::{cli, cli_json, wait_for, PolicyDemo};
 
 const POLICY: &str = r#"format = 1
 
@@ -29,14 +29,6 @@ mirrors = ["eu-west"]
 failover = { order = ["eu-west"] }
 "#;
 
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// `region`'s promotion record for `dataset`, as `meridian failover status` shows it.
 fn promotion(endpoint: &str, region: &str, dataset: &str) -> Option<serde_json::Value> {
     let s = cli_json(endpoint, &["failover", "status", "--events", "50"]);
@@ -52,18 +44,8 @@ fn events(endpoint: &str, region: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_cut_off_home_fails_over_to_its_first_target_and_takes_its_writes_back_on_return() {
-    let (demo, base, _) = common::start_demo(None);
-    let _stop = Stop(demo);
-    let (us, eu, ap) = (
-        format!("http://127.0.0.1:{base}"),
-        format!("http://127.0.0.1:{}", base + 4),
-        format!("http://127.0.0.1:{}", base + 7),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("p.toml");
-    std::fs::write(&file, POLICY).unwrap();
-    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
-    assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+    let demo = PolicyDemo::start(POLICY);
+    let (us, eu, ap) = (demo.us.clone(), demo.eu.clone(), demo.ap.clone());
 
     // An operator's promotion while the home answers is refused, unless forced; forced, it
     // stays until ended, and writes still go to the home while it answers.

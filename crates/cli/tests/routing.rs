@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{cli, cli_json, Stop};
+use common::{cli, cli_json, wait_for, PolicyDemo};
 
 /// Two homes, listed farther first as seen from eu-west (ap-south 75 ms one way, us-east 40).
 const POLICY: &str = r#"format = 1
@@ -27,14 +25,6 @@ mirrors = "all-allowed"
 consistency = "local"
 "#;
 
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// The reachability of `region` as the node at `endpoint` sees it.
 fn seen(endpoint: &str, region: &str) -> String {
     let s = cli_json(endpoint, &["cluster", "status"]);
@@ -44,19 +34,11 @@ fn seen(endpoint: &str, region: &str) -> String {
 
 #[test]
 fn reads_take_their_datasets_level_and_writes_go_to_the_nearest_home_up() {
-    let (demo, base, _) = common::start_demo(None);
-    let _stop = Stop(demo);
-    let us = format!("http://127.0.0.1:{base}");
-    let eu = format!("http://127.0.0.1:{}", base + 4);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("p.toml");
-    std::fs::write(&file, POLICY).unwrap();
-    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
-    assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+    let demo = PolicyDemo::start(POLICY);
+    let (us, eu, ap) = (demo.us.clone(), demo.eu.clone(), demo.ap.clone());
 
     // A read that names no level reads at the dataset's: feed's is local, so a mirror serves
     // it; notes names none, so strong, from a home's leader.
-    let ap = format!("http://127.0.0.1:{}", base + 7);
     let (ok, _, err) = cli(&us, &["put", "feed", "f1", "\"hello\""]);
     assert!(ok, "{err}");
     wait_for(
@@ -142,18 +124,8 @@ conflict = "lww"
 
 #[test]
 fn reads_go_to_the_nearest_copy_that_serves_them_and_say_what_they_passed_over() {
-    let (demo, base, _) = common::start_demo(None);
-    let _stop = Stop(demo);
-    let (us, eu, ap) = (
-        format!("http://127.0.0.1:{base}"),
-        format!("http://127.0.0.1:{}", base + 4),
-        format!("http://127.0.0.1:{}", base + 7),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("p.toml");
-    std::fs::write(&file, COPIES).unwrap();
-    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
-    assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+    let demo = PolicyDemo::start(COPIES);
+    let (us, eu, ap) = (demo.us.clone(), demo.eu.clone(), demo.ap.clone());
     for (dataset, key) in [("prices", "p1"), ("quotes", "q1")] {
         let (ok, out, err) = cli(&us, &["put", dataset, key, "1"]);
         assert!(ok, "{out}{err}");
@@ -235,19 +207,9 @@ consistency = "session"
 
 #[test]
 fn a_session_reads_its_own_writes_in_another_region_and_forged_tokens_are_refused() {
-    let (demo, base, _) = common::start_demo(None);
-    let _stop = Stop(demo);
-    let (us, eu, ap) = (
-        format!("http://127.0.0.1:{base}"),
-        format!("http://127.0.0.1:{}", base + 4),
-        format!("http://127.0.0.1:{}", base + 7),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("p.toml");
-    std::fs::write(&file, SESSIONS).unwrap();
-    let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
-    assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
-    let session = dir.path().join("session");
+    let demo = PolicyDemo::start(SESSIONS);
+    let (us, eu, ap) = (demo.us.clone(), demo.eu.clone(), demo.ap.clone());
+    let session = demo.dir.path().join("session");
     let s = session.to_str().unwrap();
 
     // eu-west is cut from the home: its own copy cannot have what the session writes next.

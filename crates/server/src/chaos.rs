@@ -11,16 +11,14 @@ use meridian_node::chaos::{FaultEntry, LinkFault};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
-use crate::keys::read_json_body;
+use crate::keys::read_json;
 use crate::AppState;
 
 /// Chaos bodies are a few fields.
 const CHAOS_BODY_BYTES_MAX: usize = 16 * 1024;
 
 async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
-    let bytes = read_json_body(CHAOS_BODY_BYTES_MAX, headers, body).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("the body does not fit: {e}")))
+    read_json(CHAOS_BODY_BYTES_MAX, headers, body).await
 }
 
 fn regions(state: &AppState, names: &[String; 2]) -> Result<[RegionId; 2], ApiError> {

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::{dataset_error, ApiError};
-use crate::keys::{query_error, read_json_body};
+use crate::keys::{query_error, read_json};
 use crate::AppState;
 
 /// Failover bodies are a few fields.
@@ -94,9 +94,7 @@ pub async fn status(
 }
 
 async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
-    let bytes = read_json_body(BODY_BYTES_MAX, headers, body).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("the body does not fit: {e}")))
+    read_json(BODY_BYTES_MAX, headers, body).await
 }
 
 fn names(state: &AppState, dataset: &str, region: &str) -> Result<(DatasetName, RegionId), ApiError> {

@@ -268,6 +268,17 @@ fn parse_op(op: &str, body: &[u8]) -> Result<CrdtOp, ApiError> {
 
 /// Read a JSON body: the content type must be JSON, the size within the node's limit, and
 /// the text valid JSON. Returns the text exactly as sent (it is stored verbatim).
+/// A JSON request body of at most `max` bytes, decoded into `T` (an admin or policy body).
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    max: usize,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes = read_json_body(max, headers, body).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("the body does not fit: {e}")))
+}
+
 pub(crate) async fn read_json_body(max: usize, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
     let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();

@@ -17,7 +17,7 @@ use meridian_policy::{Format, Mode, Placement, QuarantineState, Retention, Role,
 use serde::de::DeserializeOwned;
 
 use crate::error::{dataset_error, key_error, ApiError};
-use crate::keys::{query_error, read_json_body};
+use crate::keys::{query_error, read_json};
 use crate::AppState;
 
 /// Policy request bodies carry the document text: the document limit plus room for JSON
@@ -25,9 +25,7 @@ use crate::AppState;
 const POLICY_BODY_BYTES_MAX: usize = 2 * POLICY_BYTES_MAX + 4096;
 
 async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
-    let bytes = read_json_body(POLICY_BODY_BYTES_MAX, headers, body).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorCode::MalformedJson, format!("the body does not fit: {e}")))
+    read_json(POLICY_BODY_BYTES_MAX, headers, body).await
 }
 
 fn now_ms() -> u64 {

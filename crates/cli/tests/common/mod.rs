@@ -411,3 +411,38 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Wait for `cond`, polling every 250 ms, up to a minute (a bound, not a timing: probes,
+/// promotions and links each take a few seconds).
+pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A demo with `policy` applied in every region: one node's API in each of us-east, eu-west
+/// and ap-south, and a directory for the test's files. The demo stops when this is dropped.
+pub struct PolicyDemo {
+    pub us: String,
+    pub eu: String,
+    pub ap: String,
+    pub dir: tempfile::TempDir,
+    _stop: Stop,
+}
+
+impl PolicyDemo {
+    pub fn start(policy: &str) -> PolicyDemo {
+        let (demo, base, _) = start_demo(None);
+        let stop = Stop(demo);
+        let api = |n: u16| format!("http://127.0.0.1:{}", base + n);
+        let (us, eu, ap) = (api(0), api(4), api(7));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, policy).unwrap();
+        let applied = cli_json(&us, &["policy", "apply", file.to_str().unwrap()]);
+        assert_eq!(applied["pending"], serde_json::json!([]), "every region holds the policy: {applied}");
+        PolicyDemo { us, eu, ap, dir, _stop: stop }
+    }
+}
