@@ -219,6 +219,30 @@ async fn policy_and_chaos_endpoints_refuse_bad_input_cleanly() {
     expect(&send(post("/v1/admin/chaos/delay", "{\"regions\":[\"r1\",\"r1\"]}")).await, 400, "invalid_query");
     expect(&send(http.get(format!("{base}/v1/replication/verify?dataset=Bad!"))).await, 400, "invalid_dataset_name");
     expect(&send(http.get(format!("{base}/v1/replication/verify?datasets=d"))).await, 400, "invalid_query");
+    // Failover: bodies, names, bounds, and a promotion with nothing to fail over.
+    expect(&send(post("/v1/failover/promote", "{\"dataset\":")).await, 400, "malformed_json");
+    expect(&send(post("/v1/failover/promote", "{\"dataset\":\"d\"}")).await, 400, "malformed_json");
+    expect(&send(post("/v1/failover/promote", "{\"dataset\":\"d\",\"region\":\"mars\"}")).await, 400, "invalid_query");
+    expect(
+        &send(post("/v1/failover/end", "{\"dataset\":\"Bad!\",\"region\":\"r1\"}")).await,
+        400,
+        "invalid_dataset_name",
+    );
+    expect(
+        &send(post("/v1/failover/promote", "{\"dataset\":\"d\",\"region\":\"r1\"}")).await,
+        409,
+        "promotion_refused",
+    );
+    expect(&send(http.get(format!("{base}/v1/failover?events=5000"))).await, 400, "invalid_query");
+    expect(&send(http.get(format!("{base}/v1/failover?event=1"))).await, 400, "invalid_query");
+    let failover = send(http.get(format!("{base}/v1/failover"))).await;
+    assert_eq!(failover.status, 200, "{}", failover.body);
+    assert_eq!(
+        failover.body["regions"][0]["promotions"],
+        serde_json::json!([]),
+        "nothing was promoted: {}",
+        failover.body
+    );
 
     // None of it changed anything: still no policy, and writes still land.
     let status = send(http.get(format!("{base}/v1/policy"))).await;
